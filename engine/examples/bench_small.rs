@@ -1,0 +1,96 @@
+//! Benchmark program (not a test): tokens/s of the CPU backend on "bench-small", and the GEMM
+//! throughput of its matrix shapes. Compare with `tests/fixtures/bench_hf.py` run side by side
+//! (`scripts/bench-cpu.sh` runs both and prints the ratio).
+//!
+//! cargo run --release -p arbiter-engine --example bench_small -- [--iters N] [--threads N] [--dtype f32|bf16]
+
+use std::time::Instant;
+
+use arbiter_engine::cpu::gemm::{matmul, PackedMatrix};
+use arbiter_engine::cpu::CpuBackend;
+use arbiter_engine::synth::{bench_small_config, write_random_model, SplitMix};
+use arbiter_engine::weights::Dtype;
+use arbiter_engine::{Model, PackedBatch};
+
+fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| default.to_string())
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let iters: usize = arg("--iters", "5").parse()?;
+    let threads: usize = arg("--threads", "0").parse()?;
+    let dtype = match arg("--dtype", "f32").as_str() {
+        "f32" => Dtype::F32,
+        "bf16" => Dtype::BF16,
+        other => return Err(format!("--dtype {other}: expected f32 or bf16").into()),
+    };
+    let backend = CpuBackend::with_threads(threads)?;
+    let threads = backend.threads();
+
+    println!("## GEMM y[m,n] = x[m,k] @ w[n,k]^T, f32, {threads} threads");
+    println!("| m | n | k | ms | GFLOP/s |");
+    println!("|---|---|---|---|---|");
+    let mut rng = SplitMix::new(1);
+    for &(m, n, k) in &[
+        (2048, 1536, 1024),
+        (2048, 1024, 1024),
+        (2048, 4096, 1024),
+        (2048, 1024, 4096),
+    ] {
+        let w: Vec<f32> = (0..n * k).map(|_| rng.uniform()).collect();
+        let x: Vec<f32> = (0..m * k).map(|_| rng.uniform()).collect();
+        let packed = PackedMatrix::pack(&w, n, k);
+        let mut y = vec![0.0; m * n];
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()?;
+        pool.install(|| matmul(&x, m, &packed, &mut y));
+        let reps = 5;
+        let t = Instant::now();
+        for _ in 0..reps {
+            pool.install(|| matmul(&x, m, &packed, &mut y));
+        }
+        let s = t.elapsed().as_secs_f64() / reps as f64;
+        println!(
+            "| {m} | {n} | {k} | {:.1} | {:.1} |",
+            s * 1e3,
+            2.0 * (m * n * k) as f64 / s / 1e9
+        );
+    }
+
+    let dir = std::env::temp_dir().join(format!("arbiter-bench-small-{}", std::process::id()));
+    write_random_model(&dir, &bench_small_config(), dtype, 7, true)?;
+    let model = Model::load(&dir, backend)?;
+    let seqs: Vec<Vec<u32>> = (0..8)
+        .map(|_| (0..256).map(|_| (rng.next_u64() % 32000) as u32).collect())
+        .collect();
+    let batch = PackedBatch::from_sequences(&seqs)?;
+    model.forward(&batch)?; // warm-up
+    let mut times = Vec::new();
+    for _ in 0..iters {
+        let t = Instant::now();
+        model.forward(&batch)?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    std::fs::remove_dir_all(&dir).ok();
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let tokens = batch.tokens().len();
+    println!();
+    println!("## bench-small forward (Nemotron, hidden 1024, 8 layers, 16/4 heads, FFN 4096, 8 x 256 tokens)");
+    println!("| backend | weights | threads | median s | best s | tokens/s |");
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "| arbiter cpu | {:?} | {threads} | {median:.3} | {:.3} | {:.0} |",
+        dtype,
+        times[0],
+        tokens as f64 / median
+    );
+    println!("ARBITER_TOKENS_PER_S {:.1}", tokens as f64 / median);
+    Ok(())
+}

@@ -1,0 +1,138 @@
+//! The kernel interface the forward graph is written against.
+//!
+//! A backend owns its tensor and weight types and implements a dozen operations; the graph in
+//! [`crate::graph`] strings them together once for every architecture. Operations that a GPU
+//! backend fuses (residual add + norm) are single calls here so that fusing needs no second graph.
+
+use crate::batch::PackedBatch;
+use crate::error::Result;
+use crate::spec::{MlpKind, NormKind};
+use crate::weights::TensorView;
+
+/// The attention geometry of one rank: heads are laid out in the fused q/k/v rows as all query
+/// heads, then all key heads, then all value heads.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnLayout {
+    /// Query heads on this rank.
+    pub heads: usize,
+    /// Key/value heads on this rank.
+    pub kv_heads: usize,
+    /// Channels per head.
+    pub head_dim: usize,
+    /// Leading channels of each head that are rotated.
+    pub rotary_dim: usize,
+    /// Softmax scale, `1 / sqrt(head_dim)`.
+    pub scale: f32,
+}
+
+impl AttnLayout {
+    /// Width of the fused q/k/v activation.
+    pub fn qkv_width(&self) -> usize {
+        (self.heads + 2 * self.kv_heads) * self.head_dim
+    }
+}
+
+/// One block of a weight matrix to load: rows `rows` of `view` (rows are output features).
+#[derive(Debug, Clone)]
+pub struct MatrixPart<'a> {
+    /// The stored tensor, shape `[out, in]`.
+    pub view: TensorView<'a>,
+    /// The output rows this rank takes.
+    pub rows: std::ops::Range<usize>,
+}
+
+impl<'a> MatrixPart<'a> {
+    /// All rows of `view`.
+    pub fn whole(view: TensorView<'a>) -> Self {
+        let rows = 0..view.shape[0];
+        MatrixPart { view, rows }
+    }
+}
+
+/// A compute backend: storage for activations and weights, and the kernels of the graph.
+pub trait Backend: Send + Sync {
+    /// Activations, `[rows, cols]`, row-major, resident where the backend computes.
+    type Tensor: Send;
+    /// A weight matrix prepared for [`Backend::matmul`].
+    type Matrix: Send + Sync;
+    /// Norm parameters prepared for [`Backend::norm`].
+    type Norm: Send + Sync;
+    /// The token embedding table.
+    type Embedding: Send + Sync;
+    /// Per-forward data derived from a batch (offsets, positions, rotary tables).
+    type BatchCtx;
+
+    /// A short name for logs and errors ("cpu", "cuda:0").
+    fn name(&self) -> String;
+
+    /// Loads a matrix whose output rows are the given parts stacked in order (this is how q, k
+    /// and v, or gate and up, become one matrix and one multiplication).
+    fn matrix(&self, parts: &[MatrixPart<'_>]) -> Result<Self::Matrix>;
+    /// Loads norm parameters. For LayerNorm1P `weight` is the stored `gamma - 1`.
+    fn norm_params(
+        &self,
+        kind: NormKind,
+        eps: f32,
+        weight: TensorView<'_>,
+        bias: Option<TensorView<'_>>,
+    ) -> Result<Self::Norm>;
+    /// Loads the embedding table `[vocab, hidden]`.
+    fn embedding(&self, table: TensorView<'_>) -> Result<Self::Embedding>;
+
+    /// Prepares one forward pass over `batch`; `inv_freq` are the rotary inverse frequencies.
+    fn batch_ctx(&self, batch: &PackedBatch, inv_freq: &[f32]) -> Result<Self::BatchCtx>;
+
+    /// Gathers the embedding rows of `tokens` (already checked to be inside the vocabulary).
+    fn embed(&self, table: &Self::Embedding, tokens: &[u32]) -> Result<Self::Tensor>;
+    /// `norm(x)` row by row.
+    fn norm(&self, x: &Self::Tensor, p: &Self::Norm) -> Result<Self::Tensor>;
+    /// `x += delta; return norm(x)`: the residual add fused with the next block's norm.
+    fn add_norm(
+        &self,
+        x: &mut Self::Tensor,
+        delta: &Self::Tensor,
+        p: &Self::Norm,
+    ) -> Result<Self::Tensor>;
+    /// `x += delta`.
+    fn add(&self, x: &mut Self::Tensor, delta: &Self::Tensor) -> Result<()>;
+    /// `x @ w^T` for a matrix stored `[out, in]`; one call per weight matrix per batch.
+    fn matmul(&self, x: &Self::Tensor, w: &Self::Matrix) -> Result<Self::Tensor>;
+    /// Rotates, in place, the first `rotary_dim` channels of every query and key head
+    /// (non-interleaved `rotate_half` convention), each token at its own position in its sequence.
+    fn rope(&self, qkv: &mut Self::Tensor, layout: &AttnLayout, ctx: &Self::BatchCtx)
+        -> Result<()>;
+    /// Causal grouped-query attention within each packed sequence; returns `[tokens, heads * head_dim]`.
+    fn attention(
+        &self,
+        qkv: &Self::Tensor,
+        layout: &AttnLayout,
+        ctx: &Self::BatchCtx,
+    ) -> Result<Self::Tensor>;
+    /// The MLP's nonlinearity: `relu(x)^2`, or `silu(gate) * up` over the two halves of `x`.
+    fn activation(&self, x: &Self::Tensor, kind: MlpKind) -> Result<Self::Tensor>;
+    /// The rows `rows` of `x`, in that order.
+    fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
+    /// Copies a (small) tensor to host memory as f32, row-major.
+    fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
+}
+
+/// Sums partial results across tensor-parallel ranks.
+pub trait Communicator<T>: Send + Sync {
+    /// Number of ranks in the group.
+    fn world_size(&self) -> usize;
+    /// Replaces `t` on every rank by the element-wise sum of all ranks' `t`.
+    fn all_reduce(&self, t: &mut T) -> Result<()>;
+}
+
+/// The group of one: all-reduce is the identity.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SingleRank;
+
+impl<T> Communicator<T> for SingleRank {
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce(&self, _t: &mut T) -> Result<()> {
+        Ok(())
+    }
+}

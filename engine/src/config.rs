@@ -1,0 +1,477 @@
+//! Reading an HF-style `config.json` into a [`ModelSpec`].
+//!
+//! Both schemas transformers writes are accepted: v4 keeps `rope_theta`, `partial_rotary_factor`
+//! and `rope_scaling` at the top level; v5 moves them into `rope_parameters`.
+//!
+//! arbiter's own settings live in one extra object, `"arbiter"`, documented in
+//! `docs/model-folder.md`:
+//!
+//! ```json
+//! "arbiter": {
+//!   "exposed_attributes": ["helpfulness", "correctness", "coherence", "complexity", "verbosity"],
+//!   "reward_weights": {"helpfulness": 0.3, "correctness": 0.74, "coherence": 0.46,
+//!                      "complexity": 0.47, "verbosity": -0.33}
+//! }
+//! ```
+
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use crate::error::{EngineError, Result};
+use crate::spec::{HeadSpec, Llama3Scaling, MlpKind, ModelSpec, NormKind, RopeSpec};
+
+/// The architectures this engine implements, as `architectures[0]` names them.
+pub const SUPPORTED_ARCHITECTURES: [&str; 2] = [
+    "NemotronForSequenceClassification",
+    "LlamaForSequenceClassification",
+];
+
+/// Parses `config.json` at `path`.
+pub fn load_config(path: &Path) -> Result<ModelSpec> {
+    let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => EngineError::MissingFile {
+            path: path.to_path_buf(),
+            why: "every model folder needs a config.json".into(),
+        },
+        _ => EngineError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        },
+    })?;
+    parse_config(&text, path)
+}
+
+/// Parses the text of a `config.json`; `path` is only used in error messages.
+pub fn parse_config(text: &str, path: &Path) -> Result<ModelSpec> {
+    let value: Value = serde_json::from_str(text).map_err(|e| EngineError::Config {
+        path: path.to_path_buf(),
+        message: format!("not valid JSON: {e}"),
+    })?;
+    let obj = value.as_object().ok_or_else(|| EngineError::Config {
+        path: path.to_path_buf(),
+        message: "top level is not a JSON object".into(),
+    })?;
+    Fields { obj, path }.spec()
+}
+
+/// Typed access to config fields with errors that name the field.
+struct Fields<'a> {
+    obj: &'a Map<String, Value>,
+    path: &'a Path,
+}
+
+impl Fields<'_> {
+    fn err(&self, message: impl Into<String>) -> EngineError {
+        EngineError::Config {
+            path: self.path.to_path_buf(),
+            message: message.into(),
+        }
+    }
+
+    fn usize_in(&self, obj: &Map<String, Value>, key: &str) -> Result<Option<usize>> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .filter(|&n| n > 0)
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| {
+                    self.err(format!(
+                        "field {key:?} must be a positive integer, found {v}"
+                    ))
+                }),
+        }
+    }
+
+    fn usize(&self, key: &str) -> Result<usize> {
+        self.usize_in(self.obj, key)?
+            .ok_or_else(|| self.err(format!("missing field {key:?}")))
+    }
+
+    fn f32_in(&self, obj: &Map<String, Value>, key: &str) -> Result<Option<f32>> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite())
+                .map(|x| Some(x as f32))
+                .ok_or_else(|| {
+                    self.err(format!("field {key:?} must be a finite number, found {v}"))
+                }),
+        }
+    }
+
+    fn str_in<'v>(&self, obj: &'v Map<String, Value>, key: &str) -> Result<Option<&'v str>> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => Err(self.err(format!("field {key:?} must be a string, found {v}"))),
+        }
+    }
+
+    fn flag_false(&self, key: &str) -> Result<()> {
+        match self.obj.get(key) {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => Ok(()),
+            Some(v) => Err(self.err(format!(
+                "{key} = {v} is not supported: arbiter implements models without linear-layer biases"
+            ))),
+        }
+    }
+
+    fn architecture(&self) -> Result<&str> {
+        let arch = match self.obj.get("architectures") {
+            Some(Value::Array(a)) if !a.is_empty() => a[0]
+                .as_str()
+                .ok_or_else(|| self.err("architectures[0] must be a string"))?,
+            _ => return Err(self.err(
+                "missing field \"architectures\" (e.g. [\"NemotronForSequenceClassification\"])",
+            )),
+        };
+        if !SUPPORTED_ARCHITECTURES.contains(&arch) {
+            return Err(EngineError::UnsupportedArchitecture {
+                path: self.path.to_path_buf(),
+                found: arch.to_string(),
+                supported: SUPPORTED_ARCHITECTURES.join(", "),
+            });
+        }
+        Ok(arch)
+    }
+
+    fn spec(&self) -> Result<ModelSpec> {
+        let architecture = self.architecture()?.to_string();
+        let nemotron = architecture.starts_with("Nemotron");
+        let hidden = self.usize("hidden_size")?;
+        let heads = self.usize("num_attention_heads")?;
+        let kv_heads = self
+            .usize_in(self.obj, "num_key_value_heads")?
+            .unwrap_or(heads);
+        let head_dim = match self.usize_in(self.obj, "head_dim")? {
+            Some(d) => d,
+            None if hidden % heads == 0 => hidden / heads,
+            None => return Err(self.err(format!(
+                "hidden_size {hidden} is not divisible by num_attention_heads {heads} and head_dim is not set"
+            ))),
+        };
+        if heads % kv_heads != 0 {
+            return Err(self.err(format!(
+                "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+            )));
+        }
+        self.flag_false("attention_bias")?;
+        self.flag_false("mlp_bias")?;
+
+        let (norm, eps_key, default_eps, mlp, act, default_partial) = if nemotron {
+            (
+                NormKind::LayerNorm1P,
+                "norm_eps",
+                1e-5,
+                MlpKind::Relu2,
+                "relu2",
+                0.5,
+            )
+        } else {
+            (
+                NormKind::RmsNorm,
+                "rms_norm_eps",
+                1e-6,
+                MlpKind::SwiGlu,
+                "silu",
+                1.0,
+            )
+        };
+        let found_act = self.str_in(self.obj, "hidden_act")?.unwrap_or(act);
+        if found_act != act {
+            return Err(self.err(format!(
+                "hidden_act {found_act:?} is not supported for {architecture}; expected {act:?}"
+            )));
+        }
+        let norm_eps = self.f32_in(self.obj, eps_key)?.unwrap_or(default_eps);
+        let rope = self.rope(head_dim, default_partial)?;
+        let head = self.head()?;
+        Ok(ModelSpec {
+            architecture,
+            hidden,
+            layers: self.usize("num_hidden_layers")?,
+            heads,
+            kv_heads,
+            head_dim,
+            ffn: self.usize("intermediate_size")?,
+            vocab: self.usize("vocab_size")?,
+            max_positions: self
+                .usize_in(self.obj, "max_position_embeddings")?
+                .unwrap_or(4096),
+            norm,
+            norm_eps,
+            mlp,
+            rope,
+            head,
+        })
+    }
+
+    /// Rotary settings from either schema: v5's `rope_parameters` wins over v4's top-level keys.
+    fn rope(&self, head_dim: usize, default_partial: f32) -> Result<RopeSpec> {
+        let empty = Map::new();
+        let (params, where_) = match self.obj.get("rope_parameters") {
+            Some(Value::Object(p)) => (p, "rope_parameters"),
+            Some(Value::Null) | None => match self.obj.get("rope_scaling") {
+                Some(Value::Object(p)) => (p, "rope_scaling"),
+                Some(Value::Null) | None => (&empty, "rope_scaling"),
+                Some(v) => {
+                    return Err(
+                        self.err(format!("rope_scaling must be an object or null, found {v}"))
+                    )
+                }
+            },
+            Some(v) => {
+                return Err(self.err(format!("rope_parameters must be an object, found {v}")))
+            }
+        };
+        let theta = match self.f32_in(params, "rope_theta")? {
+            Some(t) => t,
+            None => self.f32_in(self.obj, "rope_theta")?.unwrap_or(10000.0),
+        };
+        let partial = match self.f32_in(params, "partial_rotary_factor")? {
+            Some(p) => p,
+            None => self
+                .f32_in(self.obj, "partial_rotary_factor")?
+                .unwrap_or(default_partial),
+        };
+        if !(partial > 0.0 && partial <= 1.0) {
+            return Err(self.err(format!("partial_rotary_factor {partial} must be in (0, 1]")));
+        }
+        // transformers truncates: int(head_dim * partial_rotary_factor).
+        let rotary_dim = (head_dim as f64 * partial as f64) as usize;
+        if rotary_dim == 0 || rotary_dim % 2 != 0 {
+            return Err(self.err(format!(
+                "rotary dimension {rotary_dim} (head_dim {head_dim} x partial_rotary_factor {partial}) must be even and positive"
+            )));
+        }
+        let rope_type = match self.str_in(params, "rope_type")? {
+            Some(t) => Some(t),
+            None => self.str_in(params, "type")?,
+        };
+        let llama3 = match rope_type {
+            None | Some("default") => None,
+            Some("llama3") => {
+                let need = |k: &str| -> Result<f32> {
+                    self.f32_in(params, k)?.ok_or_else(|| {
+                        self.err(format!("{where_}.{k} is required for rope_type \"llama3\""))
+                    })
+                };
+                let s = Llama3Scaling {
+                    factor: need("factor")?,
+                    low_freq_factor: need("low_freq_factor")?,
+                    high_freq_factor: need("high_freq_factor")?,
+                    original_max_position_embeddings: need("original_max_position_embeddings")?,
+                };
+                if s.high_freq_factor == s.low_freq_factor || s.factor <= 0.0 {
+                    return Err(self.err(format!("{where_}: llama3 scaling needs factor > 0 and high_freq_factor != low_freq_factor")));
+                }
+                Some(s)
+            }
+            Some(other) => return Err(self.err(format!(
+                "unsupported rope type {other:?} in {where_}; supported: \"default\", \"llama3\""
+            ))),
+        };
+        Ok(RopeSpec {
+            theta,
+            rotary_dim,
+            llama3,
+        })
+    }
+
+    /// Head labels from `id2label`, exposure and default reward weights from `"arbiter"`.
+    fn head(&self) -> Result<HeadSpec> {
+        let labels: Vec<String> = match self.obj.get("id2label") {
+            Some(Value::Object(m)) => {
+                let mut labels = vec![None; m.len()];
+                for (k, v) in m {
+                    let i: usize = k.parse().ok().filter(|&i| i < m.len()).ok_or_else(|| {
+                        self.err(format!(
+                            "id2label key {k:?} is not an index below {}",
+                            m.len()
+                        ))
+                    })?;
+                    let name = v
+                        .as_str()
+                        .ok_or_else(|| self.err(format!("id2label[{k}] must be a string")))?;
+                    labels[i] = Some(name.to_string());
+                }
+                labels
+                    .into_iter()
+                    .map(|l| l.expect("indices are distinct and in range"))
+                    .collect()
+            }
+            _ => {
+                let n = self.usize_in(self.obj, "num_labels")?.unwrap_or(1);
+                (0..n).map(|i| format!("LABEL_{i}")).collect()
+            }
+        };
+        let arbiter = match self.obj.get("arbiter") {
+            Some(Value::Object(a)) => Some(a),
+            None | Some(Value::Null) => None,
+            Some(v) => {
+                return Err(self.err(format!("field \"arbiter\" must be an object, found {v}")))
+            }
+        };
+        let index_of = |name: &str, field: &str| -> Result<usize> {
+            labels.iter().position(|l| l == name).ok_or_else(|| {
+                self.err(format!(
+                    "arbiter.{field} names {name:?}, which is not in id2label {labels:?}"
+                ))
+            })
+        };
+        let exposed: Vec<usize> = match arbiter.and_then(|a| a.get("exposed_attributes")) {
+            None | Some(Value::Null) => (0..labels.len()).collect(),
+            Some(Value::Array(names)) if !names.is_empty() => names
+                .iter()
+                .map(|n| {
+                    n.as_str()
+                        .ok_or_else(|| {
+                            self.err("arbiter.exposed_attributes must be a list of strings")
+                        })
+                        .and_then(|s| index_of(s, "exposed_attributes"))
+                })
+                .collect::<Result<_>>()?,
+            Some(_) => {
+                return Err(
+                    self.err("arbiter.exposed_attributes must be a non-empty list of strings")
+                )
+            }
+        };
+        let reward_weights = match arbiter.and_then(|a| a.get("reward_weights")) {
+            None | Some(Value::Null) if exposed.len() == 1 => vec![1.0],
+            None | Some(Value::Null) => {
+                return Err(self.err(format!(
+                    "the head exposes {} attributes but arbiter.reward_weights is not set; \
+                     say how they combine into one reward (see docs/model-folder.md)",
+                    exposed.len()
+                )))
+            }
+            Some(Value::Object(w)) => {
+                let mut weights = vec![0.0; exposed.len()];
+                for (name, v) in w {
+                    let i = index_of(name, "reward_weights")?;
+                    let slot = exposed.iter().position(|&e| e == i).ok_or_else(|| {
+                        self.err(format!(
+                            "arbiter.reward_weights names {name:?}, which is not exposed"
+                        ))
+                    })?;
+                    weights[slot] = v.as_f64().filter(|x| x.is_finite()).ok_or_else(|| {
+                        self.err(format!(
+                            "arbiter.reward_weights.{name} must be a finite number"
+                        ))
+                    })? as f32;
+                }
+                weights
+            }
+            Some(_) => {
+                return Err(self.err("arbiter.reward_weights must be an object of name -> number"))
+            }
+        };
+        Ok(HeadSpec {
+            labels,
+            exposed,
+            reward_weights,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nemotron_v4() -> Value {
+        serde_json::json!({
+            "architectures": ["NemotronForSequenceClassification"],
+            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 16,
+            "vocab_size": 100, "hidden_act": "relu2", "norm_eps": 1e-5,
+            "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+            "id2label": {"0": "a", "1": "b"},
+            "arbiter": {"reward_weights": {"a": 1.0, "b": -0.5}}
+        })
+    }
+
+    fn parse(v: &Value) -> Result<ModelSpec> {
+        parse_config(&v.to_string(), Path::new("config.json"))
+    }
+
+    #[test]
+    fn v4_and_v5_schemas_give_the_same_spec() {
+        let v4 = nemotron_v4();
+        let mut v5 = v4.clone();
+        let o = v5.as_object_mut().unwrap();
+        o.remove("rope_theta");
+        o.remove("partial_rotary_factor");
+        o.insert(
+            "rope_parameters".into(),
+            serde_json::json!({"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+        );
+        let a = parse(&v4).unwrap();
+        assert_eq!(a, parse(&v5).unwrap());
+        assert_eq!(a.rope.rotary_dim, 8);
+        assert_eq!(a.norm, NormKind::LayerNorm1P);
+        assert_eq!(a.head.reward_weights, vec![1.0, -0.5]);
+    }
+
+    #[test]
+    fn unknown_rope_type_is_an_error() {
+        let mut v = nemotron_v4();
+        v["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
+        let e = parse(&v).unwrap_err().to_string();
+        assert!(e.contains("unsupported rope type \"yarn\""), "{e}");
+    }
+
+    #[test]
+    fn llama3_scaling_needs_all_fields() {
+        let mut v = nemotron_v4();
+        v["architectures"] = serde_json::json!(["LlamaForSequenceClassification"]);
+        v["hidden_act"] = serde_json::json!("silu");
+        v["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0});
+        let e = parse(&v).unwrap_err().to_string();
+        assert!(e.contains("low_freq_factor"), "{e}");
+    }
+
+    #[test]
+    fn unsupported_architecture_names_what_is_supported() {
+        let mut v = nemotron_v4();
+        v["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+        let e = parse(&v).unwrap_err().to_string();
+        assert!(
+            e.contains("MistralForCausalLM") && e.contains("LlamaForSequenceClassification"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn reward_weights_must_name_exposed_attributes() {
+        let mut v = nemotron_v4();
+        v["arbiter"] =
+            serde_json::json!({"exposed_attributes": ["b"], "reward_weights": {"a": 1.0}});
+        let e = parse(&v).unwrap_err().to_string();
+        assert!(e.contains("\"a\", which is not exposed"), "{e}");
+        v["arbiter"] = serde_json::json!({"exposed_attributes": ["zz"]});
+        let e = parse(&v).unwrap_err().to_string();
+        assert!(e.contains("\"zz\""), "{e}");
+    }
+
+    #[test]
+    fn several_outputs_without_weights_is_an_error() {
+        let mut v = nemotron_v4();
+        v.as_object_mut().unwrap().remove("arbiter");
+        let e = parse(&v).unwrap_err().to_string();
+        assert!(e.contains("reward_weights is not set"), "{e}");
+    }
+
+    #[test]
+    fn linear_biases_are_refused() {
+        let mut v = nemotron_v4();
+        v["attention_bias"] = serde_json::json!(true);
+        assert!(parse(&v)
+            .unwrap_err()
+            .to_string()
+            .contains("attention_bias"));
+    }
+}

@@ -1,0 +1,354 @@
+//! f32 matrix multiplication for the CPU backend: `y = x @ w^T` with `w` packed once at load.
+//!
+//! Every output element is one fused multiply-add chain over `k = 0, 1, ..., K-1` in that order,
+//! whatever the number of rows, the blocking, the thread count or the instruction set. Blocking
+//! over K only stores the running sum to `y` and loads it back, which is exact. That is what
+//! makes a sequence's score bit-identical alone or inside any batch, and the AVX-512 and portable
+//! kernels bit-identical to each other.
+
+use rayon::prelude::*;
+
+use super::simd::has_avx512;
+
+/// Output columns per packed panel (two AVX-512 vectors).
+pub const NR: usize = 32;
+/// Rows per micro-tile: 2 x 12 accumulators fill 24 of the 32 vector registers.
+pub const MR: usize = 12;
+/// Depth of one K block: a 32 KiB slice of a panel, which stays in L1 across all row tiles.
+const KC: usize = 256;
+/// Rows per M block: the packed rows of one K block (240 KiB) stay in L2 across panels.
+const MC: usize = 240;
+
+/// A weight matrix `[n, k]` (rows are output features) stored as column panels of `NR`
+/// outputs: panel `p` holds `w[p*NR + j][kk]` at `p*k*NR + kk*NR + j`, zero-padded past `n`.
+#[derive(Clone)]
+pub struct PackedMatrix {
+    n: usize,
+    k: usize,
+    data: Vec<f32>,
+}
+
+impl std::fmt::Debug for PackedMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedMatrix[{}x{}]", self.n, self.k)
+    }
+}
+
+impl PackedMatrix {
+    /// Packs the row-major `[n, k]` matrix `w`.
+    pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(w.len(), n * k, "matrix data does not match its shape");
+        let panels = n.div_ceil(NR);
+        if k == 0 {
+            return PackedMatrix {
+                n,
+                k,
+                data: Vec::new(),
+            };
+        }
+        let mut data = vec![0.0f32; panels * k * NR];
+        data.par_chunks_mut(k * NR)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                for j in 0..NR.min(n - p * NR) {
+                    let row = &w[(p * NR + j) * k..][..k];
+                    for (kk, &v) in row.iter().enumerate() {
+                        panel[kk * NR + j] = v;
+                    }
+                }
+            });
+        PackedMatrix { n, k, data }
+    }
+
+    /// Output features.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Input features.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+}
+
+/// Raw pointer that may cross threads: each task writes a disjoint set of output columns.
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
+/// `y[m, n] = x[m, k] @ w^T`, using the current rayon pool.
+pub fn matmul(x: &[f32], m: usize, w: &PackedMatrix, y: &mut [f32]) {
+    let (n, k) = (w.n, w.k);
+    assert_eq!(x.len(), m * k, "input does not match the matrix's K");
+    assert_eq!(y.len(), m * n, "output does not match [m, n]");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        y.fill(0.0);
+        return;
+    }
+    let a = pack_rows(x, m, k);
+    let panels = n.div_ceil(NR);
+    // A few tasks per thread balance the ragged last panel without splitting rows, which would
+    // make each task re-stream B.
+    let tasks = (rayon::current_num_threads() * 2).clamp(1, panels);
+    let y_ptr = SyncPtr(y.as_mut_ptr());
+    (0..tasks).into_par_iter().for_each(|t| {
+        let p0 = panels * t / tasks;
+        let p1 = panels * (t + 1) / tasks;
+        // SAFETY: task t writes only columns [p0*NR, p1*NR) ∩ [0, n) of y, disjoint from other
+        // tasks; all reads stay inside `a` and `w.data` by construction of the packing.
+        unsafe { panels_task(&a, m, w, y_ptr, p0..p1) };
+    });
+}
+
+/// Rows of `x` in tiles of `MR`: tile `t` holds `x[t*MR + i][kk]` at `t*k*MR + kk*MR + i`,
+/// zero-padded past `m`. Broadcasts then walk memory sequentially instead of 12 rows that alias
+/// in L1 when `k` is a multiple of 1024.
+fn pack_rows(x: &[f32], m: usize, k: usize) -> Vec<f32> {
+    let tiles = m.div_ceil(MR);
+    let mut a = vec![0.0f32; tiles * k * MR];
+    a.par_chunks_mut(k * MR).enumerate().for_each(|(t, tile)| {
+        for i in 0..MR.min(m - t * MR) {
+            let row = &x[(t * MR + i) * k..][..k];
+            for (kk, &v) in row.iter().enumerate() {
+                tile[kk * MR + i] = v;
+            }
+        }
+    });
+    a
+}
+
+unsafe fn panels_task(
+    a: &[f32],
+    m: usize,
+    w: &PackedMatrix,
+    y: SyncPtr,
+    panels: std::ops::Range<usize>,
+) {
+    let (n, k) = (w.n, w.k);
+    for m0 in (0..m).step_by(MC) {
+        let m1 = (m0 + MC).min(m);
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            for p in panels.clone() {
+                let b = w.data.as_ptr().add(p * k * NR + k0 * NR);
+                let ncols = NR.min(n - p * NR);
+                for i0 in (m0..m1).step_by(MR) {
+                    let tile = Tile {
+                        a: a.as_ptr().add((i0 / MR) * k * MR + k0 * MR),
+                        b,
+                        c: y.0.add(i0 * n + p * NR),
+                        ldc: n,
+                        kc,
+                        accumulate: k0 > 0,
+                        ncols,
+                    };
+                    tile.run(MR.min(m1 - i0));
+                }
+            }
+        }
+    }
+}
+
+/// One micro-tile: `rows x ncols` outputs at `c`, advanced by `kc` steps of packed `a` and `b`.
+struct Tile {
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    kc: usize,
+    accumulate: bool,
+    ncols: usize,
+}
+
+macro_rules! dispatch_rows {
+    ($self:ident, $rows:expr, $f:ident) => {
+        match $rows {
+            1 => $self.$f::<1>(),
+            2 => $self.$f::<2>(),
+            3 => $self.$f::<3>(),
+            4 => $self.$f::<4>(),
+            5 => $self.$f::<5>(),
+            6 => $self.$f::<6>(),
+            7 => $self.$f::<7>(),
+            8 => $self.$f::<8>(),
+            9 => $self.$f::<9>(),
+            10 => $self.$f::<10>(),
+            11 => $self.$f::<11>(),
+            12 => $self.$f::<12>(),
+            r => unreachable!("tile of {r} rows"),
+        }
+    };
+}
+
+impl Tile {
+    unsafe fn run(&self, rows: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512() {
+            return dispatch_rows!(self, rows, avx512);
+        }
+        self.portable(rows)
+    }
+
+    /// Reference kernel: the same FMA chain per element as the vector kernel.
+    unsafe fn portable(&self, rows: usize) {
+        for i in 0..rows {
+            for j in 0..self.ncols {
+                let c = self.c.add(i * self.ldc + j);
+                let mut acc = if self.accumulate { *c } else { 0.0 };
+                for p in 0..self.kc {
+                    acc = (*self.a.add(p * MR + i)).mul_add(*self.b.add(p * NR + j), acc);
+                }
+                *c = acc;
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn avx512<const R: usize>(&self) {
+        use std::arch::x86_64::*;
+        let lo: __mmask16 = if self.ncols >= 16 {
+            0xffff
+        } else {
+            (1u16 << self.ncols) - 1
+        };
+        let hi: __mmask16 = if self.ncols >= 32 {
+            0xffff
+        } else if self.ncols > 16 {
+            (1u16 << (self.ncols - 16)) - 1
+        } else {
+            0
+        };
+        let mut acc0 = [_mm512_setzero_ps(); R];
+        let mut acc1 = [_mm512_setzero_ps(); R];
+        if self.accumulate {
+            for i in 0..R {
+                acc0[i] = _mm512_maskz_loadu_ps(lo, self.c.add(i * self.ldc));
+                acc1[i] = _mm512_maskz_loadu_ps(hi, self.c.add(i * self.ldc + 16));
+            }
+        }
+        let (mut a, mut b) = (self.a, self.b);
+        for _ in 0..self.kc {
+            let b0 = _mm512_loadu_ps(b);
+            let b1 = _mm512_loadu_ps(b.add(16));
+            for i in 0..R {
+                let av = _mm512_set1_ps(*a.add(i));
+                acc0[i] = _mm512_fmadd_ps(av, b0, acc0[i]);
+                acc1[i] = _mm512_fmadd_ps(av, b1, acc1[i]);
+            }
+            a = a.add(MR);
+            b = b.add(NR);
+        }
+        for i in 0..R {
+            _mm512_mask_storeu_ps(self.c.add(i * self.ldc), lo, acc0[i]);
+            _mm512_mask_storeu_ps(self.c.add(i * self.ldc + 16), hi, acc1[i]);
+        }
+    }
+}
+
+/// Runs only the portable kernel, for tests that compare it with the vector one.
+#[cfg(test)]
+fn matmul_portable(x: &[f32], m: usize, w: &PackedMatrix, y: &mut [f32]) {
+    let a = pack_rows(x, m, w.k);
+    for p in 0..w.n.div_ceil(NR) {
+        for k0 in (0..w.k).step_by(KC) {
+            for i0 in (0..m).step_by(MR) {
+                let tile = Tile {
+                    a: unsafe { a.as_ptr().add((i0 / MR) * w.k * MR + k0 * MR) },
+                    b: unsafe { w.data.as_ptr().add(p * w.k * NR + k0 * NR) },
+                    c: unsafe { y.as_mut_ptr().add(i0 * w.n + p * NR) },
+                    ldc: w.n,
+                    kc: KC.min(w.k - k0),
+                    accumulate: k0 > 0,
+                    ncols: NR.min(w.n - p * NR),
+                };
+                unsafe { tile.portable(MR.min(m - i0)) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    }
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n).map(|_| lcg(&mut s)).collect()
+    }
+
+    /// The FMA chain every element must equal, bit for bit.
+    fn reference(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+        let mut y = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                y[i * n + j] =
+                    (0..k).fold(0.0f32, |acc, kk| x[i * k + kk].mul_add(w[j * k + kk], acc));
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn matches_the_sequential_fma_chain_bit_for_bit_on_ragged_shapes() {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (13, 33, 257),
+            (25, 70, 600),
+            (240, 64, 512),
+            (241, 31, 5),
+            (7, 96, 0),
+        ] {
+            let x = random(m * k, 1);
+            let w = random(n * k, 2);
+            let packed = PackedMatrix::pack(&w, n, k);
+            let mut y = vec![f32::NAN; m * n];
+            matmul(&x, m, &packed, &mut y);
+            let r = reference(&x, m, &w, n, k);
+            assert!(
+                y.iter().zip(&r).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "shape {m}x{n}x{k}"
+            );
+            let mut yp = vec![f32::NAN; m * n];
+            if k > 0 {
+                matmul_portable(&x, m, &packed, &mut yp);
+                assert!(
+                    yp.iter().zip(&r).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "portable {m}x{n}x{k}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_gives_the_same_bits_whatever_rows_surround_it() {
+        let (n, k) = (96, 700);
+        let w = PackedMatrix::pack(&random(n * k, 3), n, k);
+        let x = random(300 * k, 4);
+        let mut all = vec![0.0; 300 * n];
+        matmul(&x, 300, &w, &mut all);
+        for &row in &[0usize, 11, 12, 239, 240, 299] {
+            let mut one = vec![0.0; n];
+            matmul(&x[row * k..(row + 1) * k], 1, &w, &mut one);
+            assert_eq!(
+                one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                all[row * n..(row + 1) * n]
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>(),
+                "row {row}"
+            );
+        }
+    }
+}

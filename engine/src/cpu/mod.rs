@@ -1,0 +1,266 @@
+//! The CPU backend: f32 compute on a rayon pool, weights of any supported dtype widened to f32 at
+//! load. Used for development, tests and small models, and as the reference for other backends.
+
+mod attention;
+pub mod gemm;
+mod ops;
+mod simd;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use rayon::ThreadPool;
+
+use crate::backend::{AttnLayout, Backend, MatrixPart};
+use crate::batch::PackedBatch;
+use crate::error::{EngineError, Result};
+use crate::rope;
+use crate::spec::{MlpKind, NormKind};
+use crate::weights::TensorView;
+use gemm::PackedMatrix;
+pub use ops::NormParams;
+
+/// Activations on the CPU: `[rows, cols]` row-major f32.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuTensor {
+    /// Row-major values.
+    pub data: Vec<f32>,
+    /// Number of rows (tokens).
+    pub rows: usize,
+    /// Number of columns (features).
+    pub cols: usize,
+}
+
+/// Per-forward batch data: offsets, positions and the rotary tables up to the longest sequence.
+#[derive(Debug)]
+pub struct CpuBatch {
+    cu_seqlens: Vec<usize>,
+    positions: Vec<u32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+/// The CPU backend.
+pub struct CpuBackend {
+    pool: Arc<ThreadPool>,
+    matmuls: AtomicUsize,
+}
+
+impl std::fmt::Debug for CpuBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CpuBackend({} threads)", self.pool.current_num_threads())
+    }
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CpuBackend {
+    /// A backend with one thread per available core.
+    pub fn new() -> Self {
+        Self::with_threads(0).expect("a thread pool with the default size")
+    }
+
+    /// A backend with `threads` threads (0: one per available core).
+    pub fn with_threads(threads: usize) -> Result<Self> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("arbiter-cpu-{i}"))
+            .build()
+            .map_err(|e| {
+                EngineError::Backend(format!("cannot start {threads} CPU threads: {e}"))
+            })?;
+        Ok(CpuBackend {
+            pool: Arc::new(pool),
+            matmuls: AtomicUsize::new(0),
+        })
+    }
+
+    /// Matrix multiplications issued so far (lets tests check that packing is real).
+    pub fn matmul_count(&self) -> usize {
+        self.matmuls.load(Ordering::Relaxed)
+    }
+
+    /// Threads in the pool.
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    fn zeros(rows: usize, cols: usize) -> CpuTensor {
+        CpuTensor {
+            data: vec![0.0; rows * cols],
+            rows,
+            cols,
+        }
+    }
+}
+
+fn same_shape(a: &CpuTensor, b: &CpuTensor, what: &str) -> Result<()> {
+    if a.rows != b.rows || a.cols != b.cols {
+        return Err(EngineError::Backend(format!(
+            "{what}: shapes [{}, {}] and [{}, {}] differ",
+            a.rows, a.cols, b.rows, b.cols
+        )));
+    }
+    Ok(())
+}
+
+impl Backend for CpuBackend {
+    type Tensor = CpuTensor;
+    type Matrix = PackedMatrix;
+    type Norm = NormParams;
+    type Embedding = CpuTensor;
+    type BatchCtx = CpuBatch;
+
+    fn name(&self) -> String {
+        "cpu".into()
+    }
+
+    fn matrix(&self, parts: &[MatrixPart<'_>]) -> Result<PackedMatrix> {
+        let k = parts
+            .first()
+            .map(|p| p.view.shape[1])
+            .ok_or_else(|| EngineError::Backend("empty matrix".into()))?;
+        let mut rows = Vec::new();
+        let mut n = 0;
+        for p in parts {
+            if p.view.shape.len() != 2 || p.view.shape[1] != k {
+                return Err(EngineError::Backend(format!(
+                    "cannot stack {:?} of shape {:?} under a matrix with {k} columns",
+                    p.view.name, p.view.shape
+                )));
+            }
+            p.view.rows_to_f32(p.rows.clone(), &mut rows);
+            n += p.rows.len();
+        }
+        Ok(self.pool.install(|| PackedMatrix::pack(&rows, n, k)))
+    }
+
+    fn norm_params(
+        &self,
+        kind: NormKind,
+        eps: f32,
+        weight: TensorView<'_>,
+        bias: Option<TensorView<'_>>,
+    ) -> Result<NormParams> {
+        let mut gamma = weight.to_f32();
+        if kind == NormKind::LayerNorm1P {
+            gamma.iter_mut().for_each(|g| *g += 1.0);
+        }
+        Ok(NormParams {
+            kind,
+            eps,
+            gamma,
+            beta: bias.map(|b| b.to_f32()),
+        })
+    }
+
+    fn embedding(&self, table: TensorView<'_>) -> Result<CpuTensor> {
+        Ok(CpuTensor {
+            data: table.to_f32(),
+            rows: table.shape[0],
+            cols: table.shape[1],
+        })
+    }
+
+    fn batch_ctx(&self, batch: &PackedBatch, inv_freq: &[f32]) -> Result<CpuBatch> {
+        let (cos, sin) = rope::cos_sin(inv_freq, batch.max_len());
+        Ok(CpuBatch {
+            cu_seqlens: batch.cu_seqlens().to_vec(),
+            positions: batch.positions(),
+            cos,
+            sin,
+        })
+    }
+
+    fn embed(&self, table: &CpuTensor, tokens: &[u32]) -> Result<CpuTensor> {
+        let h = table.cols;
+        let mut out = Self::zeros(tokens.len(), h);
+        for (row, &t) in out.data.chunks_exact_mut(h).zip(tokens) {
+            let t = t as usize;
+            if t >= table.rows {
+                return Err(EngineError::InvalidBatch(format!(
+                    "token id {t} is outside the vocabulary of {}",
+                    table.rows
+                )));
+            }
+            row.copy_from_slice(&table.data[t * h..(t + 1) * h]);
+        }
+        Ok(out)
+    }
+
+    fn norm(&self, x: &CpuTensor, p: &NormParams) -> Result<CpuTensor> {
+        let mut out = Self::zeros(x.rows, x.cols);
+        self.pool
+            .install(|| ops::norm(&x.data, x.cols, p, &mut out.data));
+        Ok(out)
+    }
+
+    fn add_norm(&self, x: &mut CpuTensor, delta: &CpuTensor, p: &NormParams) -> Result<CpuTensor> {
+        same_shape(x, delta, "residual add")?;
+        let mut out = Self::zeros(x.rows, x.cols);
+        self.pool
+            .install(|| ops::add_norm(&mut x.data, &delta.data, x.cols, p, &mut out.data));
+        Ok(out)
+    }
+
+    fn add(&self, x: &mut CpuTensor, delta: &CpuTensor) -> Result<()> {
+        same_shape(x, delta, "residual add")?;
+        self.pool.install(|| ops::add(&mut x.data, &delta.data));
+        Ok(())
+    }
+
+    fn matmul(&self, x: &CpuTensor, w: &PackedMatrix) -> Result<CpuTensor> {
+        if x.cols != w.k() {
+            return Err(EngineError::Backend(format!(
+                "matmul: input has {} columns, matrix takes {}",
+                x.cols,
+                w.k()
+            )));
+        }
+        self.matmuls.fetch_add(1, Ordering::Relaxed);
+        let mut out = Self::zeros(x.rows, w.n());
+        self.pool
+            .install(|| gemm::matmul(&x.data, x.rows, w, &mut out.data));
+        Ok(out)
+    }
+
+    fn rope(&self, qkv: &mut CpuTensor, layout: &AttnLayout, ctx: &CpuBatch) -> Result<()> {
+        self.pool
+            .install(|| ops::rope(&mut qkv.data, layout, &ctx.positions, &ctx.cos, &ctx.sin));
+        Ok(())
+    }
+
+    fn attention(&self, qkv: &CpuTensor, layout: &AttnLayout, ctx: &CpuBatch) -> Result<CpuTensor> {
+        let mut out = Self::zeros(qkv.rows, layout.heads * layout.head_dim);
+        self.pool
+            .install(|| attention::attention(&qkv.data, layout, &ctx.cu_seqlens, &mut out.data));
+        Ok(out)
+    }
+
+    fn activation(&self, x: &CpuTensor, kind: MlpKind) -> Result<CpuTensor> {
+        let cols = match kind {
+            MlpKind::Relu2 => x.cols,
+            MlpKind::SwiGlu => x.cols / 2,
+        };
+        let mut out = Self::zeros(x.rows, cols);
+        self.pool
+            .install(|| ops::activation(&x.data, x.cols, kind, &mut out.data));
+        Ok(out)
+    }
+
+    fn gather_rows(&self, x: &CpuTensor, rows: &[usize]) -> Result<CpuTensor> {
+        let mut out = Self::zeros(rows.len(), x.cols);
+        for (o, &r) in out.data.chunks_exact_mut(x.cols).zip(rows) {
+            o.copy_from_slice(&x.data[r * x.cols..(r + 1) * x.cols]);
+        }
+        Ok(out)
+    }
+
+    fn to_host(&self, x: &CpuTensor) -> Result<Vec<f32>> {
+        Ok(x.data.clone())
+    }
+}

@@ -1,0 +1,86 @@
+//! The engine's error type: every way a model folder, a batch or a backend can be wrong.
+
+use std::path::PathBuf;
+
+/// Everything the engine can refuse. Messages name the file, tensor or field at fault so that a
+/// user can fix the model folder without reading code.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A file the model folder must contain is absent.
+    #[error("missing file {path}: {why}")]
+    MissingFile {
+        /// The file that was looked for.
+        path: PathBuf,
+        /// What needed it.
+        why: String,
+    },
+    /// A file exists but could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file being read.
+        path: PathBuf,
+        /// The operating system's reason.
+        source: std::io::Error,
+    },
+    /// config.json (or another JSON file) is not valid JSON or lacks a field.
+    #[error("bad config {path}: {message}")]
+    Config {
+        /// The JSON file at fault.
+        path: PathBuf,
+        /// What is wrong, naming the field.
+        message: String,
+    },
+    /// The architecture named in config.json is not one this engine implements.
+    #[error("unsupported architecture {found:?} in {path}; supported: {supported}")]
+    UnsupportedArchitecture {
+        /// config.json.
+        path: PathBuf,
+        /// The architecture string found.
+        found: String,
+        /// The ones that are supported.
+        supported: String,
+    },
+    /// A safetensors file is malformed or shorter than its header says.
+    #[error("bad safetensors file {path}: {message}")]
+    BadWeightsFile {
+        /// The weights file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A tensor the architecture needs is not in any weights file.
+    #[error("missing tensor {name:?} (looked in {looked_in})")]
+    MissingTensor {
+        /// The tensor name, as transformers writes it.
+        name: String,
+        /// The files that were searched.
+        looked_in: String,
+    },
+    /// A tensor has a different shape than config.json implies.
+    #[error("tensor {name:?} has shape {found:?}, expected {expected:?} from config.json")]
+    WrongShape {
+        /// The tensor name.
+        name: String,
+        /// The shape config.json implies.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        found: Vec<usize>,
+    },
+    /// A tensor is stored in a dtype the engine does not read.
+    #[error("tensor {name:?} has unsupported dtype {dtype}; supported: BF16, F16, F32")]
+    UnsupportedDtype {
+        /// The tensor name.
+        name: String,
+        /// The dtype found.
+        dtype: String,
+    },
+    /// A batch handed to the engine is malformed (empty sequence, token outside the vocabulary...).
+    #[error("invalid batch: {0}")]
+    InvalidBatch(String),
+    /// A backend could not run (no device, kernel failure, out of memory...).
+    #[error("backend error: {0}")]
+    Backend(String),
+}
+
+/// Result alias for engine operations.
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;

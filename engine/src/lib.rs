@@ -1,0 +1,28 @@
+//! arbiter's engine: reads reward-model folders, runs packed batches through one forward graph on
+//! a pluggable backend, and turns head outputs into named attributes and a reward.
+//!
+//! ```no_run
+//! use arbiter_engine::{cpu::CpuBackend, Model, PackedBatch};
+//! let model = Model::load("models/demo".as_ref(), CpuBackend::new())?;
+//! let raw = model.forward(&PackedBatch::from_sequences(&[vec![1u32, 2, 3]])?)?;
+//! # Ok::<(), arbiter_engine::EngineError>(())
+//! ```
+#![deny(missing_docs)]
+
+pub mod backend;
+pub mod batch;
+pub mod config;
+pub mod cpu;
+pub mod error;
+pub mod graph;
+pub mod rope;
+pub mod scores;
+pub mod spec;
+pub mod synth;
+pub mod weights;
+
+pub use batch::PackedBatch;
+pub use error::{EngineError, Result};
+pub use graph::Model;
+pub use scores::{RewardWeights, Score};
+pub use spec::ModelSpec;

@@ -1,0 +1,127 @@
+//! The model spec: every number and every architectural choice the forward graph needs, as data.
+//!
+//! Nemotron and Llama differ at three points (norm, MLP, how much of each head is rotated) plus
+//! the head's bias; all of that lives here so that the graph is written once.
+
+/// Which normalization the blocks and the final norm use.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NormKind {
+    /// Nemotron's LayerNorm1P: `(x - mean) / sqrt(var + eps) * (1 + w) + b`; the checkpoint stores
+    /// `w = gamma - 1`.
+    LayerNorm1P,
+    /// Llama's RMSNorm: `x / sqrt(mean(x^2) + eps) * w`, no bias.
+    RmsNorm,
+}
+
+/// Which MLP the blocks use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MlpKind {
+    /// `down(relu(up(x))^2)` (Nemotron).
+    Relu2,
+    /// `down(silu(gate(x)) * up(x))` (Llama). The engine fuses gate and up into one matrix whose
+    /// first half of output columns is the gate.
+    SwiGlu,
+}
+
+/// Llama 3.1's frequency-dependent rotary scaling (`rope_type: llama3`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Llama3Scaling {
+    /// Scale applied to low frequencies.
+    pub factor: f32,
+    /// Wavelength threshold (in units of the original context) below which frequencies are scaled.
+    pub low_freq_factor: f32,
+    /// Wavelength threshold above which frequencies are kept.
+    pub high_freq_factor: f32,
+    /// The context length the model was pre-trained with.
+    pub original_max_position_embeddings: f32,
+}
+
+/// Rotary position embedding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeSpec {
+    /// Base of the frequencies.
+    pub theta: f32,
+    /// How many leading channels of each head are rotated (even; the rest pass through). Nemotron
+    /// rotates half of its 192-channel heads, Llama all of them.
+    pub rotary_dim: usize,
+    /// Optional Llama 3 scaling of the inverse frequencies.
+    pub llama3: Option<Llama3Scaling>,
+}
+
+/// The regression head read at the last token of each sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadSpec {
+    /// Names of all outputs, in the order of the head's rows (from `id2label`).
+    pub labels: Vec<String>,
+    /// Indices into `labels` of the outputs shown to users (all of them unless the model folder
+    /// says otherwise; the 340B model exposes the five HelpSteer2 attributes, 4..=8).
+    pub exposed: Vec<usize>,
+    /// Default reward weight of each exposed output, aligned with `exposed`.
+    pub reward_weights: Vec<f32>,
+}
+
+/// Everything the forward graph needs to know about a model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSpec {
+    /// The `architectures[0]` string of config.json.
+    pub architecture: String,
+    /// Width of the residual stream.
+    pub hidden: usize,
+    /// Number of transformer blocks.
+    pub layers: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than `heads`).
+    pub kv_heads: usize,
+    /// Channels per head.
+    pub head_dim: usize,
+    /// Inner width of the MLP.
+    pub ffn: usize,
+    /// Vocabulary size (rows of the embedding table).
+    pub vocab: usize,
+    /// Longest sequence the model supports.
+    pub max_positions: usize,
+    /// Normalization kind.
+    pub norm: NormKind,
+    /// Epsilon inside the norm's square root.
+    pub norm_eps: f32,
+    /// MLP kind.
+    pub mlp: MlpKind,
+    /// Rotary embedding.
+    pub rope: RopeSpec,
+    /// The reward head.
+    pub head: HeadSpec,
+}
+
+impl ModelSpec {
+    /// Output width of the fused q/k/v projection: all query heads, then the key heads, then the
+    /// value heads.
+    pub fn qkv_width(&self) -> usize {
+        (self.heads + 2 * self.kv_heads) * self.head_dim
+    }
+
+    /// Output width of the MLP's first projection (gate and up fused for SwiGLU).
+    pub fn up_width(&self) -> usize {
+        match self.mlp {
+            MlpKind::Relu2 => self.ffn,
+            MlpKind::SwiGlu => 2 * self.ffn,
+        }
+    }
+
+    /// Whether norms carry a bias tensor.
+    pub fn norm_has_bias(&self) -> bool {
+        self.norm == NormKind::LayerNorm1P
+    }
+
+    /// Number of matrix multiplications one forward pass issues for the blocks: q/k/v (fused),
+    /// o, up (fused with gate for SwiGLU) and down, per layer; independent of how many sequences
+    /// the packed batch holds.
+    pub fn matmuls_per_forward(&self) -> usize {
+        4 * self.layers
+    }
+
+    /// Number of outputs of the head (rows of `score.weight`).
+    pub fn num_outputs(&self) -> usize {
+        self.head.labels.len()
+    }
+}

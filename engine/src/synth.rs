@@ -1,0 +1,165 @@
+//! Deterministic random-weight model folders: the demo model, benchmarks, and tests that need a
+//! well-formed folder to start from. Same config and seed, same bytes, on every machine.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::config::parse_config;
+use crate::error::{EngineError, Result};
+use crate::spec::{MlpKind, ModelSpec};
+use crate::weights::Dtype;
+
+/// A small, fast, deterministic generator (SplitMix64); no dependency, same stream everywhere.
+#[derive(Debug, Clone)]
+pub struct SplitMix(u64);
+
+impl SplitMix {
+    /// A generator seeded with `seed`.
+    pub fn new(seed: u64) -> Self {
+        SplitMix(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[-1, 1)`.
+    pub fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+}
+
+/// Names and shapes of every tensor a model with this spec reads, in a stable order.
+pub fn tensor_shapes(spec: &ModelSpec) -> Vec<(String, Vec<usize>)> {
+    let (h, d) = (spec.hidden, spec.head_dim);
+    let mut v = vec![("model.embed_tokens.weight".to_string(), vec![spec.vocab, h])];
+    let norm = |v: &mut Vec<(String, Vec<usize>)>, p: String| {
+        v.push((format!("{p}.weight"), vec![h]));
+        if spec.norm_has_bias() {
+            v.push((format!("{p}.bias"), vec![h]));
+        }
+    };
+    for l in 0..spec.layers {
+        let p = format!("model.layers.{l}");
+        norm(&mut v, format!("{p}.input_layernorm"));
+        v.push((
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![spec.heads * d, h],
+        ));
+        v.push((
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![spec.kv_heads * d, h],
+        ));
+        v.push((
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![spec.kv_heads * d, h],
+        ));
+        v.push((
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![h, spec.heads * d],
+        ));
+        norm(&mut v, format!("{p}.post_attention_layernorm"));
+        if spec.mlp == MlpKind::SwiGlu {
+            v.push((format!("{p}.mlp.gate_proj.weight"), vec![spec.ffn, h]));
+        }
+        v.push((format!("{p}.mlp.up_proj.weight"), vec![spec.ffn, h]));
+        v.push((format!("{p}.mlp.down_proj.weight"), vec![h, spec.ffn]));
+    }
+    norm(&mut v, "model.norm".to_string());
+    v.push(("score.weight".to_string(), vec![spec.num_outputs(), h]));
+    v
+}
+
+/// Writes `config` (a config.json object) and random weights of `dtype` into `dir`.
+///
+/// Matrices are uniform with scale `1/sqrt(fan_in)` so activations stay O(1) through many
+/// layers; norm weights and biases are random too (all-ones defaults would hide LayerNorm1P
+/// bugs); the head gets a bias when `head_bias` is set.
+pub fn write_random_model(
+    dir: &Path,
+    config: &serde_json::Value,
+    dtype: Dtype,
+    seed: u64,
+    head_bias: bool,
+) -> Result<ModelSpec> {
+    let config_path = dir.join("config.json");
+    let spec = parse_config(&config.to_string(), &config_path)?;
+    std::fs::create_dir_all(dir).map_err(|e| EngineError::Io {
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
+    let text = serde_json::to_string_pretty(config).expect("a JSON value serializes");
+    std::fs::write(&config_path, text).map_err(|e| EngineError::Io {
+        path: config_path.clone(),
+        source: e,
+    })?;
+    let mut shapes = tensor_shapes(&spec);
+    if head_bias {
+        shapes.push(("score.bias".to_string(), vec![spec.num_outputs()]));
+    }
+    let mut rng = SplitMix::new(seed);
+    let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)> = BTreeMap::new();
+    for (name, shape) in shapes {
+        let n: usize = shape.iter().product();
+        let scale = if shape.len() == 2 && !name.contains("embed") {
+            1.0 / (shape[1] as f32).sqrt()
+        } else {
+            0.5
+        };
+        let bytes = encode((0..n).map(|_| rng.uniform() * scale), dtype, n);
+        tensors.insert(name, (shape, bytes));
+    }
+    let st_dtype = match dtype {
+        Dtype::BF16 => safetensors::Dtype::BF16,
+        Dtype::F16 => safetensors::Dtype::F16,
+        Dtype::F32 => safetensors::Dtype::F32,
+    };
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(k, (shape, bytes))| {
+            let v = safetensors::tensor::TensorView::new(st_dtype, shape.clone(), bytes)
+                .expect("sizes match by construction");
+            (k.clone(), v)
+        })
+        .collect();
+    let path = dir.join(crate::weights::SINGLE_FILE);
+    safetensors::serialize_to_file(views, None, &path).map_err(|e| {
+        EngineError::BadWeightsFile {
+            path: path.clone(),
+            message: format!("cannot write: {e}"),
+        }
+    })?;
+    Ok(spec)
+}
+
+fn encode(values: impl Iterator<Item = f32>, dtype: Dtype, n: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(n * dtype.size());
+    for v in values {
+        match dtype {
+            Dtype::F32 => out.extend_from_slice(&v.to_le_bytes()),
+            Dtype::BF16 => out.extend_from_slice(&half::bf16::from_f32(v).to_bits().to_le_bytes()),
+            Dtype::F16 => out.extend_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes()),
+        }
+    }
+    out
+}
+
+/// The "bench-small" config of the benchmark: Nemotron architecture, hidden 1024, 8 layers,
+/// 16 heads, 4 KV heads, FFN 4096, vocab 32000, a one-output head.
+pub fn bench_small_config() -> serde_json::Value {
+    serde_json::json!({
+        "architectures": ["NemotronForSequenceClassification"],
+        "model_type": "nemotron",
+        "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 8,
+        "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 64,
+        "vocab_size": 32000, "max_position_embeddings": 4096,
+        "hidden_act": "relu2", "norm_eps": 1e-5,
+        "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+        "num_labels": 1, "id2label": {"0": "reward"}
+    })
+}

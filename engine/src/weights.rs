@@ -1,0 +1,323 @@
+//! Memory-mapped safetensors: one `model.safetensors`, or shards listed by
+//! `model.safetensors.index.json`. Nothing is read until a tensor is asked for, so a rank that
+//! owns a slice of a tensor touches only those pages.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use crate::error::{EngineError, Result};
+
+/// Element type of a stored tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dtype {
+    /// bfloat16.
+    BF16,
+    /// IEEE half.
+    F16,
+    /// IEEE single.
+    F32,
+}
+
+impl Dtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::BF16 | Dtype::F16 => 2,
+            Dtype::F32 => 4,
+        }
+    }
+}
+
+/// A borrowed view of one stored tensor: its dtype, shape and raw little-endian bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct TensorView<'a> {
+    /// The tensor's name.
+    pub name: &'a str,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape, outermost first.
+    pub shape: &'a [usize],
+    /// Raw bytes, `shape.product() * dtype.size()` of them.
+    pub bytes: &'a [u8],
+}
+
+impl TensorView<'_> {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Whether the tensor has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Converts rows `rows` (of the outermost dimension) to f32, appending to `out`.
+    pub fn rows_to_f32(&self, rows: std::ops::Range<usize>, out: &mut Vec<f32>) {
+        let row_len: usize = self.shape.iter().skip(1).product();
+        let es = self.dtype.size();
+        let bytes = &self.bytes[rows.start * row_len * es..rows.end * row_len * es];
+        out.reserve(bytes.len() / es);
+        match self.dtype {
+            Dtype::F32 => out.extend(
+                bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            ),
+            Dtype::BF16 => out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()),
+            ),
+            Dtype::F16 => out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()),
+            ),
+        }
+    }
+
+    /// The whole tensor as f32.
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = Vec::new();
+        self.rows_to_f32(0..self.shape.first().copied().unwrap_or(1), &mut out);
+        out
+    }
+}
+
+struct Entry {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+/// All tensors of a model folder, memory-mapped.
+pub struct WeightStore {
+    files: Vec<(PathBuf, Mmap)>,
+    tensors: HashMap<String, Entry>,
+}
+
+impl std::fmt::Debug for WeightStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WeightStore")
+            .field(
+                "files",
+                &self.files.iter().map(|(p, _)| p).collect::<Vec<_>>(),
+            )
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+/// Name of the single-file weights.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// Name of the shard index.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+impl WeightStore {
+    /// Opens the weights of the model folder `dir`: `model.safetensors.index.json` and its shards
+    /// when the index exists, `model.safetensors` otherwise.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index = dir.join(INDEX_FILE);
+        let files: Vec<PathBuf> = if index.exists() {
+            shard_files(&index)?
+                .into_iter()
+                .map(|f| dir.join(f))
+                .collect()
+        } else {
+            vec![dir.join(SINGLE_FILE)]
+        };
+        let mut store = WeightStore {
+            files: Vec::new(),
+            tensors: HashMap::new(),
+        };
+        for path in files {
+            store.add_file(path)?;
+        }
+        Ok(store)
+    }
+
+    fn add_file(&mut self, path: PathBuf) -> Result<()> {
+        let file = File::open(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => EngineError::MissingFile {
+                path: path.clone(),
+                why: format!(
+                    "weights must be in {SINGLE_FILE} or in the shards {INDEX_FILE} lists"
+                ),
+            },
+            _ => EngineError::Io {
+                path: path.clone(),
+                source: e,
+            },
+        })?;
+        // SAFETY: the map is read-only; a model file modified while being served is outside what
+        // any inference server can defend against, and we never hand out references that outlive
+        // the store.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| EngineError::Io {
+            path: path.clone(),
+            source: e,
+        })?;
+        let bad = |message: String| EngineError::BadWeightsFile {
+            path: path.clone(),
+            message,
+        };
+        if mmap.len() < 8 {
+            return Err(bad(format!(
+                "file is {} bytes, too short for a safetensors header",
+                mmap.len()
+            )));
+        }
+        let (header_len, meta) =
+            safetensors::SafeTensors::read_metadata(&mmap[..]).map_err(|e| match e {
+                safetensors::SafeTensorError::MetadataIncompleteBuffer => bad(format!(
+                    "truncated: the header describes more data than the file's {} bytes",
+                    mmap.len()
+                )),
+                e => bad(format!(
+                    "unreadable header ({e}); the file may be truncated or not safetensors"
+                )),
+            })?;
+        let data_start = 8 + header_len;
+        let file_idx = self.files.len();
+        for (name, info) in meta.tensors() {
+            let dtype = match info.dtype {
+                safetensors::Dtype::BF16 => Dtype::BF16,
+                safetensors::Dtype::F16 => Dtype::F16,
+                safetensors::Dtype::F32 => Dtype::F32,
+                other => {
+                    return Err(EngineError::UnsupportedDtype {
+                        name: name.clone(),
+                        dtype: format!("{other:?}"),
+                    })
+                }
+            };
+            let (s, e) = info.data_offsets;
+            let (start, end) = (data_start + s, data_start + e);
+            if end > mmap.len() {
+                return Err(bad(format!(
+                    "truncated: tensor {name:?} ends at byte {end} but the file has {} bytes",
+                    mmap.len()
+                )));
+            }
+            let n: usize = info.shape.iter().product();
+            if n * dtype.size() != e - s {
+                return Err(bad(format!(
+                    "tensor {name:?} has shape {:?} ({} bytes) but occupies {} bytes",
+                    info.shape,
+                    n * dtype.size(),
+                    e - s
+                )));
+            }
+            if self.tensors.contains_key(&name) {
+                return Err(bad(format!(
+                    "tensor {name:?} is stored in more than one file"
+                )));
+            }
+            self.tensors.insert(
+                name,
+                Entry {
+                    file: file_idx,
+                    dtype,
+                    shape: info.shape.clone(),
+                    start,
+                    end,
+                },
+            );
+        }
+        self.files.push((path, mmap));
+        Ok(())
+    }
+
+    /// The tensor called `name`, or an error naming it.
+    pub fn get(&self, name: &str) -> Result<TensorView<'_>> {
+        let (key, e) =
+            self.tensors
+                .get_key_value(name)
+                .ok_or_else(|| EngineError::MissingTensor {
+                    name: name.to_string(),
+                    looked_in: self.file_list(),
+                })?;
+        Ok(TensorView {
+            name: key,
+            dtype: e.dtype,
+            shape: &e.shape,
+            bytes: &self.files[e.file].1[e.start..e.end],
+        })
+    }
+
+    /// The tensor called `name`, checked to have shape `expected`.
+    pub fn get_shaped(&self, name: &str, expected: &[usize]) -> Result<TensorView<'_>> {
+        let t = self.get(name)?;
+        if t.shape != expected {
+            return Err(EngineError::WrongShape {
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                found: t.shape.to_vec(),
+            });
+        }
+        Ok(t)
+    }
+
+    /// Whether a tensor called `name` exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Names of all stored tensors, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
+        v.sort_unstable();
+        v
+    }
+
+    fn file_list(&self) -> String {
+        self.files
+            .iter()
+            .map(|(p, _)| {
+                p.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// The distinct shard file names of an index, in sorted order.
+fn shard_files(index: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index).map_err(|e| EngineError::Io {
+        path: index.to_path_buf(),
+        source: e,
+    })?;
+    let bad = |message: String| EngineError::Config {
+        path: index.to_path_buf(),
+        message,
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("missing object \"weight_map\"".into()))?;
+    let mut files = BTreeMap::new();
+    for (name, f) in map {
+        let f = f
+            .as_str()
+            .ok_or_else(|| bad(format!("weight_map[{name:?}] must be a file name")))?;
+        if f.contains('/') || f.contains('\\') || f == ".." {
+            return Err(bad(format!(
+                "weight_map[{name:?}] = {f:?} must be a file name inside the folder"
+            )));
+        }
+        files.insert(f.to_string(), ());
+    }
+    if files.is_empty() {
+        return Err(bad("weight_map is empty".into()));
+    }
+    Ok(files.into_keys().collect())
+}

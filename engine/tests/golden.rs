@@ -1,0 +1,217 @@
+//! Parity with HF transformers on the committed golden fixtures (tests/fixtures/make_golden.py),
+//! batch invariance, and real packing.
+
+use std::path::PathBuf;
+
+use arbiter_engine::cpu::CpuBackend;
+use arbiter_engine::{Model, PackedBatch, RewardWeights, Score};
+
+struct Golden {
+    sequences: Vec<Vec<u32>>,
+    outputs: Vec<Vec<f32>>,
+}
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/golden")
+        .join(name)
+}
+
+fn golden(name: &str) -> Golden {
+    let text = std::fs::read_to_string(fixture(name).join("expected.json"))
+        .expect("fixture expected.json");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let seqs = v["sequences"].as_array().unwrap();
+    let outs = v["outputs"].as_array().unwrap();
+    Golden {
+        sequences: seqs
+            .iter()
+            .map(|s| {
+                s.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|t| t.as_u64().unwrap() as u32)
+                    .collect()
+            })
+            .collect(),
+        outputs: outs
+            .iter()
+            .map(|s| {
+                s.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|t| t.as_f64().unwrap() as f32)
+                    .collect()
+            })
+            .collect(),
+    }
+}
+
+/// max|got - ref| / max(max|ref|, 1e-3), the error measure of DESIGN.md.
+fn rel_error(got: &[f32], reference: &[f32]) -> f64 {
+    assert_eq!(got.len(), reference.len());
+    let scale = reference
+        .iter()
+        .map(|r| r.abs() as f64)
+        .fold(1e-3, f64::max);
+    got.iter()
+        .zip(reference)
+        .map(|(g, r)| (*g as f64 - *r as f64).abs())
+        .fold(0.0, f64::max)
+        / scale
+}
+
+fn check_parity(name: &str) {
+    let model = Model::load(&fixture(name), CpuBackend::new()).expect("fixture loads");
+    let g = golden(name);
+    let mut worst = 0.0f64;
+    for (s, (seq, reference)) in g.sequences.iter().zip(&g.outputs).enumerate() {
+        let got = model
+            .forward(&PackedBatch::from_sequences(&[seq]).unwrap())
+            .unwrap()
+            .remove(0);
+        let err = rel_error(&got, reference);
+        worst = worst.max(err);
+        assert!(err <= 1e-4, "{name}: sequence {s} (length {}): error {err:.3e} > 1e-4\n got {got:?}\n ref {reference:?}", seq.len());
+    }
+    assert!(g.sequences.iter().any(|s| s.len() == 1) && g.sequences.iter().any(|s| s.len() >= 300));
+    eprintln!(
+        "{name}: worst error {worst:.2e} over {} sequences",
+        g.sequences.len()
+    );
+}
+
+#[test]
+fn nemotron_v5_config_matches_transformers() {
+    check_parity("nemotron-v5");
+}
+
+#[test]
+fn nemotron_v4_config_with_gqa_matches_transformers() {
+    check_parity("nemotron-v4-gqa");
+}
+
+#[test]
+fn nemotron_bf16_weights_match_transformers_fp32_over_rounded_weights() {
+    check_parity("nemotron-bf16");
+}
+
+#[test]
+fn llama_with_llama3_rope_scaling_matches_transformers() {
+    check_parity("llama3-scaled");
+}
+
+fn bits(v: &[Vec<f32>]) -> Vec<Vec<u32>> {
+    v.iter()
+        .map(|r| r.iter().map(|x| x.to_bits()).collect())
+        .collect()
+}
+
+#[test]
+fn a_sequence_scores_bit_identically_alone_and_in_any_batch() {
+    for name in ["nemotron-v4-gqa", "llama3-scaled"] {
+        let model = Model::load(&fixture(name), CpuBackend::new()).unwrap();
+        let seqs = golden(name).sequences;
+        let alone: Vec<Vec<f32>> = seqs
+            .iter()
+            .map(|s| {
+                model
+                    .forward(&PackedBatch::from_sequences(&[s]).unwrap())
+                    .unwrap()
+                    .remove(0)
+            })
+            .collect();
+        // All together, reversed, and interleaved with a lone 1-token sequence.
+        let together = model
+            .forward(&PackedBatch::from_sequences(&seqs).unwrap())
+            .unwrap();
+        assert_eq!(bits(&together), bits(&alone), "{name}: whole batch");
+        let one_token = vec![seqs[0][0]];
+        let mut mixed = vec![one_token.clone()];
+        let mut order = Vec::new();
+        for (i, s) in seqs.iter().enumerate().rev() {
+            mixed.push(s.clone());
+            order.push(i);
+            if i % 3 == 0 {
+                mixed.push(one_token.clone());
+            }
+        }
+        let got = model
+            .forward(&PackedBatch::from_sequences(&mixed).unwrap())
+            .unwrap();
+        let one_alone = model
+            .forward(&PackedBatch::from_sequences(&[&one_token]).unwrap())
+            .unwrap()
+            .remove(0);
+        let mut k = 1;
+        assert_eq!(bits(&[got[0].clone()]), bits(&[one_alone.clone()]));
+        for (i, s) in seqs.iter().enumerate().rev() {
+            let _ = s;
+            assert_eq!(
+                bits(&[got[k].clone()]),
+                bits(&[alone[i].clone()]),
+                "{name}: sequence {i} in mixed batch"
+            );
+            k += 1;
+            if i % 3 == 0 {
+                assert_eq!(
+                    bits(&[got[k].clone()]),
+                    bits(&[one_alone.clone()]),
+                    "{name}: 1-token sequence"
+                );
+                k += 1;
+            }
+        }
+        assert_eq!(k, got.len());
+    }
+}
+
+#[test]
+fn one_matmul_per_weight_matrix_per_layer_whatever_the_batch_holds() {
+    let model = Model::load(&fixture("nemotron-v5"), CpuBackend::new()).unwrap();
+    let seqs = golden("nemotron-v5").sequences;
+    let per_forward = model.spec().layers * 4; // fused q/k/v, o, up, down
+    assert_eq!(model.spec().matmuls_per_forward(), per_forward);
+    for n in [1, 2, 5, seqs.len()] {
+        let before = model.backend().matmul_count();
+        model
+            .forward(&PackedBatch::from_sequences(&seqs[..n]).unwrap())
+            .unwrap();
+        assert_eq!(
+            model.backend().matmul_count() - before,
+            per_forward,
+            "batch of {n} sequences"
+        );
+    }
+}
+
+#[test]
+fn nemotron_exposes_the_helpsteer_attributes_and_the_weighted_reward() {
+    let model = Model::load(&fixture("nemotron-v5"), CpuBackend::new()).unwrap();
+    assert!(model.head_has_bias());
+    let g = golden("nemotron-v5");
+    let raw = model
+        .forward(&PackedBatch::from_sequences(&[&g.sequences[4]]).unwrap())
+        .unwrap()
+        .remove(0);
+    let head = &model.spec().head;
+    let score = Score::from_raw(head, raw.clone(), &RewardWeights::defaults(head));
+    let names: Vec<&str> = score.attributes.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "helpfulness",
+            "correctness",
+            "coherence",
+            "complexity",
+            "verbosity"
+        ]
+    );
+    let r = &g.outputs[4];
+    let expected = 0.3 * r[4] + 0.74 * r[5] + 0.46 * r[6] + 0.47 * r[7] - 0.33 * r[8];
+    assert!(
+        (score.reward - expected).abs() <= 1e-4 * expected.abs().max(1.0),
+        "{} vs {expected}",
+        score.reward
+    );
+}
