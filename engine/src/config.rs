@@ -242,7 +242,7 @@ impl Fields<'_> {
         }
         // transformers truncates: int(head_dim * partial_rotary_factor).
         let rotary_dim = (head_dim as f64 * partial as f64) as usize;
-        if rotary_dim == 0 || rotary_dim % 2 != 0 {
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
             return Err(self.err(format!(
                 "rotary dimension {rotary_dim} (head_dim {head_dim} x partial_rotary_factor {partial}) must be even and positive"
             )));
@@ -270,9 +270,11 @@ impl Fields<'_> {
                 }
                 Some(s)
             }
-            Some(other) => return Err(self.err(format!(
+            Some(other) => {
+                return Err(self.err(format!(
                 "unsupported rope type {other:?} in {where_}; supported: \"default\", \"llama3\""
-            ))),
+            )))
+            }
         };
         Ok(RopeSpec {
             theta,

@@ -25,7 +25,7 @@ pub fn inv_freq(spec: &RopeSpec) -> Vec<f32> {
             } else {
                 *f
             };
-            let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+            let medium = wavelen >= high_wavelen && wavelen <= low_wavelen; // wavelengths are finite and positive
             *f = if medium {
                 let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor)
                     / (s.high_freq_factor - s.low_freq_factor);

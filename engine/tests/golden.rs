@@ -101,68 +101,56 @@ fn llama_with_llama3_rope_scaling_matches_transformers() {
     check_parity("llama3-scaled");
 }
 
-fn bits(v: &[Vec<f32>]) -> Vec<Vec<u32>> {
-    v.iter()
-        .map(|r| r.iter().map(|x| x.to_bits()).collect())
-        .collect()
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
 }
 
 #[test]
 fn a_sequence_scores_bit_identically_alone_and_in_any_batch() {
     for name in ["nemotron-v4-gqa", "llama3-scaled"] {
         let model = Model::load(&fixture(name), CpuBackend::new()).unwrap();
+        let score_alone = |s: &[u32]| {
+            model
+                .forward(&PackedBatch::from_sequences(&[s]).unwrap())
+                .unwrap()
+                .remove(0)
+        };
         let seqs = golden(name).sequences;
-        let alone: Vec<Vec<f32>> = seqs
-            .iter()
-            .map(|s| {
-                model
-                    .forward(&PackedBatch::from_sequences(&[s]).unwrap())
-                    .unwrap()
-                    .remove(0)
-            })
-            .collect();
-        // All together, reversed, and interleaved with a lone 1-token sequence.
+        let alone: Vec<Vec<f32>> = seqs.iter().map(|s| score_alone(s)).collect();
+
         let together = model
             .forward(&PackedBatch::from_sequences(&seqs).unwrap())
             .unwrap();
-        assert_eq!(bits(&together), bits(&alone), "{name}: whole batch");
+        for (i, (t, a)) in together.iter().zip(&alone).enumerate() {
+            assert_eq!(bits(t), bits(a), "{name}: sequence {i} in the whole batch");
+        }
+
+        // Reversed, interleaved with 1-token sequences: (index into seqs, or None for the 1-token one).
         let one_token = vec![seqs[0][0]];
-        let mut mixed = vec![one_token.clone()];
-        let mut order = Vec::new();
-        for (i, s) in seqs.iter().enumerate().rev() {
-            mixed.push(s.clone());
-            order.push(i);
+        let one_alone = score_alone(&one_token);
+        let mut layout = vec![None];
+        for i in (0..seqs.len()).rev() {
+            layout.push(Some(i));
             if i % 3 == 0 {
-                mixed.push(one_token.clone());
+                layout.push(None);
             }
         }
+        let mixed: Vec<&[u32]> = layout
+            .iter()
+            .map(|e| e.map_or(one_token.as_slice(), |i| seqs[i].as_slice()))
+            .collect();
         let got = model
             .forward(&PackedBatch::from_sequences(&mixed).unwrap())
             .unwrap();
-        let one_alone = model
-            .forward(&PackedBatch::from_sequences(&[&one_token]).unwrap())
-            .unwrap()
-            .remove(0);
-        let mut k = 1;
-        assert_eq!(bits(&[got[0].clone()]), bits(&[one_alone.clone()]));
-        for (i, s) in seqs.iter().enumerate().rev() {
-            let _ = s;
+        assert_eq!(got.len(), layout.len());
+        for (g, e) in got.iter().zip(&layout) {
+            let want = e.map_or(&one_alone, |i| &alone[i]);
             assert_eq!(
-                bits(&[got[k].clone()]),
-                bits(&[alone[i].clone()]),
-                "{name}: sequence {i} in mixed batch"
+                bits(g),
+                bits(want),
+                "{name}: entry {e:?} of the mixed batch"
             );
-            k += 1;
-            if i % 3 == 0 {
-                assert_eq!(
-                    bits(&[got[k].clone()]),
-                    bits(&[one_alone.clone()]),
-                    "{name}: 1-token sequence"
-                );
-                k += 1;
-            }
         }
-        assert_eq!(k, got.len());
     }
 }
 

@@ -1,0 +1,281 @@
+//! Every way a model folder can be wrong gets an error that names the problem; nothing panics.
+//! Also: sharded folders load and give the same outputs as single-file ones.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use arbiter_engine::cpu::CpuBackend;
+use arbiter_engine::synth::write_random_model;
+use arbiter_engine::weights::Dtype;
+use arbiter_engine::{EngineError, Model, PackedBatch};
+use serde_json::json;
+
+fn config() -> serde_json::Value {
+    json!({
+        "architectures": ["NemotronForSequenceClassification"],
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 8,
+        "vocab_size": 64, "max_position_embeddings": 128,
+        "hidden_act": "relu2", "norm_eps": 1e-5, "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+        "id2label": {"0": "reward"}
+    })
+}
+
+fn good_folder() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write_random_model(dir.path(), &config(), Dtype::BF16, 5, true).unwrap();
+    dir
+}
+
+fn load_err(dir: &Path) -> String {
+    match Model::load(dir, CpuBackend::with_threads(1).unwrap()) {
+        Ok(_) => panic!("{} loaded but should not have", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Rewrites model.safetensors after `edit` changes its tensors (name -> (dtype, shape, bytes)).
+fn edit_weights(
+    dir: &Path,
+    edit: impl FnOnce(&mut BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>),
+) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut map: BTreeMap<_, _> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
+        .collect();
+    edit(&mut map);
+    let views: Vec<_> = map
+        .iter()
+        .map(|(n, (d, s, b))| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+}
+
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(&path, v.to_string()).unwrap();
+}
+
+#[test]
+fn the_good_folder_loads() {
+    let dir = good_folder();
+    let m = Model::load(dir.path(), CpuBackend::with_threads(1).unwrap()).unwrap();
+    assert_eq!(m.spec().layers, 2);
+}
+
+#[test]
+fn missing_folder() {
+    let e = load_err(Path::new("/nonexistent/arbiter-model"));
+    assert!(
+        e.contains("/nonexistent/arbiter-model") && e.contains("does not exist"),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_config() {
+    let dir = good_folder();
+    std::fs::remove_file(dir.path().join("config.json")).unwrap();
+    let e = load_err(dir.path());
+    assert!(
+        e.contains("missing file") && e.contains("config.json"),
+        "{e}"
+    );
+}
+
+#[test]
+fn config_that_is_not_json() {
+    let dir = good_folder();
+    std::fs::write(dir.path().join("config.json"), "{ not json").unwrap();
+    let e = load_err(dir.path());
+    assert!(
+        e.contains("config.json") && e.contains("not valid JSON"),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_weights_file() {
+    let dir = good_folder();
+    std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+    let e = load_err(dir.path());
+    assert!(
+        e.contains("missing file") && e.contains("model.safetensors"),
+        "{e}"
+    );
+}
+
+#[test]
+fn index_names_a_missing_shard() {
+    let dir = good_folder();
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        json!({"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}})
+            .to_string(),
+    )
+    .unwrap();
+    let e = load_err(dir.path());
+    assert!(
+        e.contains("model-00002-of-00002.safetensors") && e.contains("missing file"),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let dir = good_folder();
+    edit_weights(dir.path(), |m| {
+        m.remove("model.layers.1.mlp.down_proj.weight");
+    });
+    let e = load_err(dir.path());
+    assert!(
+        e.contains("missing tensor \"model.layers.1.mlp.down_proj.weight\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn wrong_shape_says_expected_and_found() {
+    let dir = good_folder();
+    edit_weights(dir.path(), |m| {
+        let t = m.get_mut("model.layers.0.self_attn.k_proj.weight").unwrap();
+        t.1 = vec![16, 64]; // same number of bytes as [32, 32]
+    });
+    let e = load_err(dir.path());
+    assert!(
+        e.contains("model.layers.0.self_attn.k_proj.weight")
+            && e.contains("[16, 64]")
+            && e.contains("[32, 32]"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unsupported_architecture() {
+    let dir = good_folder();
+    edit_config(dir.path(), |c| {
+        c["architectures"] = json!(["GPT2LMHeadModel"])
+    });
+    let e = load_err(dir.path());
+    assert!(
+        e.contains("unsupported architecture \"GPT2LMHeadModel\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn unsupported_dtype_is_named() {
+    let dir = good_folder();
+    edit_weights(dir.path(), |m| {
+        let t = m.get_mut("model.norm.weight").unwrap();
+        t.0 = safetensors::Dtype::I16;
+    });
+    let e = load_err(dir.path());
+    assert!(
+        e.contains("model.norm.weight") && e.contains("unsupported dtype I16"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unsupported_rope_type() {
+    let dir = good_folder();
+    edit_config(dir.path(), |c| {
+        c["rope_scaling"] = json!({"rope_type": "dynamic", "factor": 2.0})
+    });
+    let e = load_err(dir.path());
+    assert!(e.contains("unsupported rope type \"dynamic\""), "{e}");
+}
+
+#[test]
+fn truncated_weights_file() {
+    let dir = good_folder();
+    let path = dir.path().join("model.safetensors");
+    let len = std::fs::metadata(&path).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(len - 100).unwrap();
+    let e = load_err(dir.path());
+    assert!(
+        e.contains("model.safetensors") && e.contains("truncated"),
+        "{e}"
+    );
+    // Cut inside the header too.
+    f.set_len(20).unwrap();
+    let e = load_err(dir.path());
+    assert!(e.contains("model.safetensors"), "{e}");
+}
+
+#[test]
+fn tokens_outside_the_vocabulary_and_overlong_sequences_are_refused() {
+    let dir = good_folder();
+    let m = Model::load(dir.path(), CpuBackend::with_threads(1).unwrap()).unwrap();
+    let e = m
+        .forward(&PackedBatch::from_sequences(&[vec![1, 2], vec![3, 64]]).unwrap())
+        .unwrap_err();
+    assert!(matches!(e, EngineError::InvalidBatch(_)));
+    assert!(
+        e.to_string()
+            .contains("sequence 1, token 1: id 64 is outside the vocabulary of 64"),
+        "{e}"
+    );
+    let e = m
+        .forward(&PackedBatch::from_sequences(&[vec![1u32; 129]]).unwrap())
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("129 tokens") && e.to_string().contains("at most 128"),
+        "{e}"
+    );
+}
+
+#[test]
+fn sharded_folder_gives_the_same_outputs_as_one_file() {
+    let dir = good_folder();
+    let seqs = [vec![5u32, 9, 13, 2], vec![7]];
+    let one = Model::load(dir.path(), CpuBackend::with_threads(1).unwrap())
+        .unwrap()
+        .forward(&PackedBatch::from_sequences(&seqs).unwrap())
+        .unwrap();
+    // Split the tensors over two shards with an index, as transformers does for big models.
+    let bytes = std::fs::read(dir.path().join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut shards: [Vec<(String, safetensors::tensor::TensorView<'_>)>; 2] =
+        [Vec::new(), Vec::new()];
+    let mut weight_map = serde_json::Map::new();
+    for (i, (name, view)) in st.tensors().into_iter().enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", i % 2 + 1);
+        weight_map.insert(name.clone(), json!(file));
+        shards[i % 2].push((name, view));
+    }
+    for (i, shard) in shards.into_iter().enumerate() {
+        safetensors::serialize_to_file(
+            shard,
+            None,
+            &dir.path()
+                .join(format!("model-0000{}-of-00002.safetensors", i + 1)),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        json!({"weight_map": weight_map}).to_string(),
+    )
+    .unwrap();
+    std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+    let sharded = Model::load(dir.path(), CpuBackend::with_threads(1).unwrap())
+        .unwrap()
+        .forward(&PackedBatch::from_sequences(&seqs).unwrap())
+        .unwrap();
+    assert_eq!(one, sharded);
+}
