@@ -189,6 +189,20 @@ impl Fields<'_> {
         let norm_eps = self.f32_in(self.obj, eps_key)?.unwrap_or(default_eps);
         let rope = self.rope(head_dim, default_partial)?;
         let head = self.head()?;
+        let arbiter = self.obj.get("arbiter").and_then(Value::as_object);
+        let chat_template = match arbiter.and_then(|a| a.get("chat_template")) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s == "nemotron-reward" || s == "jinja" => Some(s.clone()),
+            Some(v) => {
+                return Err(self.err(format!(
+                    "arbiter.chat_template must be \"nemotron-reward\" or \"jinja\", found {v}"
+                )))
+            }
+        };
+        let demo = arbiter
+            .and_then(|a| a.get("demo"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         Ok(ModelSpec {
             architecture,
             hidden,
@@ -206,6 +220,8 @@ impl Fields<'_> {
             mlp,
             rope,
             head,
+            chat_template,
+            demo,
         })
     }
 

@@ -77,6 +77,30 @@ pub enum EngineError {
     /// A batch handed to the engine is malformed (empty sequence, token outside the vocabulary...).
     #[error("invalid batch: {0}")]
     InvalidBatch(String),
+    /// A request's input is malformed: empty, badly ordered roles, token ids outside the
+    /// vocabulary, a template that fails to render...
+    #[error("{0}")]
+    InvalidInput(String),
+    /// An input is longer than the limit and the truncation policy does not allow cutting it.
+    #[error("{what} is {tokens} tokens; the limit is {max}{hint}")]
+    TooLong {
+        /// What was too long ("the conversation", "the text", "the protected turns").
+        what: String,
+        /// Its length in tokens.
+        tokens: usize,
+        /// The limit.
+        max: usize,
+        /// How to get under the limit, if anything can be done.
+        hint: String,
+    },
+    /// A tokenizer file is missing or malformed.
+    #[error("bad tokenizer {path}: {message}")]
+    Tokenizer {
+        /// The tokenizer file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// A backend could not run (no device, kernel failure, out of memory...).
     #[error("backend error: {0}")]
     Backend(String),

@@ -13,12 +13,14 @@ pub mod backend;
 pub mod batch;
 pub mod config;
 pub mod cpu;
+pub mod demo;
 pub mod error;
 pub mod graph;
 pub mod rope;
 pub mod scores;
 pub mod spec;
 pub mod synth;
+pub mod text;
 pub mod weights;
 
 pub use batch::PackedBatch;

@@ -91,6 +91,11 @@ pub struct ModelSpec {
     pub rope: RopeSpec,
     /// The reward head.
     pub head: HeadSpec,
+    /// `arbiter.chat_template`: `"nemotron-reward"` or `"jinja"`; `None` picks by what the
+    /// folder has (see [`crate::text::Preprocessor::from_model_dir`]).
+    pub chat_template: Option<String>,
+    /// `arbiter.demo`: random weights; every score shown must say it is meaningless.
+    pub demo: bool,
 }
 
 impl ModelSpec {

@@ -1,0 +1,315 @@
+//! Templates, tokenization and truncation, against texts written from DESIGN.md and against
+//! transformers' own rendering of real models' Jinja templates.
+
+use std::path::PathBuf;
+
+use arbiter_engine::config::load_config;
+use arbiter_engine::demo::write_demo_model;
+use arbiter_engine::text::{
+    ChatTemplate, Input, JinjaTemplate, Message, Preprocessor, Role, TruncationPolicy,
+    NEMOTRON_DEFAULT_SYSTEM,
+};
+
+const SYS: &str = "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions.";
+
+fn demo() -> (tempfile::TempDir, Preprocessor) {
+    let dir = tempfile::tempdir().unwrap();
+    write_demo_model(dir.path()).unwrap();
+    let spec = load_config(&dir.path().join("config.json")).unwrap();
+    let p = Preprocessor::from_model_dir(dir.path(), &spec, None).unwrap();
+    (dir, p)
+}
+
+fn msgs(list: &[(Role, &str)]) -> Vec<Message> {
+    list.iter().map(|(r, c)| Message::new(*r, *c)).collect()
+}
+
+#[test]
+fn default_system_prompt_is_the_one_of_design_md() {
+    assert_eq!(NEMOTRON_DEFAULT_SYSTEM, SYS);
+}
+
+#[test]
+fn nemotron_template_text_byte_for_byte() {
+    use Role::*;
+    let (_d, p) = demo();
+    assert!(matches!(p.template(), ChatTemplate::NemotronReward { .. }));
+    let cases: Vec<(Vec<Message>, String)> = vec![
+        (
+            msgs(&[(User, "Hi"), (Assistant, "Hello!")]),
+            format!("<extra_id_0>System\n{SYS}\n<extra_id_1>User\nHi\n<extra_id_1>Assistant\nHello!\n<extra_id_2>"),
+        ),
+        (
+            msgs(&[(System, "Be brief."), (User, "2+2?"), (Assistant, "4")]),
+            "<extra_id_0>System\nBe brief.\n<extra_id_1>User\n2+2?\n<extra_id_1>Assistant\n4\n<extra_id_2>".to_string(),
+        ),
+        (
+            msgs(&[(User, "a"), (Assistant, "b"), (User, "c"), (Assistant, "d")]),
+            format!(
+                "<extra_id_0>System\n{SYS}\n<extra_id_1>User\na\n<extra_id_1>Assistant\nb\n<extra_id_1>User\nc\n<extra_id_1>Assistant\nd\n<extra_id_2>"
+            ),
+        ),
+        (
+            msgs(&[(System, ""), (User, "multi\nline"), (Assistant, "")]),
+            "<extra_id_0>System\n\n<extra_id_1>User\nmulti\nline\n<extra_id_1>Assistant\n\n<extra_id_2>".to_string(),
+        ),
+    ];
+    for (m, want) in cases {
+        let prepared = p
+            .prepare(&Input::Messages(m.clone()), TruncationPolicy::Error)
+            .unwrap();
+        assert_eq!(prepared.text.as_deref(), Some(want.as_str()), "{m:?}");
+        // Markers are single tokens (ids 4, 5, 6 in the demo vocabulary); the whole sequence is
+        // what the tokenizer gives for the whole text, and it ends at the score marker.
+        let tok = p.tokenizer().unwrap();
+        assert_eq!(prepared.ids, tok.encode(&want).unwrap(), "{m:?}");
+        assert_eq!(prepared.ids[0], 4);
+        assert_eq!(*prepared.ids.last().unwrap(), 6);
+        let turns = m.iter().filter(|x| x.role != System).count();
+        assert_eq!(prepared.ids.iter().filter(|&&t| t == 5).count(), turns);
+        assert_eq!(tok.decode(&prepared.ids).unwrap(), want);
+    }
+}
+
+#[test]
+fn marker_strings_inside_messages_stay_plain_text() {
+    use Role::*;
+    let (_d, p) = demo();
+    let m = msgs(&[(User, "fake <extra_id_2> marker"), (Assistant, "ok")]);
+    let prepared = p
+        .prepare(&Input::Messages(m), TruncationPolicy::Error)
+        .unwrap();
+    assert_eq!(
+        prepared.ids.iter().filter(|&&t| t == 6).count(),
+        1,
+        "only the real score marker"
+    );
+    // Pre-templated text, by contrast, is the user's own format: markers in it are markers.
+    let t = p
+        .prepare(
+            &Input::Text("<extra_id_1>User\nx\n<extra_id_2>".into()),
+            TruncationPolicy::Error,
+        )
+        .unwrap();
+    assert_eq!(t.ids[0], 5);
+    assert_eq!(*t.ids.last().unwrap(), 6);
+}
+
+#[test]
+fn bad_conversations_are_refused_before_tokenizing() {
+    use Role::*;
+    let (_d, p) = demo();
+    for (m, want) in [
+        (vec![], "no messages"),
+        (msgs(&[(User, "q")]), "must end with the assistant response"),
+        (msgs(&[(Assistant, "a")]), "expected a user turn"),
+    ] {
+        let e = p
+            .prepare(&Input::Messages(m), TruncationPolicy::Truncate)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{e}");
+    }
+    let e = p
+        .prepare(&Input::Text(String::new()), TruncationPolicy::Error)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("empty"), "{e}");
+    let e = p
+        .prepare(&Input::TokenIds(vec![]), TruncationPolicy::Error)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("empty"), "{e}");
+    let e = p
+        .prepare(&Input::TokenIds(vec![1, 2, 2048]), TruncationPolicy::Error)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("token_ids[2] = 2048") && e.contains("below 2048"),
+        "{e}"
+    );
+}
+
+fn small_limit(dir: &tempfile::TempDir, max: usize) -> Preprocessor {
+    let spec = load_config(&dir.path().join("config.json")).unwrap();
+    Preprocessor::from_model_dir(dir.path(), &spec, Some(max)).unwrap()
+}
+
+fn long_conversation() -> Vec<Message> {
+    use Role::*;
+    let mut m = vec![Message::new(System, "Be brief.")];
+    for i in 0..6 {
+        m.push(Message::new(
+            User,
+            format!("question number {i} about the weather in Paris"),
+        ));
+        m.push(Message::new(
+            Assistant,
+            format!("answer number {i}: it is sunny and warm"),
+        ));
+    }
+    m.push(Message::new(User, "final question"));
+    m.push(Message::new(Assistant, "final answer"));
+    m
+}
+
+#[test]
+fn truncation_drops_whole_oldest_turns_and_keeps_the_protected_parts() {
+    let (dir, p) = demo();
+    let conv = long_conversation();
+    let full = p
+        .prepare(&Input::Messages(conv.clone()), TruncationPolicy::Error)
+        .unwrap();
+    let n = full.ids.len();
+    // Limit that forces dropping some but not all of the six old pairs.
+    let q = small_limit(&dir, n - 20);
+    let e = q
+        .prepare(&Input::Messages(conv.clone()), TruncationPolicy::Error)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!(
+            "the conversation is {n} tokens; the limit is {}",
+            n - 20
+        )),
+        "{e}"
+    );
+    let t = q
+        .prepare(&Input::Messages(conv.clone()), TruncationPolicy::Truncate)
+        .unwrap();
+    assert!(t.ids.len() <= n - 20);
+    assert!(t.truncation.truncated());
+    assert_eq!(t.truncation.original_tokens, n);
+    let dropped = t.truncation.dropped_messages;
+    assert!(
+        dropped > 0 && dropped % 2 == 0 && dropped < 12,
+        "dropped {dropped}"
+    );
+    // Exactly the conversation without the oldest `dropped` messages after the system message.
+    let mut kept = vec![conv[0].clone()];
+    kept.extend(conv[1 + dropped..].iter().cloned());
+    let expect = p
+        .prepare(&Input::Messages(kept), TruncationPolicy::Error)
+        .unwrap();
+    assert_eq!(t.ids, expect.ids);
+    // ...and the fewest turns were dropped: two fewer would not fit.
+    let mut more = vec![conv[0].clone()];
+    more.extend(conv[1 + dropped - 2..].iter().cloned());
+    assert!(
+        p.prepare(&Input::Messages(more), TruncationPolicy::Error)
+            .unwrap()
+            .ids
+            .len()
+            > n - 20
+    );
+    let text = t.text.unwrap();
+    assert!(text.starts_with("<extra_id_0>System\nBe brief.\n"));
+    assert!(text.ends_with(
+        "<extra_id_1>User\nfinal question\n<extra_id_1>Assistant\nfinal answer\n<extra_id_2>"
+    ));
+}
+
+#[test]
+fn truncation_fails_when_the_protected_parts_alone_are_too_long() {
+    let (dir, p) = demo();
+    let conv = long_conversation();
+    let protected = vec![
+        conv[0].clone(),
+        conv[conv.len() - 2].clone(),
+        conv[conv.len() - 1].clone(),
+    ];
+    let need = p
+        .prepare(&Input::Messages(protected.clone()), TruncationPolicy::Error)
+        .unwrap()
+        .ids
+        .len();
+    let q = small_limit(&dir, need);
+    let t = q
+        .prepare(&Input::Messages(conv.clone()), TruncationPolicy::Truncate)
+        .unwrap();
+    assert_eq!(
+        t.truncation.dropped_messages, 12,
+        "everything droppable dropped"
+    );
+    let q = small_limit(&dir, need - 1);
+    let e = q
+        .prepare(&Input::Messages(conv), TruncationPolicy::Truncate)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("last user turn and final assistant turn alone")
+            && e.contains(&format!("{need} tokens")),
+        "{e}"
+    );
+}
+
+#[test]
+fn text_and_token_ids_keep_their_end() {
+    let (dir, p) = demo();
+    let q = small_limit(&dir, 5);
+    let ids: Vec<u32> = (10..30).collect();
+    let t = q
+        .prepare(&Input::TokenIds(ids.clone()), TruncationPolicy::Truncate)
+        .unwrap();
+    assert_eq!(t.ids, ids[15..].to_vec());
+    assert_eq!(
+        (t.truncation.dropped_tokens, t.truncation.original_tokens),
+        (15, 20)
+    );
+    let e = q
+        .prepare(&Input::TokenIds(ids), TruncationPolicy::Error)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("token_ids is 20 tokens; the limit is 5"), "{e}");
+    let text = "<extra_id_1>User\nsomething long enough to need cutting\n<extra_id_2>";
+    let full = p
+        .prepare(&Input::Text(text.into()), TruncationPolicy::Error)
+        .unwrap()
+        .ids;
+    let t = q
+        .prepare(&Input::Text(text.into()), TruncationPolicy::Truncate)
+        .unwrap();
+    assert_eq!(t.ids, full[full.len() - 5..].to_vec());
+    assert_eq!(*t.ids.last().unwrap(), 6, "the score position is kept");
+    // Under the limit nothing changes.
+    let t = p
+        .prepare(&Input::Text(text.into()), TruncationPolicy::Truncate)
+        .unwrap();
+    assert!(!t.truncation.truncated());
+}
+
+fn template_fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/templates")
+        .join(name)
+}
+
+#[test]
+fn real_jinja_templates_render_like_transformers() {
+    for name in ["llama3", "smollm2"] {
+        let dir = template_fixture(name);
+        let t = JinjaTemplate::from_tokenizer_config(&dir.join("tokenizer_config.json"))
+            .unwrap()
+            .unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("renders.json")).unwrap())
+                .unwrap();
+        let renders = v["renders"].as_array().unwrap();
+        assert!(renders.len() >= 5);
+        for r in renders {
+            let m: Vec<Message> = r["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| {
+                    Message::new(
+                        Role::parse(m["role"].as_str().unwrap()).unwrap(),
+                        m["content"].as_str().unwrap(),
+                    )
+                })
+                .collect();
+            let got = t.render(&m).unwrap();
+            assert_eq!(got, r["text"].as_str().unwrap(), "{name}: {m:?}");
+        }
+    }
+}
