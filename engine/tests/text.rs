@@ -182,7 +182,7 @@ fn truncation_drops_whole_oldest_turns_and_keeps_the_protected_parts() {
     assert_eq!(t.truncation.original_tokens, n);
     let dropped = t.truncation.dropped_messages;
     assert!(
-        dropped > 0 && dropped % 2 == 0 && dropped < 12,
+        dropped > 0 && dropped.is_multiple_of(2) && dropped < 12,
         "dropped {dropped}"
     );
     // Exactly the conversation without the oldest `dropped` messages after the system message.
