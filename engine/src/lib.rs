@@ -17,6 +17,7 @@ pub mod demo;
 pub mod error;
 pub mod graph;
 pub mod rope;
+pub mod runtime;
 pub mod scores;
 pub mod spec;
 pub mod synth;

@@ -1,0 +1,144 @@
+//! A loaded model as the service and the CLI use it: the engine behind a trait object (so the
+//! backend is chosen at run time), the preprocessor, and the model's fingerprint.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use sha2::{Digest, Sha256};
+
+use crate::backend::Backend;
+use crate::batch::PackedBatch;
+use crate::config::load_config;
+use crate::cpu::CpuBackend;
+use crate::error::{EngineError, Result};
+use crate::graph::Model;
+use crate::scores::{RewardWeights, Score};
+use crate::spec::ModelSpec;
+use crate::text::{Prepared, Preprocessor};
+use crate::weights::WeightStore;
+
+/// A model that scores packed batches, whatever backend it runs on.
+pub trait Engine: Send + Sync {
+    /// The model's spec.
+    fn spec(&self) -> &ModelSpec;
+    /// Raw head outputs at each sequence's last token.
+    fn forward(&self, batch: &PackedBatch) -> Result<Vec<Vec<f32>>>;
+    /// The backend's name ("cpu", ...).
+    fn backend_name(&self) -> String;
+}
+
+impl<B: Backend> Engine for Model<B> {
+    fn spec(&self) -> &ModelSpec {
+        Model::spec(self)
+    }
+    fn forward(&self, batch: &PackedBatch) -> Result<Vec<Vec<f32>>> {
+        Model::forward(self, batch)
+    }
+    fn backend_name(&self) -> String {
+        self.backend().name()
+    }
+}
+
+/// How to load a model.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// CPU threads (0: one per core).
+    pub threads: usize,
+    /// Cap on input length below the model's own maximum.
+    pub max_input_tokens: Option<usize>,
+}
+
+/// Everything needed to score inputs for one model.
+#[derive(Clone)]
+pub struct LoadedModel {
+    /// The engine.
+    pub engine: Arc<dyn Engine>,
+    /// Input preparation for this model.
+    pub preprocessor: Arc<Preprocessor>,
+    /// Hex SHA-256 (first 16 bytes) of config.json and the weights index (names, dtypes, shapes).
+    pub fingerprint: String,
+    /// The model folder.
+    pub dir: PathBuf,
+    /// Seconds it took to load.
+    pub load_seconds: f64,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel")
+            .field("dir", &self.dir)
+            .field("fingerprint", &self.fingerprint)
+            .finish()
+    }
+}
+
+impl LoadedModel {
+    /// Loads the model folder `dir` on the CPU backend.
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let t = Instant::now();
+        if !dir.is_dir() {
+            return Err(EngineError::MissingFile {
+                path: dir.to_path_buf(),
+                why: "the model folder does not exist".into(),
+            });
+        }
+        let spec = load_config(&dir.join("config.json"))?;
+        let store = WeightStore::open(dir)?;
+        let fingerprint = fingerprint(dir, &store)?;
+        let preprocessor = Preprocessor::from_model_dir(dir, &spec, opts.max_input_tokens)?;
+        let model = Model::from_store(spec, &store, CpuBackend::with_threads(opts.threads)?)?;
+        Ok(LoadedModel {
+            engine: Arc::new(model),
+            preprocessor: Arc::new(preprocessor),
+            fingerprint,
+            dir: dir.to_path_buf(),
+            load_seconds: t.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// The model's spec.
+    pub fn spec(&self) -> &ModelSpec {
+        self.engine.spec()
+    }
+
+    /// Scores prepared inputs in one packed batch; `weights[i]` combines item `i`'s attributes.
+    pub fn score(&self, items: &[&Prepared], weights: &[&RewardWeights]) -> Result<Vec<Score>> {
+        let batch = PackedBatch::from_sequences(
+            &items.iter().map(|p| p.ids.as_slice()).collect::<Vec<_>>(),
+        )?;
+        let raw = self.engine.forward(&batch)?;
+        let head = &self.spec().head;
+        Ok(raw
+            .into_iter()
+            .zip(weights)
+            .map(|(r, w)| Score::from_raw(head, r, w))
+            .collect())
+    }
+}
+
+/// Fingerprint of a model: config.json's bytes and every tensor's name, dtype and shape, plus
+/// the tokenizer and template files when present (they change scores as much as weights do).
+pub fn fingerprint(dir: &Path, store: &WeightStore) -> Result<String> {
+    let mut h = Sha256::new();
+    for file in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        let path = dir.join(file);
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                h.update(file.as_bytes());
+                h.update((bytes.len() as u64).to_le_bytes());
+                h.update(&bytes);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(EngineError::Io { path, source: e }),
+        }
+    }
+    for name in store.names() {
+        let t = store.get(name)?;
+        h.update(format!("{name}:{:?}:{:?};", t.dtype, t.shape).as_bytes());
+    }
+    Ok(h.finalize()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}

@@ -1,0 +1,233 @@
+//! `arbiter`: score JSON lines with a reward model, or write the demo model.
+
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use arbiter_engine::demo::{write_demo_model, DEMO_WARNING};
+use arbiter_engine::runtime::LoadedModel;
+use arbiter_engine::text::{Prepared, TruncationPolicy};
+use arbiter_engine::{EngineError, RewardWeights};
+use arbiter_server::jsonl::{error_json, item_weights, parse_item, result_json};
+use arbiter_server::model_args::ModelArgs;
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+
+#[derive(Parser)]
+#[command(
+    name = "arbiter",
+    version,
+    about = "Reward-model scoring: Nemotron-4-340B-Reward and Llama-family reward models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Score a JSON-lines file: one result line per input line, in order.
+    Score(ScoreArgs),
+    /// Write the demo model (random weights, real tokenizer) to a folder.
+    DemoModel {
+        /// Folder to write (created if needed).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Flags of `arbiter score`.
+#[derive(clap::Args)]
+struct ScoreArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Input file, one JSON object per line with `messages`, `text` or `token_ids` ("-": standard input).
+    #[arg(long)]
+    input: PathBuf,
+    /// Output file (default: standard output).
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Truncation policy for lines that do not set one: "error" or "truncate".
+    #[arg(long, env = "ARBITER_TRUNCATION", default_value = "error")]
+    truncation: TruncationPolicy,
+    /// Tokens per packed batch.
+    #[arg(long, env = "ARBITER_MAX_BATCH_TOKENS", default_value_t = 8192)]
+    batch_tokens: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Score(args) => score(args),
+        Command::DemoModel { out } => write_demo_model(&out)
+            .map(|()| {
+                eprintln!("wrote the demo model to {} ({DEMO_WARNING})", out.display());
+                ExitCode::SUCCESS
+            })
+            .with_context(|| format!("writing the demo model to {}", out.display())),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("arbiter: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// A line waiting for its batch: prepared, or already failed.
+struct Pending {
+    line: usize,
+    id: Option<Value>,
+    item: Result<(Prepared, RewardWeights), EngineError>,
+}
+
+fn score(args: ScoreArgs) -> Result<ExitCode> {
+    let model = args.model.load().context("loading the model")?;
+    let demo = model.spec().demo;
+    eprintln!(
+        "arbiter: model {} (fingerprint {}, {} backend) loaded in {:.2}s",
+        model.dir.display(),
+        model.fingerprint,
+        model.engine.backend_name(),
+        model.load_seconds
+    );
+    if demo {
+        eprintln!("arbiter: warning: {DEMO_WARNING}");
+    }
+    let reader: Box<dyn BufRead> = if args.input.as_os_str() == "-" {
+        Box::new(BufReader::new(std::io::stdin()))
+    } else {
+        let f = std::fs::File::open(&args.input)
+            .with_context(|| format!("opening {}", args.input.display()))?;
+        Box::new(BufReader::new(f))
+    };
+    let mut out: Box<dyn Write> = match &args.output {
+        Some(p) => Box::new(BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        )),
+        None => Box::new(BufWriter::new(std::io::stdout().lock())),
+    };
+    let bar = indicatif::ProgressBar::new_spinner().with_message("scoring");
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {pos} lines scored, {per_sec}, {elapsed} {msg}",
+        )
+        .expect("a valid template"),
+    );
+
+    let head = model.spec().head.clone();
+    let (mut pending, mut batch_tokens) = (Vec::<Pending>::new(), 0usize);
+    let (mut scored, mut failed) = (0usize, 0usize);
+    for (n, line) in reader.lines().enumerate() {
+        let line_no = n + 1;
+        let line =
+            line.with_context(|| format!("reading line {line_no} of {}", args.input.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let (id, item) = match parse_item(&line) {
+            Ok(item) => {
+                let prepared = model
+                    .preprocessor
+                    .prepare(&item.input, item.truncation.unwrap_or(args.truncation))
+                    .and_then(|p| Ok((p, item_weights(&head, &item)?)));
+                (item.id, prepared)
+            }
+            Err(e) => (None, Err(e)),
+        };
+        let tokens = item.as_ref().map_or(0, |(p, _)| p.ids.len());
+        if batch_tokens + tokens > args.batch_tokens && batch_tokens > 0 {
+            flush(
+                &model,
+                &mut pending,
+                &mut out,
+                demo,
+                &mut scored,
+                &mut failed,
+            )?;
+            bar.set_position(scored as u64);
+            batch_tokens = 0;
+        }
+        batch_tokens += tokens;
+        pending.push(Pending {
+            line: line_no,
+            id,
+            item,
+        });
+    }
+    flush(
+        &model,
+        &mut pending,
+        &mut out,
+        demo,
+        &mut scored,
+        &mut failed,
+    )?;
+    out.flush().context("writing results")?;
+    bar.finish_and_clear();
+    eprintln!("arbiter: {scored} lines scored, {failed} failed");
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Scores the pending lines as one packed batch and writes every line's result in order.
+fn flush(
+    model: &LoadedModel,
+    pending: &mut Vec<Pending>,
+    out: &mut dyn Write,
+    demo: bool,
+    scored: &mut usize,
+    failed: &mut usize,
+) -> Result<()> {
+    let ok: Vec<&(Prepared, RewardWeights)> = pending
+        .iter()
+        .filter_map(|p| p.item.as_ref().ok())
+        .collect();
+    let scores = if ok.is_empty() {
+        Ok(Vec::new())
+    } else {
+        model.score(
+            &ok.iter().map(|(p, _)| p).collect::<Vec<_>>(),
+            &ok.iter().map(|(_, w)| w).collect::<Vec<_>>(),
+        )
+    };
+    let mut scores = match scores {
+        Ok(s) => s.into_iter(),
+        Err(e) => {
+            // The batch failed as a whole: every line in it gets the error, the file goes on.
+            let msg = e.to_string();
+            for p in pending.iter_mut() {
+                if p.item.is_ok() {
+                    p.item = Err(EngineError::Backend(msg.clone()));
+                }
+            }
+            Vec::new().into_iter()
+        }
+    };
+    for p in pending.drain(..) {
+        let v = match &p.item {
+            Ok((prepared, _)) => {
+                *scored += 1;
+                result_json(
+                    p.line,
+                    p.id.as_ref(),
+                    prepared,
+                    &scores.next().expect("one score per prepared item"),
+                    demo,
+                )
+            }
+            Err(e) => {
+                *failed += 1;
+                eprintln!("arbiter: line {}: {e}", p.line);
+                error_json(p.line, p.id.as_ref(), e)
+            }
+        };
+        writeln!(out, "{v}").context("writing results")?;
+    }
+    Ok(())
+}
