@@ -1,4 +1,4 @@
-//! `arbiter`: score JSON lines with a reward model, or write the demo model.
+//! `arbiter`: serve a reward model over gRPC, score JSON lines, or write the demo model.
 
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::PathBuf;
@@ -11,7 +11,8 @@ use arbiter_engine::text::{Prepared, TruncationPolicy};
 use arbiter_engine::{EngineError, RewardWeights};
 use arbiter_server::jsonl::{error_json, item_weights, parse_item, result_json};
 use arbiter_server::model_args::ModelArgs;
-use clap::{Parser, Subcommand};
+use arbiter_server::serve::{start, ServeArgs};
+use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::Value;
 
 #[derive(Parser)]
@@ -27,6 +28,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the model over gRPC (health, reflection, Prometheus metrics on their own port).
+    Serve {
+        #[command(flatten)]
+        args: Box<ServeArgs>,
+        /// Log format: "text" or "json".
+        #[arg(long, env = "ARBITER_LOG_FORMAT", default_value = "text")]
+        log_format: LogFormat,
+    },
     /// Score a JSON-lines file: one result line per input line, in order.
     Score(ScoreArgs),
     /// Write the demo model (random weights, real tokenizer) to a folder.
@@ -56,9 +65,16 @@ struct ScoreArgs {
     batch_tokens: usize,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Serve { args, log_format } => serve(*args, log_format),
         Command::Score(args) => score(args),
         Command::DemoModel { out } => write_demo_model(&out)
             .map(|()| {
@@ -74,6 +90,53 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn serve(args: ServeArgs, log_format: LogFormat) -> Result<ExitCode> {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    match log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("arbiter-grpc")
+        .build()?;
+    let result = runtime.block_on(async move {
+        let running = start(args).await?;
+        let stop = running.stop_handle();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("signal received: shutting down gracefully");
+            stop.stop();
+        });
+        running.wait().await
+    });
+    // A warm-up interrupted by the signal may still be computing: do not wait for it.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c().await.ok();
 }
 
 /// A line waiting for its batch: prepared, or already failed.

@@ -1,0 +1,327 @@
+//! The token-budget batcher: a bounded queue of prepared items and one engine thread that packs
+//! them into batches by a token budget and a request cap.
+//!
+//! The engine thread takes whatever is waiting when it becomes free (continuous batching), so
+//! the next batch accumulates while the current one computes. Items whose client went away or
+//! whose deadline passed are dropped before compute and counted. A failing batch fails only its
+//! own items; a panic inside the engine is caught and reported as INTERNAL.
+
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use arbiter_engine::runtime::Engine;
+use arbiter_engine::PackedBatch;
+use metrics::{counter, gauge, histogram};
+use tokio::sync::oneshot;
+
+use crate::error::ServiceError;
+use crate::metrics as m;
+
+/// Batching limits.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchConfig {
+    /// Token budget of one batch (an item longer than this runs alone).
+    pub max_batch_tokens: usize,
+    /// Sequences in one batch.
+    pub max_batch_requests: usize,
+    /// Items waiting before new work is refused.
+    pub queue_capacity: usize,
+}
+
+/// What the engine computed for one item.
+#[derive(Debug, Clone)]
+pub struct ItemOutput {
+    /// Raw head outputs at the last token.
+    pub raw: Vec<f32>,
+    /// Time spent in the queue.
+    pub queue: Duration,
+    /// Forward time of the batch that held it.
+    pub inference: Duration,
+}
+
+/// One sequence waiting to be scored.
+#[derive(Debug)]
+pub struct WorkItem {
+    /// Token ids (validated).
+    pub ids: Vec<u32>,
+    /// Where the result goes; a closed receiver means the client went away.
+    pub reply: oneshot::Sender<Result<ItemOutput, ServiceError>>,
+    /// When the request's deadline passes, if it has one.
+    pub deadline: Option<Instant>,
+    enqueued: Instant,
+}
+
+impl WorkItem {
+    /// A work item and the receiver of its result.
+    pub fn new(
+        ids: Vec<u32>,
+        deadline: Option<Instant>,
+    ) -> (Self, oneshot::Receiver<Result<ItemOutput, ServiceError>>) {
+        let (tx, rx) = oneshot::channel();
+        (
+            WorkItem {
+                ids,
+                reply: tx,
+                deadline,
+                enqueued: Instant::now(),
+            },
+            rx,
+        )
+    }
+}
+
+struct State {
+    items: VecDeque<WorkItem>,
+    closed: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+    cfg: BatchConfig,
+}
+
+/// Handle to the queue and its engine thread.
+pub struct Batcher {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Batcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batcher")
+            .field("cfg", &self.shared.cfg)
+            .finish()
+    }
+}
+
+impl Batcher {
+    /// Starts the engine thread.
+    pub fn start(engine: Arc<dyn Engine>, cfg: BatchConfig) -> Self {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                items: VecDeque::new(),
+                closed: false,
+            }),
+            wake: Condvar::new(),
+            cfg,
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("arbiter-engine".into())
+            .spawn(move || engine_loop(&s, engine.as_ref()))
+            .expect("spawning the engine thread");
+        Batcher {
+            shared,
+            thread: Mutex::new(Some(thread)),
+        }
+    }
+
+    /// The limits in force.
+    pub fn config(&self) -> BatchConfig {
+        self.shared.cfg
+    }
+
+    /// Enqueues all items or none: when they do not all fit, the request is refused with
+    /// RESOURCE_EXHAUSTED and nothing of it is computed.
+    pub fn submit(&self, items: Vec<WorkItem>) -> Result<(), ServiceError> {
+        let mut st = self.shared.state.lock().expect("batcher lock");
+        if st.closed {
+            return Err(ServiceError::Unavailable(
+                "the server is shutting down".into(),
+            ));
+        }
+        let depth = st.items.len();
+        if depth + items.len() > self.shared.cfg.queue_capacity {
+            return Err(ServiceError::QueueFull {
+                depth,
+                capacity: self.shared.cfg.queue_capacity,
+            });
+        }
+        st.items.extend(items);
+        gauge!(m::QUEUE_DEPTH).set(st.items.len() as f64);
+        drop(st);
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+
+    /// Items waiting.
+    pub fn depth(&self) -> usize {
+        self.shared.state.lock().expect("batcher lock").items.len()
+    }
+
+    /// Refuses new work, lets the engine thread finish what is queued, and waits for it.
+    pub fn shutdown(&self) {
+        self.shared.state.lock().expect("batcher lock").closed = true;
+        self.shared.wake.notify_all();
+        if let Some(t) = self.thread.lock().expect("thread lock").take() {
+            t.join().ok();
+        }
+    }
+}
+
+impl Drop for Batcher {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn engine_loop(shared: &Shared, engine: &dyn Engine) {
+    loop {
+        let batch = {
+            let mut st = shared.state.lock().expect("batcher lock");
+            while st.items.is_empty() && !st.closed {
+                st = shared.wake.wait(st).expect("batcher lock");
+            }
+            if st.items.is_empty() {
+                return; // closed and drained
+            }
+            let batch = take_batch(&mut st.items, &shared.cfg);
+            gauge!(m::QUEUE_DEPTH).set(st.items.len() as f64);
+            batch
+        };
+        if !batch.is_empty() {
+            run_batch(engine, batch);
+        }
+    }
+}
+
+/// Pops the next batch: items in arrival order while the token budget and request cap allow
+/// (always at least one), skipping items nobody waits for anymore.
+fn take_batch(queue: &mut VecDeque<WorkItem>, cfg: &BatchConfig) -> Vec<WorkItem> {
+    let now = Instant::now();
+    let (mut batch, mut tokens) = (Vec::new(), 0usize);
+    while let Some(front) = queue.front() {
+        if front.reply.is_closed() {
+            queue.pop_front();
+            counter!(m::DROPPED, "reason" => "cancelled").increment(1);
+            continue;
+        }
+        if front.deadline.is_some_and(|d| d <= now) {
+            let item = queue.pop_front().expect("front exists");
+            counter!(m::DROPPED, "reason" => "deadline").increment(1);
+            item.reply.send(Err(ServiceError::DeadlineExceeded)).ok();
+            continue;
+        }
+        let n = front.ids.len();
+        if !batch.is_empty()
+            && (tokens + n > cfg.max_batch_tokens || batch.len() >= cfg.max_batch_requests)
+        {
+            break;
+        }
+        tokens += n;
+        batch.push(queue.pop_front().expect("front exists"));
+    }
+    batch
+}
+
+fn run_batch(engine: &dyn Engine, batch: Vec<WorkItem>) {
+    let start = Instant::now();
+    let tokens: usize = batch.iter().map(|w| w.ids.len()).sum();
+    let packed =
+        PackedBatch::from_sequences(&batch.iter().map(|w| w.ids.as_slice()).collect::<Vec<_>>());
+    let result = packed.map_err(ServiceError::from).and_then(|p| {
+        match catch_unwind(AssertUnwindSafe(|| engine.forward(&p))) {
+            Ok(r) => r.map_err(ServiceError::from),
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                Err(ServiceError::Internal(format!(
+                    "the engine panicked on this batch: {what}"
+                )))
+            }
+        }
+    });
+    let inference = start.elapsed();
+    histogram!(m::INFERENCE_SECONDS).record(inference.as_secs_f64());
+    histogram!(m::BATCH_SIZE).record(batch.len() as f64);
+    histogram!(m::BATCH_TOKENS).record(tokens as f64);
+    match result {
+        Ok(raws) => {
+            counter!(m::ITEMS).increment(batch.len() as u64);
+            counter!(m::TOKENS).increment(tokens as u64);
+            for (w, raw) in batch.into_iter().zip(raws) {
+                let queue = start.saturating_duration_since(w.enqueued);
+                histogram!(m::QUEUE_SECONDS).record(queue.as_secs_f64());
+                w.reply
+                    .send(Ok(ItemOutput {
+                        raw,
+                        queue,
+                        inference,
+                    }))
+                    .ok();
+            }
+        }
+        Err(e) => {
+            tracing::error!(sequences = batch.len(), tokens, error = %e, "batch failed");
+            counter!(m::BATCH_FAILURES, "code" => crate::error::code_name(e.code())).increment(1);
+            for w in batch {
+                w.reply.send(Err(e.clone())).ok();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(n: usize) -> WorkItem {
+        WorkItem::new(vec![1; n], None).0
+    }
+
+    #[test]
+    fn batches_respect_the_token_budget_and_request_cap_but_always_take_one() {
+        let cfg = BatchConfig {
+            max_batch_tokens: 10,
+            max_batch_requests: 3,
+            queue_capacity: 100,
+        };
+        let (mut q, mut rxs) = (VecDeque::new(), Vec::new());
+        for n in [4, 4, 4, 20, 1, 1, 1, 1] {
+            let (w, rx) = WorkItem::new(vec![1; n], None);
+            q.push_back(w);
+            rxs.push(rx);
+        }
+        let sizes = |b: Vec<WorkItem>| b.iter().map(|w| w.ids.len()).collect::<Vec<_>>();
+        assert_eq!(sizes(take_batch(&mut q, &cfg)), [4, 4]);
+        assert_eq!(sizes(take_batch(&mut q, &cfg)), [4]);
+        assert_eq!(
+            sizes(take_batch(&mut q, &cfg)),
+            [20],
+            "an oversized item runs alone"
+        );
+        assert_eq!(sizes(take_batch(&mut q, &cfg)), [1, 1, 1], "request cap");
+        assert_eq!(sizes(take_batch(&mut q, &cfg)), [1]);
+    }
+
+    #[test]
+    fn cancelled_and_expired_items_are_dropped_before_compute() {
+        let cfg = BatchConfig {
+            max_batch_tokens: 100,
+            max_batch_requests: 100,
+            queue_capacity: 100,
+        };
+        let mut q = VecDeque::new();
+        let (gone, rx_gone) = WorkItem::new(vec![1], None);
+        drop(rx_gone);
+        let (late, rx_late) =
+            WorkItem::new(vec![2], Some(Instant::now() - Duration::from_millis(1)));
+        q.push_back(gone);
+        q.push_back(late);
+        q.push_back(item(3));
+        let b = take_batch(&mut q, &cfg);
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0].ids.len(), 3);
+        assert_eq!(
+            rx_late.blocking_recv().unwrap().unwrap_err(),
+            ServiceError::DeadlineExceeded
+        );
+    }
+}

@@ -1,0 +1,140 @@
+//! The service's errors, and the one place where they become gRPC status codes.
+
+use arbiter_engine::EngineError;
+use tonic::{Code, Status};
+
+/// Why a request (or one item of it) was not answered with a score.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ServiceError {
+    /// The request is malformed; the message names the item and the problem.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The queue cannot take the request's items now; retry later.
+    #[error("the queue is full ({depth} items waiting, capacity {capacity}); retry with backoff")]
+    QueueFull {
+        /// Items waiting.
+        depth: usize,
+        /// Queue capacity.
+        capacity: usize,
+    },
+    /// The batch ran out of memory or another resource.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// The server is loading, warming up or draining.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The bearer token is missing or wrong.
+    #[error("missing or wrong bearer token")]
+    Unauthenticated,
+    /// The request's deadline passed before it was computed.
+    #[error("the deadline passed while the request waited in the queue")]
+    DeadlineExceeded,
+    /// The client went away.
+    #[error("the client cancelled the request")]
+    Cancelled,
+    /// A bug or a backend failure; other requests are unaffected.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ServiceError {
+    /// The gRPC status code of this error.
+    pub fn code(&self) -> Code {
+        match self {
+            ServiceError::InvalidArgument(_) => Code::InvalidArgument,
+            ServiceError::QueueFull { .. } | ServiceError::ResourceExhausted(_) => {
+                Code::ResourceExhausted
+            }
+            ServiceError::Unavailable(_) => Code::Unavailable,
+            ServiceError::Unauthenticated => Code::Unauthenticated,
+            ServiceError::DeadlineExceeded => Code::DeadlineExceeded,
+            ServiceError::Cancelled => Code::Cancelled,
+            ServiceError::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// Prefixes the message with where in the request the problem is (`items[3]`).
+    pub fn at(self, place: impl std::fmt::Display) -> Self {
+        match self {
+            ServiceError::InvalidArgument(m) => {
+                ServiceError::InvalidArgument(format!("{place}: {m}"))
+            }
+            other => other,
+        }
+    }
+}
+
+impl From<ServiceError> for Status {
+    fn from(e: ServiceError) -> Status {
+        Status::new(e.code(), e.to_string())
+    }
+}
+
+impl From<EngineError> for ServiceError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::InvalidInput(_)
+            | EngineError::TooLong { .. }
+            | EngineError::InvalidBatch(_) => ServiceError::InvalidArgument(e.to_string()),
+            EngineError::Backend(m) if m.contains("out of memory") => {
+                ServiceError::ResourceExhausted(format!(
+                    "the batch ran out of memory: {m}; smaller batches may fit"
+                ))
+            }
+            other => ServiceError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// The status code name as Prometheus labels and logs spell it ("OK", "INVALID_ARGUMENT", ...).
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_errors_map_to_codes() {
+        let e: ServiceError = EngineError::InvalidInput("bad".into()).into();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        let e: ServiceError = EngineError::Backend("CUDA out of memory".into()).into();
+        assert_eq!(e.code(), Code::ResourceExhausted);
+        let e: ServiceError = EngineError::Backend("kernel failed".into()).into();
+        assert_eq!(e.code(), Code::Internal);
+        assert_eq!(
+            ServiceError::QueueFull {
+                depth: 1,
+                capacity: 1
+            }
+            .code(),
+            Code::ResourceExhausted
+        );
+        let s: Status = ServiceError::InvalidArgument("x".into())
+            .at("items[2]")
+            .into();
+        assert_eq!(
+            (s.code(), s.message()),
+            (Code::InvalidArgument, "items[2]: x")
+        );
+    }
+}

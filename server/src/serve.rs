@@ -1,0 +1,320 @@
+//! `arbiter serve`: flags, start-up (listen first, then load and warm up), and graceful shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arbiter_engine::text::TruncationPolicy;
+use arbiter_engine::PackedBatch;
+use arbiter_proto::v1::reward_service_server::RewardServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic_health::ServingStatus;
+
+use crate::auth::BearerAuth;
+use crate::batcher::{BatchConfig, Batcher};
+use crate::metrics as m;
+use crate::model_args::ModelArgs;
+use crate::service::{Lifecycle, Ready, RequestLimits, Service};
+
+/// Flags of `arbiter serve`; each also reads an environment variable.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Which model to serve.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// gRPC listen address.
+    #[arg(long, env = "ARBITER_LISTEN", default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+    /// Prometheus /metrics listen address ("none" to disable).
+    #[arg(long, env = "ARBITER_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    pub metrics_listen: String,
+    /// Token budget of one packed batch.
+    #[arg(long, env = "ARBITER_MAX_BATCH_TOKENS", default_value_t = 8192)]
+    pub max_batch_tokens: usize,
+    /// Sequences in one packed batch.
+    #[arg(long, env = "ARBITER_MAX_BATCH_REQUESTS", default_value_t = 256)]
+    pub max_batch_requests: usize,
+    /// Items waiting for a batch before new work gets RESOURCE_EXHAUSTED.
+    #[arg(long, env = "ARBITER_QUEUE_CAPACITY", default_value_t = 4096)]
+    pub queue_capacity: usize,
+    /// Items per Score request and candidates per Rank request.
+    #[arg(long, env = "ARBITER_MAX_ITEMS_PER_REQUEST", default_value_t = 1024)]
+    pub max_items_per_request: usize,
+    /// Truncation policy when a request leaves it unspecified: "error" or "truncate".
+    #[arg(long, env = "ARBITER_TRUNCATION", default_value = "error")]
+    pub truncation: TruncationPolicy,
+    /// Threads that template and tokenize requests.
+    #[arg(long, env = "ARBITER_TOKENIZATION_WORKERS", default_value_t = 2)]
+    pub tokenization_workers: usize,
+    /// Largest gRPC message in bytes, both directions (tonic's 4 MB default is too small for batches).
+    #[arg(long, env = "ARBITER_MAX_MESSAGE_BYTES", default_value_t = 64 << 20)]
+    pub max_message_bytes: usize,
+    /// Require `authorization: Bearer <token>` on the reward service (health and metrics stay open).
+    #[arg(long, env = "ARBITER_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+    /// TLS certificate chain (PEM); with --tls-key, serves gRPC over TLS.
+    #[arg(long, env = "ARBITER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "ARBITER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Seconds to finish accepted requests after SIGTERM/SIGINT before exiting anyway.
+    #[arg(long, env = "ARBITER_SHUTDOWN_GRACE_SECONDS", default_value_t = 30.0)]
+    pub shutdown_grace_seconds: f64,
+    /// Skip the warm-up batch (it checks that --max-batch-tokens fits before reporting SERVING).
+    #[arg(long, env = "ARBITER_NO_WARMUP")]
+    pub no_warmup: bool,
+}
+
+/// Name under which the health service reports the reward service.
+pub const SERVICE_NAME: &str = "arbiter.v1.RewardService";
+
+/// A started server: where it listens, and how to stop it.
+pub struct Running {
+    /// The bound gRPC address (useful with port 0).
+    pub addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    done: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Starts a graceful shutdown of a [`Running`] server from anywhere.
+#[derive(Clone)]
+pub struct StopHandle(watch::Sender<bool>);
+
+impl StopHandle {
+    /// Starts a graceful shutdown, as SIGTERM does.
+    pub fn stop(&self) {
+        self.0.send(true).ok();
+    }
+}
+
+impl Running {
+    /// Starts a graceful shutdown, as SIGTERM does.
+    pub fn stop(&self) {
+        self.stop.send(true).ok();
+    }
+
+    /// A handle that can stop the server after `self` moved into [`Running::wait`].
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle(self.stop.clone())
+    }
+
+    /// Waits for the server to finish (after a stop, or a failed start).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.done.await?
+    }
+}
+
+/// Binds, then loads and warms up the model in the background; health says NOT_SERVING until
+/// the model is ready, SERVING after, NOT_SERVING again once draining starts.
+pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
+    use anyhow::Context;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    if args.metrics_listen != "none" {
+        let maddr: SocketAddr = args
+            .metrics_listen
+            .parse()
+            .with_context(|| format!("--metrics-listen {:?}", args.metrics_listen))?;
+        m::install(maddr).map_err(anyhow::Error::msg)?;
+        tracing::info!(%maddr, "metrics on /metrics");
+    }
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(arbiter_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(arbiter_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let lifecycle = Arc::new(Lifecycle::default());
+    let service = Service::new(lifecycle.clone());
+    let auth = BearerAuth::new(args.auth_token.as_deref());
+    let reward = RewardServiceServer::new(service.clone())
+        .max_decoding_message_size(args.max_message_bytes)
+        .max_encoding_message_size(args.max_message_bytes);
+    let reward = InterceptedService::new(reward, move |req| auth.check(req));
+
+    let mut builder = Server::builder();
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let cert = std::fs::read(cert)
+            .with_context(|| format!("reading --tls-cert {}", cert.display()))?;
+        let key =
+            std::fs::read(key).with_context(|| format!("reading --tls-key {}", key.display()))?;
+        builder =
+            builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
+    }
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let (grpc_stop_tx, mut grpc_stop_rx) = watch::channel(false);
+    let router = builder
+        .add_service(health_svc)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(reward);
+    let grpc = tokio::spawn(router.serve_with_incoming_shutdown(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        async move {
+            grpc_stop_rx.wait_for(|s| *s).await.ok();
+        },
+    ));
+    tracing::info!(%addr, "listening (NOT_SERVING until the model is loaded)");
+
+    let done = tokio::spawn(async move {
+        let ready = tokio::select! {
+            r = prepare(&args) => r?,
+            _ = stop_rx.wait_for(|s| *s) => {
+                grpc_stop_tx.send(true).ok();
+                return Ok(());
+            }
+        };
+        service.set_ready(ready.clone());
+        health.set_service_status("", ServingStatus::Serving).await;
+        health
+            .set_service_status(SERVICE_NAME, ServingStatus::Serving)
+            .await;
+        metrics::gauge!(m::READY).set(1.0);
+        tracing::info!(%addr, "SERVING");
+
+        stop_rx.wait_for(|s| *s).await.ok();
+        tracing::info!(
+            in_flight = lifecycle.in_flight(),
+            "draining: NOT_SERVING, answering accepted requests"
+        );
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        health
+            .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+            .await;
+        metrics::gauge!(m::READY).set(0.0);
+        lifecycle.start_draining();
+        let grace = Duration::from_secs_f64(args.shutdown_grace_seconds.max(0.0));
+        let t = Instant::now();
+        while lifecycle.in_flight() > 0 && t.elapsed() < grace {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if lifecycle.in_flight() > 0 {
+            tracing::warn!(
+                in_flight = lifecycle.in_flight(),
+                "grace period over; exiting with requests unanswered"
+            );
+        }
+        grpc_stop_tx.send(true).ok();
+        let left = grace
+            .saturating_sub(t.elapsed())
+            .max(Duration::from_millis(100));
+        if tokio::time::timeout(left, grpc).await.is_err() {
+            tracing::warn!("connections still open after the grace period; closing them");
+        }
+        let batcher_done = tokio::task::spawn_blocking(move || ready.batcher.shutdown());
+        batcher_done.await.ok();
+        tracing::info!("stopped");
+        Ok(())
+    });
+    Ok(Running {
+        addr,
+        stop: stop_tx,
+        done,
+    })
+}
+
+/// Loads the model, starts the batcher and runs the warm-up batch.
+async fn prepare(args: &ServeArgs) -> anyhow::Result<Arc<Ready>> {
+    use anyhow::Context;
+    let a = args.clone();
+    let model = tokio::task::spawn_blocking(move || a.model.load())
+        .await?
+        .context("loading the model")?;
+    tracing::info!(
+        dir = %model.dir.display(),
+        fingerprint = %model.fingerprint,
+        backend = %model.engine.backend_name(),
+        seconds = model.load_seconds,
+        "model loaded"
+    );
+    if model.spec().demo {
+        tracing::warn!("{}", arbiter_engine::demo::DEMO_WARNING);
+    }
+    m::record_info(
+        &model.spec().architecture,
+        &model.fingerprint,
+        &model.engine.backend_name(),
+        model.load_seconds,
+    );
+    let cfg = BatchConfig {
+        max_batch_tokens: args.max_batch_tokens.max(1),
+        max_batch_requests: args.max_batch_requests.max(1),
+        queue_capacity: args.queue_capacity.max(1),
+    };
+    if !args.no_warmup {
+        let engine = model.engine.clone();
+        let max_len = model.preprocessor.max_tokens();
+        let (tokens, requests) = (cfg.max_batch_tokens, cfg.max_batch_requests);
+        let t = Instant::now();
+        tokio::task::spawn_blocking(move || warm_up(engine.as_ref(), tokens, requests, max_len)).await?.map_err(|e| {
+            anyhow::anyhow!(
+                "the warm-up batch of {tokens} tokens failed: {e}. Lower --max-batch-tokens (or ARBITER_MAX_BATCH_TOKENS) until it fits"
+            )
+        })?;
+        tracing::info!(
+            tokens,
+            seconds = t.elapsed().as_secs_f64(),
+            "warm-up batch done"
+        );
+    }
+    let batcher = Batcher::start(model.engine.clone(), cfg);
+    let tokenizers = rayon::ThreadPoolBuilder::new()
+        .num_threads(args.tokenization_workers.max(1))
+        .thread_name(|i| format!("arbiter-tokenize-{i}"))
+        .build()?;
+    let limits = RequestLimits {
+        max_items_per_request: args.max_items_per_request.max(1),
+        max_message_bytes: args.max_message_bytes,
+        default_truncation: args.truncation,
+    };
+    Ok(Arc::new(Ready {
+        model,
+        batcher,
+        tokenizers,
+        limits,
+    }))
+}
+
+/// One batch as large as the limits allow: full-length sequences up to the token budget.
+fn warm_up(
+    engine: &dyn arbiter_engine::runtime::Engine,
+    tokens: usize,
+    requests: usize,
+    max_len: usize,
+) -> arbiter_engine::Result<()> {
+    let len = max_len.min(tokens).max(1);
+    let vocab = engine.spec().vocab as u32;
+    let mut seqs = Vec::new();
+    let mut left = tokens;
+    while left > 0 && seqs.len() < requests {
+        let n = left.min(len);
+        seqs.push(
+            (0..n as u32)
+                .map(|i| (i * 7 + 3) % vocab)
+                .collect::<Vec<u32>>(),
+        );
+        left -= n;
+    }
+    engine
+        .forward(&PackedBatch::from_sequences(&seqs)?)
+        .map(|_| ())
+}
