@@ -14,11 +14,7 @@ use arbiter_engine::{Model, PackedBatch};
 
 fn arg(name: &str, default: &str) -> String {
     let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| default.to_string())
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -36,19 +32,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("| m | n | k | ms | GFLOP/s |");
     println!("|---|---|---|---|---|");
     let mut rng = SplitMix::new(1);
-    for &(m, n, k) in &[
-        (2048, 1536, 1024),
-        (2048, 1024, 1024),
-        (2048, 4096, 1024),
-        (2048, 1024, 4096),
-    ] {
+    for &(m, n, k) in &[(2048, 1536, 1024), (2048, 1024, 1024), (2048, 4096, 1024), (2048, 1024, 4096)] {
         let w: Vec<f32> = (0..n * k).map(|_| rng.uniform()).collect();
         let x: Vec<f32> = (0..m * k).map(|_| rng.uniform()).collect();
         let packed = PackedMatrix::pack(&w, n, k);
         let mut y = vec![0.0; m * n];
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()?;
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
         pool.install(|| matmul(&x, m, &packed, &mut y));
         let reps = 5;
         let t = Instant::now();
@@ -56,19 +45,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             pool.install(|| matmul(&x, m, &packed, &mut y));
         }
         let s = t.elapsed().as_secs_f64() / reps as f64;
-        println!(
-            "| {m} | {n} | {k} | {:.1} | {:.1} |",
-            s * 1e3,
-            2.0 * (m * n * k) as f64 / s / 1e9
-        );
+        println!("| {m} | {n} | {k} | {:.1} | {:.1} |", s * 1e3, 2.0 * (m * n * k) as f64 / s / 1e9);
     }
 
     let dir = std::env::temp_dir().join(format!("arbiter-bench-small-{}", std::process::id()));
     write_random_model(&dir, &bench_small_config(), dtype, 7, true)?;
     let model = Model::load(&dir, backend)?;
-    let seqs: Vec<Vec<u32>> = (0..8)
-        .map(|_| (0..256).map(|_| (rng.next_u64() % 32000) as u32).collect())
-        .collect();
+    let seqs: Vec<Vec<u32>> = (0..8).map(|_| (0..256).map(|_| (rng.next_u64() % 32000) as u32).collect()).collect();
     let batch = PackedBatch::from_sequences(&seqs)?;
     model.forward(&batch)?; // warm-up
     let mut times = Vec::new();

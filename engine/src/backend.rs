@@ -87,27 +87,16 @@ pub trait Backend: Send + Sync {
     /// `norm(x)` row by row.
     fn norm(&self, x: &Self::Tensor, p: &Self::Norm) -> Result<Self::Tensor>;
     /// `x += delta; return norm(x)`: the residual add fused with the next block's norm.
-    fn add_norm(
-        &self,
-        x: &mut Self::Tensor,
-        delta: &Self::Tensor,
-        p: &Self::Norm,
-    ) -> Result<Self::Tensor>;
+    fn add_norm(&self, x: &mut Self::Tensor, delta: &Self::Tensor, p: &Self::Norm) -> Result<Self::Tensor>;
     /// `x += delta`.
     fn add(&self, x: &mut Self::Tensor, delta: &Self::Tensor) -> Result<()>;
     /// `x @ w^T` for a matrix stored `[out, in]`; one call per weight matrix per batch.
     fn matmul(&self, x: &Self::Tensor, w: &Self::Matrix) -> Result<Self::Tensor>;
     /// Rotates, in place, the first `rotary_dim` channels of every query and key head
     /// (non-interleaved `rotate_half` convention), each token at its own position in its sequence.
-    fn rope(&self, qkv: &mut Self::Tensor, layout: &AttnLayout, ctx: &Self::BatchCtx)
-        -> Result<()>;
+    fn rope(&self, qkv: &mut Self::Tensor, layout: &AttnLayout, ctx: &Self::BatchCtx) -> Result<()>;
     /// Causal grouped-query attention within each packed sequence; returns `[tokens, heads * head_dim]`.
-    fn attention(
-        &self,
-        qkv: &Self::Tensor,
-        layout: &AttnLayout,
-        ctx: &Self::BatchCtx,
-    ) -> Result<Self::Tensor>;
+    fn attention(&self, qkv: &Self::Tensor, layout: &AttnLayout, ctx: &Self::BatchCtx) -> Result<Self::Tensor>;
     /// The MLP's nonlinearity: `relu(x)^2`, or `silu(gate) * up` over the two halves of `x`.
     fn activation(&self, x: &Self::Tensor, kind: MlpKind) -> Result<Self::Tensor>;
     /// The rows `rows` of `x`, in that order.

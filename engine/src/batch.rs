@@ -14,10 +14,7 @@ pub struct PackedBatch {
 impl PackedBatch {
     /// An empty batch.
     pub fn new() -> Self {
-        PackedBatch {
-            tokens: Vec::new(),
-            cu_seqlens: vec![0],
-        }
+        PackedBatch { tokens: Vec::new(), cu_seqlens: vec![0] }
     }
 
     /// Packs `seqs` in order.
@@ -32,10 +29,7 @@ impl PackedBatch {
     /// Appends one sequence; empty sequences are refused (there is no last token to score).
     pub fn push(&mut self, seq: &[u32]) -> Result<()> {
         if seq.is_empty() {
-            return Err(EngineError::InvalidBatch(format!(
-                "sequence {} is empty",
-                self.len()
-            )));
+            return Err(EngineError::InvalidBatch(format!("sequence {} is empty", self.len())));
         }
         self.tokens.extend_from_slice(seq);
         self.cu_seqlens.push(self.tokens.len());
@@ -83,11 +77,7 @@ impl PackedBatch {
 
     /// Length of the longest sequence.
     pub fn max_len(&self) -> usize {
-        self.cu_seqlens
-            .windows(2)
-            .map(|w| w[1] - w[0])
-            .max()
-            .unwrap_or(0)
+        self.cu_seqlens.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0)
     }
 }
 

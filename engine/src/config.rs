@@ -22,32 +22,23 @@ use crate::error::{EngineError, Result};
 use crate::spec::{HeadSpec, Llama3Scaling, MlpKind, ModelSpec, NormKind, RopeSpec};
 
 /// The architectures this engine implements, as `architectures[0]` names them.
-pub const SUPPORTED_ARCHITECTURES: [&str; 2] = [
-    "NemotronForSequenceClassification",
-    "LlamaForSequenceClassification",
-];
+pub const SUPPORTED_ARCHITECTURES: [&str; 2] = ["NemotronForSequenceClassification", "LlamaForSequenceClassification"];
 
 /// Parses `config.json` at `path`.
 pub fn load_config(path: &Path) -> Result<ModelSpec> {
     let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => EngineError::MissingFile {
-            path: path.to_path_buf(),
-            why: "every model folder needs a config.json".into(),
-        },
-        _ => EngineError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        },
+        std::io::ErrorKind::NotFound => {
+            EngineError::MissingFile { path: path.to_path_buf(), why: "every model folder needs a config.json".into() }
+        }
+        _ => EngineError::Io { path: path.to_path_buf(), source: e },
     })?;
     parse_config(&text, path)
 }
 
 /// Parses the text of a `config.json`; `path` is only used in error messages.
 pub fn parse_config(text: &str, path: &Path) -> Result<ModelSpec> {
-    let value: Value = serde_json::from_str(text).map_err(|e| EngineError::Config {
-        path: path.to_path_buf(),
-        message: format!("not valid JSON: {e}"),
-    })?;
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| EngineError::Config { path: path.to_path_buf(), message: format!("not valid JSON: {e}") })?;
     let obj = value.as_object().ok_or_else(|| EngineError::Config {
         path: path.to_path_buf(),
         message: "top level is not a JSON object".into(),
@@ -63,10 +54,7 @@ struct Fields<'a> {
 
 impl Fields<'_> {
     fn err(&self, message: impl Into<String>) -> EngineError {
-        EngineError::Config {
-            path: self.path.to_path_buf(),
-            message: message.into(),
-        }
+        EngineError::Config { path: self.path.to_path_buf(), message: message.into() }
     }
 
     fn usize_in(&self, obj: &Map<String, Value>, key: &str) -> Result<Option<usize>> {
@@ -76,17 +64,12 @@ impl Fields<'_> {
                 .as_u64()
                 .filter(|&n| n > 0)
                 .map(|n| Some(n as usize))
-                .ok_or_else(|| {
-                    self.err(format!(
-                        "field {key:?} must be a positive integer, found {v}"
-                    ))
-                }),
+                .ok_or_else(|| self.err(format!("field {key:?} must be a positive integer, found {v}"))),
         }
     }
 
     fn usize(&self, key: &str) -> Result<usize> {
-        self.usize_in(self.obj, key)?
-            .ok_or_else(|| self.err(format!("missing field {key:?}")))
+        self.usize_in(self.obj, key)?.ok_or_else(|| self.err(format!("missing field {key:?}")))
     }
 
     fn f32_in(&self, obj: &Map<String, Value>, key: &str) -> Result<Option<f32>> {
@@ -96,9 +79,7 @@ impl Fields<'_> {
                 .as_f64()
                 .filter(|x| x.is_finite())
                 .map(|x| Some(x as f32))
-                .ok_or_else(|| {
-                    self.err(format!("field {key:?} must be a finite number, found {v}"))
-                }),
+                .ok_or_else(|| self.err(format!("field {key:?} must be a finite number, found {v}"))),
         }
     }
 
@@ -113,20 +94,17 @@ impl Fields<'_> {
     fn flag_false(&self, key: &str) -> Result<()> {
         match self.obj.get(key) {
             None | Some(Value::Null) | Some(Value::Bool(false)) => Ok(()),
-            Some(v) => Err(self.err(format!(
-                "{key} = {v} is not supported: arbiter implements models without linear-layer biases"
-            ))),
+            Some(v) => Err(self
+                .err(format!("{key} = {v} is not supported: arbiter implements models without linear-layer biases"))),
         }
     }
 
     fn architecture(&self) -> Result<&str> {
         let arch = match self.obj.get("architectures") {
-            Some(Value::Array(a)) if !a.is_empty() => a[0]
-                .as_str()
-                .ok_or_else(|| self.err("architectures[0] must be a string"))?,
-            _ => return Err(self.err(
-                "missing field \"architectures\" (e.g. [\"NemotronForSequenceClassification\"])",
-            )),
+            Some(Value::Array(a)) if !a.is_empty() => {
+                a[0].as_str().ok_or_else(|| self.err("architectures[0] must be a string"))?
+            }
+            _ => return Err(self.err("missing field \"architectures\" (e.g. [\"NemotronForSequenceClassification\"])")),
         };
         if !SUPPORTED_ARCHITECTURES.contains(&arch) {
             return Err(EngineError::UnsupportedArchitecture {
@@ -143,48 +121,34 @@ impl Fields<'_> {
         let nemotron = architecture.starts_with("Nemotron");
         let hidden = self.usize("hidden_size")?;
         let heads = self.usize("num_attention_heads")?;
-        let kv_heads = self
-            .usize_in(self.obj, "num_key_value_heads")?
-            .unwrap_or(heads);
+        let kv_heads = self.usize_in(self.obj, "num_key_value_heads")?.unwrap_or(heads);
         let head_dim = match self.usize_in(self.obj, "head_dim")? {
             Some(d) => d,
             None if hidden % heads == 0 => hidden / heads,
-            None => return Err(self.err(format!(
-                "hidden_size {hidden} is not divisible by num_attention_heads {heads} and head_dim is not set"
-            ))),
+            None => {
+                return Err(self.err(format!(
+                    "hidden_size {hidden} is not divisible by num_attention_heads {heads} and head_dim is not set"
+                )))
+            }
         };
         if heads % kv_heads != 0 {
-            return Err(self.err(format!(
-                "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
-            )));
+            return Err(
+                self.err(format!("num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"))
+            );
         }
         self.flag_false("attention_bias")?;
         self.flag_false("mlp_bias")?;
 
         let (norm, eps_key, default_eps, mlp, act, default_partial) = if nemotron {
-            (
-                NormKind::LayerNorm1P,
-                "norm_eps",
-                1e-5,
-                MlpKind::Relu2,
-                "relu2",
-                0.5,
-            )
+            (NormKind::LayerNorm1P, "norm_eps", 1e-5, MlpKind::Relu2, "relu2", 0.5)
         } else {
-            (
-                NormKind::RmsNorm,
-                "rms_norm_eps",
-                1e-6,
-                MlpKind::SwiGlu,
-                "silu",
-                1.0,
-            )
+            (NormKind::RmsNorm, "rms_norm_eps", 1e-6, MlpKind::SwiGlu, "silu", 1.0)
         };
         let found_act = self.str_in(self.obj, "hidden_act")?.unwrap_or(act);
         if found_act != act {
-            return Err(self.err(format!(
-                "hidden_act {found_act:?} is not supported for {architecture}; expected {act:?}"
-            )));
+            return Err(
+                self.err(format!("hidden_act {found_act:?} is not supported for {architecture}; expected {act:?}"))
+            );
         }
         let norm_eps = self.f32_in(self.obj, eps_key)?.unwrap_or(default_eps);
         let rope = self.rope(head_dim, default_partial)?;
@@ -194,15 +158,12 @@ impl Fields<'_> {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) if s == "nemotron-reward" || s == "jinja" => Some(s.clone()),
             Some(v) => {
-                return Err(self.err(format!(
-                    "arbiter.chat_template must be \"nemotron-reward\" or \"jinja\", found {v}"
-                )))
+                return Err(
+                    self.err(format!("arbiter.chat_template must be \"nemotron-reward\" or \"jinja\", found {v}"))
+                )
             }
         };
-        let demo = arbiter
-            .and_then(|a| a.get("demo"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+        let demo = arbiter.and_then(|a| a.get("demo")).and_then(Value::as_bool).unwrap_or(false);
         Ok(ModelSpec {
             architecture,
             hidden,
@@ -212,9 +173,7 @@ impl Fields<'_> {
             head_dim,
             ffn: self.usize("intermediate_size")?,
             vocab: self.usize("vocab_size")?,
-            max_positions: self
-                .usize_in(self.obj, "max_position_embeddings")?
-                .unwrap_or(4096),
+            max_positions: self.usize_in(self.obj, "max_position_embeddings")?.unwrap_or(4096),
             norm,
             norm_eps,
             mlp,
@@ -233,15 +192,9 @@ impl Fields<'_> {
             Some(Value::Null) | None => match self.obj.get("rope_scaling") {
                 Some(Value::Object(p)) => (p, "rope_scaling"),
                 Some(Value::Null) | None => (&empty, "rope_scaling"),
-                Some(v) => {
-                    return Err(
-                        self.err(format!("rope_scaling must be an object or null, found {v}"))
-                    )
-                }
+                Some(v) => return Err(self.err(format!("rope_scaling must be an object or null, found {v}"))),
             },
-            Some(v) => {
-                return Err(self.err(format!("rope_parameters must be an object, found {v}")))
-            }
+            Some(v) => return Err(self.err(format!("rope_parameters must be an object, found {v}"))),
         };
         let theta = match self.f32_in(params, "rope_theta")? {
             Some(t) => t,
@@ -249,9 +202,7 @@ impl Fields<'_> {
         };
         let partial = match self.f32_in(params, "partial_rotary_factor")? {
             Some(p) => p,
-            None => self
-                .f32_in(self.obj, "partial_rotary_factor")?
-                .unwrap_or(default_partial),
+            None => self.f32_in(self.obj, "partial_rotary_factor")?.unwrap_or(default_partial),
         };
         if !(partial > 0.0 && partial <= 1.0) {
             return Err(self.err(format!("partial_rotary_factor {partial} must be in (0, 1]")));
@@ -271,9 +222,8 @@ impl Fields<'_> {
             None | Some("default") => None,
             Some("llama3") => {
                 let need = |k: &str| -> Result<f32> {
-                    self.f32_in(params, k)?.ok_or_else(|| {
-                        self.err(format!("{where_}.{k} is required for rope_type \"llama3\""))
-                    })
+                    self.f32_in(params, k)?
+                        .ok_or_else(|| self.err(format!("{where_}.{k} is required for rope_type \"llama3\"")))
                 };
                 let s = Llama3Scaling {
                     factor: need("factor")?,
@@ -282,21 +232,18 @@ impl Fields<'_> {
                     original_max_position_embeddings: need("original_max_position_embeddings")?,
                 };
                 if s.high_freq_factor == s.low_freq_factor || s.factor <= 0.0 {
-                    return Err(self.err(format!("{where_}: llama3 scaling needs factor > 0 and high_freq_factor != low_freq_factor")));
+                    return Err(self.err(format!(
+                        "{where_}: llama3 scaling needs factor > 0 and high_freq_factor != low_freq_factor"
+                    )));
                 }
                 Some(s)
             }
             Some(other) => {
-                return Err(self.err(format!(
-                "unsupported rope type {other:?} in {where_}; supported: \"default\", \"llama3\""
-            )))
+                return Err(self
+                    .err(format!("unsupported rope type {other:?} in {where_}; supported: \"default\", \"llama3\"")))
             }
         };
-        Ok(RopeSpec {
-            theta,
-            rotary_dim,
-            llama3,
-        })
+        Ok(RopeSpec { theta, rotary_dim, llama3 })
     }
 
     /// Head labels from `id2label`, exposure and default reward weights from `"arbiter"`.
@@ -305,21 +252,15 @@ impl Fields<'_> {
             Some(Value::Object(m)) => {
                 let mut labels = vec![None; m.len()];
                 for (k, v) in m {
-                    let i: usize = k.parse().ok().filter(|&i| i < m.len()).ok_or_else(|| {
-                        self.err(format!(
-                            "id2label key {k:?} is not an index below {}",
-                            m.len()
-                        ))
-                    })?;
-                    let name = v
-                        .as_str()
-                        .ok_or_else(|| self.err(format!("id2label[{k}] must be a string")))?;
+                    let i: usize = k
+                        .parse()
+                        .ok()
+                        .filter(|&i| i < m.len())
+                        .ok_or_else(|| self.err(format!("id2label key {k:?} is not an index below {}", m.len())))?;
+                    let name = v.as_str().ok_or_else(|| self.err(format!("id2label[{k}] must be a string")))?;
                     labels[i] = Some(name.to_string());
                 }
-                labels
-                    .into_iter()
-                    .map(|l| l.expect("indices are distinct and in range"))
-                    .collect()
+                labels.into_iter().map(|l| l.expect("indices are distinct and in range")).collect()
             }
             _ => {
                 let n = self.usize_in(self.obj, "num_labels")?.unwrap_or(1);
@@ -329,16 +270,13 @@ impl Fields<'_> {
         let arbiter = match self.obj.get("arbiter") {
             Some(Value::Object(a)) => Some(a),
             None | Some(Value::Null) => None,
-            Some(v) => {
-                return Err(self.err(format!("field \"arbiter\" must be an object, found {v}")))
-            }
+            Some(v) => return Err(self.err(format!("field \"arbiter\" must be an object, found {v}"))),
         };
         let index_of = |name: &str, field: &str| -> Result<usize> {
-            labels.iter().position(|l| l == name).ok_or_else(|| {
-                self.err(format!(
-                    "arbiter.{field} names {name:?}, which is not in id2label {labels:?}"
-                ))
-            })
+            labels
+                .iter()
+                .position(|l| l == name)
+                .ok_or_else(|| self.err(format!("arbiter.{field} names {name:?}, which is not in id2label {labels:?}")))
         };
         let exposed: Vec<usize> = match arbiter.and_then(|a| a.get("exposed_attributes")) {
             None | Some(Value::Null) => (0..labels.len()).collect(),
@@ -346,17 +284,11 @@ impl Fields<'_> {
                 .iter()
                 .map(|n| {
                     n.as_str()
-                        .ok_or_else(|| {
-                            self.err("arbiter.exposed_attributes must be a list of strings")
-                        })
+                        .ok_or_else(|| self.err("arbiter.exposed_attributes must be a list of strings"))
                         .and_then(|s| index_of(s, "exposed_attributes"))
                 })
                 .collect::<Result<_>>()?,
-            Some(_) => {
-                return Err(
-                    self.err("arbiter.exposed_attributes must be a non-empty list of strings")
-                )
-            }
+            Some(_) => return Err(self.err("arbiter.exposed_attributes must be a non-empty list of strings")),
         };
         let reward_weights = match arbiter.and_then(|a| a.get("reward_weights")) {
             None | Some(Value::Null) if exposed.len() == 1 => vec![1.0],
@@ -372,27 +304,19 @@ impl Fields<'_> {
                 for (name, v) in w {
                     let i = index_of(name, "reward_weights")?;
                     let slot = exposed.iter().position(|&e| e == i).ok_or_else(|| {
-                        self.err(format!(
-                            "arbiter.reward_weights names {name:?}, which is not exposed"
-                        ))
+                        self.err(format!("arbiter.reward_weights names {name:?}, which is not exposed"))
                     })?;
-                    weights[slot] = v.as_f64().filter(|x| x.is_finite()).ok_or_else(|| {
-                        self.err(format!(
-                            "arbiter.reward_weights.{name} must be a finite number"
-                        ))
-                    })? as f32;
+                    weights[slot] = v
+                        .as_f64()
+                        .filter(|x| x.is_finite())
+                        .ok_or_else(|| self.err(format!("arbiter.reward_weights.{name} must be a finite number")))?
+                        as f32;
                 }
                 weights
             }
-            Some(_) => {
-                return Err(self.err("arbiter.reward_weights must be an object of name -> number"))
-            }
+            Some(_) => return Err(self.err("arbiter.reward_weights must be an object of name -> number")),
         };
-        Ok(HeadSpec {
-            labels,
-            exposed,
-            reward_weights,
-        })
+        Ok(HeadSpec { labels, exposed, reward_weights })
     }
 }
 
@@ -457,17 +381,13 @@ mod tests {
         let mut v = nemotron_v4();
         v["architectures"] = serde_json::json!(["MistralForCausalLM"]);
         let e = parse(&v).unwrap_err().to_string();
-        assert!(
-            e.contains("MistralForCausalLM") && e.contains("LlamaForSequenceClassification"),
-            "{e}"
-        );
+        assert!(e.contains("MistralForCausalLM") && e.contains("LlamaForSequenceClassification"), "{e}");
     }
 
     #[test]
     fn reward_weights_must_name_exposed_attributes() {
         let mut v = nemotron_v4();
-        v["arbiter"] =
-            serde_json::json!({"exposed_attributes": ["b"], "reward_weights": {"a": 1.0}});
+        v["arbiter"] = serde_json::json!({"exposed_attributes": ["b"], "reward_weights": {"a": 1.0}});
         let e = parse(&v).unwrap_err().to_string();
         assert!(e.contains("\"a\", which is not exposed"), "{e}");
         v["arbiter"] = serde_json::json!({"exposed_attributes": ["zz"]});
@@ -487,9 +407,6 @@ mod tests {
     fn linear_biases_are_refused() {
         let mut v = nemotron_v4();
         v["attention_bias"] = serde_json::json!(true);
-        assert!(parse(&v)
-            .unwrap_err()
-            .to_string()
-            .contains("attention_bias"));
+        assert!(parse(&v).unwrap_err().to_string().contains("attention_bias"));
     }
 }

@@ -20,15 +20,7 @@ pub const DEMO_VERSION: u32 = 1;
 pub const DEMO_WARNING: &str = "demo model with random weights: its scores are meaningless";
 
 /// Special tokens, in id order: BOS 2 and EOS 3 as in Nemotron; the three template markers.
-const SPECIALS: [&str; 7] = [
-    "<unk>",
-    "<pad>",
-    "<s>",
-    "</s>",
-    "<extra_id_0>",
-    "<extra_id_1>",
-    "<extra_id_2>",
-];
+const SPECIALS: [&str; 7] = ["<unk>", "<pad>", "<s>", "</s>", "<extra_id_0>", "<extra_id_1>", "<extra_id_2>"];
 const VOCAB: usize = 2048;
 const CORPUS: &str = include_str!("demo_corpus.txt");
 
@@ -57,29 +49,22 @@ pub fn demo_config() -> serde_json::Value {
 
 /// The demo tokenizer as tokenizer.json text: byte-level BPE trained on an embedded corpus.
 pub fn demo_tokenizer_json() -> Result<String> {
-    let err =
-        |e: tokenizers::Error| EngineError::Backend(format!("building the demo tokenizer: {e}"));
+    let err = |e: tokenizers::Error| EngineError::Backend(format!("building the demo tokenizer: {e}"));
     let mut trainer = BpeTrainerBuilder::new()
         .show_progress(false)
         .vocab_size(VOCAB)
         .min_frequency(2)
-        .special_tokens(
-            SPECIALS
-                .iter()
-                .map(|s| AddedToken::from(*s, true))
-                .collect(),
-        )
+        .special_tokens(SPECIALS.iter().map(|s| AddedToken::from(*s, true)).collect())
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
-    let mut tok =
-        TokenizerBuilder::<BPE, NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel>::new()
-            .with_model(BPE::default())
-            .with_normalizer(None)
-            .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
-            .with_post_processor(Some(ByteLevel::new(false, true, true)))
-            .with_decoder(Some(ByteLevel::default()))
-            .build()
-            .map_err(err)?;
+    let mut tok = TokenizerBuilder::<BPE, NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel>::new()
+        .with_model(BPE::default())
+        .with_normalizer(None)
+        .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
+        .with_post_processor(Some(ByteLevel::new(false, true, true)))
+        .with_decoder(Some(ByteLevel::default()))
+        .build()
+        .map_err(err)?;
     tok.train(&mut trainer, CORPUS.lines()).map_err(err)?;
     tok.to_string(true).map_err(err)
 }
@@ -112,10 +97,7 @@ pub fn ensure_demo_model() -> Result<PathBuf> {
             std::fs::remove_dir_all(&tmp).ok();
             Ok(dir)
         }
-        Err(e) => Err(EngineError::Io {
-            path: dir,
-            source: e,
-        }),
+        Err(e) => Err(EngineError::Io { path: dir, source: e }),
     }
 }
 
@@ -136,9 +118,6 @@ mod tests {
         assert_eq!(tok.encode("<extra_id_1>User\n").unwrap()[0], 5);
         let ids = tok.encode("The assistant gives helpful answers.").unwrap();
         assert!(ids.len() < 12, "merges were learned: {ids:?}");
-        assert_eq!(
-            tok.decode(&ids).unwrap(),
-            "The assistant gives helpful answers."
-        );
+        assert_eq!(tok.decode(&ids).unwrap(), "The assistant gives helpful answers.");
     }
 }

@@ -49,10 +49,7 @@ pub struct Model<B: Backend> {
 
 impl<B: Backend> std::fmt::Debug for Model<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model")
-            .field("spec", &self.spec)
-            .field("backend", &self.backend.name())
-            .finish()
+        f.debug_struct("Model").field("spec", &self.spec).field("backend", &self.backend.name()).finish()
     }
 }
 
@@ -76,18 +73,13 @@ impl<B: Backend> Model<B> {
         let d = spec.head_dim;
         let norm = |prefix: &str| -> Result<B::Norm> {
             let w = store.get_shaped(&format!("{prefix}.weight"), &[h])?;
-            let b = if spec.norm_has_bias() {
-                Some(store.get_shaped(&format!("{prefix}.bias"), &[h])?)
-            } else {
-                None
-            };
+            let b = if spec.norm_has_bias() { Some(store.get_shaped(&format!("{prefix}.bias"), &[h])?) } else { None };
             backend.norm_params(spec.norm, spec.norm_eps, w, b)
         };
         let part = |name: String, shape: [usize; 2]| -> Result<MatrixPart<'_>> {
             Ok(MatrixPart::whole(store.get_shaped(&name, &shape)?))
         };
-        let embedding =
-            backend.embedding(store.get_shaped("model.embed_tokens.weight", &[spec.vocab, h])?)?;
+        let embedding = backend.embedding(store.get_shaped("model.embed_tokens.weight", &[spec.vocab, h])?)?;
         let mut blocks = Vec::with_capacity(spec.layers);
         for l in 0..spec.layers {
             let p = format!("model.layers.{l}");
@@ -97,19 +89,15 @@ impl<B: Backend> Model<B> {
                 part(format!("{attn}.k_proj.weight"), [spec.kv_heads * d, h])?,
                 part(format!("{attn}.v_proj.weight"), [spec.kv_heads * d, h])?,
             ])?;
-            let o =
-                backend.matrix(&[part(format!("{attn}.o_proj.weight"), [h, spec.heads * d])?])?;
+            let o = backend.matrix(&[part(format!("{attn}.o_proj.weight"), [h, spec.heads * d])?])?;
             let up = match spec.mlp {
-                MlpKind::Relu2 => {
-                    backend.matrix(&[part(format!("{p}.mlp.up_proj.weight"), [spec.ffn, h])?])?
-                }
+                MlpKind::Relu2 => backend.matrix(&[part(format!("{p}.mlp.up_proj.weight"), [spec.ffn, h])?])?,
                 MlpKind::SwiGlu => backend.matrix(&[
                     part(format!("{p}.mlp.gate_proj.weight"), [spec.ffn, h])?,
                     part(format!("{p}.mlp.up_proj.weight"), [spec.ffn, h])?,
                 ])?,
             };
-            let down =
-                backend.matrix(&[part(format!("{p}.mlp.down_proj.weight"), [h, spec.ffn])?])?;
+            let down = backend.matrix(&[part(format!("{p}.mlp.down_proj.weight"), [h, spec.ffn])?])?;
             blocks.push(Block {
                 attn_norm: norm(&format!("{p}.input_layernorm"))?,
                 qkv,
@@ -137,17 +125,7 @@ impl<B: Backend> Model<B> {
             scale: 1.0 / (d as f32).sqrt(),
         };
         let inv_freq = rope::inv_freq(&spec.rope);
-        Ok(Model {
-            spec,
-            backend,
-            comm: Box::new(SingleRank),
-            embedding,
-            blocks,
-            final_norm,
-            head,
-            inv_freq,
-            layout,
-        })
+        Ok(Model { spec, backend, comm: Box::new(SingleRank), embedding, blocks, final_norm, head, inv_freq, layout })
     }
 
     /// The model's spec.
@@ -194,10 +172,7 @@ impl<B: Backend> Model<B> {
         }
         let last = b.gather_rows(&x, &batch.last_rows())?;
         let normed = b.to_host(&b.norm(&last, &self.final_norm)?)?;
-        Ok(normed
-            .chunks_exact(self.spec.hidden)
-            .map(|row| self.head_forward(row))
-            .collect())
+        Ok(normed.chunks_exact(self.spec.hidden).map(|row| self.head_forward(row)).collect())
     }
 
     /// The head in f32: `bias + W h`, each output a single ordered dot product.
@@ -207,10 +182,7 @@ impl<B: Backend> Model<B> {
             .chunks_exact(self.spec.hidden)
             .enumerate()
             .map(|(o, w)| {
-                let dot = w
-                    .iter()
-                    .zip(hidden)
-                    .fold(0.0f32, |acc, (a, b)| a.mul_add(*b, acc));
+                let dot = w.iter().zip(hidden).fold(0.0f32, |acc, (a, b)| a.mul_add(*b, acc));
                 dot + self.head.bias.as_ref().map_or(0.0, |b| b[o])
             })
             .collect()
@@ -226,11 +198,7 @@ impl<B: Backend> Model<B> {
                     self.spec.max_positions
                 )));
             }
-            if let Some((j, &t)) = batch.tokens()[r]
-                .iter()
-                .enumerate()
-                .find(|(_, &t)| t as usize >= self.spec.vocab)
-            {
+            if let Some((j, &t)) = batch.tokens()[r].iter().enumerate().find(|(_, &t)| t as usize >= self.spec.vocab) {
                 return Err(EngineError::InvalidBatch(format!(
                     "sequence {i}, token {j}: id {t} is outside the vocabulary of {}",
                     self.spec.vocab

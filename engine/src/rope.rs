@@ -20,11 +20,7 @@ pub fn inv_freq(spec: &RopeSpec) -> Vec<f32> {
         let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
         for f in inv.iter_mut() {
             let wavelen = (2.0 * std::f64::consts::PI) as f32 / *f;
-            let scaled = if wavelen > low_wavelen {
-                *f / s.factor
-            } else {
-                *f
-            };
+            let scaled = if wavelen > low_wavelen { *f / s.factor } else { *f };
             let medium = wavelen >= high_wavelen && wavelen <= low_wavelen; // wavelengths are finite and positive
             *f = if medium {
                 let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor)
@@ -62,11 +58,7 @@ mod tests {
 
     #[test]
     fn default_frequencies_follow_the_base() {
-        let inv = inv_freq(&RopeSpec {
-            theta: 10000.0,
-            rotary_dim: 8,
-            llama3: None,
-        });
+        let inv = inv_freq(&RopeSpec { theta: 10000.0, rotary_dim: 8, llama3: None });
         assert_eq!(inv.len(), 4);
         assert_eq!(inv[0], 1.0);
         assert!((inv[1] - 0.1).abs() < 1e-7);
@@ -81,16 +73,8 @@ mod tests {
             high_freq_factor: 4.0,
             original_max_position_embeddings: 8192.0,
         };
-        let plain = inv_freq(&RopeSpec {
-            theta: 500000.0,
-            rotary_dim: 128,
-            llama3: None,
-        });
-        let scaled = inv_freq(&RopeSpec {
-            theta: 500000.0,
-            rotary_dim: 128,
-            llama3: Some(s),
-        });
+        let plain = inv_freq(&RopeSpec { theta: 500000.0, rotary_dim: 128, llama3: None });
+        let scaled = inv_freq(&RopeSpec { theta: 500000.0, rotary_dim: 128, llama3: Some(s) });
         // Wavelength below 8192/4 = 2048 positions: unchanged.
         assert_eq!(plain[0], scaled[0]);
         // Wavelength above 8192: divided by the factor.

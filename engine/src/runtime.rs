@@ -66,10 +66,7 @@ pub struct LoadedModel {
 
 impl std::fmt::Debug for LoadedModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LoadedModel")
-            .field("dir", &self.dir)
-            .field("fingerprint", &self.fingerprint)
-            .finish()
+        f.debug_struct("LoadedModel").field("dir", &self.dir).field("fingerprint", &self.fingerprint).finish()
     }
 }
 
@@ -104,16 +101,10 @@ impl LoadedModel {
 
     /// Scores prepared inputs in one packed batch; `weights[i]` combines item `i`'s attributes.
     pub fn score(&self, items: &[&Prepared], weights: &[&RewardWeights]) -> Result<Vec<Score>> {
-        let batch = PackedBatch::from_sequences(
-            &items.iter().map(|p| p.ids.as_slice()).collect::<Vec<_>>(),
-        )?;
+        let batch = PackedBatch::from_sequences(&items.iter().map(|p| p.ids.as_slice()).collect::<Vec<_>>())?;
         let raw = self.engine.forward(&batch)?;
         let head = &self.spec().head;
-        Ok(raw
-            .into_iter()
-            .zip(weights)
-            .map(|(r, w)| Score::from_raw(head, r, w))
-            .collect())
+        Ok(raw.into_iter().zip(weights).map(|(r, w)| Score::from_raw(head, r, w)).collect())
     }
 }
 
@@ -137,8 +128,5 @@ pub fn fingerprint(dir: &Path, store: &WeightStore) -> Result<String> {
         let t = store.get(name)?;
         h.update(format!("{name}:{:?}:{:?};", t.dtype, t.shape).as_bytes());
     }
-    Ok(h.finalize()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(h.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect())
 }

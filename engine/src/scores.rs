@@ -26,26 +26,15 @@ impl RewardWeights {
 
     /// The defaults with some weights replaced by name. Unknown or unexposed names and
     /// non-finite values are errors that name the attribute.
-    pub fn with_overrides<'a>(
-        head: &HeadSpec,
-        overrides: impl IntoIterator<Item = (&'a str, f32)>,
-    ) -> Result<Self> {
+    pub fn with_overrides<'a>(head: &HeadSpec, overrides: impl IntoIterator<Item = (&'a str, f32)>) -> Result<Self> {
         let mut w = head.reward_weights.clone();
         for (name, value) in overrides {
-            let slot = head
-                .exposed
-                .iter()
-                .position(|&i| head.labels[i] == name)
-                .ok_or_else(|| {
-                    EngineError::InvalidBatch(format!(
-                        "unknown reward weight {name:?}; attributes are {}",
-                        head.exposed
-                            .iter()
-                            .map(|&i| head.labels[i].as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ))
-                })?;
+            let slot = head.exposed.iter().position(|&i| head.labels[i] == name).ok_or_else(|| {
+                EngineError::InvalidBatch(format!(
+                    "unknown reward weight {name:?}; attributes are {}",
+                    head.exposed.iter().map(|&i| head.labels[i].as_str()).collect::<Vec<_>>().join(", ")
+                ))
+            })?;
             if !value.is_finite() {
                 return Err(EngineError::InvalidBatch(format!(
                     "reward weight {name:?} is {value}, not a finite number"
@@ -60,20 +49,9 @@ impl RewardWeights {
 impl Score {
     /// Names the exposed outputs of `raw` and combines them with `weights`.
     pub fn from_raw(head: &HeadSpec, raw: Vec<f32>, weights: &RewardWeights) -> Self {
-        let attributes: Vec<(String, f32)> = head
-            .exposed
-            .iter()
-            .map(|&i| (head.labels[i].clone(), raw[i]))
-            .collect();
-        let reward = attributes
-            .iter()
-            .zip(&weights.0)
-            .fold(0.0f32, |acc, ((_, v), w)| acc + w * v);
-        Score {
-            raw,
-            attributes,
-            reward,
-        }
+        let attributes: Vec<(String, f32)> = head.exposed.iter().map(|&i| (head.labels[i].clone(), raw[i])).collect();
+        let reward = attributes.iter().zip(&weights.0).fold(0.0f32, |acc, ((_, v), w)| acc + w * v);
+        Score { raw, attributes, reward }
     }
 }
 
@@ -91,18 +69,8 @@ mod tests {
 
     #[test]
     fn exposed_attributes_and_weighted_reward() {
-        let s = Score::from_raw(
-            &head(),
-            vec![9.0, 2.0, 4.0],
-            &RewardWeights::defaults(&head()),
-        );
-        assert_eq!(
-            s.attributes,
-            vec![
-                ("helpfulness".to_string(), 2.0),
-                ("verbosity".to_string(), 4.0)
-            ]
-        );
+        let s = Score::from_raw(&head(), vec![9.0, 2.0, 4.0], &RewardWeights::defaults(&head()));
+        assert_eq!(s.attributes, vec![("helpfulness".to_string(), 2.0), ("verbosity".to_string(), 4.0)]);
         assert_eq!(s.reward, 0.5 * 2.0 - 0.25 * 4.0);
     }
 
@@ -110,16 +78,9 @@ mod tests {
     fn overrides_by_name_and_their_errors() {
         let w = RewardWeights::with_overrides(&head(), [("verbosity", 1.0)]).unwrap();
         assert_eq!(w.0, vec![0.5, 1.0]);
-        let e = RewardWeights::with_overrides(&head(), [("quality", 1.0)])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("\"quality\"") && e.contains("helpfulness, verbosity"),
-            "{e}"
-        );
-        let e = RewardWeights::with_overrides(&head(), [("verbosity", f32::NAN)])
-            .unwrap_err()
-            .to_string();
+        let e = RewardWeights::with_overrides(&head(), [("quality", 1.0)]).unwrap_err().to_string();
+        assert!(e.contains("\"quality\"") && e.contains("helpfulness, verbosity"), "{e}");
+        let e = RewardWeights::with_overrides(&head(), [("verbosity", f32::NAN)]).unwrap_err().to_string();
         assert!(e.contains("not a finite number"), "{e}");
     }
 }

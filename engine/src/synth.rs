@@ -47,22 +47,10 @@ pub fn tensor_shapes(spec: &ModelSpec) -> Vec<(String, Vec<usize>)> {
     for l in 0..spec.layers {
         let p = format!("model.layers.{l}");
         norm(&mut v, format!("{p}.input_layernorm"));
-        v.push((
-            format!("{p}.self_attn.q_proj.weight"),
-            vec![spec.heads * d, h],
-        ));
-        v.push((
-            format!("{p}.self_attn.k_proj.weight"),
-            vec![spec.kv_heads * d, h],
-        ));
-        v.push((
-            format!("{p}.self_attn.v_proj.weight"),
-            vec![spec.kv_heads * d, h],
-        ));
-        v.push((
-            format!("{p}.self_attn.o_proj.weight"),
-            vec![h, spec.heads * d],
-        ));
+        v.push((format!("{p}.self_attn.q_proj.weight"), vec![spec.heads * d, h]));
+        v.push((format!("{p}.self_attn.k_proj.weight"), vec![spec.kv_heads * d, h]));
+        v.push((format!("{p}.self_attn.v_proj.weight"), vec![spec.kv_heads * d, h]));
+        v.push((format!("{p}.self_attn.o_proj.weight"), vec![h, spec.heads * d]));
         norm(&mut v, format!("{p}.post_attention_layernorm"));
         if spec.mlp == MlpKind::SwiGlu {
             v.push((format!("{p}.mlp.gate_proj.weight"), vec![spec.ffn, h]));
@@ -89,15 +77,9 @@ pub fn write_random_model(
 ) -> Result<ModelSpec> {
     let config_path = dir.join("config.json");
     let spec = parse_config(&config.to_string(), &config_path)?;
-    std::fs::create_dir_all(dir).map_err(|e| EngineError::Io {
-        path: dir.to_path_buf(),
-        source: e,
-    })?;
+    std::fs::create_dir_all(dir).map_err(|e| EngineError::Io { path: dir.to_path_buf(), source: e })?;
     let text = serde_json::to_string_pretty(config).expect("a JSON value serializes");
-    std::fs::write(&config_path, text).map_err(|e| EngineError::Io {
-        path: config_path.clone(),
-        source: e,
-    })?;
+    std::fs::write(&config_path, text).map_err(|e| EngineError::Io { path: config_path.clone(), source: e })?;
     let mut shapes = tensor_shapes(&spec);
     if head_bias {
         shapes.push(("score.bias".to_string(), vec![spec.num_outputs()]));
@@ -106,11 +88,7 @@ pub fn write_random_model(
     let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)> = BTreeMap::new();
     for (name, shape) in shapes {
         let n: usize = shape.iter().product();
-        let scale = if shape.len() == 2 && !name.contains("embed") {
-            1.0 / (shape[1] as f32).sqrt()
-        } else {
-            0.5
-        };
+        let scale = if shape.len() == 2 && !name.contains("embed") { 1.0 / (shape[1] as f32).sqrt() } else { 0.5 };
         let bytes = encode((0..n).map(|_| rng.uniform() * scale), dtype, n);
         tensors.insert(name, (shape, bytes));
     }
@@ -128,12 +106,8 @@ pub fn write_random_model(
         })
         .collect();
     let path = dir.join(crate::weights::SINGLE_FILE);
-    safetensors::serialize_to_file(views, None, &path).map_err(|e| {
-        EngineError::BadWeightsFile {
-            path: path.clone(),
-            message: format!("cannot write: {e}"),
-        }
-    })?;
+    safetensors::serialize_to_file(views, None, &path)
+        .map_err(|e| EngineError::BadWeightsFile { path: path.clone(), message: format!("cannot write: {e}") })?;
     Ok(spec)
 }
 

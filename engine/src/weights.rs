@@ -62,21 +62,12 @@ impl TensorView<'_> {
         let bytes = &self.bytes[rows.start * row_len * es..rows.end * row_len * es];
         out.reserve(bytes.len() / es);
         match self.dtype {
-            Dtype::F32 => out.extend(
-                bytes
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            ),
+            Dtype::F32 => out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
             Dtype::BF16 => out.extend(
-                bytes
-                    .chunks_exact(2)
-                    .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()),
+                bytes.chunks_exact(2).map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()),
             ),
-            Dtype::F16 => out.extend(
-                bytes
-                    .chunks_exact(2)
-                    .map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()),
-            ),
+            Dtype::F16 => out
+                .extend(bytes.chunks_exact(2).map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())),
         }
     }
 
@@ -105,10 +96,7 @@ pub struct WeightStore {
 impl std::fmt::Debug for WeightStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WeightStore")
-            .field(
-                "files",
-                &self.files.iter().map(|(p, _)| p).collect::<Vec<_>>(),
-            )
+            .field("files", &self.files.iter().map(|(p, _)| p).collect::<Vec<_>>())
             .field("tensors", &self.tensors.len())
             .finish()
     }
@@ -125,17 +113,11 @@ impl WeightStore {
     pub fn open(dir: &Path) -> Result<Self> {
         let index = dir.join(INDEX_FILE);
         let files: Vec<PathBuf> = if index.exists() {
-            shard_files(&index)?
-                .into_iter()
-                .map(|f| dir.join(f))
-                .collect()
+            shard_files(&index)?.into_iter().map(|f| dir.join(f)).collect()
         } else {
             vec![dir.join(SINGLE_FILE)]
         };
-        let mut store = WeightStore {
-            files: Vec::new(),
-            tensors: HashMap::new(),
-        };
+        let mut store = WeightStore { files: Vec::new(), tensors: HashMap::new() };
         for path in files {
             store.add_file(path)?;
         }
@@ -146,42 +128,24 @@ impl WeightStore {
         let file = File::open(&path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => EngineError::MissingFile {
                 path: path.clone(),
-                why: format!(
-                    "weights must be in {SINGLE_FILE} or in the shards {INDEX_FILE} lists"
-                ),
+                why: format!("weights must be in {SINGLE_FILE} or in the shards {INDEX_FILE} lists"),
             },
-            _ => EngineError::Io {
-                path: path.clone(),
-                source: e,
-            },
+            _ => EngineError::Io { path: path.clone(), source: e },
         })?;
         // SAFETY: the map is read-only; a model file modified while being served is outside what
         // any inference server can defend against, and we never hand out references that outlive
         // the store.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| EngineError::Io {
-            path: path.clone(),
-            source: e,
-        })?;
-        let bad = |message: String| EngineError::BadWeightsFile {
-            path: path.clone(),
-            message,
-        };
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| EngineError::Io { path: path.clone(), source: e })?;
+        let bad = |message: String| EngineError::BadWeightsFile { path: path.clone(), message };
         if mmap.len() < 8 {
-            return Err(bad(format!(
-                "file is {} bytes, too short for a safetensors header",
-                mmap.len()
-            )));
+            return Err(bad(format!("file is {} bytes, too short for a safetensors header", mmap.len())));
         }
-        let (header_len, meta) =
-            safetensors::SafeTensors::read_metadata(&mmap[..]).map_err(|e| match e {
-                safetensors::SafeTensorError::MetadataIncompleteBuffer => bad(format!(
-                    "truncated: the header describes more data than the file's {} bytes",
-                    mmap.len()
-                )),
-                e => bad(format!(
-                    "unreadable header ({e}); the file may be truncated or not safetensors"
-                )),
-            })?;
+        let (header_len, meta) = safetensors::SafeTensors::read_metadata(&mmap[..]).map_err(|e| match e {
+            safetensors::SafeTensorError::MetadataIncompleteBuffer => {
+                bad(format!("truncated: the header describes more data than the file's {} bytes", mmap.len()))
+            }
+            e => bad(format!("unreadable header ({e}); the file may be truncated or not safetensors")),
+        })?;
         let data_start = 8 + header_len;
         let file_idx = self.files.len();
         for (name, info) in meta.tensors() {
@@ -189,12 +153,7 @@ impl WeightStore {
                 safetensors::Dtype::BF16 => Dtype::BF16,
                 safetensors::Dtype::F16 => Dtype::F16,
                 safetensors::Dtype::F32 => Dtype::F32,
-                other => {
-                    return Err(EngineError::UnsupportedDtype {
-                        name: name.clone(),
-                        dtype: format!("{other:?}"),
-                    })
-                }
+                other => return Err(EngineError::UnsupportedDtype { name: name.clone(), dtype: format!("{other:?}") }),
             };
             let (s, e) = info.data_offsets;
             let (start, end) = (data_start + s, data_start + e);
@@ -214,20 +173,9 @@ impl WeightStore {
                 )));
             }
             if self.tensors.contains_key(&name) {
-                return Err(bad(format!(
-                    "tensor {name:?} is stored in more than one file"
-                )));
+                return Err(bad(format!("tensor {name:?} is stored in more than one file")));
             }
-            self.tensors.insert(
-                name,
-                Entry {
-                    file: file_idx,
-                    dtype,
-                    shape: info.shape.clone(),
-                    start,
-                    end,
-                },
-            );
+            self.tensors.insert(name, Entry { file: file_idx, dtype, shape: info.shape.clone(), start, end });
         }
         self.files.push((path, mmap));
         Ok(())
@@ -235,19 +183,11 @@ impl WeightStore {
 
     /// The tensor called `name`, or an error naming it.
     pub fn get(&self, name: &str) -> Result<TensorView<'_>> {
-        let (key, e) =
-            self.tensors
-                .get_key_value(name)
-                .ok_or_else(|| EngineError::MissingTensor {
-                    name: name.to_string(),
-                    looked_in: self.file_list(),
-                })?;
-        Ok(TensorView {
-            name: key,
-            dtype: e.dtype,
-            shape: &e.shape,
-            bytes: &self.files[e.file].1[e.start..e.end],
-        })
+        let (key, e) = self
+            .tensors
+            .get_key_value(name)
+            .ok_or_else(|| EngineError::MissingTensor { name: name.to_string(), looked_in: self.file_list() })?;
+        Ok(TensorView { name: key, dtype: e.dtype, shape: &e.shape, bytes: &self.files[e.file].1[e.start..e.end] })
     }
 
     /// The tensor called `name`, checked to have shape `expected`.
@@ -278,11 +218,7 @@ impl WeightStore {
     fn file_list(&self) -> String {
         self.files
             .iter()
-            .map(|(p, _)| {
-                p.file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default()
-            })
+            .map(|(p, _)| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -290,29 +226,16 @@ impl WeightStore {
 
 /// The distinct shard file names of an index, in sorted order.
 fn shard_files(index: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(index).map_err(|e| EngineError::Io {
-        path: index.to_path_buf(),
-        source: e,
-    })?;
-    let bad = |message: String| EngineError::Config {
-        path: index.to_path_buf(),
-        message,
-    };
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-    let map = v
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| bad("missing object \"weight_map\"".into()))?;
+    let text = std::fs::read_to_string(index).map_err(|e| EngineError::Io { path: index.to_path_buf(), source: e })?;
+    let bad = |message: String| EngineError::Config { path: index.to_path_buf(), message };
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let map =
+        v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad("missing object \"weight_map\"".into()))?;
     let mut files = BTreeMap::new();
     for (name, f) in map {
-        let f = f
-            .as_str()
-            .ok_or_else(|| bad(format!("weight_map[{name:?}] must be a file name")))?;
+        let f = f.as_str().ok_or_else(|| bad(format!("weight_map[{name:?}] must be a file name")))?;
         if f.contains('/') || f.contains('\\') || f == ".." {
-            return Err(bad(format!(
-                "weight_map[{name:?}] = {f:?} must be a file name inside the folder"
-            )));
+            return Err(bad(format!("weight_map[{name:?}] = {f:?} must be a file name inside the folder")));
         }
         files.insert(f.to_string(), ());
     }

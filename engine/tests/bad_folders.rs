@@ -35,35 +35,23 @@ fn load_err(dir: &Path) -> String {
 }
 
 /// Rewrites model.safetensors after `edit` changes its tensors (name -> (dtype, shape, bytes)).
-fn edit_weights(
-    dir: &Path,
-    edit: impl FnOnce(&mut BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>),
-) {
+fn edit_weights(dir: &Path, edit: impl FnOnce(&mut BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>)) {
     let path = dir.join("model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut map: BTreeMap<_, _> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
-        .collect();
+    let mut map: BTreeMap<_, _> =
+        st.tensors().into_iter().map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec()))).collect();
     edit(&mut map);
     let views: Vec<_> = map
         .iter()
-        .map(|(n, (d, s, b))| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
-            )
-        })
+        .map(|(n, (d, s, b))| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
         .collect();
     safetensors::serialize_to_file(views, None, &path).unwrap();
 }
 
 fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let path = dir.join("config.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     edit(&mut v);
     std::fs::write(&path, v.to_string()).unwrap();
 }
@@ -78,10 +66,7 @@ fn the_good_folder_loads() {
 #[test]
 fn missing_folder() {
     let e = load_err(Path::new("/nonexistent/arbiter-model"));
-    assert!(
-        e.contains("/nonexistent/arbiter-model") && e.contains("does not exist"),
-        "{e}"
-    );
+    assert!(e.contains("/nonexistent/arbiter-model") && e.contains("does not exist"), "{e}");
 }
 
 #[test]
@@ -89,10 +74,7 @@ fn missing_config() {
     let dir = good_folder();
     std::fs::remove_file(dir.path().join("config.json")).unwrap();
     let e = load_err(dir.path());
-    assert!(
-        e.contains("missing file") && e.contains("config.json"),
-        "{e}"
-    );
+    assert!(e.contains("missing file") && e.contains("config.json"), "{e}");
 }
 
 #[test]
@@ -100,10 +82,7 @@ fn config_that_is_not_json() {
     let dir = good_folder();
     std::fs::write(dir.path().join("config.json"), "{ not json").unwrap();
     let e = load_err(dir.path());
-    assert!(
-        e.contains("config.json") && e.contains("not valid JSON"),
-        "{e}"
-    );
+    assert!(e.contains("config.json") && e.contains("not valid JSON"), "{e}");
 }
 
 #[test]
@@ -111,10 +90,7 @@ fn missing_weights_file() {
     let dir = good_folder();
     std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
     let e = load_err(dir.path());
-    assert!(
-        e.contains("missing file") && e.contains("model.safetensors"),
-        "{e}"
-    );
+    assert!(e.contains("missing file") && e.contains("model.safetensors"), "{e}");
 }
 
 #[test]
@@ -122,15 +98,11 @@ fn index_names_a_missing_shard() {
     let dir = good_folder();
     std::fs::write(
         dir.path().join("model.safetensors.index.json"),
-        json!({"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}})
-            .to_string(),
+        json!({"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}).to_string(),
     )
     .unwrap();
     let e = load_err(dir.path());
-    assert!(
-        e.contains("model-00002-of-00002.safetensors") && e.contains("missing file"),
-        "{e}"
-    );
+    assert!(e.contains("model-00002-of-00002.safetensors") && e.contains("missing file"), "{e}");
 }
 
 #[test]
@@ -140,10 +112,7 @@ fn missing_tensor_is_named() {
         m.remove("model.layers.1.mlp.down_proj.weight");
     });
     let e = load_err(dir.path());
-    assert!(
-        e.contains("missing tensor \"model.layers.1.mlp.down_proj.weight\""),
-        "{e}"
-    );
+    assert!(e.contains("missing tensor \"model.layers.1.mlp.down_proj.weight\""), "{e}");
 }
 
 #[test]
@@ -155,9 +124,7 @@ fn wrong_shape_says_expected_and_found() {
     });
     let e = load_err(dir.path());
     assert!(
-        e.contains("model.layers.0.self_attn.k_proj.weight")
-            && e.contains("[16, 64]")
-            && e.contains("[32, 32]"),
+        e.contains("model.layers.0.self_attn.k_proj.weight") && e.contains("[16, 64]") && e.contains("[32, 32]"),
         "{e}"
     );
 }
@@ -165,14 +132,9 @@ fn wrong_shape_says_expected_and_found() {
 #[test]
 fn unsupported_architecture() {
     let dir = good_folder();
-    edit_config(dir.path(), |c| {
-        c["architectures"] = json!(["GPT2LMHeadModel"])
-    });
+    edit_config(dir.path(), |c| c["architectures"] = json!(["GPT2LMHeadModel"]));
     let e = load_err(dir.path());
-    assert!(
-        e.contains("unsupported architecture \"GPT2LMHeadModel\""),
-        "{e}"
-    );
+    assert!(e.contains("unsupported architecture \"GPT2LMHeadModel\""), "{e}");
 }
 
 #[test]
@@ -183,18 +145,13 @@ fn unsupported_dtype_is_named() {
         t.0 = safetensors::Dtype::I16;
     });
     let e = load_err(dir.path());
-    assert!(
-        e.contains("model.norm.weight") && e.contains("unsupported dtype I16"),
-        "{e}"
-    );
+    assert!(e.contains("model.norm.weight") && e.contains("unsupported dtype I16"), "{e}");
 }
 
 #[test]
 fn unsupported_rope_type() {
     let dir = good_folder();
-    edit_config(dir.path(), |c| {
-        c["rope_scaling"] = json!({"rope_type": "dynamic", "factor": 2.0})
-    });
+    edit_config(dir.path(), |c| c["rope_scaling"] = json!({"rope_type": "dynamic", "factor": 2.0}));
     let e = load_err(dir.path());
     assert!(e.contains("unsupported rope type \"dynamic\""), "{e}");
 }
@@ -207,10 +164,7 @@ fn truncated_weights_file() {
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     f.set_len(len - 100).unwrap();
     let e = load_err(dir.path());
-    assert!(
-        e.contains("model.safetensors") && e.contains("truncated"),
-        "{e}"
-    );
+    assert!(e.contains("model.safetensors") && e.contains("truncated"), "{e}");
     // Cut inside the header too.
     f.set_len(20).unwrap();
     let e = load_err(dir.path());
@@ -221,22 +175,11 @@ fn truncated_weights_file() {
 fn tokens_outside_the_vocabulary_and_overlong_sequences_are_refused() {
     let dir = good_folder();
     let m = Model::load(dir.path(), CpuBackend::with_threads(1).unwrap()).unwrap();
-    let e = m
-        .forward(&PackedBatch::from_sequences(&[vec![1, 2], vec![3, 64]]).unwrap())
-        .unwrap_err();
+    let e = m.forward(&PackedBatch::from_sequences(&[vec![1, 2], vec![3, 64]]).unwrap()).unwrap_err();
     assert!(matches!(e, EngineError::InvalidBatch(_)));
-    assert!(
-        e.to_string()
-            .contains("sequence 1, token 1: id 64 is outside the vocabulary of 64"),
-        "{e}"
-    );
-    let e = m
-        .forward(&PackedBatch::from_sequences(&[vec![1u32; 129]]).unwrap())
-        .unwrap_err();
-    assert!(
-        e.to_string().contains("129 tokens") && e.to_string().contains("at most 128"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("sequence 1, token 1: id 64 is outside the vocabulary of 64"), "{e}");
+    let e = m.forward(&PackedBatch::from_sequences(&[vec![1u32; 129]]).unwrap()).unwrap_err();
+    assert!(e.to_string().contains("129 tokens") && e.to_string().contains("at most 128"), "{e}");
 }
 
 #[test]
@@ -250,8 +193,7 @@ fn sharded_folder_gives_the_same_outputs_as_one_file() {
     // Split the tensors over two shards with an index, as transformers does for big models.
     let bytes = std::fs::read(dir.path().join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut shards: [Vec<(String, safetensors::tensor::TensorView<'_>)>; 2] =
-        [Vec::new(), Vec::new()];
+    let mut shards: [Vec<(String, safetensors::tensor::TensorView<'_>)>; 2] = [Vec::new(), Vec::new()];
     let mut weight_map = serde_json::Map::new();
     for (i, (name, view)) in st.tensors().into_iter().enumerate() {
         let file = format!("model-0000{}-of-00002.safetensors", i % 2 + 1);
@@ -262,16 +204,12 @@ fn sharded_folder_gives_the_same_outputs_as_one_file() {
         safetensors::serialize_to_file(
             shard,
             None,
-            &dir.path()
-                .join(format!("model-0000{}-of-00002.safetensors", i + 1)),
+            &dir.path().join(format!("model-0000{}-of-00002.safetensors", i + 1)),
         )
         .unwrap();
     }
-    std::fs::write(
-        dir.path().join("model.safetensors.index.json"),
-        json!({"weight_map": weight_map}).to_string(),
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("model.safetensors.index.json"), json!({"weight_map": weight_map}).to_string())
+        .unwrap();
     std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
     let sharded = Model::load(dir.path(), CpuBackend::with_threads(1).unwrap())
         .unwrap()

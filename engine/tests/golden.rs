@@ -12,37 +12,22 @@ struct Golden {
 }
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/golden")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/golden").join(name)
 }
 
 fn golden(name: &str) -> Golden {
-    let text = std::fs::read_to_string(fixture(name).join("expected.json"))
-        .expect("fixture expected.json");
+    let text = std::fs::read_to_string(fixture(name).join("expected.json")).expect("fixture expected.json");
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     let seqs = v["sequences"].as_array().unwrap();
     let outs = v["outputs"].as_array().unwrap();
     Golden {
         sequences: seqs
             .iter()
-            .map(|s| {
-                s.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|t| t.as_u64().unwrap() as u32)
-                    .collect()
-            })
+            .map(|s| s.as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect())
             .collect(),
         outputs: outs
             .iter()
-            .map(|s| {
-                s.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|t| t.as_f64().unwrap() as f32)
-                    .collect()
-            })
+            .map(|s| s.as_array().unwrap().iter().map(|t| t.as_f64().unwrap() as f32).collect())
             .collect(),
     }
 }
@@ -50,15 +35,8 @@ fn golden(name: &str) -> Golden {
 /// max|got - ref| / max(max|ref|, 1e-3), the error measure of DESIGN.md.
 fn rel_error(got: &[f32], reference: &[f32]) -> f64 {
     assert_eq!(got.len(), reference.len());
-    let scale = reference
-        .iter()
-        .map(|r| r.abs() as f64)
-        .fold(1e-3, f64::max);
-    got.iter()
-        .zip(reference)
-        .map(|(g, r)| (*g as f64 - *r as f64).abs())
-        .fold(0.0, f64::max)
-        / scale
+    let scale = reference.iter().map(|r| r.abs() as f64).fold(1e-3, f64::max);
+    got.iter().zip(reference).map(|(g, r)| (*g as f64 - *r as f64).abs()).fold(0.0, f64::max) / scale
 }
 
 fn check_parity(name: &str) {
@@ -66,19 +44,17 @@ fn check_parity(name: &str) {
     let g = golden(name);
     let mut worst = 0.0f64;
     for (s, (seq, reference)) in g.sequences.iter().zip(&g.outputs).enumerate() {
-        let got = model
-            .forward(&PackedBatch::from_sequences(&[seq]).unwrap())
-            .unwrap()
-            .remove(0);
+        let got = model.forward(&PackedBatch::from_sequences(&[seq]).unwrap()).unwrap().remove(0);
         let err = rel_error(&got, reference);
         worst = worst.max(err);
-        assert!(err <= 1e-4, "{name}: sequence {s} (length {}): error {err:.3e} > 1e-4\n got {got:?}\n ref {reference:?}", seq.len());
+        assert!(
+            err <= 1e-4,
+            "{name}: sequence {s} (length {}): error {err:.3e} > 1e-4\n got {got:?}\n ref {reference:?}",
+            seq.len()
+        );
     }
     assert!(g.sequences.iter().any(|s| s.len() == 1) && g.sequences.iter().any(|s| s.len() >= 300));
-    eprintln!(
-        "{name}: worst error {worst:.2e} over {} sequences",
-        g.sequences.len()
-    );
+    eprintln!("{name}: worst error {worst:.2e} over {} sequences", g.sequences.len());
 }
 
 #[test]
@@ -109,18 +85,11 @@ fn bits(v: &[f32]) -> Vec<u32> {
 fn a_sequence_scores_bit_identically_alone_and_in_any_batch() {
     for name in ["nemotron-v4-gqa", "llama3-scaled"] {
         let model = Model::load(&fixture(name), CpuBackend::new()).unwrap();
-        let score_alone = |s: &[u32]| {
-            model
-                .forward(&PackedBatch::from_sequences(&[s]).unwrap())
-                .unwrap()
-                .remove(0)
-        };
+        let score_alone = |s: &[u32]| model.forward(&PackedBatch::from_sequences(&[s]).unwrap()).unwrap().remove(0);
         let seqs = golden(name).sequences;
         let alone: Vec<Vec<f32>> = seqs.iter().map(|s| score_alone(s)).collect();
 
-        let together = model
-            .forward(&PackedBatch::from_sequences(&seqs).unwrap())
-            .unwrap();
+        let together = model.forward(&PackedBatch::from_sequences(&seqs).unwrap()).unwrap();
         for (i, (t, a)) in together.iter().zip(&alone).enumerate() {
             assert_eq!(bits(t), bits(a), "{name}: sequence {i} in the whole batch");
         }
@@ -135,21 +104,13 @@ fn a_sequence_scores_bit_identically_alone_and_in_any_batch() {
                 layout.push(None);
             }
         }
-        let mixed: Vec<&[u32]> = layout
-            .iter()
-            .map(|e| e.map_or(one_token.as_slice(), |i| seqs[i].as_slice()))
-            .collect();
-        let got = model
-            .forward(&PackedBatch::from_sequences(&mixed).unwrap())
-            .unwrap();
+        let mixed: Vec<&[u32]> =
+            layout.iter().map(|e| e.map_or(one_token.as_slice(), |i| seqs[i].as_slice())).collect();
+        let got = model.forward(&PackedBatch::from_sequences(&mixed).unwrap()).unwrap();
         assert_eq!(got.len(), layout.len());
         for (g, e) in got.iter().zip(&layout) {
             let want = e.map_or(&one_alone, |i| &alone[i]);
-            assert_eq!(
-                bits(g),
-                bits(want),
-                "{name}: entry {e:?} of the mixed batch"
-            );
+            assert_eq!(bits(g), bits(want), "{name}: entry {e:?} of the mixed batch");
         }
     }
 }
@@ -162,14 +123,8 @@ fn one_matmul_per_weight_matrix_per_layer_whatever_the_batch_holds() {
     assert_eq!(model.spec().matmuls_per_forward(), per_forward);
     for n in [1, 2, 5, seqs.len()] {
         let before = model.backend().matmul_count();
-        model
-            .forward(&PackedBatch::from_sequences(&seqs[..n]).unwrap())
-            .unwrap();
-        assert_eq!(
-            model.backend().matmul_count() - before,
-            per_forward,
-            "batch of {n} sequences"
-        );
+        model.forward(&PackedBatch::from_sequences(&seqs[..n]).unwrap()).unwrap();
+        assert_eq!(model.backend().matmul_count() - before, per_forward, "batch of {n} sequences");
     }
 }
 
@@ -178,28 +133,12 @@ fn nemotron_exposes_the_helpsteer_attributes_and_the_weighted_reward() {
     let model = Model::load(&fixture("nemotron-v5"), CpuBackend::new()).unwrap();
     assert!(model.head_has_bias());
     let g = golden("nemotron-v5");
-    let raw = model
-        .forward(&PackedBatch::from_sequences(&[&g.sequences[4]]).unwrap())
-        .unwrap()
-        .remove(0);
+    let raw = model.forward(&PackedBatch::from_sequences(&[&g.sequences[4]]).unwrap()).unwrap().remove(0);
     let head = &model.spec().head;
     let score = Score::from_raw(head, raw.clone(), &RewardWeights::defaults(head));
     let names: Vec<&str> = score.attributes.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(
-        names,
-        [
-            "helpfulness",
-            "correctness",
-            "coherence",
-            "complexity",
-            "verbosity"
-        ]
-    );
+    assert_eq!(names, ["helpfulness", "correctness", "coherence", "complexity", "verbosity"]);
     let r = &g.outputs[4];
     let expected = 0.3 * r[4] + 0.74 * r[5] + 0.46 * r[6] + 0.47 * r[7] - 0.33 * r[8];
-    assert!(
-        (score.reward - expected).abs() <= 1e-4 * expected.abs().max(1.0),
-        "{} vs {expected}",
-        score.reward
-    );
+    assert!((score.reward - expected).abs() <= 1e-4 * expected.abs().max(1.0), "{} vs {expected}", score.reward);
 }

@@ -6,8 +6,7 @@ use std::path::PathBuf;
 use arbiter_engine::config::load_config;
 use arbiter_engine::demo::write_demo_model;
 use arbiter_engine::text::{
-    ChatTemplate, Input, JinjaTemplate, Message, Preprocessor, Role, TruncationPolicy,
-    NEMOTRON_DEFAULT_SYSTEM,
+    ChatTemplate, Input, JinjaTemplate, Message, Preprocessor, Role, TruncationPolicy, NEMOTRON_DEFAULT_SYSTEM,
 };
 
 const SYS: &str = "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions.";
@@ -55,9 +54,7 @@ fn nemotron_template_text_byte_for_byte() {
         ),
     ];
     for (m, want) in cases {
-        let prepared = p
-            .prepare(&Input::Messages(m.clone()), TruncationPolicy::Error)
-            .unwrap();
+        let prepared = p.prepare(&Input::Messages(m.clone()), TruncationPolicy::Error).unwrap();
         assert_eq!(prepared.text.as_deref(), Some(want.as_str()), "{m:?}");
         // Markers are single tokens (ids 4, 5, 6 in the demo vocabulary); the whole sequence is
         // what the tokenizer gives for the whole text, and it ends at the score marker.
@@ -76,21 +73,10 @@ fn marker_strings_inside_messages_stay_plain_text() {
     use Role::*;
     let (_d, p) = demo();
     let m = msgs(&[(User, "fake <extra_id_2> marker"), (Assistant, "ok")]);
-    let prepared = p
-        .prepare(&Input::Messages(m), TruncationPolicy::Error)
-        .unwrap();
-    assert_eq!(
-        prepared.ids.iter().filter(|&&t| t == 6).count(),
-        1,
-        "only the real score marker"
-    );
+    let prepared = p.prepare(&Input::Messages(m), TruncationPolicy::Error).unwrap();
+    assert_eq!(prepared.ids.iter().filter(|&&t| t == 6).count(), 1, "only the real score marker");
     // Pre-templated text, by contrast, is the user's own format: markers in it are markers.
-    let t = p
-        .prepare(
-            &Input::Text("<extra_id_1>User\nx\n<extra_id_2>".into()),
-            TruncationPolicy::Error,
-        )
-        .unwrap();
+    let t = p.prepare(&Input::Text("<extra_id_1>User\nx\n<extra_id_2>".into()), TruncationPolicy::Error).unwrap();
     assert_eq!(t.ids[0], 5);
     assert_eq!(*t.ids.last().unwrap(), 6);
 }
@@ -104,30 +90,15 @@ fn bad_conversations_are_refused_before_tokenizing() {
         (msgs(&[(User, "q")]), "must end with the assistant response"),
         (msgs(&[(Assistant, "a")]), "expected a user turn"),
     ] {
-        let e = p
-            .prepare(&Input::Messages(m), TruncationPolicy::Truncate)
-            .unwrap_err()
-            .to_string();
+        let e = p.prepare(&Input::Messages(m), TruncationPolicy::Truncate).unwrap_err().to_string();
         assert!(e.contains(want), "{e}");
     }
-    let e = p
-        .prepare(&Input::Text(String::new()), TruncationPolicy::Error)
-        .unwrap_err()
-        .to_string();
+    let e = p.prepare(&Input::Text(String::new()), TruncationPolicy::Error).unwrap_err().to_string();
     assert!(e.contains("empty"), "{e}");
-    let e = p
-        .prepare(&Input::TokenIds(vec![]), TruncationPolicy::Error)
-        .unwrap_err()
-        .to_string();
+    let e = p.prepare(&Input::TokenIds(vec![]), TruncationPolicy::Error).unwrap_err().to_string();
     assert!(e.contains("empty"), "{e}");
-    let e = p
-        .prepare(&Input::TokenIds(vec![1, 2, 2048]), TruncationPolicy::Error)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("token_ids[2] = 2048") && e.contains("below 2048"),
-        "{e}"
-    );
+    let e = p.prepare(&Input::TokenIds(vec![1, 2, 2048]), TruncationPolicy::Error).unwrap_err().to_string();
+    assert!(e.contains("token_ids[2] = 2048") && e.contains("below 2048"), "{e}");
 }
 
 fn small_limit(dir: &tempfile::TempDir, max: usize) -> Preprocessor {
@@ -139,14 +110,8 @@ fn long_conversation() -> Vec<Message> {
     use Role::*;
     let mut m = vec![Message::new(System, "Be brief.")];
     for i in 0..6 {
-        m.push(Message::new(
-            User,
-            format!("question number {i} about the weather in Paris"),
-        ));
-        m.push(Message::new(
-            Assistant,
-            format!("answer number {i}: it is sunny and warm"),
-        ));
+        m.push(Message::new(User, format!("question number {i} about the weather in Paris")));
+        m.push(Message::new(Assistant, format!("answer number {i}: it is sunny and warm")));
     }
     m.push(Message::new(User, "final question"));
     m.push(Message::new(Assistant, "final answer"));
@@ -157,88 +122,45 @@ fn long_conversation() -> Vec<Message> {
 fn truncation_drops_whole_oldest_turns_and_keeps_the_protected_parts() {
     let (dir, p) = demo();
     let conv = long_conversation();
-    let full = p
-        .prepare(&Input::Messages(conv.clone()), TruncationPolicy::Error)
-        .unwrap();
+    let full = p.prepare(&Input::Messages(conv.clone()), TruncationPolicy::Error).unwrap();
     let n = full.ids.len();
     // Limit that forces dropping some but not all of the six old pairs.
     let q = small_limit(&dir, n - 20);
-    let e = q
-        .prepare(&Input::Messages(conv.clone()), TruncationPolicy::Error)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains(&format!(
-            "the conversation is {n} tokens; the limit is {}",
-            n - 20
-        )),
-        "{e}"
-    );
-    let t = q
-        .prepare(&Input::Messages(conv.clone()), TruncationPolicy::Truncate)
-        .unwrap();
+    let e = q.prepare(&Input::Messages(conv.clone()), TruncationPolicy::Error).unwrap_err().to_string();
+    assert!(e.contains(&format!("the conversation is {n} tokens; the limit is {}", n - 20)), "{e}");
+    let t = q.prepare(&Input::Messages(conv.clone()), TruncationPolicy::Truncate).unwrap();
     assert!(t.ids.len() <= n - 20);
     assert!(t.truncation.truncated());
     assert_eq!(t.truncation.original_tokens, n);
     let dropped = t.truncation.dropped_messages;
-    assert!(
-        dropped > 0 && dropped.is_multiple_of(2) && dropped < 12,
-        "dropped {dropped}"
-    );
+    assert!(dropped > 0 && dropped.is_multiple_of(2) && dropped < 12, "dropped {dropped}");
     // Exactly the conversation without the oldest `dropped` messages after the system message.
     let mut kept = vec![conv[0].clone()];
     kept.extend(conv[1 + dropped..].iter().cloned());
-    let expect = p
-        .prepare(&Input::Messages(kept), TruncationPolicy::Error)
-        .unwrap();
+    let expect = p.prepare(&Input::Messages(kept), TruncationPolicy::Error).unwrap();
     assert_eq!(t.ids, expect.ids);
     // ...and the fewest turns were dropped: two fewer would not fit.
     let mut more = vec![conv[0].clone()];
     more.extend(conv[1 + dropped - 2..].iter().cloned());
-    assert!(
-        p.prepare(&Input::Messages(more), TruncationPolicy::Error)
-            .unwrap()
-            .ids
-            .len()
-            > n - 20
-    );
+    assert!(p.prepare(&Input::Messages(more), TruncationPolicy::Error).unwrap().ids.len() > n - 20);
     let text = t.text.unwrap();
     assert!(text.starts_with("<extra_id_0>System\nBe brief.\n"));
-    assert!(text.ends_with(
-        "<extra_id_1>User\nfinal question\n<extra_id_1>Assistant\nfinal answer\n<extra_id_2>"
-    ));
+    assert!(text.ends_with("<extra_id_1>User\nfinal question\n<extra_id_1>Assistant\nfinal answer\n<extra_id_2>"));
 }
 
 #[test]
 fn truncation_fails_when_the_protected_parts_alone_are_too_long() {
     let (dir, p) = demo();
     let conv = long_conversation();
-    let protected = vec![
-        conv[0].clone(),
-        conv[conv.len() - 2].clone(),
-        conv[conv.len() - 1].clone(),
-    ];
-    let need = p
-        .prepare(&Input::Messages(protected.clone()), TruncationPolicy::Error)
-        .unwrap()
-        .ids
-        .len();
+    let protected = vec![conv[0].clone(), conv[conv.len() - 2].clone(), conv[conv.len() - 1].clone()];
+    let need = p.prepare(&Input::Messages(protected.clone()), TruncationPolicy::Error).unwrap().ids.len();
     let q = small_limit(&dir, need);
-    let t = q
-        .prepare(&Input::Messages(conv.clone()), TruncationPolicy::Truncate)
-        .unwrap();
-    assert_eq!(
-        t.truncation.dropped_messages, 12,
-        "everything droppable dropped"
-    );
+    let t = q.prepare(&Input::Messages(conv.clone()), TruncationPolicy::Truncate).unwrap();
+    assert_eq!(t.truncation.dropped_messages, 12, "everything droppable dropped");
     let q = small_limit(&dir, need - 1);
-    let e = q
-        .prepare(&Input::Messages(conv), TruncationPolicy::Truncate)
-        .unwrap_err()
-        .to_string();
+    let e = q.prepare(&Input::Messages(conv), TruncationPolicy::Truncate).unwrap_err().to_string();
     assert!(
-        e.contains("last user turn and final assistant turn alone")
-            && e.contains(&format!("{need} tokens")),
+        e.contains("last user turn and final assistant turn alone") && e.contains(&format!("{need} tokens")),
         "{e}"
     );
 }
@@ -248,52 +170,32 @@ fn text_and_token_ids_keep_their_end() {
     let (dir, p) = demo();
     let q = small_limit(&dir, 5);
     let ids: Vec<u32> = (10..30).collect();
-    let t = q
-        .prepare(&Input::TokenIds(ids.clone()), TruncationPolicy::Truncate)
-        .unwrap();
+    let t = q.prepare(&Input::TokenIds(ids.clone()), TruncationPolicy::Truncate).unwrap();
     assert_eq!(t.ids, ids[15..].to_vec());
-    assert_eq!(
-        (t.truncation.dropped_tokens, t.truncation.original_tokens),
-        (15, 20)
-    );
-    let e = q
-        .prepare(&Input::TokenIds(ids), TruncationPolicy::Error)
-        .unwrap_err()
-        .to_string();
+    assert_eq!((t.truncation.dropped_tokens, t.truncation.original_tokens), (15, 20));
+    let e = q.prepare(&Input::TokenIds(ids), TruncationPolicy::Error).unwrap_err().to_string();
     assert!(e.contains("token_ids is 20 tokens; the limit is 5"), "{e}");
     let text = "<extra_id_1>User\nsomething long enough to need cutting\n<extra_id_2>";
-    let full = p
-        .prepare(&Input::Text(text.into()), TruncationPolicy::Error)
-        .unwrap()
-        .ids;
-    let t = q
-        .prepare(&Input::Text(text.into()), TruncationPolicy::Truncate)
-        .unwrap();
+    let full = p.prepare(&Input::Text(text.into()), TruncationPolicy::Error).unwrap().ids;
+    let t = q.prepare(&Input::Text(text.into()), TruncationPolicy::Truncate).unwrap();
     assert_eq!(t.ids, full[full.len() - 5..].to_vec());
     assert_eq!(*t.ids.last().unwrap(), 6, "the score position is kept");
     // Under the limit nothing changes.
-    let t = p
-        .prepare(&Input::Text(text.into()), TruncationPolicy::Truncate)
-        .unwrap();
+    let t = p.prepare(&Input::Text(text.into()), TruncationPolicy::Truncate).unwrap();
     assert!(!t.truncation.truncated());
 }
 
 fn template_fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/templates")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/templates").join(name)
 }
 
 #[test]
 fn real_jinja_templates_render_like_transformers() {
     for name in ["llama3", "smollm2"] {
         let dir = template_fixture(name);
-        let t = JinjaTemplate::from_tokenizer_config(&dir.join("tokenizer_config.json"))
-            .unwrap()
-            .unwrap();
+        let t = JinjaTemplate::from_tokenizer_config(&dir.join("tokenizer_config.json")).unwrap().unwrap();
         let v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("renders.json")).unwrap())
-                .unwrap();
+            serde_json::from_str(&std::fs::read_to_string(dir.join("renders.json")).unwrap()).unwrap();
         let renders = v["renders"].as_array().unwrap();
         assert!(renders.len() >= 5);
         for r in renders {
@@ -302,10 +204,7 @@ fn real_jinja_templates_render_like_transformers() {
                 .unwrap()
                 .iter()
                 .map(|m| {
-                    Message::new(
-                        Role::parse(m["role"].as_str().unwrap()).unwrap(),
-                        m["content"].as_str().unwrap(),
-                    )
+                    Message::new(Role::parse(m["role"].as_str().unwrap()).unwrap(), m["content"].as_str().unwrap())
                 })
                 .collect();
             let got = t.render(&m).unwrap();

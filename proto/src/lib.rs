@@ -6,6 +6,5 @@ pub mod v1 {
     tonic::include_proto!("arbiter.v1");
 
     /// Encoded `FileDescriptorSet` of the API, for server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        tonic::include_file_descriptor_set!("arbiter_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("arbiter_descriptor");
 }

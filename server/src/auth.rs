@@ -3,7 +3,9 @@
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tonic::{Request, Status};
+use tonic::Request;
+
+use crate::error::ServiceError;
 
 /// Checks `authorization: Bearer <token>` in constant time: both sides are hashed first, so
 /// neither the content nor the length of the expected token leaks through timing.
@@ -14,42 +16,31 @@ pub struct BearerAuth {
 
 impl std::fmt::Debug for BearerAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "BearerAuth({})",
-            if self.expected.is_some() { "on" } else { "off" }
-        )
+        write!(f, "BearerAuth({})", if self.expected.is_some() { "on" } else { "off" })
     }
 }
 
 impl BearerAuth {
     /// Requires `token` when given; lets everything through otherwise.
     pub fn new(token: Option<&str>) -> Self {
-        BearerAuth {
-            expected: token.map(|t| Sha256::digest(t.as_bytes()).into()),
-        }
+        BearerAuth { expected: token.map(|t| Sha256::digest(t.as_bytes()).into()) }
     }
 
-    /// The interceptor body.
-    pub fn check<T>(&self, req: Request<T>) -> Result<Request<T>, Status> {
+    /// Checks a request's `authorization` metadata.
+    pub fn check<T>(&self, req: &Request<T>) -> Result<(), ServiceError> {
         let Some(expected) = &self.expected else {
-            return Ok(req);
+            return Ok(());
         };
         let given = req
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
             .map(|t| Sha256::digest(t.as_bytes()));
         match given {
-            Some(g) if bool::from(g.as_slice().ct_eq(expected)) => Ok(req),
-            Some(_) => Err(Status::unauthenticated("wrong bearer token")),
-            None => Err(Status::unauthenticated(
-                "this server requires `authorization: Bearer <token>`",
-            )),
+            Some(g) if bool::from(g.as_slice().ct_eq(expected)) => Ok(()),
+            Some(_) => Err(ServiceError::Unauthenticated("wrong bearer token".into())),
+            None => Err(ServiceError::Unauthenticated("this server requires `authorization: Bearer <token>`".into())),
         }
     }
 }
@@ -69,15 +60,9 @@ mod tests {
     #[test]
     fn tokens() {
         let a = BearerAuth::new(Some("s3cret"));
-        assert!(a.check(req(Some("Bearer s3cret"))).is_ok());
-        assert_eq!(
-            a.check(req(Some("Bearer s3cre"))).unwrap_err().code(),
-            tonic::Code::Unauthenticated
-        );
-        assert_eq!(
-            a.check(req(None)).unwrap_err().code(),
-            tonic::Code::Unauthenticated
-        );
-        assert!(BearerAuth::new(None).check(req(None)).is_ok());
+        assert!(a.check(&req(Some("Bearer s3cret"))).is_ok());
+        assert_eq!(a.check(&req(Some("Bearer s3cre"))).unwrap_err().code(), tonic::Code::Unauthenticated);
+        assert_eq!(a.check(&req(None)).unwrap_err().code(), tonic::Code::Unauthenticated);
+        assert!(BearerAuth::new(None).check(&req(None)).is_ok());
     }
 }

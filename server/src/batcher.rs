@@ -61,15 +61,7 @@ impl WorkItem {
         deadline: Option<Instant>,
     ) -> (Self, oneshot::Receiver<Result<ItemOutput, ServiceError>>) {
         let (tx, rx) = oneshot::channel();
-        (
-            WorkItem {
-                ids,
-                reply: tx,
-                deadline,
-                enqueued: Instant::now(),
-            },
-            rx,
-        )
+        (WorkItem { ids, reply: tx, deadline, enqueued: Instant::now() }, rx)
     }
 }
 
@@ -92,9 +84,7 @@ pub struct Batcher {
 
 impl std::fmt::Debug for Batcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Batcher")
-            .field("cfg", &self.shared.cfg)
-            .finish()
+        f.debug_struct("Batcher").field("cfg", &self.shared.cfg).finish()
     }
 }
 
@@ -102,10 +92,7 @@ impl Batcher {
     /// Starts the engine thread.
     pub fn start(engine: Arc<dyn Engine>, cfg: BatchConfig) -> Self {
         let shared = Arc::new(Shared {
-            state: Mutex::new(State {
-                items: VecDeque::new(),
-                closed: false,
-            }),
+            state: Mutex::new(State { items: VecDeque::new(), closed: false }),
             wake: Condvar::new(),
             cfg,
         });
@@ -114,10 +101,7 @@ impl Batcher {
             .name("arbiter-engine".into())
             .spawn(move || engine_loop(&s, engine.as_ref()))
             .expect("spawning the engine thread");
-        Batcher {
-            shared,
-            thread: Mutex::new(Some(thread)),
-        }
+        Batcher { shared, thread: Mutex::new(Some(thread)) }
     }
 
     /// The limits in force.
@@ -130,16 +114,11 @@ impl Batcher {
     pub fn submit(&self, items: Vec<WorkItem>) -> Result<(), ServiceError> {
         let mut st = self.shared.state.lock().expect("batcher lock");
         if st.closed {
-            return Err(ServiceError::Unavailable(
-                "the server is shutting down".into(),
-            ));
+            return Err(ServiceError::Unavailable("the server is shutting down".into()));
         }
         let depth = st.items.len();
         if depth + items.len() > self.shared.cfg.queue_capacity {
-            return Err(ServiceError::QueueFull {
-                depth,
-                capacity: self.shared.cfg.queue_capacity,
-            });
+            return Err(ServiceError::QueueFull { depth, capacity: self.shared.cfg.queue_capacity });
         }
         st.items.extend(items);
         gauge!(m::QUEUE_DEPTH).set(st.items.len() as f64);
@@ -207,9 +186,7 @@ fn take_batch(queue: &mut VecDeque<WorkItem>, cfg: &BatchConfig) -> Vec<WorkItem
             continue;
         }
         let n = front.ids.len();
-        if !batch.is_empty()
-            && (tokens + n > cfg.max_batch_tokens || batch.len() >= cfg.max_batch_requests)
-        {
+        if !batch.is_empty() && (tokens + n > cfg.max_batch_tokens || batch.len() >= cfg.max_batch_requests) {
             break;
         }
         tokens += n;
@@ -221,10 +198,9 @@ fn take_batch(queue: &mut VecDeque<WorkItem>, cfg: &BatchConfig) -> Vec<WorkItem
 fn run_batch(engine: &dyn Engine, batch: Vec<WorkItem>) {
     let start = Instant::now();
     let tokens: usize = batch.iter().map(|w| w.ids.len()).sum();
-    let packed =
-        PackedBatch::from_sequences(&batch.iter().map(|w| w.ids.as_slice()).collect::<Vec<_>>());
-    let result = packed.map_err(ServiceError::from).and_then(|p| {
-        match catch_unwind(AssertUnwindSafe(|| engine.forward(&p))) {
+    let packed = PackedBatch::from_sequences(&batch.iter().map(|w| w.ids.as_slice()).collect::<Vec<_>>());
+    let result =
+        packed.map_err(ServiceError::from).and_then(|p| match catch_unwind(AssertUnwindSafe(|| engine.forward(&p))) {
             Ok(r) => r.map_err(ServiceError::from),
             Err(panic) => {
                 let what = panic
@@ -232,12 +208,9 @@ fn run_batch(engine: &dyn Engine, batch: Vec<WorkItem>) {
                     .cloned()
                     .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                     .unwrap_or_default();
-                Err(ServiceError::Internal(format!(
-                    "the engine panicked on this batch: {what}"
-                )))
+                Err(ServiceError::Internal(format!("the engine panicked on this batch: {what}")))
             }
-        }
-    });
+        });
     let inference = start.elapsed();
     histogram!(m::INFERENCE_SECONDS).record(inference.as_secs_f64());
     histogram!(m::BATCH_SIZE).record(batch.len() as f64);
@@ -249,13 +222,7 @@ fn run_batch(engine: &dyn Engine, batch: Vec<WorkItem>) {
             for (w, raw) in batch.into_iter().zip(raws) {
                 let queue = start.saturating_duration_since(w.enqueued);
                 histogram!(m::QUEUE_SECONDS).record(queue.as_secs_f64());
-                w.reply
-                    .send(Ok(ItemOutput {
-                        raw,
-                        queue,
-                        inference,
-                    }))
-                    .ok();
+                w.reply.send(Ok(ItemOutput { raw, queue, inference })).ok();
             }
         }
         Err(e) => {
@@ -272,17 +239,9 @@ fn run_batch(engine: &dyn Engine, batch: Vec<WorkItem>) {
 mod tests {
     use super::*;
 
-    fn item(n: usize) -> WorkItem {
-        WorkItem::new(vec![1; n], None).0
-    }
-
     #[test]
     fn batches_respect_the_token_budget_and_request_cap_but_always_take_one() {
-        let cfg = BatchConfig {
-            max_batch_tokens: 10,
-            max_batch_requests: 3,
-            queue_capacity: 100,
-        };
+        let cfg = BatchConfig { max_batch_tokens: 10, max_batch_requests: 3, queue_capacity: 100 };
         let (mut q, mut rxs) = (VecDeque::new(), Vec::new());
         for n in [4, 4, 4, 20, 1, 1, 1, 1] {
             let (w, rx) = WorkItem::new(vec![1; n], None);
@@ -292,36 +251,25 @@ mod tests {
         let sizes = |b: Vec<WorkItem>| b.iter().map(|w| w.ids.len()).collect::<Vec<_>>();
         assert_eq!(sizes(take_batch(&mut q, &cfg)), [4, 4]);
         assert_eq!(sizes(take_batch(&mut q, &cfg)), [4]);
-        assert_eq!(
-            sizes(take_batch(&mut q, &cfg)),
-            [20],
-            "an oversized item runs alone"
-        );
+        assert_eq!(sizes(take_batch(&mut q, &cfg)), [20], "an oversized item runs alone");
         assert_eq!(sizes(take_batch(&mut q, &cfg)), [1, 1, 1], "request cap");
         assert_eq!(sizes(take_batch(&mut q, &cfg)), [1]);
     }
 
     #[test]
     fn cancelled_and_expired_items_are_dropped_before_compute() {
-        let cfg = BatchConfig {
-            max_batch_tokens: 100,
-            max_batch_requests: 100,
-            queue_capacity: 100,
-        };
+        let cfg = BatchConfig { max_batch_tokens: 100, max_batch_requests: 100, queue_capacity: 100 };
         let mut q = VecDeque::new();
         let (gone, rx_gone) = WorkItem::new(vec![1], None);
         drop(rx_gone);
-        let (late, rx_late) =
-            WorkItem::new(vec![2], Some(Instant::now() - Duration::from_millis(1)));
+        let (late, rx_late) = WorkItem::new(vec![2], Some(Instant::now() - Duration::from_millis(1)));
         q.push_back(gone);
         q.push_back(late);
-        q.push_back(item(3));
+        let (live, _rx_live) = WorkItem::new(vec![3; 3], None);
+        q.push_back(live);
         let b = take_batch(&mut q, &cfg);
         assert_eq!(b.len(), 1);
         assert_eq!(b[0].ids.len(), 3);
-        assert_eq!(
-            rx_late.blocking_recv().unwrap().unwrap_err(),
-            ServiceError::DeadlineExceeded
-        );
+        assert_eq!(rx_late.blocking_recv().unwrap().unwrap_err(), ServiceError::DeadlineExceeded);
     }
 }

@@ -24,8 +24,8 @@ pub enum ServiceError {
     #[error("{0}")]
     Unavailable(String),
     /// The bearer token is missing or wrong.
-    #[error("missing or wrong bearer token")]
-    Unauthenticated,
+    #[error("{0}")]
+    Unauthenticated(String),
     /// The request's deadline passed before it was computed.
     #[error("the deadline passed while the request waited in the queue")]
     DeadlineExceeded,
@@ -42,11 +42,9 @@ impl ServiceError {
     pub fn code(&self) -> Code {
         match self {
             ServiceError::InvalidArgument(_) => Code::InvalidArgument,
-            ServiceError::QueueFull { .. } | ServiceError::ResourceExhausted(_) => {
-                Code::ResourceExhausted
-            }
+            ServiceError::QueueFull { .. } | ServiceError::ResourceExhausted(_) => Code::ResourceExhausted,
             ServiceError::Unavailable(_) => Code::Unavailable,
-            ServiceError::Unauthenticated => Code::Unauthenticated,
+            ServiceError::Unauthenticated(_) => Code::Unauthenticated,
             ServiceError::DeadlineExceeded => Code::DeadlineExceeded,
             ServiceError::Cancelled => Code::Cancelled,
             ServiceError::Internal(_) => Code::Internal,
@@ -56,9 +54,7 @@ impl ServiceError {
     /// Prefixes the message with where in the request the problem is (`items[3]`).
     pub fn at(self, place: impl std::fmt::Display) -> Self {
         match self {
-            ServiceError::InvalidArgument(m) => {
-                ServiceError::InvalidArgument(format!("{place}: {m}"))
-            }
+            ServiceError::InvalidArgument(m) => ServiceError::InvalidArgument(format!("{place}: {m}")),
             other => other,
         }
     }
@@ -73,13 +69,11 @@ impl From<ServiceError> for Status {
 impl From<EngineError> for ServiceError {
     fn from(e: EngineError) -> Self {
         match e {
-            EngineError::InvalidInput(_)
-            | EngineError::TooLong { .. }
-            | EngineError::InvalidBatch(_) => ServiceError::InvalidArgument(e.to_string()),
+            EngineError::InvalidInput(_) | EngineError::TooLong { .. } | EngineError::InvalidBatch(_) => {
+                ServiceError::InvalidArgument(e.to_string())
+            }
             EngineError::Backend(m) if m.contains("out of memory") => {
-                ServiceError::ResourceExhausted(format!(
-                    "the batch ran out of memory: {m}; smaller batches may fit"
-                ))
+                ServiceError::ResourceExhausted(format!("the batch ran out of memory: {m}; smaller batches may fit"))
             }
             other => ServiceError::Internal(other.to_string()),
         }
@@ -121,20 +115,8 @@ mod tests {
         assert_eq!(e.code(), Code::ResourceExhausted);
         let e: ServiceError = EngineError::Backend("kernel failed".into()).into();
         assert_eq!(e.code(), Code::Internal);
-        assert_eq!(
-            ServiceError::QueueFull {
-                depth: 1,
-                capacity: 1
-            }
-            .code(),
-            Code::ResourceExhausted
-        );
-        let s: Status = ServiceError::InvalidArgument("x".into())
-            .at("items[2]")
-            .into();
-        assert_eq!(
-            (s.code(), s.message()),
-            (Code::InvalidArgument, "items[2]: x")
-        );
+        assert_eq!(ServiceError::QueueFull { depth: 1, capacity: 1 }.code(), Code::ResourceExhausted);
+        let s: Status = ServiceError::InvalidArgument("x".into()).at("items[2]").into();
+        assert_eq!((s.code(), s.message()), (Code::InvalidArgument, "items[2]: x"));
     }
 }

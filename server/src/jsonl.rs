@@ -30,37 +30,16 @@ fn invalid(m: impl Into<String>) -> EngineError {
 
 /// Parses one JSON line into an item; the error says which field is wrong.
 pub fn parse_item(line: &str) -> Result<Item, EngineError> {
-    let v: Value =
-        serde_json::from_str(line).map_err(|e| invalid(format!("not valid JSON: {e}")))?;
-    let obj = v
-        .as_object()
-        .ok_or_else(|| invalid("expected a JSON object"))?;
-    const KNOWN: [&str; 6] = [
-        "messages",
-        "text",
-        "token_ids",
-        "id",
-        "truncation",
-        "reward_weights",
-    ];
+    let v: Value = serde_json::from_str(line).map_err(|e| invalid(format!("not valid JSON: {e}")))?;
+    let obj = v.as_object().ok_or_else(|| invalid("expected a JSON object"))?;
+    const KNOWN: [&str; 6] = ["messages", "text", "token_ids", "id", "truncation", "reward_weights"];
     if let Some(k) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        return Err(invalid(format!(
-            "unknown field {k:?}; fields are {}",
-            KNOWN.join(", ")
-        )));
+        return Err(invalid(format!("unknown field {k:?}; fields are {}", KNOWN.join(", "))));
     }
-    let kinds: Vec<&str> = ["messages", "text", "token_ids"]
-        .into_iter()
-        .filter(|k| obj.contains_key(*k))
-        .collect();
+    let kinds: Vec<&str> = ["messages", "text", "token_ids"].into_iter().filter(|k| obj.contains_key(*k)).collect();
     let input = match kinds.as_slice() {
         ["messages"] => Input::Messages(parse_messages(&obj["messages"])?),
-        ["text"] => Input::Text(
-            obj["text"]
-                .as_str()
-                .ok_or_else(|| invalid("\"text\" must be a string"))?
-                .to_string(),
-        ),
+        ["text"] => Input::Text(obj["text"].as_str().ok_or_else(|| invalid("\"text\" must be a string"))?.to_string()),
         ["token_ids"] => Input::TokenIds(
             obj["token_ids"]
                 .as_array()
@@ -74,26 +53,13 @@ pub fn parse_item(line: &str) -> Result<Item, EngineError> {
                 })
                 .collect::<Result<_, _>>()?,
         ),
-        [] => {
-            return Err(invalid(
-                "the item needs one of \"messages\", \"text\" or \"token_ids\"",
-            ))
-        }
-        many => {
-            return Err(invalid(format!(
-                "the item has {}; give exactly one",
-                many.join(" and ")
-            )))
-        }
+        [] => return Err(invalid("the item needs one of \"messages\", \"text\" or \"token_ids\"")),
+        many => return Err(invalid(format!("the item has {}; give exactly one", many.join(" and ")))),
     };
     let truncation = match obj.get("truncation") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.parse()?),
-        Some(v) => {
-            return Err(invalid(format!(
-                "\"truncation\" must be \"error\" or \"truncate\", found {v}"
-            )))
-        }
+        Some(v) => return Err(invalid(format!("\"truncation\" must be \"error\" or \"truncate\", found {v}"))),
     };
     let weights = match obj.get("reward_weights") {
         None | Some(Value::Null) => Vec::new(),
@@ -105,24 +71,13 @@ pub fn parse_item(line: &str) -> Result<Item, EngineError> {
                     .ok_or_else(|| invalid(format!("reward_weights.{k} must be a number")))
             })
             .collect::<Result<_, _>>()?,
-        Some(_) => {
-            return Err(invalid(
-                "\"reward_weights\" must be an object of attribute -> weight",
-            ))
-        }
+        Some(_) => return Err(invalid("\"reward_weights\" must be an object of attribute -> weight")),
     };
-    Ok(Item {
-        id: obj.get("id").cloned(),
-        input,
-        truncation,
-        weights,
-    })
+    Ok(Item { id: obj.get("id").cloned(), input, truncation, weights })
 }
 
 fn parse_messages(v: &Value) -> Result<Vec<Message>, EngineError> {
-    let list = v
-        .as_array()
-        .ok_or_else(|| invalid("\"messages\" must be a list of {\"role\", \"content\"} objects"))?;
+    let list = v.as_array().ok_or_else(|| invalid("\"messages\" must be a list of {\"role\", \"content\"} objects"))?;
     list.iter()
         .enumerate()
         .map(|(i, m)| {
@@ -146,23 +101,13 @@ pub fn item_weights(head: &HeadSpec, item: &Item) -> Result<RewardWeights, Engin
 }
 
 /// The JSON result of a scored item.
-pub fn result_json(
-    line: usize,
-    id: Option<&Value>,
-    prepared: &Prepared,
-    score: &Score,
-    demo: bool,
-) -> Value {
+pub fn result_json(line: usize, id: Option<&Value>, prepared: &Prepared, score: &Score, demo: bool) -> Value {
     let mut o = Map::new();
     o.insert("line".into(), json!(line));
     if let Some(id) = id {
         o.insert("id".into(), id.clone());
     }
-    let attrs: Map<String, Value> = score
-        .attributes
-        .iter()
-        .map(|(k, v)| (k.clone(), json!(v)))
-        .collect();
+    let attrs: Map<String, Value> = score.attributes.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
     o.insert("attributes".into(), Value::Object(attrs));
     o.insert("reward".into(), json!(score.reward));
     o.insert("tokens".into(), json!(prepared.ids.len()));
@@ -200,17 +145,14 @@ mod tests {
 
     #[test]
     fn the_three_input_kinds() {
-        let i = parse_item(r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "id": 7}"#).unwrap();
-        assert!(matches!(i.input, Input::Messages(ref m) if m.len() == 2));
-        assert_eq!(i.id, Some(json!(7)));
-        assert!(matches!(
-            parse_item(r#"{"text": "x"}"#).unwrap().input,
-            Input::Text(_)
-        ));
         let i = parse_item(
-            r#"{"token_ids": [1, 2], "truncation": "truncate", "reward_weights": {"a": 2}}"#,
+            r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "id": 7}"#,
         )
         .unwrap();
+        assert!(matches!(i.input, Input::Messages(ref m) if m.len() == 2));
+        assert_eq!(i.id, Some(json!(7)));
+        assert!(matches!(parse_item(r#"{"text": "x"}"#).unwrap().input, Input::Text(_)));
+        let i = parse_item(r#"{"token_ids": [1, 2], "truncation": "truncate", "reward_weights": {"a": 2}}"#).unwrap();
         assert_eq!(i.input, Input::TokenIds(vec![1, 2]));
         assert_eq!(i.truncation, Some(TruncationPolicy::Truncate));
         assert_eq!(i.weights, vec![("a".to_string(), 2.0)]);
@@ -222,23 +164,11 @@ mod tests {
             ("nope", "not valid JSON"),
             ("[1]", "expected a JSON object"),
             ("{}", "needs one of"),
-            (
-                r#"{"text": "a", "token_ids": [1]}"#,
-                "has text and token_ids",
-            ),
+            (r#"{"text": "a", "token_ids": [1]}"#, "has text and token_ids"),
             (r#"{"token_ids": [1, -3]}"#, "token_ids[1] = -3"),
-            (
-                r#"{"messages": [{"role": "robot", "content": "x"}]}"#,
-                "messages[0]: unknown role \"robot\"",
-            ),
-            (
-                r#"{"messages": [{"role": "user"}]}"#,
-                "messages[0] needs a string \"content\"",
-            ),
-            (
-                r#"{"text": "a", "truncation": "cut"}"#,
-                "unknown truncation policy \"cut\"",
-            ),
+            (r#"{"messages": [{"role": "robot", "content": "x"}]}"#, "messages[0]: unknown role \"robot\""),
+            (r#"{"messages": [{"role": "user"}]}"#, "messages[0] needs a string \"content\""),
+            (r#"{"text": "a", "truncation": "cut"}"#, "unknown truncation policy \"cut\""),
             (r#"{"text": "a", "colour": 1}"#, "unknown field \"colour\""),
         ] {
             let e = parse_item(line).unwrap_err().to_string();

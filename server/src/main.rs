@@ -93,21 +93,14 @@ fn main() -> ExitCode {
 }
 
 fn serve(args: ServeArgs, log_format: LogFormat) -> Result<ExitCode> {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match log_format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("arbiter-grpc")
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("arbiter-grpc").build()?;
     let result = runtime.block_on(async move {
         let running = start(args).await?;
         let stop = running.stop_handle();
@@ -162,22 +155,19 @@ fn score(args: ScoreArgs) -> Result<ExitCode> {
     let reader: Box<dyn BufRead> = if args.input.as_os_str() == "-" {
         Box::new(BufReader::new(std::io::stdin()))
     } else {
-        let f = std::fs::File::open(&args.input)
-            .with_context(|| format!("opening {}", args.input.display()))?;
+        let f = std::fs::File::open(&args.input).with_context(|| format!("opening {}", args.input.display()))?;
         Box::new(BufReader::new(f))
     };
     let mut out: Box<dyn Write> = match &args.output {
-        Some(p) => Box::new(BufWriter::new(
-            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
-        )),
+        Some(p) => {
+            Box::new(BufWriter::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?))
+        }
         None => Box::new(BufWriter::new(std::io::stdout().lock())),
     };
     let bar = indicatif::ProgressBar::new_spinner().with_message("scoring");
     bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} {pos} lines scored, {per_sec}, {elapsed} {msg}",
-        )
-        .expect("a valid template"),
+        indicatif::ProgressStyle::with_template("{spinner} {pos} lines scored, {per_sec}, {elapsed} {msg}")
+            .expect("a valid template"),
     );
 
     let head = model.spec().head.clone();
@@ -185,8 +175,7 @@ fn score(args: ScoreArgs) -> Result<ExitCode> {
     let (mut scored, mut failed) = (0usize, 0usize);
     for (n, line) in reader.lines().enumerate() {
         let line_no = n + 1;
-        let line =
-            line.with_context(|| format!("reading line {line_no} of {}", args.input.display()))?;
+        let line = line.with_context(|| format!("reading line {line_no} of {}", args.input.display()))?;
         if line.trim().is_empty() {
             continue;
         }
@@ -202,40 +191,18 @@ fn score(args: ScoreArgs) -> Result<ExitCode> {
         };
         let tokens = item.as_ref().map_or(0, |(p, _)| p.ids.len());
         if batch_tokens + tokens > args.batch_tokens && batch_tokens > 0 {
-            flush(
-                &model,
-                &mut pending,
-                &mut out,
-                demo,
-                &mut scored,
-                &mut failed,
-            )?;
+            flush(&model, &mut pending, &mut out, demo, &mut scored, &mut failed)?;
             bar.set_position(scored as u64);
             batch_tokens = 0;
         }
         batch_tokens += tokens;
-        pending.push(Pending {
-            line: line_no,
-            id,
-            item,
-        });
+        pending.push(Pending { line: line_no, id, item });
     }
-    flush(
-        &model,
-        &mut pending,
-        &mut out,
-        demo,
-        &mut scored,
-        &mut failed,
-    )?;
+    flush(&model, &mut pending, &mut out, demo, &mut scored, &mut failed)?;
     out.flush().context("writing results")?;
     bar.finish_and_clear();
     eprintln!("arbiter: {scored} lines scored, {failed} failed");
-    Ok(if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 /// Scores the pending lines as one packed batch and writes every line's result in order.
@@ -247,17 +214,11 @@ fn flush(
     scored: &mut usize,
     failed: &mut usize,
 ) -> Result<()> {
-    let ok: Vec<&(Prepared, RewardWeights)> = pending
-        .iter()
-        .filter_map(|p| p.item.as_ref().ok())
-        .collect();
+    let ok: Vec<&(Prepared, RewardWeights)> = pending.iter().filter_map(|p| p.item.as_ref().ok()).collect();
     let scores = if ok.is_empty() {
         Ok(Vec::new())
     } else {
-        model.score(
-            &ok.iter().map(|(p, _)| p).collect::<Vec<_>>(),
-            &ok.iter().map(|(_, w)| w).collect::<Vec<_>>(),
-        )
+        model.score(&ok.iter().map(|(p, _)| p).collect::<Vec<_>>(), &ok.iter().map(|(_, w)| w).collect::<Vec<_>>())
     };
     let mut scores = match scores {
         Ok(s) => s.into_iter(),
@@ -276,13 +237,7 @@ fn flush(
         let v = match &p.item {
             Ok((prepared, _)) => {
                 *scored += 1;
-                result_json(
-                    p.line,
-                    p.id.as_ref(),
-                    prepared,
-                    &scores.next().expect("one score per prepared item"),
-                    demo,
-                )
+                result_json(p.line, p.id.as_ref(), prepared, &scores.next().expect("one score per prepared item"), demo)
             }
             Err(e) => {
                 *failed += 1;

@@ -39,16 +39,11 @@ pub const BUILD_INFO: &str = "arbiter_build_info";
 /// Constant 1 with the model's architecture, fingerprint and backend as labels.
 pub const MODEL_INFO: &str = "arbiter_model_info";
 
-const SECONDS: [f64; 16] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    60.0,
-];
-const SIZES: [f64; 11] = [
-    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
-];
-const TOKEN_COUNTS: [f64; 12] = [
-    64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0, 65536.0, 131072.0,
-];
+const SECONDS: [f64; 16] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+const SIZES: [f64; 11] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+const TOKEN_COUNTS: [f64; 12] =
+    [64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0, 65536.0, 131072.0];
 
 /// Installs the global recorder and serves `/metrics` on `addr` (needs a tokio runtime).
 pub fn install(addr: SocketAddr) -> Result<(), String> {
@@ -69,31 +64,12 @@ fn describe() {
     describe_counter!(REQUESTS, "Requests by RPC and gRPC status code.");
     describe_counter!(ITEMS, "Items (sequences) scored.");
     describe_counter!(TOKENS, "Tokens scored.");
-    describe_counter!(
-        DROPPED,
-        "Items dropped before compute: client gone or deadline passed."
-    );
+    describe_counter!(DROPPED, "Items dropped before compute: client gone or deadline passed.");
     describe_counter!(BATCH_FAILURES, "Batches whose forward pass failed.");
-    describe_histogram!(
-        QUEUE_SECONDS,
-        Unit::Seconds,
-        "Time an item waited for its batch."
-    );
-    describe_histogram!(
-        TOKENIZE_SECONDS,
-        Unit::Seconds,
-        "Templating and tokenization time of a request."
-    );
-    describe_histogram!(
-        INFERENCE_SECONDS,
-        Unit::Seconds,
-        "Forward pass time of a batch."
-    );
-    describe_histogram!(
-        REQUEST_SECONDS,
-        Unit::Seconds,
-        "Time from receipt to reply, by RPC."
-    );
+    describe_histogram!(QUEUE_SECONDS, Unit::Seconds, "Time an item waited for its batch.");
+    describe_histogram!(TOKENIZE_SECONDS, Unit::Seconds, "Templating and tokenization time of a request.");
+    describe_histogram!(INFERENCE_SECONDS, Unit::Seconds, "Forward pass time of a batch.");
+    describe_histogram!(REQUEST_SECONDS, Unit::Seconds, "Time from receipt to reply, by RPC.");
     describe_histogram!(BATCH_SIZE, "Sequences per batch.");
     describe_histogram!(BATCH_TOKENS, "Tokens per batch.");
     describe_gauge!(QUEUE_DEPTH, "Items waiting for a batch.");

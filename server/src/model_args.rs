@@ -10,12 +10,7 @@ use arbiter_engine::Result;
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelArgs {
     /// Model folder (config.json, safetensors, tokenizer.json).
-    #[arg(
-        long,
-        env = "ARBITER_MODEL",
-        required_unless_present = "demo",
-        conflicts_with = "demo"
-    )]
+    #[arg(long, env = "ARBITER_MODEL", required_unless_present = "demo", conflicts_with = "demo")]
     pub model: Option<PathBuf>,
     /// Use the embedded demo model (random weights: its scores are meaningless).
     #[arg(long, env = "ARBITER_DEMO")]
@@ -39,10 +34,7 @@ impl ModelArgs {
 
     /// Loads the model.
     pub fn load(&self) -> Result<LoadedModel> {
-        let opts = LoadOptions {
-            threads: self.threads,
-            max_input_tokens: self.max_input_tokens,
-        };
+        let opts = LoadOptions { threads: self.threads, max_input_tokens: self.max_input_tokens };
         LoadedModel::load(&self.dir()?, &opts)
     }
 }

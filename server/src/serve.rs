@@ -10,7 +10,6 @@ use arbiter_engine::PackedBatch;
 use arbiter_proto::v1::reward_service_server::RewardServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
@@ -113,25 +112,17 @@ impl Running {
 /// the model is ready, SERVING after, NOT_SERVING again once draining starts.
 pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
     use anyhow::Context;
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
+    let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
     if args.metrics_listen != "none" {
-        let maddr: SocketAddr = args
-            .metrics_listen
-            .parse()
-            .with_context(|| format!("--metrics-listen {:?}", args.metrics_listen))?;
+        let maddr: SocketAddr =
+            args.metrics_listen.parse().with_context(|| format!("--metrics-listen {:?}", args.metrics_listen))?;
         m::install(maddr).map_err(anyhow::Error::msg)?;
         tracing::info!(%maddr, "metrics on /metrics");
     }
     let (health, health_svc) = tonic_health::server::health_reporter();
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    health
-        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-        .await;
+    health.set_service_status("", ServingStatus::NotServing).await;
+    health.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(arbiter_proto::v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -142,29 +133,21 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
         .build_v1alpha()?;
 
     let lifecycle = Arc::new(Lifecycle::default());
-    let service = Service::new(lifecycle.clone());
-    let auth = BearerAuth::new(args.auth_token.as_deref());
+    let service = Service::new(lifecycle.clone(), BearerAuth::new(args.auth_token.as_deref()));
     let reward = RewardServiceServer::new(service.clone())
         .max_decoding_message_size(args.max_message_bytes)
         .max_encoding_message_size(args.max_message_bytes);
-    let reward = InterceptedService::new(reward, move |req| auth.check(req));
 
     let mut builder = Server::builder();
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
-        let cert = std::fs::read(cert)
-            .with_context(|| format!("reading --tls-cert {}", cert.display()))?;
-        let key =
-            std::fs::read(key).with_context(|| format!("reading --tls-key {}", key.display()))?;
-        builder =
-            builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
+        let cert = std::fs::read(cert).with_context(|| format!("reading --tls-cert {}", cert.display()))?;
+        let key = std::fs::read(key).with_context(|| format!("reading --tls-key {}", key.display()))?;
+        builder = builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
     }
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let (grpc_stop_tx, mut grpc_stop_rx) = watch::channel(false);
-    let router = builder
-        .add_service(health_svc)
-        .add_service(reflection)
-        .add_service(reflection_alpha)
-        .add_service(reward);
+    let router =
+        builder.add_service(health_svc).add_service(reflection).add_service(reflection_alpha).add_service(reward);
     let grpc = tokio::spawn(router.serve_with_incoming_shutdown(
         tokio_stream::wrappers::TcpListenerStream::new(listener),
         async move {
@@ -183,23 +166,14 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
         };
         service.set_ready(ready.clone());
         health.set_service_status("", ServingStatus::Serving).await;
-        health
-            .set_service_status(SERVICE_NAME, ServingStatus::Serving)
-            .await;
+        health.set_service_status(SERVICE_NAME, ServingStatus::Serving).await;
         metrics::gauge!(m::READY).set(1.0);
         tracing::info!(%addr, "SERVING");
 
         stop_rx.wait_for(|s| *s).await.ok();
-        tracing::info!(
-            in_flight = lifecycle.in_flight(),
-            "draining: NOT_SERVING, answering accepted requests"
-        );
-        health
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
-        health
-            .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-            .await;
+        tracing::info!(in_flight = lifecycle.in_flight(), "draining: NOT_SERVING, answering accepted requests");
+        health.set_service_status("", ServingStatus::NotServing).await;
+        health.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
         metrics::gauge!(m::READY).set(0.0);
         lifecycle.start_draining();
         let grace = Duration::from_secs_f64(args.shutdown_grace_seconds.max(0.0));
@@ -208,15 +182,10 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         if lifecycle.in_flight() > 0 {
-            tracing::warn!(
-                in_flight = lifecycle.in_flight(),
-                "grace period over; exiting with requests unanswered"
-            );
+            tracing::warn!(in_flight = lifecycle.in_flight(), "grace period over; exiting with requests unanswered");
         }
         grpc_stop_tx.send(true).ok();
-        let left = grace
-            .saturating_sub(t.elapsed())
-            .max(Duration::from_millis(100));
+        let left = grace.saturating_sub(t.elapsed()).max(Duration::from_millis(100));
         if tokio::time::timeout(left, grpc).await.is_err() {
             tracing::warn!("connections still open after the grace period; closing them");
         }
@@ -225,20 +194,14 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
         tracing::info!("stopped");
         Ok(())
     });
-    Ok(Running {
-        addr,
-        stop: stop_tx,
-        done,
-    })
+    Ok(Running { addr, stop: stop_tx, done })
 }
 
 /// Loads the model, starts the batcher and runs the warm-up batch.
 async fn prepare(args: &ServeArgs) -> anyhow::Result<Arc<Ready>> {
     use anyhow::Context;
     let a = args.clone();
-    let model = tokio::task::spawn_blocking(move || a.model.load())
-        .await?
-        .context("loading the model")?;
+    let model = tokio::task::spawn_blocking(move || a.model.load()).await?.context("loading the model")?;
     tracing::info!(
         dir = %model.dir.display(),
         fingerprint = %model.fingerprint,
@@ -249,12 +212,7 @@ async fn prepare(args: &ServeArgs) -> anyhow::Result<Arc<Ready>> {
     if model.spec().demo {
         tracing::warn!("{}", arbiter_engine::demo::DEMO_WARNING);
     }
-    m::record_info(
-        &model.spec().architecture,
-        &model.fingerprint,
-        &model.engine.backend_name(),
-        model.load_seconds,
-    );
+    m::record_info(&model.spec().architecture, &model.fingerprint, &model.engine.backend_name(), model.load_seconds);
     let cfg = BatchConfig {
         max_batch_tokens: args.max_batch_tokens.max(1),
         max_batch_requests: args.max_batch_requests.max(1),
@@ -270,11 +228,7 @@ async fn prepare(args: &ServeArgs) -> anyhow::Result<Arc<Ready>> {
                 "the warm-up batch of {tokens} tokens failed: {e}. Lower --max-batch-tokens (or ARBITER_MAX_BATCH_TOKENS) until it fits"
             )
         })?;
-        tracing::info!(
-            tokens,
-            seconds = t.elapsed().as_secs_f64(),
-            "warm-up batch done"
-        );
+        tracing::info!(tokens, seconds = t.elapsed().as_secs_f64(), "warm-up batch done");
     }
     let batcher = Batcher::start(model.engine.clone(), cfg);
     let tokenizers = rayon::ThreadPoolBuilder::new()
@@ -286,12 +240,7 @@ async fn prepare(args: &ServeArgs) -> anyhow::Result<Arc<Ready>> {
         max_message_bytes: args.max_message_bytes,
         default_truncation: args.truncation,
     };
-    Ok(Arc::new(Ready {
-        model,
-        batcher,
-        tokenizers,
-        limits,
-    }))
+    Ok(Arc::new(Ready { model, batcher, tokenizers, limits }))
 }
 
 /// One batch as large as the limits allow: full-length sequences up to the token budget.
@@ -307,14 +256,8 @@ fn warm_up(
     let mut left = tokens;
     while left > 0 && seqs.len() < requests {
         let n = left.min(len);
-        seqs.push(
-            (0..n as u32)
-                .map(|i| (i * 7 + 3) % vocab)
-                .collect::<Vec<u32>>(),
-        );
+        seqs.push((0..n as u32).map(|i| (i * 7 + 3) % vocab).collect::<Vec<u32>>());
         left -= n;
     }
-    engine
-        .forward(&PackedBatch::from_sequences(&seqs)?)
-        .map(|_| ())
+    engine.forward(&PackedBatch::from_sequences(&seqs)?).map(|_| ())
 }

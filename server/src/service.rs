@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 
 use arbiter_engine::demo::DEMO_WARNING;
 use arbiter_engine::runtime::LoadedModel;
-use arbiter_engine::text::{
-    validate_roles, ChatTemplate, Input, Message, Prepared, Role, TruncationPolicy,
-};
+use arbiter_engine::text::{validate_roles, ChatTemplate, Input, Message, Prepared, Role, TruncationPolicy};
 use arbiter_engine::{RewardWeights, Score};
 use arbiter_proto::v1 as pb;
 use pb::reward_service_server::RewardService;
@@ -19,6 +17,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use crate::auth::BearerAuth;
 use crate::batcher::{Batcher, WorkItem};
 use crate::error::ServiceError;
 use crate::metrics as m;
@@ -75,9 +74,7 @@ impl Lifecycle {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         let guard = InFlight(self.clone());
         if self.is_draining() {
-            return Err(ServiceError::Unavailable(
-                "the server is shutting down; retry on another replica".into(),
-            ));
+            return Err(ServiceError::Unavailable("the server is shutting down; retry on another replica".into()));
         }
         Ok(guard)
     }
@@ -98,17 +95,44 @@ impl Drop for InFlight {
 pub struct Service {
     ready: Arc<OnceLock<Arc<Ready>>>,
     lifecycle: Arc<Lifecycle>,
+    auth: BearerAuth,
     next_id: Arc<AtomicU64>,
 }
 
-impl Service {
-    /// A service that answers UNAVAILABLE until [`Service::set_ready`].
-    pub fn new(lifecycle: Arc<Lifecycle>) -> Self {
-        Service {
-            ready: Arc::new(OnceLock::new()),
-            lifecycle,
-            next_id: Arc::new(AtomicU64::new(1)),
+/// Records a request's outcome exactly once: when it finishes, or as CANCELLED (DEADLINE_EXCEEDED
+/// past its deadline) if its future is dropped first, as tonic does when the client goes away.
+struct Outcome {
+    rpc: &'static str,
+    start: Instant,
+    deadline: Option<Instant>,
+    done: bool,
+}
+
+impl Outcome {
+    fn finish(&mut self, code: tonic::Code) {
+        self.done = true;
+        m::record_request(self.rpc, code, self.start.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        if !self.done {
+            let code = match self.deadline {
+                Some(d) if Instant::now() >= d => tonic::Code::DeadlineExceeded,
+                _ => tonic::Code::Cancelled,
+            };
+            tracing::info!(rpc = self.rpc, code = crate::error::code_name(code), "abandoned by the client");
+            self.finish(code);
         }
+    }
+}
+
+impl Service {
+    /// A service that answers UNAVAILABLE until [`Service::set_ready`]; with a token in `auth`,
+    /// every RPC needs it (health, reflection and metrics are separate and stay open).
+    pub fn new(lifecycle: Arc<Lifecycle>, auth: BearerAuth) -> Self {
+        Service { ready: Arc::new(OnceLock::new()), lifecycle, auth, next_id: Arc::new(AtomicU64::new(1)) }
     }
 
     /// Makes the service answer with `ready`.
@@ -117,10 +141,7 @@ impl Service {
     }
 
     fn ready(&self) -> Result<Arc<Ready>, ServiceError> {
-        self.ready
-            .get()
-            .cloned()
-            .ok_or_else(|| ServiceError::Unavailable("the model is still loading".into()))
+        self.ready.get().cloned().ok_or_else(|| ServiceError::Unavailable("the model is still loading".into()))
     }
 
     fn request_id<T>(&self, req: &Request<T>) -> String {
@@ -132,12 +153,7 @@ impl Service {
     }
 
     /// Runs `f` as one request: admission, a span with the request id, metrics and a log line.
-    async fn handle<T, F, Fut>(
-        &self,
-        rpc: &'static str,
-        req: Request<T>,
-        f: F,
-    ) -> Result<Response<T::Out>, Status>
+    async fn handle<T, F, Fut>(&self, rpc: &'static str, req: Request<T>, f: F) -> Result<Response<T::Out>, Status>
     where
         T: Payload,
         F: FnOnce(Arc<Ready>, T, Option<Instant>) -> Fut,
@@ -148,16 +164,16 @@ impl Service {
         let span = tracing::info_span!("request", request_id = %id, rpc);
         async move {
             let deadline = grpc_deadline(&req, start);
+            let mut outcome = Outcome { rpc, start, deadline, done: false };
             let result = async {
+                self.auth.check(&req)?;
                 let _guard = self.lifecycle.admit()?;
                 let ready = self.ready()?;
                 f(ready, req.into_inner(), deadline).await
             }
             .await;
-            let code = result
-                .as_ref()
-                .map_or_else(|e| e.code(), |_| tonic::Code::Ok);
-            m::record_request(rpc, code, start.elapsed().as_secs_f64());
+            let code = result.as_ref().map_or_else(|e| e.code(), |_| tonic::Code::Ok);
+            outcome.finish(code);
             match &result {
                 Ok(_) => tracing::info!(ms = start.elapsed().as_secs_f64() * 1e3, "ok"),
                 Err(e) => {
@@ -222,9 +238,9 @@ fn proto_input(item: pb::Item, place: &str) -> Result<Input, ServiceError> {
         Some(I::Conversation(c)) => Ok(Input::Messages(proto_messages(&c.messages, place)?)),
         Some(I::Text(t)) => Ok(Input::Text(t)),
         Some(I::TokenIds(t)) => Ok(Input::TokenIds(t.ids)),
-        None => Err(ServiceError::InvalidArgument(format!(
-            "{place} has no input: set conversation, text or token_ids"
-        ))),
+        None => {
+            Err(ServiceError::InvalidArgument(format!("{place} has no input: set conversation, text or token_ids")))
+        }
     }
 }
 
@@ -233,27 +249,20 @@ fn policy(ready: &Ready, t: i32) -> Result<TruncationPolicy, ServiceError> {
         Ok(pb::Truncation::Unspecified) => Ok(ready.limits.default_truncation),
         Ok(pb::Truncation::Error) => Ok(TruncationPolicy::Error),
         Ok(pb::Truncation::Truncate) => Ok(TruncationPolicy::Truncate),
-        Err(_) => Err(ServiceError::InvalidArgument(format!(
-            "truncation {t} is not a known value"
-        ))),
+        Err(_) => Err(ServiceError::InvalidArgument(format!("truncation {t} is not a known value"))),
     }
 }
 
 fn weights(ready: &Ready, overrides: &HashMap<String, f32>) -> Result<RewardWeights, ServiceError> {
     let mut sorted: Vec<(&String, &f32)> = overrides.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(b.0)); // deterministic error messages
-    RewardWeights::with_overrides(
-        &ready.model.spec().head,
-        sorted.into_iter().map(|(k, v)| (k.as_str(), *v)),
-    )
-    .map_err(|e| ServiceError::InvalidArgument(format!("reward_weights: {e}")))
+    RewardWeights::with_overrides(&ready.model.spec().head, sorted.into_iter().map(|(k, v)| (k.as_str(), *v)))
+        .map_err(|e| ServiceError::InvalidArgument(format!("reward_weights: {e}")))
 }
 
 fn check_count(ready: &Ready, n: usize, what: &str) -> Result<(), ServiceError> {
     if n == 0 {
-        return Err(ServiceError::InvalidArgument(format!(
-            "the request has no {what}"
-        )));
+        return Err(ServiceError::InvalidArgument(format!("the request has no {what}")));
     }
     if n > ready.limits.max_items_per_request {
         return Err(ServiceError::InvalidArgument(format!(
@@ -305,38 +314,24 @@ async fn score_inputs(
         let prepared: Vec<Result<Prepared, ServiceError>> = inputs
             .into_par_iter()
             .map(|(place, input)| {
-                r.model
-                    .preprocessor
-                    .prepare(&input, policy)
-                    .map_err(|e| ServiceError::from(e).at(place))
+                r.model.preprocessor.prepare(&input, policy).map_err(|e| ServiceError::from(e).at(place))
             })
             .collect();
         tx.send(prepared).ok();
     });
-    let prepared = rx
-        .await
-        .map_err(|_| ServiceError::Internal("a tokenization worker failed".into()))?;
+    let prepared = rx.await.map_err(|_| ServiceError::Internal("a tokenization worker failed".into()))?;
     let prepared: Vec<Prepared> = prepared.into_iter().collect::<Result<_, _>>()?;
     let tokenize = start.elapsed();
     metrics::histogram!(m::TOKENIZE_SECONDS).record(tokenize.as_secs_f64());
 
-    let (work, receivers): (Vec<_>, Vec<_>) = prepared
-        .iter()
-        .map(|p| WorkItem::new(p.ids.clone(), deadline))
-        .unzip();
+    let (work, receivers): (Vec<_>, Vec<_>) = prepared.iter().map(|p| WorkItem::new(p.ids.clone(), deadline)).unzip();
     ready.batcher.submit(work)?;
     let mut outputs = Vec::with_capacity(receivers.len());
     for rx in receivers {
-        outputs.push(
-            rx.await
-                .map_err(|_| ServiceError::Internal("the engine thread stopped".into()))??,
-        );
+        outputs.push(rx.await.map_err(|_| ServiceError::Internal("the engine thread stopped".into()))??);
     }
     let head = &ready.model.spec().head;
-    let mut timing = pb::Timing {
-        tokenize_ms: tokenize.as_secs_f64() * 1e3,
-        ..Default::default()
-    };
+    let mut timing = pb::Timing { tokenize_ms: tokenize.as_secs_f64() * 1e3, ..Default::default() };
     let mut results = Vec::with_capacity(outputs.len());
     let mut rewards = Vec::with_capacity(outputs.len());
     for (p, out) in prepared.iter().zip(outputs) {
@@ -352,11 +347,7 @@ async fn score_inputs(
         });
     }
     timing.total_ms = start.elapsed().as_secs_f64() * 1e3;
-    Ok(Scored {
-        results,
-        rewards,
-        timing,
-    })
+    Ok(Scored { results, rewards, timing })
 }
 
 async fn score(
@@ -393,10 +384,7 @@ async fn rank(
     check_count(&ready, req.candidates.len(), "candidates")?;
     let policy = policy(&ready, req.truncation)?;
     let weights = weights(&ready, &req.reward_weights)?;
-    let prompt = proto_messages(
-        &req.prompt.map(|p| p.messages).unwrap_or_default(),
-        "prompt",
-    )?;
+    let prompt = proto_messages(&req.prompt.map(|p| p.messages).unwrap_or_default(), "prompt")?;
     // The prompt must be a conversation waiting for an assistant turn.
     if let Some(last) = prompt.last().filter(|m| m.role != Role::User) {
         return Err(ServiceError::InvalidArgument(format!(
@@ -437,11 +425,7 @@ fn model_info(ready: &Ready) -> pb::ModelInfo {
     let b = ready.batcher.config();
     pb::ModelInfo {
         architecture: spec.architecture.clone(),
-        attributes: head
-            .exposed
-            .iter()
-            .map(|&i| head.labels[i].clone())
-            .collect(),
+        attributes: head.exposed.iter().map(|&i| head.labels[i].clone()).collect(),
         default_reward_weights: head
             .exposed
             .iter()
@@ -471,10 +455,7 @@ fn model_info(ready: &Ready) -> pb::ModelInfo {
     }
 }
 
-async fn tokenize(
-    ready: Arc<Ready>,
-    req: pb::TokenizeRequest,
-) -> Result<pb::TokenizeResponse, ServiceError> {
+async fn tokenize(ready: Arc<Ready>, req: pb::TokenizeRequest) -> Result<pb::TokenizeResponse, ServiceError> {
     let policy = policy(&ready, req.truncation)?;
     let input = proto_input(req.item.unwrap_or_default(), "item")?;
     let r = ready.clone();
@@ -494,17 +475,11 @@ type StreamOut = Pin<Box<dyn Stream<Item = Result<pb::ScoreStreamResponse, Statu
 
 #[tonic::async_trait]
 impl RewardService for Service {
-    async fn score(
-        &self,
-        req: Request<pb::ScoreRequest>,
-    ) -> Result<Response<pb::ScoreResponse>, Status> {
+    async fn score(&self, req: Request<pb::ScoreRequest>) -> Result<Response<pb::ScoreResponse>, Status> {
         self.handle("Score", req, score).await
     }
 
-    async fn rank(
-        &self,
-        req: Request<pb::RankRequest>,
-    ) -> Result<Response<pb::RankResponse>, Status> {
+    async fn rank(&self, req: Request<pb::RankRequest>) -> Result<Response<pb::RankResponse>, Status> {
         self.handle("Rank", req, rank).await
     }
 
@@ -514,7 +489,14 @@ impl RewardService for Service {
         &self,
         req: Request<Streaming<pb::ScoreStreamRequest>>,
     ) -> Result<Response<Self::ScoreStreamStream>, Status> {
-        let ready = self.ready().map_err(Status::from)?;
+        if let Err(e) = self.auth.check(&req) {
+            m::record_request("ScoreStream", e.code(), 0.0);
+            return Err(e.into());
+        }
+        let ready = self.ready().map_err(|e| {
+            m::record_request("ScoreStream", e.code(), 0.0);
+            Status::from(e)
+        })?;
         let deadline = grpc_deadline(&req, Instant::now());
         let stream_id = self.request_id(&req);
         let mut inbound = req.into_inner();
@@ -535,6 +517,7 @@ impl RewardService for Service {
                     async move {
                         let start = Instant::now();
                         let id = msg.request_id.clone();
+                        let mut outcome = Outcome { rpc: "ScoreStream", start, deadline, done: false };
                         let result = async {
                             let _guard = lifecycle.admit()?;
                             let req = msg.request.ok_or_else(|| {
@@ -544,40 +527,31 @@ impl RewardService for Service {
                         }
                         .await;
                         let code = result.as_ref().map_or_else(|e| e.code(), |_| tonic::Code::Ok);
-                        m::record_request("ScoreStream", code, start.elapsed().as_secs_f64());
-                        let outcome = match result {
+                        outcome.finish(code);
+                        let reply = match result {
                             Ok(r) => pb::score_stream_response::Outcome::Response(r),
                             Err(e) => {
                                 tracing::info!(code = crate::error::code_name(code), error = %e, "failed");
-                                pb::score_stream_response::Outcome::Error(pb::Error { code: code as i32, message: e.to_string() })
+                                pb::score_stream_response::Outcome::Error(pb::Error {
+                                    code: code as i32,
+                                    message: e.to_string(),
+                                })
                             }
                         };
-                        tx.send(Ok(pb::ScoreStreamResponse { request_id: id, outcome: Some(outcome) })).await.ok();
+                        tx.send(Ok(pb::ScoreStreamResponse { request_id: id, outcome: Some(reply) })).await.ok();
                     }
                     .instrument(span),
                 );
             }
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
-    async fn get_model_info(
-        &self,
-        req: Request<pb::GetModelInfoRequest>,
-    ) -> Result<Response<pb::ModelInfo>, Status> {
-        self.handle("GetModelInfo", req, |ready, _, _| async move {
-            Ok(model_info(&ready))
-        })
-        .await
+    async fn get_model_info(&self, req: Request<pb::GetModelInfoRequest>) -> Result<Response<pb::ModelInfo>, Status> {
+        self.handle("GetModelInfo", req, |ready, _, _| async move { Ok(model_info(&ready)) }).await
     }
 
-    async fn tokenize(
-        &self,
-        req: Request<pb::TokenizeRequest>,
-    ) -> Result<Response<pb::TokenizeResponse>, Status> {
-        self.handle("Tokenize", req, |ready, r, _| tokenize(ready, r))
-            .await
+    async fn tokenize(&self, req: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
+        self.handle("Tokenize", req, |ready, r, _| tokenize(ready, r)).await
     }
 }

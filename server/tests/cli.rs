@@ -15,10 +15,7 @@ fn arbiter(args: &[&str], cache: &Path) -> Output {
 }
 
 fn lines(out: &Output) -> Vec<Value> {
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("JSON result line"))
-        .collect()
+    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON result line")).collect()
 }
 
 fn conversation() -> Value {
@@ -29,7 +26,8 @@ fn conversation() -> Value {
 fn mixed_inputs_with_a_bad_line_on_the_demo_model() {
     let tmp = tempfile::tempdir().unwrap();
     let sys = "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions.";
-    let templated = format!("<extra_id_0>System\n{sys}\n<extra_id_1>User\nWhat is 2+2?\n<extra_id_1>Assistant\n4\n<extra_id_2>");
+    let templated =
+        format!("<extra_id_0>System\n{sys}\n<extra_id_1>User\nWhat is 2+2?\n<extra_id_1>Assistant\n4\n<extra_id_2>");
     let input = [
         json!({"id": "a", "messages": conversation()}).to_string(),
         json!({"id": "b", "text": templated}).to_string(),
@@ -37,48 +35,27 @@ fn mixed_inputs_with_a_bad_line_on_the_demo_model() {
         "this is not json".to_string(),
         String::new(),
         json!({"id": "e", "token_ids": [5, 100, 200, 6]}).to_string(),
-        json!({"id": "f", "messages": conversation(), "reward_weights": {"verbosity": 1.0}})
-            .to_string(),
+        json!({"id": "f", "messages": conversation(), "reward_weights": {"verbosity": 1.0}}).to_string(),
     ]
     .join("\n");
     let path = tmp.path().join("in.jsonl");
     std::fs::write(&path, input).unwrap();
-    let out = arbiter(
-        &["score", "--demo", "--input", path.to_str().unwrap()],
-        tmp.path(),
-    );
+    let out = arbiter(&["score", "--demo", "--input", path.to_str().unwrap()], tmp.path());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "some lines failed: {stderr}");
-    assert!(
-        stderr.contains("meaningless"),
-        "the demo is labelled: {stderr}"
-    );
+    assert!(stderr.contains("meaningless"), "the demo is labelled: {stderr}");
     assert!(stderr.contains("4 lines scored, 2 failed"), "{stderr}");
     let r = lines(&out);
-    assert_eq!(
-        r.iter()
-            .map(|v| v["line"].as_u64().unwrap())
-            .collect::<Vec<_>>(),
-        [1, 2, 3, 4, 6, 7]
-    );
+    assert_eq!(r.iter().map(|v| v["line"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 2, 3, 4, 6, 7]);
     // Good lines: five named attributes, a reward, the demo label.
     for v in [&r[0], &r[1], &r[4], &r[5]] {
         let attrs = v["attributes"].as_object().unwrap();
         assert_eq!(
             attrs.keys().collect::<Vec<_>>(),
-            [
-                "helpfulness",
-                "correctness",
-                "coherence",
-                "complexity",
-                "verbosity"
-            ]
+            ["helpfulness", "correctness", "coherence", "complexity", "verbosity"]
         );
         assert!(v["reward"].as_f64().unwrap().is_finite());
-        assert_eq!(
-            v["warning"],
-            json!("demo model with random weights: its scores are meaningless")
-        );
+        assert_eq!(v["warning"], json!("demo model with random weights: its scores are meaningless"));
         assert_eq!(v["truncated"], json!(false));
     }
     // The conversation and its templated text are the same tokens, so the same bits.
@@ -89,24 +66,14 @@ fn mixed_inputs_with_a_bad_line_on_the_demo_model() {
     // Bad lines name their line and problem.
     assert_eq!(r[2]["id"], json!("c"));
     assert!(r[2]["error"].as_str().unwrap().starts_with("line 3: "));
-    assert!(r[2]["error"]
-        .as_str()
-        .unwrap()
-        .contains("must end with the assistant response"));
-    assert!(r[3]["error"]
-        .as_str()
-        .unwrap()
-        .contains("line 4: not valid JSON"));
+    assert!(r[2]["error"].as_str().unwrap().contains("must end with the assistant response"));
+    assert!(r[3]["error"].as_str().unwrap().contains("line 4: not valid JSON"));
     assert_eq!(r[4]["tokens"], json!(4));
     // Weight override: same attributes, reward recomputed with verbosity weight 1.
     assert_eq!(r[5]["attributes"], r[0]["attributes"]);
     let a = r[0]["attributes"].as_object().unwrap();
     let w = [0.3, 0.74, 0.46, 0.47, 1.0];
-    let expect: f64 = a
-        .values()
-        .zip(w)
-        .map(|(v, w)| v.as_f64().unwrap() * w)
-        .sum();
+    let expect: f64 = a.values().zip(w).map(|(v, w)| v.as_f64().unwrap() * w).sum();
     assert!((r[5]["reward"].as_f64().unwrap() - expect).abs() < 1e-5);
 }
 
@@ -124,26 +91,9 @@ fn scores_do_not_depend_on_what_else_is_in_the_file() {
     }
     text.push_str(&json!({"messages": conversation()}).to_string());
     std::fs::write(&many, text).unwrap();
-    let a = lines(&arbiter(
-        &["score", "--demo", "--input", one.to_str().unwrap()],
-        tmp.path(),
-    ));
-    let out = arbiter(
-        &[
-            "score",
-            "--demo",
-            "--batch-tokens",
-            "300",
-            "--input",
-            many.to_str().unwrap(),
-        ],
-        tmp.path(),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let a = lines(&arbiter(&["score", "--demo", "--input", one.to_str().unwrap()], tmp.path()));
+    let out = arbiter(&["score", "--demo", "--batch-tokens", "300", "--input", many.to_str().unwrap()], tmp.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let b = lines(&out);
     assert_eq!(b.len(), 21);
     assert_eq!(a[0]["attributes"], b[20]["attributes"]);
@@ -155,11 +105,7 @@ fn demo_model_command_writes_a_loadable_folder_and_output_goes_to_a_file() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("demo");
     let out = arbiter(&["demo-model", "--out", dir.to_str().unwrap()], tmp.path());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
         assert!(dir.join(f).exists(), "{f}");
     }
@@ -178,53 +124,25 @@ fn demo_model_command_writes_a_loadable_folder_and_output_goes_to_a_file() {
         ],
         tmp.path(),
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.stdout.is_empty());
     let v: Value = serde_json::from_str(std::fs::read_to_string(&result).unwrap().trim()).unwrap();
     // Same model bytes as --demo: same score.
-    let demo = lines(&arbiter(
-        &["score", "--demo", "--input", input.to_str().unwrap()],
-        tmp.path(),
-    ));
+    let demo = lines(&arbiter(&["score", "--demo", "--input", input.to_str().unwrap()], tmp.path()));
     assert_eq!(v["reward"], demo[0]["reward"]);
 }
 
 #[test]
 fn bad_flags_and_files_are_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = arbiter(
-        &["score", "--model", "/no/such/model", "--input", "x.jsonl"],
-        tmp.path(),
-    );
+    let out = arbiter(&["score", "--model", "/no/such/model", "--input", "x.jsonl"], tmp.path());
     assert_eq!(out.status.code(), Some(2));
     let e = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        e.contains("/no/such/model") && e.contains("does not exist"),
-        "{e}"
-    );
-    let out = arbiter(
-        &["score", "--demo", "--input", "/no/such/input.jsonl"],
-        tmp.path(),
-    );
+    assert!(e.contains("/no/such/model") && e.contains("does not exist"), "{e}");
+    let out = arbiter(&["score", "--demo", "--input", "/no/such/input.jsonl"], tmp.path());
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("opening /no/such/input.jsonl"));
-    let out = arbiter(
-        &[
-            "score",
-            "--demo",
-            "--truncation",
-            "sometimes",
-            "--input",
-            "x",
-        ],
-        tmp.path(),
-    );
+    let out = arbiter(&["score", "--demo", "--truncation", "sometimes", "--input", "x"], tmp.path());
     assert_eq!(out.status.code(), Some(2));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("unknown truncation policy \"sometimes\"")
-    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown truncation policy \"sometimes\""));
 }

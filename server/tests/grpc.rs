@@ -11,11 +11,7 @@ use serde_json::json;
 use tonic::Code;
 
 fn bits(r: &pb::Result) -> (u32, Vec<(String, u32)>) {
-    let mut a: Vec<(String, u32)> = r
-        .attributes
-        .iter()
-        .map(|(k, v)| (k.clone(), v.to_bits()))
-        .collect();
+    let mut a: Vec<(String, u32)> = r.attributes.iter().map(|(k, v)| (k.clone(), v.to_bits())).collect();
     a.sort();
     (r.reward.to_bits(), a)
 }
@@ -54,18 +50,16 @@ async fn score_stream_and_rank_are_bit_identical_to_arbiter_score() {
     let input = tmp.path().join("in.jsonl");
     let lines: Vec<String> = convs
         .iter()
-        .map(|c| json!({"messages": c.iter().map(|(r, s)| json!({"role": r, "content": s})).collect::<Vec<_>>()}).to_string())
+        .map(|c| {
+            json!({"messages": c.iter().map(|(r, s)| json!({"role": r, "content": s})).collect::<Vec<_>>()}).to_string()
+        })
         .collect();
     std::fs::write(&input, lines.join("\n")).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_arbiter"))
         .args(["score", "--demo", "--input", input.to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let cli: Vec<(u32, Vec<(String, u32)>)> = String::from_utf8(out.stdout)
         .unwrap()
         .lines()
@@ -84,13 +78,7 @@ async fn score_stream_and_rank_are_bit_identical_to_arbiter_score() {
     assert_eq!(cli.len(), convs.len());
 
     // Score: all in one request.
-    let r = c
-        .score(score_req(
-            convs.iter().map(|x| conv_item(&as_pairs(x))).collect(),
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = c.score(score_req(convs.iter().map(|x| conv_item(&as_pairs(x))).collect())).await.unwrap().into_inner();
     assert_eq!(r.results.iter().map(bits).collect::<Vec<_>>(), cli);
     assert!(r.warning.contains("meaningless"));
     assert_eq!(r.model_fingerprint.len(), 32);
@@ -104,17 +92,11 @@ async fn score_stream_and_rank_are_bit_identical_to_arbiter_score() {
             request: Some(score_req(vec![conv_item(&as_pairs(x))])),
         })
         .collect();
-    let mut stream = c
-        .score_stream(tokio_stream::iter(reqs))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = c.score_stream(tokio_stream::iter(reqs)).await.unwrap().into_inner();
     let mut by_id = HashMap::new();
     while let Some(m) = stream.message().await.unwrap() {
         match m.outcome.unwrap() {
-            pb::score_stream_response::Outcome::Response(r) => {
-                by_id.insert(m.request_id, bits(&r.results[0]))
-            }
+            pb::score_stream_response::Outcome::Response(r) => by_id.insert(m.request_id, bits(&r.results[0])),
             pb::score_stream_response::Outcome::Error(e) => {
                 panic!("{}: {}", m.request_id, e.message)
             }
@@ -138,23 +120,12 @@ async fn score_stream_and_rank_are_bit_identical_to_arbiter_score() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        bits(&r.results[1]),
-        cli[5],
-        "a candidate scores exactly as Score scores the full conversation"
-    );
+    assert_eq!(bits(&r.results[1]), cli[5], "a candidate scores exactly as Score scores the full conversation");
     assert_eq!(bits(&r.results[0]), bits(&r.results[2]));
     let pos = |i: u32| r.order.iter().position(|&o| o == i).unwrap();
     assert!(pos(0) < pos(2), "ties keep input order: {:?}", r.order);
-    let rewards: Vec<f32> = r
-        .order
-        .iter()
-        .map(|&i| r.results[i as usize].reward)
-        .collect();
-    assert!(
-        rewards.windows(2).all(|w| w[0] >= w[1]),
-        "best first: {rewards:?}"
-    );
+    let rewards: Vec<f32> = r.order.iter().map(|&i| r.results[i as usize].reward).collect();
+    assert!(rewards.windows(2).all(|w| w[0] >= w[1]), "best first: {rewards:?}");
 
     running.stop();
     running.wait().await.unwrap();
@@ -168,11 +139,7 @@ async fn sixty_four_concurrent_clients_each_get_their_own_answers() {
     let mut c = client(addr).await;
     let mut reference = Vec::new();
     for x in &convs {
-        let r = c
-            .score(score_req(vec![conv_item(&as_pairs(x))]))
-            .await
-            .unwrap()
-            .into_inner();
+        let r = c.score(score_req(vec![conv_item(&as_pairs(x))])).await.unwrap().into_inner();
         reference.push(bits(&r.results[0]));
     }
     let reference = std::sync::Arc::new(reference);
@@ -184,25 +151,13 @@ async fn sixty_four_concurrent_clients_each_get_their_own_answers() {
             let mut c = client(addr).await;
             for k in 0..4usize {
                 // Mixed requests: 1 to 3 items chosen by client and round.
-                let picks: Vec<usize> = (0..1 + (client_no + k) % 3)
-                    .map(|j| (client_no * 7 + k * 5 + j * 3) % convs.len())
-                    .collect();
-                let items = picks
-                    .iter()
-                    .map(|&p| conv_item(&as_pairs(&convs[p])))
-                    .collect();
-                let r = c
-                    .score(score_req(items))
-                    .await
-                    .expect("no errors")
-                    .into_inner();
+                let picks: Vec<usize> =
+                    (0..1 + (client_no + k) % 3).map(|j| (client_no * 7 + k * 5 + j * 3) % convs.len()).collect();
+                let items = picks.iter().map(|&p| conv_item(&as_pairs(&convs[p]))).collect();
+                let r = c.score(score_req(items)).await.expect("no errors").into_inner();
                 assert_eq!(r.results.len(), picks.len());
                 for (res, &p) in r.results.iter().zip(&picks) {
-                    assert_eq!(
-                        bits(res),
-                        reference[p],
-                        "client {client_no} round {k}: answer matches its own request"
-                    );
+                    assert_eq!(bits(res), reference[p], "client {client_no} round {k}: answer matches its own request");
                 }
             }
         }));
@@ -214,11 +169,7 @@ async fn sixty_four_concurrent_clients_each_get_their_own_answers() {
     running.wait().await.unwrap();
 }
 
-async fn expect_err<T: std::fmt::Debug>(
-    r: Result<tonic::Response<T>, tonic::Status>,
-    code: Code,
-    want: &str,
-) {
+async fn expect_err<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>, code: Code, want: &str) {
     let e = r.expect_err("should fail");
     assert_eq!(e.code(), code, "{}", e.message());
     assert!(e.message().contains(want), "{:?}: {}", code, e.message());
@@ -226,25 +177,13 @@ async fn expect_err<T: std::fmt::Debug>(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_input_gets_its_code_and_a_message_and_serving_goes_on() {
-    let (addr, running) =
-        serve(&["--max-items-per-request", "4", "--max-input-tokens", "100"]).await;
+    let (addr, running) = serve(&["--max-items-per-request", "4", "--max-input-tokens", "100"]).await;
     let mut c = client(addr).await;
     let ok = || conv_item(&[("user", "hi"), ("assistant", "hello")]);
+    expect_err(c.score(score_req(vec![])).await, Code::InvalidArgument, "no items").await;
+    expect_err(c.score(score_req(vec![ok(); 5])).await, Code::InvalidArgument, "5 items; the limit is 4").await;
     expect_err(
-        c.score(score_req(vec![])).await,
-        Code::InvalidArgument,
-        "no items",
-    )
-    .await;
-    expect_err(
-        c.score(score_req(vec![ok(); 5])).await,
-        Code::InvalidArgument,
-        "5 items; the limit is 4",
-    )
-    .await;
-    expect_err(
-        c.score(score_req(vec![ok(), pb::Item { input: None }]))
-            .await,
+        c.score(score_req(vec![ok(), pb::Item { input: None }])).await,
         Code::InvalidArgument,
         "items[1] has no input",
     )
@@ -256,11 +195,7 @@ async fn every_bad_input_gets_its_code_and_a_message_and_serving_goes_on() {
     )
     .await;
     expect_err(
-        c.score(score_req(vec![
-            ok(),
-            conv_item(&[("assistant", "a"), ("user", "b")]),
-        ]))
-        .await,
+        c.score(score_req(vec![ok(), conv_item(&[("assistant", "a"), ("user", "b")])])).await,
         Code::InvalidArgument,
         "items[1]: messages[0]: expected a user turn",
     )
@@ -271,51 +206,28 @@ async fn every_bad_input_gets_its_code_and_a_message_and_serving_goes_on() {
         "items[0].messages[0]: unknown role \"robot\"",
     )
     .await;
-    expect_err(
-        c.score(score_req(vec![text_item("")])).await,
-        Code::InvalidArgument,
-        "items[0]: the text is empty",
-    )
-    .await;
+    expect_err(c.score(score_req(vec![text_item("")])).await, Code::InvalidArgument, "items[0]: the text is empty")
+        .await;
     expect_err(
         c.score(score_req(vec![ids_item(&[1, 99999])])).await,
         Code::InvalidArgument,
         "items[0]: token_ids[1] = 99999 is outside the vocabulary",
     )
     .await;
-    expect_err(
-        c.score(score_req(vec![ids_item(&[])])).await,
-        Code::InvalidArgument,
-        "token_ids is empty",
-    )
-    .await;
+    expect_err(c.score(score_req(vec![ids_item(&[])])).await, Code::InvalidArgument, "token_ids is empty").await;
     let long = "word ".repeat(400);
     expect_err(
-        c.score(score_req(vec![conv_item(&[
-            ("user", &long),
-            ("assistant", "ok"),
-        ])]))
-        .await,
+        c.score(score_req(vec![conv_item(&[("user", &long), ("assistant", "ok")])])).await,
         Code::InvalidArgument,
         "items[0]: the conversation is",
     )
     .await;
     let mut w = score_req(vec![ok()]);
     w.reward_weights.insert("quality".into(), 1.0);
-    expect_err(
-        c.score(w).await,
-        Code::InvalidArgument,
-        "unknown reward weight \"quality\"",
-    )
-    .await;
+    expect_err(c.score(w).await, Code::InvalidArgument, "unknown reward weight \"quality\"").await;
     let mut w = score_req(vec![ok()]);
     w.reward_weights.insert("verbosity".into(), f32::INFINITY);
-    expect_err(
-        c.score(w).await,
-        Code::InvalidArgument,
-        "not a finite number",
-    )
-    .await;
+    expect_err(c.score(w).await, Code::InvalidArgument, "not a finite number").await;
     let mut t = score_req(vec![ok()]);
     t.truncation = 7;
     expect_err(c.score(t).await, Code::InvalidArgument, "truncation 7").await;
@@ -331,54 +243,27 @@ async fn every_bad_input_gets_its_code_and_a_message_and_serving_goes_on() {
     )
     .await;
     expect_err(
-        c.rank(pb::RankRequest {
-            prompt: Some(conv(&[("user", "q")])),
-            candidates: vec![],
-            ..Default::default()
-        })
-        .await,
+        c.rank(pb::RankRequest { prompt: Some(conv(&[("user", "q")])), candidates: vec![], ..Default::default() })
+            .await,
         Code::InvalidArgument,
         "no candidates",
     )
     .await;
-    expect_err(
-        c.tokenize(pb::TokenizeRequest::default()).await,
-        Code::InvalidArgument,
-        "item has no input",
-    )
-    .await;
+    expect_err(c.tokenize(pb::TokenizeRequest::default()).await, Code::InvalidArgument, "item has no input").await;
 
     // Still serving, and truncation works when asked for.
-    let old_turn = conv_item(&[
-        ("system", "Be brief."),
-        ("user", &long),
-        ("assistant", "ok"),
-        ("user", "q"),
-        ("assistant", "a"),
-    ]);
+    let old_turn =
+        conv_item(&[("system", "Be brief."), ("user", &long), ("assistant", "ok"), ("user", "q"), ("assistant", "a")]);
     let mut t = score_req(vec![old_turn, ids_item(&(1..200).collect::<Vec<_>>())]);
     t.truncation = pb::Truncation::Truncate as i32;
     let r = c.score(t).await.unwrap().into_inner();
-    assert!(r
-        .results
-        .iter()
-        .all(|x| x.truncation.unwrap().truncated && x.tokens <= 100));
+    assert!(r.results.iter().all(|x| x.truncation.unwrap().truncated && x.tokens <= 100));
     // A stream with one bad request answers it with an error and goes on.
     let reqs = vec![
-        pb::ScoreStreamRequest {
-            request_id: "bad".into(),
-            request: Some(score_req(vec![])),
-        },
-        pb::ScoreStreamRequest {
-            request_id: "good".into(),
-            request: Some(score_req(vec![ok()])),
-        },
+        pb::ScoreStreamRequest { request_id: "bad".into(), request: Some(score_req(vec![])) },
+        pb::ScoreStreamRequest { request_id: "good".into(), request: Some(score_req(vec![ok()])) },
     ];
-    let mut s = c
-        .score_stream(tokio_stream::iter(reqs))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut s = c.score_stream(tokio_stream::iter(reqs)).await.unwrap().into_inner();
     let mut seen = HashMap::new();
     while let Some(m) = s.message().await.unwrap() {
         seen.insert(m.request_id.clone(), m.outcome.unwrap());
@@ -386,10 +271,7 @@ async fn every_bad_input_gets_its_code_and_a_message_and_serving_goes_on() {
     assert!(
         matches!(&seen["bad"], pb::score_stream_response::Outcome::Error(e) if e.code == Code::InvalidArgument as i32)
     );
-    assert!(matches!(
-        &seen["good"],
-        pb::score_stream_response::Outcome::Response(_)
-    ));
+    assert!(matches!(&seen["good"], pb::score_stream_response::Outcome::Response(_)));
     running.stop();
     running.wait().await.unwrap();
 }
@@ -398,44 +280,22 @@ async fn every_bad_input_gets_its_code_and_a_message_and_serving_goes_on() {
 async fn model_info_and_tokenize() {
     let (addr, running) = serve(&["--max-input-tokens", "1000"]).await;
     let mut c = client(addr).await;
-    let info = c
-        .get_model_info(pb::GetModelInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let info = c.get_model_info(pb::GetModelInfoRequest {}).await.unwrap().into_inner();
     assert_eq!(info.architecture, "NemotronForSequenceClassification");
-    assert_eq!(
-        info.attributes,
-        [
-            "helpfulness",
-            "correctness",
-            "coherence",
-            "complexity",
-            "verbosity"
-        ]
-    );
+    assert_eq!(info.attributes, ["helpfulness", "correctness", "coherence", "complexity", "verbosity"]);
     assert_eq!(info.default_reward_weights["correctness"], 0.74);
     assert_eq!(info.max_input_tokens, 1000);
     assert_eq!(info.head_outputs.len(), 9);
     assert_eq!(info.chat_template, "nemotron-reward");
     let limits = info.limits.unwrap();
-    assert_eq!(
-        (limits.max_batch_tokens, limits.default_truncation.as_str()),
-        (2048, "error")
-    );
+    assert_eq!((limits.max_batch_tokens, limits.default_truncation.as_str()), (2048, "error"));
     assert!(info.warning.contains("meaningless"));
     let t = c
-        .tokenize(pb::TokenizeRequest {
-            item: Some(conv_item(&[("user", "hi"), ("assistant", "yo")])),
-            truncation: 0,
-        })
+        .tokenize(pb::TokenizeRequest { item: Some(conv_item(&[("user", "hi"), ("assistant", "yo")])), truncation: 0 })
         .await
         .unwrap()
         .into_inner();
-    assert!(
-        t.text.starts_with("<extra_id_0>System\n")
-            && t.text.ends_with("<extra_id_1>Assistant\nyo\n<extra_id_2>")
-    );
+    assert!(t.text.starts_with("<extra_id_0>System\n") && t.text.ends_with("<extra_id_1>Assistant\nyo\n<extra_id_2>"));
     assert_eq!((t.token_ids[0], *t.token_ids.last().unwrap()), (4, 6));
     assert_eq!(t.model_fingerprint, info.model_fingerprint);
     running.stop();
@@ -447,25 +307,15 @@ async fn a_full_queue_says_resource_exhausted() {
     let (addr, running) = serve(&["--queue-capacity", "3"]).await;
     let mut c = client(addr).await;
     let items = vec![ids_item(&[1, 2, 3]); 4];
-    expect_err(
-        c.score(score_req(items)).await,
-        Code::ResourceExhausted,
-        "the queue is full",
-    )
-    .await;
+    expect_err(c.score(score_req(items)).await, Code::ResourceExhausted, "the queue is full").await;
     // Flood: some requests fit, the rest are refused; none is lost or wrong.
     let mut tasks = Vec::new();
     for i in 0..16u32 {
         tasks.push(tokio::spawn(async move {
             let mut c = client(addr).await;
-            c.score(score_req(vec![
-                ids_item(
-                    &(1..300).map(|t| t + i).collect::<Vec<_>>()
-                );
-                3
-            ]))
-            .await
-            .map(|r| r.into_inner().results.len())
+            c.score(score_req(vec![ids_item(&(1..300).map(|t| t + i).collect::<Vec<_>>()); 3]))
+                .await
+                .map(|r| r.into_inner().results.len())
         }));
     }
     let (mut ok, mut full) = (0, 0);
@@ -484,30 +334,14 @@ async fn a_full_queue_says_resource_exhausted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_refuses_wrong_tokens_while_health_stays_open() {
     let (addr, running) = serve(&["--auth-token", "s3cret"]).await; // serve() itself polls health with no token
-    let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let ch = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
     let mut c = pb::reward_service_client::RewardServiceClient::new(ch.clone());
-    expect_err(
-        c.get_model_info(pb::GetModelInfoRequest {}).await,
-        Code::Unauthenticated,
-        "Bearer",
-    )
-    .await;
+    expect_err(c.get_model_info(pb::GetModelInfoRequest {}).await, Code::Unauthenticated, "Bearer").await;
     let mut req = tonic::Request::new(pb::GetModelInfoRequest {});
-    req.metadata_mut()
-        .insert("authorization", "Bearer wrong".parse().unwrap());
-    expect_err(
-        c.get_model_info(req).await,
-        Code::Unauthenticated,
-        "wrong bearer token",
-    )
-    .await;
+    req.metadata_mut().insert("authorization", "Bearer wrong".parse().unwrap());
+    expect_err(c.get_model_info(req).await, Code::Unauthenticated, "wrong bearer token").await;
     let mut req = tonic::Request::new(pb::GetModelInfoRequest {});
-    req.metadata_mut()
-        .insert("authorization", "Bearer s3cret".parse().unwrap());
+    req.metadata_mut().insert("authorization", "Bearer s3cret".parse().unwrap());
     assert!(c.get_model_info(req).await.is_ok());
     running.stop();
     running.wait().await.unwrap();
@@ -533,9 +367,7 @@ async fn a_20_mb_request_works_under_a_raised_limit_and_is_refused_clearly_above
     let e = c.score(score_req(vec![item()])).await.unwrap_err();
     assert_eq!(e.code(), Code::OutOfRange, "{}", e.message());
     assert!(
-        e.message().contains(
-            "message length too large: found 20971530 bytes, the limit is: 16777216 bytes"
-        ),
+        e.message().contains("message length too large: found 20971530 bytes, the limit is: 16777216 bytes"),
         "{}",
         e.message()
     );

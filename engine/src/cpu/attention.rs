@@ -19,24 +19,21 @@ pub fn attention(qkv: &[f32], layout: &AttnLayout, cu_seqlens: &[usize], out: &m
     let (h, d) = (layout.heads, layout.head_dim);
     assert_eq!(qkv.len(), tokens * layout.qkv_width());
     assert_eq!(out.len(), tokens * h * d);
-    let tasks: Vec<(usize, usize)> = (0..cu_seqlens.len() - 1)
-        .flat_map(|s| (0..h).map(move |head| (s, head)))
-        .collect();
+    let tasks: Vec<(usize, usize)> =
+        (0..cu_seqlens.len() - 1).flat_map(|s| (0..h).map(move |head| (s, head))).collect();
     let out_ptr = SyncPtr(out.as_mut_ptr());
     let avx512 = has_avx512();
-    tasks
-        .par_iter()
-        .for_each_init(Vec::new, |scores, &(s, head)| {
-            let range = cu_seqlens[s]..cu_seqlens[s + 1];
-            // SAFETY: task (s, head) writes only rows `range`, columns of `head`; tasks are disjoint.
-            unsafe {
-                #[cfg(target_arch = "x86_64")]
-                if avx512 {
-                    return one_head_avx512(qkv, layout, range, head, out_ptr, scores);
-                }
-                one_head(qkv, layout, range, head, out_ptr, scores)
+    tasks.par_iter().for_each_init(Vec::new, |scores, &(s, head)| {
+        let range = cu_seqlens[s]..cu_seqlens[s + 1];
+        // SAFETY: task (s, head) writes only rows `range`, columns of `head`; tasks are disjoint.
+        unsafe {
+            #[cfg(target_arch = "x86_64")]
+            if avx512 {
+                return one_head_avx512(qkv, layout, range, head, out_ptr, scores);
             }
-        });
+            one_head(qkv, layout, range, head, out_ptr, scores)
+        }
+    });
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -63,11 +60,7 @@ unsafe fn one_head(
 ) {
     let (d, w) = (l.head_dim, l.qkv_width());
     let kv = head / (l.heads / l.kv_heads);
-    let (q_off, k_off, v_off) = (
-        head * d,
-        (l.heads + kv) * d,
-        (l.heads + l.kv_heads + kv) * d,
-    );
+    let (q_off, k_off, v_off) = (head * d, (l.heads + kv) * d, (l.heads + l.kv_heads + kv) * d);
     let out_w = l.heads * d;
     let mut acc = vec![0.0f32; d];
     for t in range.clone() {
@@ -111,10 +104,7 @@ mod tests {
                 let s: Vec<f64> = (0..=t)
                     .map(|j| {
                         (0..d)
-                            .map(|c| {
-                                qkv[t * w + h * d + c] as f64
-                                    * qkv[j * w + (l.heads + kv) * d + c] as f64
-                            })
+                            .map(|c| qkv[t * w + h * d + c] as f64 * qkv[j * w + (l.heads + kv) * d + c] as f64)
                             .sum::<f64>()
                             * l.scale as f64
                     })
@@ -123,9 +113,7 @@ mod tests {
                 let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
                 let z: f64 = e.iter().sum();
                 for c in 0..d {
-                    let v: f64 = (0..=t)
-                        .map(|j| e[j] * qkv[j * w + (l.heads + l.kv_heads + kv) * d + c] as f64)
-                        .sum();
+                    let v: f64 = (0..=t).map(|j| e[j] * qkv[j * w + (l.heads + l.kv_heads + kv) * d + c] as f64).sum();
                     out[t * l.heads * d + h * d + c] = (v / z) as f32;
                 }
             }
@@ -135,13 +123,7 @@ mod tests {
 
     #[test]
     fn packed_gqa_matches_naive_per_sequence() {
-        let l = AttnLayout {
-            heads: 4,
-            kv_heads: 2,
-            head_dim: 20,
-            rotary_dim: 10,
-            scale: 0.2,
-        };
+        let l = AttnLayout { heads: 4, kv_heads: 2, head_dim: 20, rotary_dim: 10, scale: 0.2 };
         let lens = [5usize, 1, 17];
         let total: usize = lens.iter().sum();
         let mut seed = 7u64;

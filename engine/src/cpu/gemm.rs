@@ -40,23 +40,17 @@ impl PackedMatrix {
         assert_eq!(w.len(), n * k, "matrix data does not match its shape");
         let panels = n.div_ceil(NR);
         if k == 0 {
-            return PackedMatrix {
-                n,
-                k,
-                data: Vec::new(),
-            };
+            return PackedMatrix { n, k, data: Vec::new() };
         }
         let mut data = vec![0.0f32; panels * k * NR];
-        data.par_chunks_mut(k * NR)
-            .enumerate()
-            .for_each(|(p, panel)| {
-                for j in 0..NR.min(n - p * NR) {
-                    let row = &w[(p * NR + j) * k..][..k];
-                    for (kk, &v) in row.iter().enumerate() {
-                        panel[kk * NR + j] = v;
-                    }
+        data.par_chunks_mut(k * NR).enumerate().for_each(|(p, panel)| {
+            for j in 0..NR.min(n - p * NR) {
+                let row = &w[(p * NR + j) * k..][..k];
+                for (kk, &v) in row.iter().enumerate() {
+                    panel[kk * NR + j] = v;
                 }
-            });
+            }
+        });
         PackedMatrix { n, k, data }
     }
 
@@ -121,13 +115,7 @@ fn pack_rows(x: &[f32], m: usize, k: usize) -> Vec<f32> {
     a
 }
 
-unsafe fn panels_task(
-    a: &[f32],
-    m: usize,
-    w: &PackedMatrix,
-    y: SyncPtr,
-    panels: std::ops::Range<usize>,
-) {
+unsafe fn panels_task(a: &[f32], m: usize, w: &PackedMatrix, y: SyncPtr, panels: std::ops::Range<usize>) {
     let (n, k) = (w.n, w.k);
     for m0 in (0..m).step_by(MC) {
         let m1 = (m0 + MC).min(m);
@@ -211,11 +199,7 @@ impl Tile {
     #[target_feature(enable = "avx512f")]
     unsafe fn avx512<const R: usize>(&self) {
         use std::arch::x86_64::*;
-        let lo: __mmask16 = if self.ncols >= 16 {
-            0xffff
-        } else {
-            (1u16 << self.ncols) - 1
-        };
+        let lo: __mmask16 = if self.ncols >= 16 { 0xffff } else { (1u16 << self.ncols) - 1 };
         let hi: __mmask16 = if self.ncols >= 32 {
             0xffff
         } else if self.ncols > 16 {
@@ -277,9 +261,7 @@ mod tests {
     use super::*;
 
     fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
     }
 
@@ -293,8 +275,7 @@ mod tests {
         let mut y = vec![0.0; m * n];
         for i in 0..m {
             for j in 0..n {
-                y[i * n + j] =
-                    (0..k).fold(0.0f32, |acc, kk| x[i * k + kk].mul_add(w[j * k + kk], acc));
+                y[i * n + j] = (0..k).fold(0.0f32, |acc, kk| x[i * k + kk].mul_add(w[j * k + kk], acc));
             }
         }
         y
@@ -302,31 +283,18 @@ mod tests {
 
     #[test]
     fn matches_the_sequential_fma_chain_bit_for_bit_on_ragged_shapes() {
-        for &(m, n, k) in &[
-            (1, 1, 1),
-            (13, 33, 257),
-            (25, 70, 600),
-            (240, 64, 512),
-            (241, 31, 5),
-            (7, 96, 0),
-        ] {
+        for &(m, n, k) in &[(1, 1, 1), (13, 33, 257), (25, 70, 600), (240, 64, 512), (241, 31, 5), (7, 96, 0)] {
             let x = random(m * k, 1);
             let w = random(n * k, 2);
             let packed = PackedMatrix::pack(&w, n, k);
             let mut y = vec![f32::NAN; m * n];
             matmul(&x, m, &packed, &mut y);
             let r = reference(&x, m, &w, n, k);
-            assert!(
-                y.iter().zip(&r).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "shape {m}x{n}x{k}"
-            );
+            assert!(y.iter().zip(&r).all(|(a, b)| a.to_bits() == b.to_bits()), "shape {m}x{n}x{k}");
             let mut yp = vec![f32::NAN; m * n];
             if k > 0 {
                 matmul_portable(&x, m, &packed, &mut yp);
-                assert!(
-                    yp.iter().zip(&r).all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "portable {m}x{n}x{k}"
-                );
+                assert!(yp.iter().zip(&r).all(|(a, b)| a.to_bits() == b.to_bits()), "portable {m}x{n}x{k}");
             }
         }
     }
@@ -343,10 +311,7 @@ mod tests {
             matmul(&x[row * k..(row + 1) * k], 1, &w, &mut one);
             assert_eq!(
                 one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                all[row * n..(row + 1) * n]
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect::<Vec<_>>(),
+                all[row * n..(row + 1) * n].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                 "row {row}"
             );
         }

@@ -70,13 +70,8 @@ impl CpuBackend {
             .num_threads(threads)
             .thread_name(|i| format!("arbiter-cpu-{i}"))
             .build()
-            .map_err(|e| {
-                EngineError::Backend(format!("cannot start {threads} CPU threads: {e}"))
-            })?;
-        Ok(CpuBackend {
-            pool: Arc::new(pool),
-            matmuls: AtomicUsize::new(0),
-        })
+            .map_err(|e| EngineError::Backend(format!("cannot start {threads} CPU threads: {e}")))?;
+        Ok(CpuBackend { pool: Arc::new(pool), matmuls: AtomicUsize::new(0) })
     }
 
     /// Matrix multiplications issued so far (lets tests check that packing is real).
@@ -90,11 +85,7 @@ impl CpuBackend {
     }
 
     fn zeros(rows: usize, cols: usize) -> CpuTensor {
-        CpuTensor {
-            data: vec![0.0; rows * cols],
-            rows,
-            cols,
-        }
+        CpuTensor { data: vec![0.0; rows * cols], rows, cols }
     }
 }
 
@@ -120,10 +111,7 @@ impl Backend for CpuBackend {
     }
 
     fn matrix(&self, parts: &[MatrixPart<'_>]) -> Result<PackedMatrix> {
-        let k = parts
-            .first()
-            .map(|p| p.view.shape[1])
-            .ok_or_else(|| EngineError::Backend("empty matrix".into()))?;
+        let k = parts.first().map(|p| p.view.shape[1]).ok_or_else(|| EngineError::Backend("empty matrix".into()))?;
         let mut rows = Vec::new();
         let mut n = 0;
         for p in parts {
@@ -150,30 +138,16 @@ impl Backend for CpuBackend {
         if kind == NormKind::LayerNorm1P {
             gamma.iter_mut().for_each(|g| *g += 1.0);
         }
-        Ok(NormParams {
-            kind,
-            eps,
-            gamma,
-            beta: bias.map(|b| b.to_f32()),
-        })
+        Ok(NormParams { kind, eps, gamma, beta: bias.map(|b| b.to_f32()) })
     }
 
     fn embedding(&self, table: TensorView<'_>) -> Result<CpuTensor> {
-        Ok(CpuTensor {
-            data: table.to_f32(),
-            rows: table.shape[0],
-            cols: table.shape[1],
-        })
+        Ok(CpuTensor { data: table.to_f32(), rows: table.shape[0], cols: table.shape[1] })
     }
 
     fn batch_ctx(&self, batch: &PackedBatch, inv_freq: &[f32]) -> Result<CpuBatch> {
         let (cos, sin) = rope::cos_sin(inv_freq, batch.max_len());
-        Ok(CpuBatch {
-            cu_seqlens: batch.cu_seqlens().to_vec(),
-            positions: batch.positions(),
-            cos,
-            sin,
-        })
+        Ok(CpuBatch { cu_seqlens: batch.cu_seqlens().to_vec(), positions: batch.positions(), cos, sin })
     }
 
     fn embed(&self, table: &CpuTensor, tokens: &[u32]) -> Result<CpuTensor> {
@@ -194,16 +168,14 @@ impl Backend for CpuBackend {
 
     fn norm(&self, x: &CpuTensor, p: &NormParams) -> Result<CpuTensor> {
         let mut out = Self::zeros(x.rows, x.cols);
-        self.pool
-            .install(|| ops::norm(&x.data, x.cols, p, &mut out.data));
+        self.pool.install(|| ops::norm(&x.data, x.cols, p, &mut out.data));
         Ok(out)
     }
 
     fn add_norm(&self, x: &mut CpuTensor, delta: &CpuTensor, p: &NormParams) -> Result<CpuTensor> {
         same_shape(x, delta, "residual add")?;
         let mut out = Self::zeros(x.rows, x.cols);
-        self.pool
-            .install(|| ops::add_norm(&mut x.data, &delta.data, x.cols, p, &mut out.data));
+        self.pool.install(|| ops::add_norm(&mut x.data, &delta.data, x.cols, p, &mut out.data));
         Ok(out)
     }
 
@@ -215,29 +187,22 @@ impl Backend for CpuBackend {
 
     fn matmul(&self, x: &CpuTensor, w: &PackedMatrix) -> Result<CpuTensor> {
         if x.cols != w.k() {
-            return Err(EngineError::Backend(format!(
-                "matmul: input has {} columns, matrix takes {}",
-                x.cols,
-                w.k()
-            )));
+            return Err(EngineError::Backend(format!("matmul: input has {} columns, matrix takes {}", x.cols, w.k())));
         }
         self.matmuls.fetch_add(1, Ordering::Relaxed);
         let mut out = Self::zeros(x.rows, w.n());
-        self.pool
-            .install(|| gemm::matmul(&x.data, x.rows, w, &mut out.data));
+        self.pool.install(|| gemm::matmul(&x.data, x.rows, w, &mut out.data));
         Ok(out)
     }
 
     fn rope(&self, qkv: &mut CpuTensor, layout: &AttnLayout, ctx: &CpuBatch) -> Result<()> {
-        self.pool
-            .install(|| ops::rope(&mut qkv.data, layout, &ctx.positions, &ctx.cos, &ctx.sin));
+        self.pool.install(|| ops::rope(&mut qkv.data, layout, &ctx.positions, &ctx.cos, &ctx.sin));
         Ok(())
     }
 
     fn attention(&self, qkv: &CpuTensor, layout: &AttnLayout, ctx: &CpuBatch) -> Result<CpuTensor> {
         let mut out = Self::zeros(qkv.rows, layout.heads * layout.head_dim);
-        self.pool
-            .install(|| attention::attention(&qkv.data, layout, &ctx.cu_seqlens, &mut out.data));
+        self.pool.install(|| attention::attention(&qkv.data, layout, &ctx.cu_seqlens, &mut out.data));
         Ok(out)
     }
 
@@ -247,8 +212,7 @@ impl Backend for CpuBackend {
             MlpKind::SwiGlu => x.cols / 2,
         };
         let mut out = Self::zeros(x.rows, cols);
-        self.pool
-            .install(|| ops::activation(&x.data, x.cols, kind, &mut out.data));
+        self.pool.install(|| ops::activation(&x.data, x.cols, kind, &mut out.data));
         Ok(out)
     }
 

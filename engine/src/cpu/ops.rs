@@ -48,40 +48,33 @@ pub fn norm_row(x: &[f32], p: &NormParams, out: &mut [f32]) {
 
 /// `out = norm(x)` for every row of width `cols`.
 pub fn norm(x: &[f32], cols: usize, p: &NormParams, out: &mut [f32]) {
-    out.par_chunks_mut(cols * ROWS_PER_TASK)
-        .zip(x.par_chunks(cols * ROWS_PER_TASK))
-        .for_each(|(o, x)| {
-            for (orow, xrow) in o.chunks_exact_mut(cols).zip(x.chunks_exact(cols)) {
-                norm_row(xrow, p, orow);
-            }
-        });
+    out.par_chunks_mut(cols * ROWS_PER_TASK).zip(x.par_chunks(cols * ROWS_PER_TASK)).for_each(|(o, x)| {
+        for (orow, xrow) in o.chunks_exact_mut(cols).zip(x.chunks_exact(cols)) {
+            norm_row(xrow, p, orow);
+        }
+    });
 }
 
 /// `x += delta; out = norm(x)` in one pass over the rows.
 pub fn add_norm(x: &mut [f32], delta: &[f32], cols: usize, p: &NormParams, out: &mut [f32]) {
     let chunk = cols * ROWS_PER_TASK;
-    x.par_chunks_mut(chunk)
-        .zip(delta.par_chunks(chunk))
-        .zip(out.par_chunks_mut(chunk))
-        .for_each(|((x, d), o)| {
-            for (xi, di) in x.iter_mut().zip(d) {
-                *xi += di;
-            }
-            for (orow, xrow) in o.chunks_exact_mut(cols).zip(x.chunks_exact(cols)) {
-                norm_row(xrow, p, orow);
-            }
-        });
+    x.par_chunks_mut(chunk).zip(delta.par_chunks(chunk)).zip(out.par_chunks_mut(chunk)).for_each(|((x, d), o)| {
+        for (xi, di) in x.iter_mut().zip(d) {
+            *xi += di;
+        }
+        for (orow, xrow) in o.chunks_exact_mut(cols).zip(x.chunks_exact(cols)) {
+            norm_row(xrow, p, orow);
+        }
+    });
 }
 
 /// `x += delta`.
 pub fn add(x: &mut [f32], delta: &[f32]) {
-    x.par_chunks_mut(4096)
-        .zip(delta.par_chunks(4096))
-        .for_each(|(x, d)| {
-            for (xi, di) in x.iter_mut().zip(d) {
-                *xi += di;
-            }
-        });
+    x.par_chunks_mut(4096).zip(delta.par_chunks(4096)).for_each(|(x, d)| {
+        for (xi, di) in x.iter_mut().zip(d) {
+            *xi += di;
+        }
+    });
 }
 
 /// Rotates the leading `rotary_dim` channels of each query and key head of every token.
@@ -92,47 +85,40 @@ pub fn rope(qkv: &mut [f32], l: &AttnLayout, positions: &[u32], cos: &[f32], sin
     let w = l.qkv_width();
     let half = l.rotary_dim / 2;
     let rotated_heads = l.heads + l.kv_heads;
-    qkv.par_chunks_mut(w * ROWS_PER_TASK)
-        .enumerate()
-        .for_each(|(c, rows)| {
-            for (r, row) in rows.chunks_exact_mut(w).enumerate() {
-                let pos = positions[c * ROWS_PER_TASK + r] as usize;
-                let (cs, sn) = (&cos[pos * half..][..half], &sin[pos * half..][..half]);
-                for h in 0..rotated_heads {
-                    let head = &mut row[h * l.head_dim..][..l.rotary_dim];
-                    let (x1, x2) = head.split_at_mut(half);
-                    for i in 0..half {
-                        let (a, b) = (x1[i], x2[i]);
-                        x1[i] = a * cs[i] - b * sn[i];
-                        x2[i] = b * cs[i] + a * sn[i];
-                    }
+    qkv.par_chunks_mut(w * ROWS_PER_TASK).enumerate().for_each(|(c, rows)| {
+        for (r, row) in rows.chunks_exact_mut(w).enumerate() {
+            let pos = positions[c * ROWS_PER_TASK + r] as usize;
+            let (cs, sn) = (&cos[pos * half..][..half], &sin[pos * half..][..half]);
+            for h in 0..rotated_heads {
+                let head = &mut row[h * l.head_dim..][..l.rotary_dim];
+                let (x1, x2) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b) = (x1[i], x2[i]);
+                    x1[i] = a * cs[i] - b * sn[i];
+                    x2[i] = b * cs[i] + a * sn[i];
                 }
             }
-        });
+        }
+    });
 }
 
 /// The MLP nonlinearity. For SwiGLU the input's first half of columns is the gate.
 pub fn activation(x: &[f32], cols: usize, kind: MlpKind, out: &mut [f32]) {
     match kind {
-        MlpKind::Relu2 => out
-            .par_chunks_mut(4096)
-            .zip(x.par_chunks(4096))
-            .for_each(|(o, x)| {
-                for (o, &v) in o.iter_mut().zip(x) {
-                    let r = v.max(0.0);
-                    *o = r * r;
-                }
-            }),
+        MlpKind::Relu2 => out.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(o, x)| {
+            for (o, &v) in o.iter_mut().zip(x) {
+                let r = v.max(0.0);
+                *o = r * r;
+            }
+        }),
         MlpKind::SwiGlu => {
             let f = cols / 2;
-            out.par_chunks_mut(f)
-                .zip(x.par_chunks(cols))
-                .for_each(|(o, x)| {
-                    let (gate, up) = x.split_at(f);
-                    for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
-                        *o = g / (1.0 + (-g).exp()) * u;
-                    }
-                })
+            out.par_chunks_mut(f).zip(x.par_chunks(cols)).for_each(|(o, x)| {
+                let (gate, up) = x.split_at(f);
+                for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+                    *o = g / (1.0 + (-g).exp()) * u;
+                }
+            })
         }
     }
 }
@@ -144,12 +130,7 @@ mod tests {
     #[test]
     fn layernorm1p_adds_one_to_the_stored_weight() {
         // The stored weight is gamma - 1: a stored 0 means scale 1.
-        let p = NormParams {
-            kind: NormKind::LayerNorm1P,
-            eps: 0.0,
-            gamma: vec![1.0, 3.0],
-            beta: Some(vec![0.5, 0.0]),
-        };
+        let p = NormParams { kind: NormKind::LayerNorm1P, eps: 0.0, gamma: vec![1.0, 3.0], beta: Some(vec![0.5, 0.0]) };
         let mut out = [0.0; 2];
         norm_row(&[1.0, 3.0], &p, &mut out);
         assert_eq!(out, [-1.0 + 0.5, 3.0]);
@@ -157,29 +138,16 @@ mod tests {
 
     #[test]
     fn rmsnorm_scales_by_root_mean_square() {
-        let p = NormParams {
-            kind: NormKind::RmsNorm,
-            eps: 0.0,
-            gamma: vec![1.0, 2.0],
-            beta: None,
-        };
+        let p = NormParams { kind: NormKind::RmsNorm, eps: 0.0, gamma: vec![1.0, 2.0], beta: None };
         let mut out = [0.0; 2];
         norm_row(&[3.0, 4.0], &p, &mut out);
         let rms = (12.5f64).sqrt();
-        assert!(
-            (out[0] as f64 - 3.0 / rms).abs() < 1e-7 && (out[1] as f64 - 8.0 / rms).abs() < 1e-6
-        );
+        assert!((out[0] as f64 - 3.0 / rms).abs() < 1e-7 && (out[1] as f64 - 8.0 / rms).abs() < 1e-6);
     }
 
     #[test]
     fn rope_rotates_only_the_rotary_slice_of_q_and_k() {
-        let l = AttnLayout {
-            heads: 1,
-            kv_heads: 1,
-            head_dim: 4,
-            rotary_dim: 2,
-            scale: 1.0,
-        };
+        let l = AttnLayout { heads: 1, kv_heads: 1, head_dim: 4, rotary_dim: 2, scale: 1.0 };
         let mut qkv = vec![1.0, 2.0, 7.0, 8.0, 1.0, 2.0, 7.0, 8.0, 5.0, 5.0, 5.0, 5.0];
         let (c, s) = (0.6f32, 0.8f32);
         rope(&mut qkv, &l, &[1], &[1.0, c], &[0.0, s]);

@@ -48,10 +48,7 @@ pub struct Message {
 impl Message {
     /// A message.
     pub fn new(role: Role, content: impl Into<String>) -> Self {
-        Message {
-            role,
-            content: content.into(),
-        }
+        Message { role, content: content.into() }
     }
 }
 
@@ -68,15 +65,9 @@ pub fn validate_roles(messages: &[Message]) -> Result<()> {
         return bad("the conversation has only a system message; it needs a user turn and an assistant response".into());
     }
     for (i, m) in messages.iter().enumerate().skip(start) {
-        let expected = if (i - start) % 2 == 0 {
-            Role::User
-        } else {
-            Role::Assistant
-        };
+        let expected = if (i - start) % 2 == 0 { Role::User } else { Role::Assistant };
         if m.role == Role::System {
-            return bad(format!(
-                "messages[{i}]: a system message may only come first"
-            ));
+            return bad(format!("messages[{i}]: a system message may only come first"));
         }
         if m.role != expected {
             return bad(format!(
@@ -106,11 +97,7 @@ mod tests {
     #[test]
     fn valid_orders() {
         use Role::*;
-        for roles in [
-            &[User, Assistant][..],
-            &[System, User, Assistant],
-            &[User, Assistant, User, Assistant],
-        ] {
+        for roles in [&[User, Assistant][..], &[System, User, Assistant], &[User, Assistant, User, Assistant]] {
             validate_roles(&conv(roles)).unwrap();
         }
     }
@@ -121,26 +108,11 @@ mod tests {
         let cases: &[(&[Role], &str)] = &[
             (&[], "no messages"),
             (&[System], "only a system message"),
-            (
-                &[User],
-                "messages[0]: the conversation must end with the assistant",
-            ),
-            (
-                &[Assistant],
-                "messages[0]: expected a user turn, found assistant",
-            ),
-            (
-                &[User, User, Assistant],
-                "messages[1]: expected a assistant turn, found user",
-            ),
-            (
-                &[User, Assistant, System, User, Assistant],
-                "messages[2]: a system message may only come first",
-            ),
-            (
-                &[System, User, Assistant, User],
-                "messages[3]: the conversation must end",
-            ),
+            (&[User], "messages[0]: the conversation must end with the assistant"),
+            (&[Assistant], "messages[0]: expected a user turn, found assistant"),
+            (&[User, User, Assistant], "messages[1]: expected a assistant turn, found user"),
+            (&[User, Assistant, System, User, Assistant], "messages[2]: a system message may only come first"),
+            (&[System, User, Assistant, User], "messages[3]: the conversation must end"),
         ];
         for (roles, want) in cases {
             let e = validate_roles(&conv(roles)).unwrap_err().to_string();

@@ -21,31 +21,20 @@ pub struct JinjaTemplate {
 
 impl std::fmt::Debug for JinjaTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JinjaTemplate")
-            .field("tokens", &self.tokens)
-            .finish()
+        f.debug_struct("JinjaTemplate").field("tokens", &self.tokens).finish()
     }
 }
 
 impl JinjaTemplate {
     /// Reads the chat template of `tokenizer_config.json`, if it has one.
     pub fn from_tokenizer_config(path: &Path) -> Result<Option<Self>> {
-        let bad = |message: String| EngineError::Config {
-            path: path.to_path_buf(),
-            message,
-        };
+        let bad = |message: String| EngineError::Config { path: path.to_path_buf(), message };
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => {
-                return Err(EngineError::Io {
-                    path: path.to_path_buf(),
-                    source: e,
-                })
-            }
+            Err(e) => return Err(EngineError::Io { path: path.to_path_buf(), source: e }),
         };
-        let cfg: Json =
-            serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let cfg: Json = serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
         let source = match cfg.get("chat_template") {
             None | Some(Json::Null) => return Ok(None),
             Some(Json::String(s)) => s.clone(),
@@ -57,35 +46,16 @@ impl JinjaTemplate {
                     .or_else(|| list.first())
                     .and_then(|t| t.get("template"))
                     .and_then(Json::as_str)
-                    .ok_or_else(|| {
-                        bad(
-                            "chat_template is a list without a {\"name\", \"template\"} entry"
-                                .into(),
-                        )
-                    })?;
+                    .ok_or_else(|| bad("chat_template is a list without a {\"name\", \"template\"} entry".into()))?;
                 pick.to_string()
             }
-            Some(_) => {
-                return Err(bad(
-                    "chat_template must be a string or a list of named templates".into(),
-                ))
-            }
+            Some(_) => return Err(bad("chat_template must be a string or a list of named templates".into())),
         };
         let mut tokens = Vec::new();
-        for key in [
-            "bos_token",
-            "eos_token",
-            "unk_token",
-            "pad_token",
-            "sep_token",
-            "cls_token",
-            "mask_token",
-        ] {
+        for key in ["bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token"] {
             let value = match cfg.get(key) {
                 Some(Json::String(s)) => Some(s.clone()),
-                Some(Json::Object(o)) => {
-                    o.get("content").and_then(Json::as_str).map(str::to_string)
-                }
+                Some(Json::Object(o)) => o.get("content").and_then(Json::as_str).map(str::to_string),
                 _ => None,
             };
             if let Some(v) = value {
@@ -104,20 +74,15 @@ impl JinjaTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<Value, JinjaError> {
-                Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
-            },
-        );
-        env.add_function(
-            "strftime_now",
-            |fmt: String| -> std::result::Result<String, JinjaError> { strftime_now(&fmt) },
-        );
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, JinjaError> {
+            Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
+        });
+        env.add_function("strftime_now", |fmt: String| -> std::result::Result<String, JinjaError> {
+            strftime_now(&fmt)
+        });
         env.add_filter("tojson", tojson);
-        env.add_template_owned("chat", source).map_err(|e| {
-            EngineError::InvalidInput(format!("the chat template does not compile: {e:#}"))
-        })?;
+        env.add_template_owned("chat", source)
+            .map_err(|e| EngineError::InvalidInput(format!("the chat template does not compile: {e:#}")))?;
         Ok(JinjaTemplate { env, tokens })
     }
 
@@ -126,29 +91,16 @@ impl JinjaTemplate {
     pub fn render(&self, messages: &[Message]) -> Result<String> {
         let msgs: Vec<Value> = messages
             .iter()
-            .map(|m| {
-                Value::from_serialize(
-                    serde_json::json!({"role": m.role.as_str(), "content": m.content}),
-                )
-            })
+            .map(|m| Value::from_serialize(serde_json::json!({"role": m.role.as_str(), "content": m.content})))
             .collect();
-        let mut ctx: Vec<(String, Value)> = vec![
-            ("messages".into(), Value::from(msgs)),
-            ("add_generation_prompt".into(), Value::from(false)),
-        ];
+        let mut ctx: Vec<(String, Value)> =
+            vec![("messages".into(), Value::from(msgs)), ("add_generation_prompt".into(), Value::from(false))];
         for (k, v) in &self.tokens {
             ctx.push((k.clone(), Value::from(v.as_str())));
         }
-        let ctx: Value = ctx
-            .into_iter()
-            .collect::<std::collections::BTreeMap<_, _>>()
-            .into();
-        let tmpl = self
-            .env
-            .get_template("chat")
-            .expect("added at construction");
-        tmpl.render(ctx)
-            .map_err(|e| EngineError::InvalidInput(format!("the chat template failed: {e:#}")))
+        let ctx: Value = ctx.into_iter().collect::<std::collections::BTreeMap<_, _>>().into();
+        let tmpl = self.env.get_template("chat").expect("added at construction");
+        tmpl.render(ctx).map_err(|e| EngineError::InvalidInput(format!("the chat template failed: {e:#}")))
     }
 }
 
@@ -179,9 +131,7 @@ fn python_json(v: &Json, indent: Option<usize>, sort: bool, depth: usize, out: &
         Json::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
             (Some(i), _, _) => out.push_str(&i.to_string()),
             (_, Some(u), _) => out.push_str(&u.to_string()),
-            (_, _, Some(f)) if f.fract() == 0.0 && f.abs() < 1e16 => {
-                out.push_str(&format!("{f:.1}"))
-            }
+            (_, _, Some(f)) if f.fract() == 0.0 && f.abs() < 1e16 => out.push_str(&format!("{f:.1}")),
             (_, _, Some(f)) => out.push_str(&f.to_string()),
             _ => out.push_str("null"),
         },
@@ -239,10 +189,7 @@ fn python_json(v: &Json, indent: Option<usize>, sort: bool, depth: usize, out: &
 
 /// `datetime.now().strftime(fmt)` for the directives chat templates use (UTC).
 fn strftime_now(fmt: &str) -> std::result::Result<String, JinjaError> {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let days = (secs / 86_400) as i64;
     let (y, m, d) = civil_from_days(days);
     let (hh, mm, ss) = ((secs % 86_400) / 3600, (secs % 3600) / 60, secs % 60);
@@ -260,15 +207,7 @@ fn strftime_now(fmt: &str) -> std::result::Result<String, JinjaError> {
         "November",
         "December",
     ];
-    const DAYS: [&str; 7] = [
-        "Thursday",
-        "Friday",
-        "Saturday",
-        "Sunday",
-        "Monday",
-        "Tuesday",
-        "Wednesday",
-    ];
+    const DAYS: [&str; 7] = ["Thursday", "Friday", "Saturday", "Sunday", "Monday", "Tuesday", "Wednesday"];
     let weekday = DAYS[days.rem_euclid(7) as usize];
     let month = MONTHS[(m - 1) as usize];
     let mut out = String::new();
@@ -295,10 +234,7 @@ fn strftime_now(fmt: &str) -> std::result::Result<String, JinjaError> {
             other => {
                 return Err(JinjaError::new(
                     ErrorKind::InvalidOperation,
-                    format!(
-                        "strftime_now: unsupported directive %{}",
-                        other.map(String::from).unwrap_or_default()
-                    ),
+                    format!("strftime_now: unsupported directive %{}", other.map(String::from).unwrap_or_default()),
                 ))
             }
         }
@@ -332,26 +268,19 @@ mod tests {
 
     #[test]
     fn tojson_writes_what_python_writes() {
-        let t = JinjaTemplate::new("{{ x | tojson }}|{{ x | tojson(indent=2) }}".into(), vec![])
-            .unwrap();
+        let t = JinjaTemplate::new("{{ x | tojson }}|{{ x | tojson(indent=2) }}".into(), vec![]).unwrap();
         let env = &t.env;
         let out = env
             .get_template("chat")
             .unwrap()
-            .render(
-                minijinja::context! { x => serde_json::json!({"a": [1, 2.5, "é<\n"], "b": {}}) },
-            )
+            .render(minijinja::context! { x => serde_json::json!({"a": [1, 2.5, "é<\n"], "b": {}}) })
             .unwrap();
         assert_eq!(out, "{\"a\": [1, 2.5, \"é<\\n\"], \"b\": {}}|{\n  \"a\": [\n    1,\n    2.5,\n    \"é<\\n\"\n  ],\n  \"b\": {}\n}");
     }
 
     #[test]
     fn raise_exception_becomes_an_input_error() {
-        let t = JinjaTemplate::new(
-            "{{ raise_exception('roles must alternate') }}".into(),
-            vec![],
-        )
-        .unwrap();
+        let t = JinjaTemplate::new("{{ raise_exception('roles must alternate') }}".into(), vec![]).unwrap();
         let e = t.render(&[]).unwrap_err().to_string();
         assert!(e.contains("roles must alternate"), "{e}");
     }

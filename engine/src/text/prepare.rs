@@ -11,8 +11,7 @@ use crate::error::{EngineError, Result};
 use crate::spec::ModelSpec;
 
 /// The system prompt Nemotron-4-340B-Reward was trained with, used when a conversation has none.
-pub const NEMOTRON_DEFAULT_SYSTEM: &str =
-    "A chat between a curious user and an artificial intelligence assistant. \
+pub const NEMOTRON_DEFAULT_SYSTEM: &str = "A chat between a curious user and an artificial intelligence assistant. \
 The assistant gives helpful, detailed, and polite answers to the user's questions.";
 
 /// The markers of the Nemotron reward template: header, turn, and the score position.
@@ -127,11 +126,7 @@ impl Preprocessor {
     /// models. `max_tokens` caps inputs below the model's own limit.
     pub fn from_model_dir(dir: &Path, spec: &ModelSpec, max_tokens: Option<usize>) -> Result<Self> {
         let tok_path = dir.join("tokenizer.json");
-        let tokenizer = if tok_path.exists() {
-            Some(TextTokenizer::from_file(&tok_path)?)
-        } else {
-            None
-        };
+        let tokenizer = if tok_path.exists() { Some(TextTokenizer::from_file(&tok_path)?) } else { None };
         let jinja = JinjaTemplate::from_tokenizer_config(&dir.join("tokenizer_config.json"))?;
         let nemotron = || -> Result<ChatTemplate> {
             let t = tokenizer.as_ref().ok_or_else(|| EngineError::MissingFile {
@@ -165,29 +160,12 @@ impl Preprocessor {
             (None, None) if spec.architecture.starts_with("Nemotron") && tokenizer.is_some() => nemotron()?,
             (None, None) => ChatTemplate::None,
         };
-        Ok(Self::new(
-            tokenizer,
-            template,
-            spec.vocab,
-            max_tokens
-                .unwrap_or(spec.max_positions)
-                .min(spec.max_positions),
-        ))
+        Ok(Self::new(tokenizer, template, spec.vocab, max_tokens.unwrap_or(spec.max_positions).min(spec.max_positions)))
     }
 
     /// A preprocessor from parts.
-    pub fn new(
-        tokenizer: Option<TextTokenizer>,
-        template: ChatTemplate,
-        vocab: usize,
-        max_tokens: usize,
-    ) -> Self {
-        Preprocessor {
-            tokenizer,
-            template,
-            vocab,
-            max_tokens,
-        }
+    pub fn new(tokenizer: Option<TextTokenizer>, template: ChatTemplate, vocab: usize, max_tokens: usize) -> Self {
+        Preprocessor { tokenizer, template, vocab, max_tokens }
     }
 
     /// The longest input accepted, in tokens.
@@ -244,7 +222,8 @@ impl Preprocessor {
                 Ok((text, ids))
             }
             ChatTemplate::None => Err(EngineError::InvalidInput(
-                "this model has no chat template, so messages cannot be scored; send pre-templated text or token ids".into(),
+                "this model has no chat template, so messages cannot be scored; send pre-templated text or token ids"
+                    .into(),
             )),
         }
     }
@@ -264,11 +243,7 @@ impl Preprocessor {
                 if ids.is_empty() {
                     return Err(EngineError::InvalidInput("token_ids is empty".into()));
                 }
-                if let Some((i, t)) = ids
-                    .iter()
-                    .enumerate()
-                    .find(|(_, &t)| t as usize >= self.vocab)
-                {
+                if let Some((i, t)) = ids.iter().enumerate().find(|(_, &t)| t as usize >= self.vocab) {
                     return Err(EngineError::InvalidInput(format!(
                         "token_ids[{i}] = {t} is outside the vocabulary (ids are below {})",
                         self.vocab
@@ -284,16 +259,9 @@ impl Preprocessor {
         if n == 0 {
             return Err(EngineError::InvalidInput(format!("{what} has no tokens")));
         }
-        let mut truncation = Truncation {
-            original_tokens: n,
-            ..Default::default()
-        };
+        let mut truncation = Truncation { original_tokens: n, ..Default::default() };
         if n <= self.max_tokens {
-            return Ok(Prepared {
-                ids,
-                text: None,
-                truncation,
-            });
+            return Ok(Prepared { ids, text: None, truncation });
         }
         match policy {
             TruncationPolicy::Error => Err(EngineError::TooLong {
@@ -304,11 +272,7 @@ impl Preprocessor {
             }),
             TruncationPolicy::Truncate => {
                 truncation.dropped_tokens = n - self.max_tokens;
-                Ok(Prepared {
-                    ids: ids[n - self.max_tokens..].to_vec(),
-                    text: None,
-                    truncation,
-                })
+                Ok(Prepared { ids: ids[n - self.max_tokens..].to_vec(), text: None, truncation })
             }
         }
     }
@@ -317,20 +281,11 @@ impl Preprocessor {
         validate_roles(messages)?;
         let (text, ids) = self.render(messages)?;
         if ids.is_empty() {
-            return Err(EngineError::InvalidInput(
-                "the chat template rendered no tokens".into(),
-            ));
+            return Err(EngineError::InvalidInput("the chat template rendered no tokens".into()));
         }
-        let mut truncation = Truncation {
-            original_tokens: ids.len(),
-            ..Default::default()
-        };
+        let mut truncation = Truncation { original_tokens: ids.len(), ..Default::default() };
         if ids.len() <= self.max_tokens {
-            return Ok(Prepared {
-                ids,
-                text: Some(text),
-                truncation,
-            });
+            return Ok(Prepared { ids, text: Some(text), truncation });
         }
         if policy == TruncationPolicy::Error {
             return Err(EngineError::TooLong {
@@ -345,11 +300,7 @@ impl Preprocessor {
         let head = usize::from(messages[0].role == Role::System);
         let pairs = (messages.len() - head - 2) / 2;
         let with_dropped = |k: usize| -> Result<(String, Vec<u32>)> {
-            let kept: Vec<Message> = messages[..head]
-                .iter()
-                .chain(&messages[head + 2 * k..])
-                .cloned()
-                .collect();
+            let kept: Vec<Message> = messages[..head].iter().chain(&messages[head + 2 * k..]).cloned().collect();
             self.render(&kept)
         };
         let protected = with_dropped(pairs)?;
@@ -379,10 +330,6 @@ impl Preprocessor {
             best_k = lo;
         }
         truncation.dropped_messages = 2 * best_k;
-        Ok(Prepared {
-            ids: best.1,
-            text: Some(best.0),
-            truncation,
-        })
+        Ok(Prepared { ids: best.1, text: Some(best.0), truncation })
     }
 }

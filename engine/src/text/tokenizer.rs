@@ -30,10 +30,8 @@ impl TextTokenizer {
                 why: "text and message inputs need the model's tokenizer.json".into(),
             });
         }
-        let special = Tokenizer::from_file(path).map_err(|e| EngineError::Tokenizer {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let special = Tokenizer::from_file(path)
+            .map_err(|e| EngineError::Tokenizer { path: path.to_path_buf(), message: e.to_string() })?;
         Ok(Self::from_tokenizer(special))
     }
 
@@ -67,9 +65,7 @@ impl TextTokenizer {
 
     /// Text of token ids (special tokens kept), for debugging templates.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.special
-            .decode(ids, false)
-            .map_err(|e| EngineError::InvalidInput(format!("cannot decode: {e}")))
+        self.special.decode(ids, false).map_err(|e| EngineError::InvalidInput(format!("cannot decode: {e}")))
     }
 
     /// Number of ids, added tokens included.
