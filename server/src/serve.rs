@@ -64,6 +64,10 @@ pub struct ServeArgs {
     /// Seconds to finish accepted requests after SIGTERM/SIGINT before exiting anyway.
     #[arg(long, env = "ARBITER_SHUTDOWN_GRACE_SECONDS", default_value_t = 30.0)]
     pub shutdown_grace_seconds: f64,
+    /// Seconds to keep answering UNAVAILABLE after the last accepted request is answered, before
+    /// closing connections, so clients still sending learn to go elsewhere from a clean status.
+    #[arg(long, env = "ARBITER_SHUTDOWN_LINGER_SECONDS", default_value_t = 1.0)]
+    pub shutdown_linger_seconds: f64,
     /// Skip the warm-up batch (it checks that --max-batch-tokens fits before reporting SERVING).
     #[arg(long, env = "ARBITER_NO_WARMUP")]
     pub no_warmup: bool,
@@ -183,6 +187,9 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
         }
         if lifecycle.in_flight() > 0 {
             tracing::warn!(in_flight = lifecycle.in_flight(), "grace period over; exiting with requests unanswered");
+        } else {
+            let linger = Duration::from_secs_f64(args.shutdown_linger_seconds.max(0.0));
+            tokio::time::sleep(linger.min(grace.saturating_sub(t.elapsed()))).await;
         }
         grpc_stop_tx.send(true).ok();
         let left = grace.saturating_sub(t.elapsed()).max(Duration::from_millis(100));

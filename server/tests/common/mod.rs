@@ -18,8 +18,18 @@ struct Wrapper {
 
 /// Starts `arbiter serve --demo` in-process on 127.0.0.1:0 with `extra` flags; returns once SERVING.
 pub async fn serve(extra: &[&str]) -> (SocketAddr, Running) {
-    let mut argv =
-        vec!["arbiter", "--demo", "--listen", "127.0.0.1:0", "--metrics-listen", "none", "--max-batch-tokens", "2048"];
+    let mut argv = vec![
+        "arbiter",
+        "--demo",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "none",
+        "--max-batch-tokens",
+        "2048",
+        "--shutdown-linger-seconds",
+        "0",
+    ];
     argv.extend_from_slice(extra);
     let args = Wrapper::parse_from(argv).args;
     let running = start(args).await.expect("server starts");
@@ -71,3 +81,5 @@ pub fn ids_item(ids: &[u32]) -> pb::Item {
 pub fn score_req(items: Vec<pb::Item>) -> pb::ScoreRequest {
     pb::ScoreRequest { items, ..Default::default() }
 }
+
+pub mod process;
