@@ -69,9 +69,54 @@ pub fn demo_tokenizer_json() -> Result<String> {
     tok.to_string(true).map_err(err)
 }
 
+/// Sizes the demo tokenizer and template can be put on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DemoPreset {
+    /// The toy model `--demo` serves (hidden 256, 4 layers).
+    #[default]
+    Demo,
+    /// The CPU benchmark's "bench-small" (hidden 1024, 8 layers, 16/4 heads, FFN 4096, vocab 32000), f32.
+    BenchSmall,
+}
+
+impl std::str::FromStr for DemoPreset {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "demo" => Ok(DemoPreset::Demo),
+            "bench-small" => Ok(DemoPreset::BenchSmall),
+            other => Err(EngineError::InvalidInput(format!("unknown preset {other:?}; expected demo or bench-small"))),
+        }
+    }
+}
+
 /// Writes the demo model folder into `dir` (created if needed).
 pub fn write_demo_model(dir: &Path) -> Result<()> {
-    write_random_model(dir, &demo_config(), Dtype::BF16, 340, true)?;
+    write_demo_preset(dir, DemoPreset::Demo)
+}
+
+/// Writes a random-weight model of `preset`'s size with the demo tokenizer and template.
+pub fn write_demo_preset(dir: &Path, preset: DemoPreset) -> Result<()> {
+    let mut config = demo_config();
+    let dtype = match preset {
+        DemoPreset::Demo => Dtype::BF16,
+        DemoPreset::BenchSmall => {
+            let bench = crate::synth::bench_small_config();
+            for key in [
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "vocab_size",
+            ] {
+                config[key] = bench[key].clone();
+            }
+            Dtype::F32
+        }
+    };
+    write_random_model(dir, &config, dtype, 340, true)?;
     let path = dir.join("tokenizer.json");
     std::fs::write(&path, demo_tokenizer_json()?).map_err(|e| EngineError::Io { path, source: e })
 }

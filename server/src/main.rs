@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use arbiter_engine::demo::{write_demo_model, DEMO_WARNING};
+use arbiter_engine::demo::{write_demo_preset, DemoPreset, DEMO_WARNING};
 use arbiter_engine::runtime::LoadedModel;
 use arbiter_engine::text::{Prepared, TruncationPolicy};
 use arbiter_engine::{EngineError, RewardWeights};
@@ -43,6 +43,9 @@ enum Command {
         /// Folder to write (created if needed).
         #[arg(long)]
         out: PathBuf,
+        /// Size: "demo" (what --demo serves) or "bench-small" (the CPU benchmark's config).
+        #[arg(long, default_value = "demo")]
+        preset: DemoPreset,
     },
 }
 
@@ -76,7 +79,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { args, log_format } => serve(*args, log_format),
         Command::Score(args) => score(args),
-        Command::DemoModel { out } => write_demo_model(&out)
+        Command::DemoModel { out, preset } => write_demo_preset(&out, preset)
             .map(|()| {
                 eprintln!("wrote the demo model to {} ({DEMO_WARNING})", out.display());
                 ExitCode::SUCCESS
