@@ -11,3 +11,9 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --locked
+
+echo "== python client tests (pytest, against the arbiter binary just built)"
+cargo build --locked -p arbiter-server --bin arbiter
+if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
+.venv/bin/pip install -q --disable-pip-version-check -e "clients/python[test]"
+ARBITER_BIN="$PWD/target/debug/arbiter" .venv/bin/python -m pytest -q -p no:cacheprovider clients/python/tests

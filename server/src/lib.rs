@@ -7,5 +7,6 @@ pub mod error;
 pub mod jsonl;
 pub mod metrics;
 pub mod model_args;
+pub mod openrlhf;
 pub mod serve;
 pub mod service;

@@ -68,6 +68,15 @@ pub struct ServeArgs {
     /// closing connections, so clients still sending learn to go elsewhere from a clean status.
     #[arg(long, env = "ARBITER_SHUTDOWN_LINGER_SECONDS", default_value_t = 1.0)]
     pub shutdown_linger_seconds: f64,
+    /// Also answer OpenRLHF's remote reward protocol (POST /get_reward) on this HTTP address.
+    #[arg(long, env = "ARBITER_OPENRLHF_LISTEN")]
+    pub openrlhf_listen: Option<SocketAddr>,
+    /// OpenRLHF: "split" scores [user: prompt, assistant: response]; "raw" scores the query text as is.
+    #[arg(long, env = "ARBITER_OPENRLHF_MODE", value_enum, default_value = "split")]
+    pub openrlhf_mode: crate::openrlhf::Mode,
+    /// OpenRLHF: the policy's end-of-turn marker, stripped from the end of responses (repeatable).
+    #[arg(long, env = "ARBITER_OPENRLHF_EOT", value_delimiter = ',')]
+    pub openrlhf_eot: Vec<String>,
     /// Skip the warm-up batch (it checks that --max-batch-tokens fits before reporting SERVING).
     #[arg(long, env = "ARBITER_NO_WARMUP")]
     pub no_warmup: bool,
@@ -80,6 +89,8 @@ pub const SERVICE_NAME: &str = "arbiter.v1.RewardService";
 pub struct Running {
     /// The bound gRPC address (useful with port 0).
     pub addr: SocketAddr,
+    /// The bound OpenRLHF HTTP address, if enabled.
+    pub http_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     done: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -159,6 +170,20 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
         },
     ));
     tracing::info!(%addr, "listening (NOT_SERVING until the model is loaded)");
+    let http_addr = match args.openrlhf_listen {
+        Some(a) => {
+            let settings = crate::openrlhf::Settings { mode: args.openrlhf_mode, eot: args.openrlhf_eot.clone() };
+            let mut rx = grpc_stop_tx.subscribe();
+            let bound = crate::openrlhf::serve(a, service.clone(), settings, async move {
+                rx.wait_for(|s| *s).await.ok();
+            })
+            .await
+            .with_context(|| format!("binding --openrlhf-listen {a}"))?;
+            tracing::info!(addr = %bound, "OpenRLHF reward endpoint on POST /get_reward");
+            Some(bound)
+        }
+        None => None,
+    };
 
     let done = tokio::spawn(async move {
         let ready = tokio::select! {
@@ -201,7 +226,7 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
         tracing::info!("stopped");
         Ok(())
     });
-    Ok(Running { addr, stop: stop_tx, done })
+    Ok(Running { addr, http_addr, stop: stop_tx, done })
 }
 
 /// Loads the model, starts the batcher and runs the warm-up batch.

@@ -471,6 +471,46 @@ async fn tokenize(ready: Arc<Ready>, req: pb::TokenizeRequest) -> Result<pb::Tok
     })
 }
 
+impl Service {
+    /// Scores inputs for the HTTP endpoints: same admission, auth, batcher and default weights
+    /// as gRPC. Returns the rewards and, per exposed attribute, its values.
+    pub async fn score_http(
+        &self,
+        headers: &axum::http::HeaderMap,
+        inputs: Vec<(String, Input)>,
+    ) -> Result<(Vec<f32>, Vec<(String, Vec<f32>)>), ServiceError> {
+        let start = Instant::now();
+        let mut outcome = Outcome { rpc: "OpenRLHF", start, deadline: None, done: false };
+        let result = async {
+            let mut req = Request::new(());
+            if let Some(v) = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()) {
+                req.metadata_mut().insert("authorization", v);
+            }
+            self.auth.check(&req)?;
+            let _guard = self.lifecycle.admit()?;
+            let ready = self.ready()?;
+            check_count(&ready, inputs.len(), "queries")?;
+            let weights = RewardWeights::defaults(&ready.model.spec().head);
+            let policy = ready.limits.default_truncation;
+            let scored = score_inputs(ready.clone(), inputs, policy, weights, None).await?;
+            let head = &ready.model.spec().head;
+            let attributes = head
+                .exposed
+                .iter()
+                .map(|&i| {
+                    let name = head.labels[i].clone();
+                    let values = scored.results.iter().map(|r| r.attributes[&name]).collect();
+                    (name, values)
+                })
+                .collect();
+            Ok((scored.rewards, attributes))
+        }
+        .await;
+        outcome.finish(result.as_ref().map_or_else(|e: &ServiceError| e.code(), |_| tonic::Code::Ok));
+        result
+    }
+}
+
 type StreamOut = Pin<Box<dyn Stream<Item = Result<pb::ScoreStreamResponse, Status>> + Send>>;
 
 #[tonic::async_trait]

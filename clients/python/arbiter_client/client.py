@@ -1,0 +1,115 @@
+"""Synchronous client."""
+from __future__ import annotations
+
+import random
+import time
+from typing import Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import grpc
+
+from . import types as t
+from ._gen import arbiter_pb2 as pb
+from ._gen import arbiter_pb2_grpc as pb_grpc
+
+#: Status codes worth retrying: the request was not computed and may succeed later.
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+MAX_MESSAGE_BYTES = 256 << 20
+
+
+def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES):
+    return [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+def credentials(tls: bool, root_certificates: Optional[bytes]):
+    return grpc.ssl_channel_credentials(root_certificates=root_certificates) if tls or root_certificates else None
+
+
+class Client:
+    """Blocking client of an arbiter server.
+
+    >>> c = Client("localhost:50051")
+    >>> c.score([[{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]])[0].reward
+
+    `token` sends `authorization: Bearer <token>`; `tls` / `root_certificates` use TLS;
+    `timeout` is each call's deadline in seconds; UNAVAILABLE and RESOURCE_EXHAUSTED are retried
+    `retries` times with exponential backoff starting at `backoff` seconds (with jitter).
+    """
+
+    def __init__(self, target: str = "localhost:50051", *, token: Optional[str] = None, tls: bool = False,
+                 root_certificates: Optional[bytes] = None, timeout: Optional[float] = 60.0, retries: int = 3,
+                 backoff: float = 0.2, max_message_bytes: int = MAX_MESSAGE_BYTES):
+        creds = credentials(tls, root_certificates)
+        opts = channel_options(max_message_bytes)
+        self._channel = grpc.secure_channel(target, creds, opts) if creds else grpc.insecure_channel(target, opts)
+        self._stub = pb_grpc.RewardServiceStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _call(self, method, request, timeout):
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return method(request, timeout=timeout if timeout is not None else self.timeout,
+                              metadata=self._metadata)
+            except grpc.RpcError as e:
+                if e.code() in RETRYABLE and attempt <= self.retries:
+                    time.sleep(self.backoff * (2 ** (attempt - 1)) * (0.5 + random.random()))
+                    continue
+                raise t.ArbiterError(e.code(), e.details() or "", attempt) from None
+
+    def score(self, items: Sequence[t.ItemLike], *, truncation: Optional[str] = None,
+              reward_weights: Optional[Mapping[str, float]] = None, timeout: Optional[float] = None) -> List[t.ScoreResult]:
+        """Scores items (conversations, or dicts with messages / text / token_ids), in order."""
+        r = self._call(self._stub.Score, t.score_request(items, truncation, reward_weights), timeout)
+        return [t.result(x) for x in r.results]
+
+    def rank(self, prompt: t.Conversation, candidates: Sequence[str], *, truncation: Optional[str] = None,
+             reward_weights: Optional[Mapping[str, float]] = None, timeout: Optional[float] = None) -> t.RankResult:
+        """Scores each candidate as the assistant reply to `prompt`; `order` is best first."""
+        r = self._call(self._stub.Rank, t.rank_request(prompt, candidates, truncation, reward_weights), timeout)
+        return t.RankResult([t.result(x) for x in r.results], list(r.order), r.model_fingerprint)
+
+    def stream(self, requests: Iterable[Tuple[str, Sequence[t.ItemLike]]], *, truncation: Optional[str] = None,
+               reward_weights: Optional[Mapping[str, float]] = None, timeout: Optional[float] = None
+               ) -> Iterator[Tuple[str, Union[List[t.ScoreResult], t.ArbiterError]]]:
+        """ScoreStream: yields (request_id, results or ArbiterError) in completion order."""
+        def gen():
+            for rid, items in requests:
+                yield pb.ScoreStreamRequest(request_id=str(rid),
+                                            request=t.score_request(items, truncation, reward_weights))
+        try:
+            for m in self._stub.ScoreStream(gen(), timeout=timeout if timeout is not None else self.timeout,
+                                            metadata=self._metadata):
+                if m.HasField("error"):
+                    yield m.request_id, t.ArbiterError(status_code(m.error.code), m.error.message)
+                else:
+                    yield m.request_id, [t.result(x) for x in m.response.results]
+        except grpc.RpcError as e:
+            raise t.ArbiterError(e.code(), e.details() or "") from None
+
+    def model_info(self, *, timeout: Optional[float] = None) -> t.ModelInfo:
+        return t.model_info(self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout))
+
+    def tokenize(self, item: t.ItemLike, *, truncation: Optional[str] = None, timeout: Optional[float] = None):
+        """(templated text, token ids) of one item, as the server would score it."""
+        r = self._call(self._stub.Tokenize, pb.TokenizeRequest(item=t.to_item(item),
+                                                               truncation=t.truncation_value(truncation)), timeout)
+        return r.text, list(r.token_ids)
+
+
+def status_code(number: int) -> grpc.StatusCode:
+    """The grpc.StatusCode with this number (UNKNOWN if none)."""
+    for c in grpc.StatusCode:
+        if c.value[0] == number:
+            return c
+    return grpc.StatusCode.UNKNOWN

@@ -1,0 +1,193 @@
+//! OpenRLHF's remote reward protocol over HTTP, through the same batcher as gRPC.
+//!
+//! `POST /get_reward` (or `/`) with `{"query": [...], "prompts": [...], "labels": [...]}` answers
+//! `{"rewards": [...], "scores": [...], "extra_logs": {attribute: [...]}}`.
+//!
+//! `query[i]` is the policy's prompt followed by its response, both in the *policy's* chat
+//! template; `prompts[i]` is the prompt alone. In `split` mode (the default) the response is
+//! `query[i][len(prompts[i])..]` with the policy's end-of-turn marker (`--openrlhf-eot`, e.g.
+//! `<|im_end|>`) and trailing whitespace stripped from its end, and the reward model scores the
+//! conversation `[user: prompts[i], assistant: response]` in its own template: the prompt text,
+//! policy template and all, becomes the user turn. In `raw` mode `query[i]` is scored as
+//! pre-templated text, as is. `labels` are accepted and ignored.
+
+use std::net::SocketAddr;
+
+use arbiter_engine::text::{Input, Message, Role};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use serde_json::{json, Map, Value};
+
+use crate::error::ServiceError;
+use crate::service::Service;
+
+/// How a query becomes an input of the reward model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Prompt as the user turn, the response (end-of-turn marker stripped) as the assistant turn.
+    Split,
+    /// The policy-templated query, scored as text as is.
+    Raw,
+}
+
+/// Settings of the endpoint.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Split or raw.
+    pub mode: Mode,
+    /// End-of-turn markers stripped from the end of responses (split mode).
+    pub eot: Vec<String>,
+}
+
+#[derive(Clone)]
+struct AppState {
+    service: Service,
+    settings: Settings,
+}
+
+/// Serves the endpoint on `addr` until `shutdown` resolves.
+pub async fn serve(
+    addr: SocketAddr,
+    service: Service,
+    settings: Settings,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<SocketAddr> {
+    let app = Router::new()
+        .route("/get_reward", post(handle))
+        .route("/", post(handle))
+        .with_state(AppState { service, settings });
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+            tracing::error!(error = %e, "OpenRLHF endpoint stopped");
+        }
+    });
+    Ok(bound)
+}
+
+fn reject(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, axum::Json(json!({ "error": message.into() }))).into_response()
+}
+
+fn http_status(e: &ServiceError) -> StatusCode {
+    match e {
+        ServiceError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
+        ServiceError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+        ServiceError::QueueFull { .. } | ServiceError::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
+        ServiceError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        ServiceError::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        ServiceError::Cancelled => StatusCode::BAD_REQUEST,
+        ServiceError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn strings(v: &Value, field: &str) -> Result<Vec<String>, String> {
+    let list = v.as_array().ok_or_else(|| format!("\"{field}\" must be a list of strings"))?;
+    list.iter()
+        .enumerate()
+        .map(|(i, s)| s.as_str().map(str::to_string).ok_or_else(|| format!("{field}[{i}] must be a string")))
+        .collect()
+}
+
+/// Turns a request body into reward-model inputs, or says what is wrong with it.
+pub fn inputs(body: &[u8], settings: &Settings) -> Result<Vec<(String, Input)>, String> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("the body is not valid JSON: {e}"))?;
+    let obj = v.as_object().ok_or("the body must be a JSON object with \"query\" and \"prompts\"")?;
+    let query = strings(obj.get("query").ok_or("missing \"query\"")?, "query")?;
+    if query.is_empty() {
+        return Err("empty batch: \"query\" has no entries".into());
+    }
+    if let Some(labels) = obj.get("labels").filter(|l| !l.is_null()) {
+        let n = labels.as_array().ok_or("\"labels\" must be a list")?.len();
+        if n != query.len() {
+            return Err(format!("\"labels\" has {n} entries but \"query\" has {}", query.len()));
+        }
+    }
+    match settings.mode {
+        Mode::Raw => Ok(query.into_iter().enumerate().map(|(i, q)| (format!("query[{i}]"), Input::Text(q))).collect()),
+        Mode::Split => {
+            let prompts =
+                strings(obj.get("prompts").ok_or("missing \"prompts\" (needed to split queries)")?, "prompts")?;
+            if prompts.len() != query.len() {
+                return Err(format!("\"prompts\" has {} entries but \"query\" has {}", prompts.len(), query.len()));
+            }
+            query
+                .into_iter()
+                .zip(prompts)
+                .enumerate()
+                .map(|(i, (q, p))| {
+                    let response =
+                        q.strip_prefix(p.as_str()).ok_or(format!("query[{i}] does not start with prompts[{i}]"))?;
+                    let mut response = response.trim_end();
+                    while let Some(r) = settings.eot.iter().find_map(|m| response.strip_suffix(m.as_str())) {
+                        response = r.trim_end();
+                    }
+                    let conv = vec![Message::new(Role::User, p), Message::new(Role::Assistant, response)];
+                    Ok((format!("query[{i}]"), Input::Messages(conv)))
+                })
+                .collect()
+        }
+    }
+}
+
+async fn handle(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let inputs = match inputs(&body, &state.settings) {
+        Ok(i) => i,
+        Err(m) => return reject(StatusCode::BAD_REQUEST, m),
+    };
+    match state.service.score_http(&headers, inputs).await {
+        Ok((rewards, attributes)) => {
+            let logs: Map<String, Value> = attributes.into_iter().map(|(k, v)| (k, json!(v))).collect();
+            axum::Json(json!({"rewards": rewards, "scores": rewards, "extra_logs": logs})).into_response()
+        }
+        Err(e) => reject(http_status(&e), e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split() -> Settings {
+        Settings { mode: Mode::Split, eot: vec!["<|im_end|>".into()] }
+    }
+
+    #[test]
+    fn split_mode_takes_the_response_after_the_prompt_and_strips_the_marker() {
+        let body = json!({"query": ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n"],
+                          "prompts": ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"], "labels": ["x"]});
+        let got = inputs(body.to_string().as_bytes(), &split()).unwrap();
+        let Input::Messages(m) = &got[0].1 else { panic!("messages") };
+        assert_eq!(m[0].content, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(m[1].content, "hello");
+    }
+
+    #[test]
+    fn malformed_requests_say_what_is_wrong() {
+        for (body, want) in [
+            ("{not json", "not valid JSON"),
+            ("[1]", "must be a JSON object"),
+            (r#"{"prompts": []}"#, "missing \"query\""),
+            (r#"{"query": [], "prompts": []}"#, "empty batch"),
+            (r#"{"query": ["a", "b"], "prompts": ["a"]}"#, "\"prompts\" has 1 entries but \"query\" has 2"),
+            (r#"{"query": ["ab"], "prompts": ["x"]}"#, "query[0] does not start with prompts[0]"),
+            (r#"{"query": ["a"], "prompts": ["a"], "labels": [1, 2]}"#, "\"labels\" has 2 entries"),
+            (r#"{"query": [3]}"#, "query[0] must be a string"),
+        ] {
+            let e = inputs(body.as_bytes(), &split()).unwrap_err();
+            assert!(e.contains(want), "{body}: {e}");
+        }
+    }
+
+    #[test]
+    fn raw_mode_scores_the_query_as_text() {
+        let s = Settings { mode: Mode::Raw, eot: vec![] };
+        let got = inputs(br#"{"query": ["<x>text"]}"#, &s).unwrap();
+        assert_eq!(got[0].1, Input::Text("<x>text".into()));
+    }
+}
