@@ -53,17 +53,18 @@ impl<B: Backend> std::fmt::Debug for Model<B> {
     }
 }
 
+/// Parses a model folder's config.json and memory-maps its weights.
+pub fn open_folder(dir: &Path) -> Result<(ModelSpec, WeightStore)> {
+    if !dir.is_dir() {
+        return Err(EngineError::MissingFile { path: dir.to_path_buf(), why: "the model folder does not exist".into() });
+    }
+    Ok((load_config(&dir.join("config.json"))?, WeightStore::open(dir)?))
+}
+
 impl<B: Backend> Model<B> {
     /// Loads the model folder `dir` (config.json plus safetensors) onto `backend`.
     pub fn load(dir: &Path, backend: B) -> Result<Self> {
-        if !dir.is_dir() {
-            return Err(EngineError::MissingFile {
-                path: dir.to_path_buf(),
-                why: "the model folder does not exist".into(),
-            });
-        }
-        let spec = load_config(&dir.join("config.json"))?;
-        let store = WeightStore::open(dir)?;
+        let (spec, store) = open_folder(dir)?;
         Self::from_store(spec, &store, backend)
     }
 

@@ -9,10 +9,9 @@ use sha2::{Digest, Sha256};
 
 use crate::backend::Backend;
 use crate::batch::PackedBatch;
-use crate::config::load_config;
 use crate::cpu::CpuBackend;
 use crate::error::{EngineError, Result};
-use crate::graph::Model;
+use crate::graph::{open_folder, Model};
 use crate::scores::{RewardWeights, Score};
 use crate::spec::ModelSpec;
 use crate::text::{Prepared, Preprocessor};
@@ -74,14 +73,7 @@ impl LoadedModel {
     /// Loads the model folder `dir` on the CPU backend.
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         let t = Instant::now();
-        if !dir.is_dir() {
-            return Err(EngineError::MissingFile {
-                path: dir.to_path_buf(),
-                why: "the model folder does not exist".into(),
-            });
-        }
-        let spec = load_config(&dir.join("config.json"))?;
-        let store = WeightStore::open(dir)?;
+        let (spec, store) = open_folder(dir)?;
         let fingerprint = fingerprint(dir, &store)?;
         let preprocessor = Preprocessor::from_model_dir(dir, &spec, opts.max_input_tokens)?;
         let model = Model::from_store(spec, &store, CpuBackend::with_threads(opts.threads)?)?;

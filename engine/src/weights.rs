@@ -244,3 +244,26 @@ fn shard_files(index: &Path) -> Result<Vec<String>> {
     }
     Ok(files.into_keys().collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_dtype_widens_exactly_to_f32() {
+        let values = [1.5f32, -0.25, 65504.0, 3.0e-5];
+        let f16: Vec<u8> = values.iter().flat_map(|&v| half::f16::from_f32(v).to_bits().to_le_bytes()).collect();
+        let bf16: Vec<u8> = values.iter().flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes()).collect();
+        let f32b: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let shape = [2usize, 2];
+        let view = |dtype, bytes| TensorView { name: "t", dtype, shape: &shape, bytes };
+        let want16: Vec<f32> = values.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+        let wantb: Vec<f32> = values.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+        assert_eq!(view(Dtype::F16, &f16).to_f32(), want16);
+        assert_eq!(view(Dtype::BF16, &bf16).to_f32(), wantb);
+        assert_eq!(view(Dtype::F32, &f32b).to_f32(), values);
+        let mut row = Vec::new();
+        view(Dtype::F16, &f16).rows_to_f32(1..2, &mut row);
+        assert_eq!(row, want16[2..]);
+    }
+}

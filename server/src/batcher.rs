@@ -238,6 +238,58 @@ fn run_batch(engine: &dyn Engine, batch: Vec<WorkItem>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use arbiter_engine::spec::ModelSpec;
+
+    /// An engine that fails batches holding token 13 and panics on batches holding token 66.
+    struct Flaky(ModelSpec);
+
+    impl Engine for Flaky {
+        fn spec(&self) -> &ModelSpec {
+            &self.0
+        }
+        fn forward(&self, batch: &PackedBatch) -> arbiter_engine::Result<Vec<Vec<f32>>> {
+            if batch.tokens().contains(&66) {
+                panic!("kernel bug");
+            }
+            if batch.tokens().contains(&13) {
+                return Err(arbiter_engine::EngineError::Backend("CUDA error: out of memory".into()));
+            }
+            Ok((0..batch.len()).map(|i| vec![batch.range(i).len() as f32]).collect())
+        }
+        fn backend_name(&self) -> String {
+            "flaky".into()
+        }
+    }
+
+    fn flaky() -> Arc<dyn Engine> {
+        let config = serde_json::json!({
+            "architectures": ["LlamaForSequenceClassification"], "hidden_size": 8, "intermediate_size": 8,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 100
+        });
+        Arc::new(Flaky(arbiter_engine::config::parse_config(&config.to_string(), "config.json".as_ref()).unwrap()))
+    }
+
+    #[test]
+    fn a_failing_or_panicking_batch_fails_only_its_own_items_and_serving_goes_on() {
+        // One sequence per batch, so each item is its own batch.
+        let b = Batcher::start(flaky(), BatchConfig { max_batch_tokens: 1, max_batch_requests: 1, queue_capacity: 10 });
+        let (items, rxs): (Vec<_>, Vec<_>) = [vec![1, 2], vec![13], vec![66, 1], vec![4, 5, 6]]
+            .into_iter()
+            .map(|ids| WorkItem::new(ids, None))
+            .unzip();
+        b.submit(items).unwrap();
+        let out: Vec<_> = rxs.into_iter().map(|rx| rx.blocking_recv().unwrap()).collect();
+        assert_eq!(out[0].as_ref().unwrap().raw, vec![2.0]);
+        let e = out[1].as_ref().unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert!(e.to_string().contains("out of memory"), "{e}");
+        let e = out[2].as_ref().unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Internal);
+        assert!(e.to_string().contains("panicked") && e.to_string().contains("kernel bug"), "{e}");
+        assert_eq!(out[3].as_ref().unwrap().raw, vec![3.0], "later batches still run");
+        b.shutdown();
+        assert_eq!(b.submit(vec![WorkItem::new(vec![1], None).0]).unwrap_err().code(), tonic::Code::Unavailable);
+    }
 
     #[test]
     fn batches_respect_the_token_budget_and_request_cap_but_always_take_one() {
