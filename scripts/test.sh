@@ -12,8 +12,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --locked
 
-echo "== python client tests (pytest, against the arbiter binary just built)"
-cargo build --locked -p arbiter-server --bin arbiter
+echo "== python client tests (pytest, against the arbiter binary cargo test just built)"
+# cargo test built target/debug/arbiter for the server's integration tests; a separate
+# `cargo build -p` would resolve features differently and rebuild half the graph.
+[ -x target/debug/arbiter ] || cargo build --locked -p arbiter-server --bin arbiter
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 .venv/bin/pip install -q --disable-pip-version-check -e "clients/python[test]"
 ARBITER_BIN="$PWD/target/debug/arbiter" .venv/bin/python -m pytest -q -p no:cacheprovider clients/python/tests
