@@ -56,7 +56,10 @@ impl<B: Backend> std::fmt::Debug for Model<B> {
 /// Parses a model folder's config.json and memory-maps its weights.
 pub fn open_folder(dir: &Path) -> Result<(ModelSpec, WeightStore)> {
     if !dir.is_dir() {
-        return Err(EngineError::MissingFile { path: dir.to_path_buf(), why: "the model folder does not exist".into() });
+        return Err(EngineError::MissingFile {
+            path: dir.to_path_buf(),
+            why: "the model folder does not exist".into(),
+        });
     }
     Ok((load_config(&dir.join("config.json"))?, WeightStore::open(dir)?))
 }

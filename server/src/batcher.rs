@@ -273,10 +273,8 @@ mod tests {
     fn a_failing_or_panicking_batch_fails_only_its_own_items_and_serving_goes_on() {
         // One sequence per batch, so each item is its own batch.
         let b = Batcher::start(flaky(), BatchConfig { max_batch_tokens: 1, max_batch_requests: 1, queue_capacity: 10 });
-        let (items, rxs): (Vec<_>, Vec<_>) = [vec![1, 2], vec![13], vec![66, 1], vec![4, 5, 6]]
-            .into_iter()
-            .map(|ids| WorkItem::new(ids, None))
-            .unzip();
+        let (items, rxs): (Vec<_>, Vec<_>) =
+            [vec![1, 2], vec![13], vec![66, 1], vec![4, 5, 6]].into_iter().map(|ids| WorkItem::new(ids, None)).unzip();
         b.submit(items).unwrap();
         let out: Vec<_> = rxs.into_iter().map(|rx| rx.blocking_recv().unwrap()).collect();
         assert_eq!(out[0].as_ref().unwrap().raw, vec![2.0]);

@@ -236,3 +236,39 @@ async fn metrics_scrape_agrees_exactly_with_the_requests_sent() {
     assert_eq!(score_ok_count, 4.0 + 2.0 + 1.0 + 1.0 + 1.0, "every Score outcome is timed");
     assert_eq!(value(&samples, "arbiter_batch_size_sum", &[]), items as f64, "every scored item was in one batch");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_request_id_on_every_line_about_a_request() {
+    let mut server = ServerProcess::spawn(&["--log-format", "json", "--shutdown-linger-seconds", "0"]);
+    server.wait_serving().await;
+    let mut c = client(server.addr).await;
+    let mut req = tonic::Request::new(score_req(vec![conv_item(&[("user", "hi"), ("assistant", "yo")])]));
+    req.metadata_mut().insert("x-request-id", "trace-abc-123".parse().unwrap());
+    c.score(req).await.unwrap();
+    let mut bad = tonic::Request::new(score_req(vec![]));
+    bad.metadata_mut().insert("x-request-id", "trace-bad-456".parse().unwrap());
+    assert_eq!(c.score(bad).await.unwrap_err().code(), Code::InvalidArgument);
+    server.sigterm();
+    assert_eq!(server.wait_exit(Duration::from_secs(30)), Some(0));
+    let log = server.log_text();
+    let lines: Vec<serde_json::Value> =
+        log.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
+    let about = |id: &str| -> Vec<&serde_json::Value> {
+        lines
+            .iter()
+            .filter(|l| l.get("span").and_then(|s| s.get("request_id")).and_then(|v| v.as_str()) == Some(id))
+            .collect()
+    };
+    let ok = about("trace-abc-123");
+    assert!(!ok.is_empty(), "the request logs at least its outcome:\n{log}");
+    assert!(ok.iter().all(|l| l["span"]["rpc"] == "Score"));
+    let bad = about("trace-bad-456");
+    assert!(bad.iter().any(|l| l["fields"]["code"] == "INVALID_ARGUMENT"), "{log}");
+    // No line mentions a request without being inside its span.
+    for l in &lines {
+        let text = l.to_string();
+        if text.contains("trace-abc-123") || text.contains("trace-bad-456") {
+            assert!(l.get("span").is_some(), "{text}");
+        }
+    }
+}
