@@ -174,15 +174,16 @@ fn take_batch(queue: &mut VecDeque<WorkItem>, cfg: &BatchConfig) -> Vec<WorkItem
     let now = Instant::now();
     let (mut batch, mut tokens) = (Vec::new(), 0usize);
     while let Some(front) = queue.front() {
-        if front.reply.is_closed() {
-            queue.pop_front();
-            counter!(m::DROPPED, "reason" => "cancelled").increment(1);
-            continue;
-        }
+        // Deadline first: a client that gave up at its deadline also closed its receiver.
         if front.deadline.is_some_and(|d| d <= now) {
             let item = queue.pop_front().expect("front exists");
             counter!(m::DROPPED, "reason" => "deadline").increment(1);
             item.reply.send(Err(ServiceError::DeadlineExceeded)).ok();
+            continue;
+        }
+        if front.reply.is_closed() {
+            queue.pop_front();
+            counter!(m::DROPPED, "reason" => "cancelled").increment(1);
             continue;
         }
         let n = front.ids.len();

@@ -26,8 +26,8 @@ pub enum ServiceError {
     /// The bearer token is missing or wrong.
     #[error("{0}")]
     Unauthenticated(String),
-    /// The request's deadline passed before it was computed.
-    #[error("the deadline passed while the request waited in the queue")]
+    /// The request's deadline passed before it was answered.
+    #[error("the deadline passed before the request could be answered")]
     DeadlineExceeded,
     /// The client went away.
     #[error("the client cancelled the request")]

@@ -169,7 +169,15 @@ impl Service {
                 self.auth.check(&req)?;
                 let _guard = self.lifecycle.admit()?;
                 let ready = self.ready()?;
-                f(ready, req.into_inner(), deadline).await
+                let work = f(ready, req.into_inner(), deadline);
+                match deadline {
+                    // tonic's own grpc-timeout layer answers CANCELLED when it fires; answer
+                    // DEADLINE_EXCEEDED first, as the gRPC spec has it.
+                    Some(d) => tokio::time::timeout_at(d.checked_sub(DEADLINE_MARGIN).unwrap_or(d).into(), work)
+                        .await
+                        .unwrap_or(Err(ServiceError::DeadlineExceeded)),
+                    None => work.await,
+                }
             }
             .await;
             let code = result.as_ref().map_or_else(|e| e.code(), |_| tonic::Code::Ok);
@@ -203,6 +211,10 @@ impl Payload for pb::GetModelInfoRequest {
 impl Payload for pb::TokenizeRequest {
     type Out = pb::TokenizeResponse;
 }
+
+/// How much before a client's deadline the service gives up, so that its DEADLINE_EXCEEDED
+/// beats tonic's timeout layer (which started counting when the request arrived).
+const DEADLINE_MARGIN: Duration = Duration::from_millis(5);
 
 /// The deadline a client set with `grpc-timeout`, if any.
 fn grpc_deadline<T>(req: &Request<T>, start: Instant) -> Option<Instant> {

@@ -374,3 +374,25 @@ async fn a_20_mb_request_works_under_a_raised_limit_and_is_refused_clearly_above
     running.stop();
     running.wait().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_deadline_gets_deadline_exceeded() {
+    let (addr, running) = serve(&[]).await;
+    let mut c = client(addr).await;
+    // A long request ahead of it in the queue.
+    let mut c2 = c.clone();
+    let long = tokio::spawn(async move {
+        c2.score(score_req(
+            (0..24u32).map(|j| ids_item(&(0..1000).map(|i| 7 + (i * 13 + j) % 2000).collect::<Vec<_>>())).collect(),
+        ))
+        .await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let mut req = tonic::Request::new(score_req(vec![ids_item(&[5, 6, 7])]));
+    req.set_timeout(std::time::Duration::from_millis(200));
+    let e = c.score(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{}", e.message());
+    assert_eq!(long.await.unwrap().unwrap().into_inner().results.len(), 24, "the long request is unaffected");
+    running.stop();
+    running.wait().await.unwrap();
+}
