@@ -391,7 +391,10 @@ async fn a_request_past_its_deadline_gets_deadline_exceeded() {
     let mut req = tonic::Request::new(score_req(vec![ids_item(&[5, 6, 7])]));
     req.set_timeout(std::time::Duration::from_millis(200));
     let e = c.score(req).await.unwrap_err();
-    assert_eq!(e.code(), Code::DeadlineExceeded, "{}", e.message());
+    // The server answers DEADLINE_EXCEEDED 5 ms early; on a loaded machine the tonic client's own
+    // timer can still fire first, and tonic reports that as CANCELLED "Timeout expired".
+    let client_side = e.code() == Code::Cancelled && e.message() == "Timeout expired";
+    assert!(e.code() == Code::DeadlineExceeded || client_side, "{:?}: {}", e.code(), e.message());
     assert_eq!(long.await.unwrap().unwrap().into_inner().results.len(), 24, "the long request is unaffected");
     running.stop();
     running.wait().await.unwrap();
