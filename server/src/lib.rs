@@ -10,3 +10,4 @@ pub mod model_args;
 pub mod openrlhf;
 pub mod serve;
 pub mod service;
+pub mod testing;

@@ -6,8 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use arbiter_eval::dataset::{read, Version};
-use arbiter_server::serve::{start, Running, ServeArgs};
-use clap::Parser;
+use arbiter_server::serve::Running;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/rewardbench").join(name)
@@ -57,31 +56,8 @@ fn bad_files_name_the_row_and_field() {
     }
 }
 
-#[derive(Parser)]
-struct Wrapper {
-    #[command(flatten)]
-    args: ServeArgs,
-}
-
 async fn serve() -> Running {
-    let argv = [
-        "arbiter",
-        "--demo",
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "none",
-        "--max-batch-tokens",
-        "2048",
-        "--shutdown-linger-seconds",
-        "0",
-    ];
-    let running = start(Wrapper::parse_from(argv).args).await.unwrap();
-    let mut cfg = arbiter_client::ClientConfig::new(format!("http://{}", running.addr));
-    cfg.retries = 300;
-    cfg.backoff = Duration::from_millis(20);
-    arbiter_client::Client::connect(cfg).await.unwrap().model_info().await.unwrap();
-    running
+    arbiter_server::testing::serve_demo(&[]).await.unwrap()
 }
 
 fn eval(server: &str, data: &Path, out: &Path, extra: &[&str]) -> Command {

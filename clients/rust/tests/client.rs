@@ -3,31 +3,12 @@
 use std::time::Duration;
 
 use arbiter_client::{conversation, items, Client, ClientConfig, Item, ScoreOptions};
-use arbiter_server::serve::{start, Running, ServeArgs};
-use clap::Parser;
+use arbiter_server::serve::Running;
 use tonic::Code;
 
-#[derive(Parser)]
-struct Wrapper {
-    #[command(flatten)]
-    args: ServeArgs,
-}
-
 async fn serve(extra: &[&str]) -> (String, Running) {
-    let mut argv = vec!["arbiter", "--demo", "--listen", "127.0.0.1:0", "--metrics-listen", "none"];
-    argv.extend_from_slice(&["--max-batch-tokens", "2048", "--shutdown-linger-seconds", "0"]);
-    argv.extend_from_slice(extra);
-    let running = start(Wrapper::parse_from(argv).args).await.unwrap();
-    let endpoint = format!("http://{}", running.addr);
-    // Ready when GetModelInfo answers (UNAVAILABLE while loading is retried by the client).
-    let mut cfg = ClientConfig::new(endpoint.clone());
-    cfg.retries = 200;
-    cfg.backoff = Duration::from_millis(20);
-    if let Some(i) = extra.iter().position(|a| *a == "--auth-token") {
-        cfg.token = Some(extra[i + 1].to_string());
-    }
-    Client::connect(cfg).await.unwrap().model_info().await.unwrap();
-    (endpoint, running)
+    let running = arbiter_server::testing::serve_demo(extra).await.unwrap();
+    (format!("http://{}", running.addr), running)
 }
 
 fn conv() -> Item {

@@ -2,58 +2,16 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
 
 use arbiter_proto::v1 as pb;
 use arbiter_proto::v1::reward_service_client::RewardServiceClient;
-use arbiter_server::serve::{start, Running, ServeArgs};
-use clap::Parser;
+use arbiter_server::serve::Running;
 use tonic::transport::Channel;
-
-#[derive(Parser)]
-struct Wrapper {
-    #[command(flatten)]
-    args: ServeArgs,
-}
 
 /// Starts `arbiter serve --demo` in-process on 127.0.0.1:0 with `extra` flags; returns once SERVING.
 pub async fn serve(extra: &[&str]) -> (SocketAddr, Running) {
-    let mut argv = vec![
-        "arbiter",
-        "--demo",
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "none",
-        "--max-batch-tokens",
-        "2048",
-        "--shutdown-linger-seconds",
-        "0",
-    ];
-    argv.extend_from_slice(extra);
-    let args = Wrapper::parse_from(argv).args;
-    let running = start(args).await.expect("server starts");
-    let addr = running.addr;
-    wait_serving(addr).await;
-    (addr, running)
-}
-
-/// Polls the standard health service until the reward service is SERVING.
-pub async fn wait_serving(addr: SocketAddr) {
-    let t = Instant::now();
-    loop {
-        if let Ok(ch) = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await {
-            let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
-            let r = h.check(tonic_health::pb::HealthCheckRequest { service: "arbiter.v1.RewardService".into() }).await;
-            if r.ok().map(|r| r.into_inner().status)
-                == Some(tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
-            {
-                return;
-            }
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "server did not become SERVING");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let running = arbiter_server::testing::serve_demo(extra).await.expect("server starts");
+    (running.addr, running)
 }
 
 pub async fn client(addr: SocketAddr) -> RewardServiceClient<Channel> {

@@ -1,0 +1,42 @@
+//! A real server on a loopback port, in-process: for tests and examples of this and other crates.
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use crate::serve::{start, Running, ServeArgs, SERVICE_NAME};
+
+#[derive(Parser)]
+struct ArgsOnly {
+    #[command(flatten)]
+    args: ServeArgs,
+}
+
+/// Starts `arbiter serve --demo` on 127.0.0.1:0 without metrics, with a 2048-token batch budget,
+/// no shutdown linger, and the `extra` flags (which may override those); returns once the health
+/// service says SERVING.
+pub async fn serve_demo(extra: &[&str]) -> anyhow::Result<Running> {
+    let mut argv = vec!["arbiter", "--demo", "--listen", "127.0.0.1:0", "--metrics-listen", "none"];
+    argv.extend_from_slice(&["--max-batch-tokens", "2048", "--shutdown-linger-seconds", "0"]);
+    argv.extend_from_slice(extra);
+    let args = ArgsOnly::try_parse_from(argv)?.args;
+    let running = start(args).await?;
+    let endpoint = format!("http://{}", running.addr);
+    let t = Instant::now();
+    loop {
+        if let Ok(ch) = tonic::transport::Channel::from_shared(endpoint.clone())?.connect().await {
+            let status = HealthClient::new(ch)
+                .check(HealthCheckRequest { service: SERVICE_NAME.into() })
+                .await
+                .map(|r| r.into_inner().status);
+            if status.ok() == Some(ServingStatus::Serving as i32) {
+                return Ok(running);
+            }
+        }
+        anyhow::ensure!(t.elapsed() < Duration::from_secs(120), "the server did not become SERVING in 120 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
