@@ -72,3 +72,46 @@ async fn bearer_token_and_deadline() {
     running.stop();
     running.wait().await.unwrap();
 }
+
+#[derive(clap::Parser)]
+struct ArgsOnly {
+    #[command(flatten)]
+    args: arbiter_server::serve::ServeArgs,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_private_ca() {
+    use clap::Parser;
+    let dir = tempfile::tempdir().unwrap();
+    // A private CA and a leaf certificate for localhost signed by it (rustls refuses a
+    // self-signed CA certificate used as the server's own).
+    let script = r#"set -e
+openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=arbiter-test-ca -keyout ca.key -out ca.pem
+openssl req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout key.pem -out leaf.csr
+printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' > leaf.ext
+openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile leaf.ext -out cert.pem"#;
+    let out = std::process::Command::new("sh").arg("-c").arg(script).current_dir(dir.path()).output().expect("sh runs");
+    assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
+    let (key, cert, ca) = (dir.path().join("key.pem"), dir.path().join("cert.pem"), dir.path().join("ca.pem"));
+    let argv =
+        ["arbiter", "--demo", "--listen", "127.0.0.1:0", "--metrics-listen", "none", "--max-batch-tokens", "2048"];
+    let mut args = ArgsOnly::parse_from(argv).args;
+    args.tls_cert = Some(cert.clone());
+    args.tls_key = Some(key);
+    let running = arbiter_server::serve::start(args).await.unwrap();
+    let mut cfg = ClientConfig::new(format!("https://localhost:{}", running.addr.port()));
+    cfg.tls_ca_pem = Some(std::fs::read(&ca).unwrap());
+    cfg.retries = 300; // UNAVAILABLE while the model loads
+    cfg.backoff = Duration::from_millis(20);
+    let c = Client::connect(cfg).await.unwrap();
+    assert_eq!(c.model_info().await.unwrap().attributes.len(), 5);
+    assert_eq!(c.score(vec![conv()], &ScoreOptions::default()).await.unwrap().len(), 1);
+    // Without the CA the handshake fails.
+    let plain = Client::connect(ClientConfig::new(format!("https://localhost:{}", running.addr.port()))).await;
+    match plain {
+        Err(_) => {}
+        Ok(c) => assert!(c.model_info().await.is_err(), "an unknown CA is refused"),
+    }
+    running.stop();
+    running.wait().await.unwrap();
+}
