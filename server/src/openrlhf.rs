@@ -141,9 +141,13 @@ async fn handle(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
         Err(m) => return reject(StatusCode::BAD_REQUEST, m),
     };
     match state.service.score_http(&headers, inputs).await {
-        Ok((rewards, attributes)) => {
+        Ok((rewards, attributes, warning)) => {
             let logs: Map<String, Value> = attributes.into_iter().map(|(k, v)| (k, json!(v))).collect();
-            axum::Json(json!({"rewards": rewards, "scores": rewards, "extra_logs": logs})).into_response()
+            let mut body = json!({"rewards": rewards, "scores": rewards, "extra_logs": logs});
+            if !warning.is_empty() {
+                body["warning"] = json!(warning); // the demo model's scores are meaningless
+            }
+            axum::Json(body).into_response()
         }
         Err(e) => reject(http_status(&e), e.to_string()),
     }

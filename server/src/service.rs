@@ -485,12 +485,13 @@ async fn tokenize(ready: Arc<Ready>, req: pb::TokenizeRequest) -> Result<pb::Tok
 
 impl Service {
     /// Scores inputs for the HTTP endpoints: same admission, auth, batcher and default weights
-    /// as gRPC. Returns the rewards and, per exposed attribute, its values.
+    /// as gRPC. Returns the rewards, per exposed attribute its values, and the model's warning
+    /// (empty unless it is the demo model).
     pub async fn score_http(
         &self,
         headers: &axum::http::HeaderMap,
         inputs: Vec<(String, Input)>,
-    ) -> Result<(Vec<f32>, Vec<(String, Vec<f32>)>), ServiceError> {
+    ) -> Result<(Vec<f32>, Vec<(String, Vec<f32>)>, String), ServiceError> {
         let start = Instant::now();
         let mut outcome = Outcome { rpc: "OpenRLHF", start, deadline: None, done: false };
         let result = async {
@@ -515,7 +516,7 @@ impl Service {
                     (name, values)
                 })
                 .collect();
-            Ok((scored.rewards, attributes))
+            Ok((scored.rewards, attributes, warning(&ready)))
         }
         .await;
         outcome.finish(result.as_ref().map_or_else(|e: &ServiceError| e.code(), |_| tonic::Code::Ok));

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import warnings
 from typing import AsyncIterator, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import grpc
@@ -26,6 +27,13 @@ class AsyncClient:
         self._stub = pb_grpc.RewardServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self._warned = False
+
+    def _warn(self, reply) -> None:
+        """Says once per client that the server's scores are meaningless (the demo model)."""
+        if getattr(reply, "warning", "") and not self._warned:
+            self._warned = True
+            warnings.warn(f"arbiter: {reply.warning}", UserWarning, stacklevel=3)
 
     async def close(self) -> None:
         await self._channel.close()
@@ -53,12 +61,14 @@ class AsyncClient:
                     reward_weights: Optional[Mapping[str, float]] = None,
                     timeout: Optional[float] = None) -> List[t.ScoreResult]:
         r = await self._call(self._stub.Score, t.score_request(items, truncation, reward_weights), timeout)
+        self._warn(r)
         return [t.result(x) for x in r.results]
 
     async def rank(self, prompt: t.Conversation, candidates: Sequence[str], *, truncation: Optional[str] = None,
                    reward_weights: Optional[Mapping[str, float]] = None,
                    timeout: Optional[float] = None) -> t.RankResult:
         r = await self._call(self._stub.Rank, t.rank_request(prompt, candidates, truncation, reward_weights), timeout)
+        self._warn(r)
         return t.RankResult([t.result(x) for x in r.results], list(r.order), r.model_fingerprint)
 
     async def stream(self, requests: Iterable[Tuple[str, Sequence[t.ItemLike]]], *, truncation: Optional[str] = None,
@@ -74,6 +84,7 @@ class AsyncClient:
                 if m.HasField("error"):
                     yield m.request_id, t.ArbiterError(status_code(m.error.code), m.error.message)
                 else:
+                    self._warn(m.response)
                     yield m.request_id, [t.result(x) for x in m.response.results]
         except grpc.aio.AioRpcError as e:
             raise t.ArbiterError(e.code(), e.details() or "") from None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 from typing import Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import grpc
@@ -44,6 +45,13 @@ class Client:
         self._stub = pb_grpc.RewardServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self._warned = False
+
+    def _warn(self, reply) -> None:
+        """Says once per client that the server's scores are meaningless (the demo model)."""
+        if getattr(reply, "warning", "") and not self._warned:
+            self._warned = True
+            warnings.warn(f"arbiter: {reply.warning}", UserWarning, stacklevel=3)
 
     def close(self) -> None:
         self._channel.close()
@@ -71,12 +79,14 @@ class Client:
               reward_weights: Optional[Mapping[str, float]] = None, timeout: Optional[float] = None) -> List[t.ScoreResult]:
         """Scores items (conversations, or dicts with messages / text / token_ids), in order."""
         r = self._call(self._stub.Score, t.score_request(items, truncation, reward_weights), timeout)
+        self._warn(r)
         return [t.result(x) for x in r.results]
 
     def rank(self, prompt: t.Conversation, candidates: Sequence[str], *, truncation: Optional[str] = None,
              reward_weights: Optional[Mapping[str, float]] = None, timeout: Optional[float] = None) -> t.RankResult:
         """Scores each candidate as the assistant reply to `prompt`; `order` is best first."""
         r = self._call(self._stub.Rank, t.rank_request(prompt, candidates, truncation, reward_weights), timeout)
+        self._warn(r)
         return t.RankResult([t.result(x) for x in r.results], list(r.order), r.model_fingerprint)
 
     def stream(self, requests: Iterable[Tuple[str, Sequence[t.ItemLike]]], *, truncation: Optional[str] = None,
@@ -93,6 +103,7 @@ class Client:
                 if m.HasField("error"):
                     yield m.request_id, t.ArbiterError(status_code(m.error.code), m.error.message)
                 else:
+                    self._warn(m.response)
                     yield m.request_id, [t.result(x) for x in m.response.results]
         except grpc.RpcError as e:
             raise t.ArbiterError(e.code(), e.details() or "") from None

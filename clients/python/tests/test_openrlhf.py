@@ -28,6 +28,7 @@ def test_rewards_match_scoring_the_split_conversation(server):
                             for r in ("4.", "Five.")])
     assert body["rewards"] == [r.reward for r in expected]
     assert body["scores"] == body["rewards"]
+    assert "meaningless" in body["warning"]
     assert body["extra_logs"]["helpfulness"] == [r.attributes["helpfulness"] for r in expected]
 
 
