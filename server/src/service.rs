@@ -14,6 +14,7 @@ use arbiter_engine::{RewardWeights, Score};
 use arbiter_proto::v1 as pb;
 use pb::reward_service_server::RewardService;
 use tokio_stream::{Stream, StreamExt};
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
@@ -152,46 +153,59 @@ impl Service {
             .unwrap_or_else(|| format!("r{}", self.next_id.fetch_add(1, Ordering::Relaxed)))
     }
 
-    /// Runs `f` as one request: admission, a span with the request id, metrics and a log line.
+    /// Runs `f` as one request: auth, admission, the deadline, the outcome metric and a log line.
+    /// Every way in (unary RPCs, stream messages, HTTP) goes through here.
+    async fn run<R, F, Fut>(
+        &self,
+        rpc: &'static str,
+        metadata: &MetadataMap,
+        deadline: Option<Instant>,
+        f: F,
+    ) -> Result<R, ServiceError>
+    where
+        F: FnOnce(Arc<Ready>) -> Fut,
+        Fut: std::future::Future<Output = Result<R, ServiceError>>,
+    {
+        let start = Instant::now();
+        let mut outcome = Outcome { rpc, start, deadline, done: false };
+        let result = async {
+            self.auth.check(metadata)?;
+            let _guard = self.lifecycle.admit()?;
+            let work = f(self.ready()?);
+            match deadline {
+                // tonic's own grpc-timeout layer answers CANCELLED when it fires; answer
+                // DEADLINE_EXCEEDED first, as the gRPC spec has it.
+                Some(d) => tokio::time::timeout_at(d.checked_sub(DEADLINE_MARGIN).unwrap_or(d).into(), work)
+                    .await
+                    .unwrap_or(Err(ServiceError::DeadlineExceeded)),
+                None => work.await,
+            }
+        }
+        .await;
+        let code = result.as_ref().map_or_else(|e| e.code(), |_| tonic::Code::Ok);
+        outcome.finish(code);
+        match &result {
+            Ok(_) => tracing::info!(ms = start.elapsed().as_secs_f64() * 1e3, "ok"),
+            Err(e) => tracing::info!(code = crate::error::code_name(code), error = %e, "failed"),
+        }
+        result
+    }
+
+    /// A unary RPC: [`Service::run`] inside a span carrying the request id.
     async fn handle<T, F, Fut>(&self, rpc: &'static str, req: Request<T>, f: F) -> Result<Response<T::Out>, Status>
     where
         T: Payload,
         F: FnOnce(Arc<Ready>, T, Option<Instant>) -> Fut,
         Fut: std::future::Future<Output = Result<T::Out, ServiceError>>,
     {
-        let start = Instant::now();
-        let id = self.request_id(&req);
-        let span = tracing::info_span!("request", request_id = %id, rpc);
-        async move {
-            let deadline = grpc_deadline(&req, start);
-            let mut outcome = Outcome { rpc, start, deadline, done: false };
-            let result = async {
-                self.auth.check(&req)?;
-                let _guard = self.lifecycle.admit()?;
-                let ready = self.ready()?;
-                let work = f(ready, req.into_inner(), deadline);
-                match deadline {
-                    // tonic's own grpc-timeout layer answers CANCELLED when it fires; answer
-                    // DEADLINE_EXCEEDED first, as the gRPC spec has it.
-                    Some(d) => tokio::time::timeout_at(d.checked_sub(DEADLINE_MARGIN).unwrap_or(d).into(), work)
-                        .await
-                        .unwrap_or(Err(ServiceError::DeadlineExceeded)),
-                    None => work.await,
-                }
-            }
-            .await;
-            let code = result.as_ref().map_or_else(|e| e.code(), |_| tonic::Code::Ok);
-            outcome.finish(code);
-            match &result {
-                Ok(_) => tracing::info!(ms = start.elapsed().as_secs_f64() * 1e3, "ok"),
-                Err(e) => {
-                    tracing::info!(code = crate::error::code_name(code), error = %e, "failed")
-                }
-            }
-            result.map(Response::new).map_err(Status::from)
-        }
-        .instrument(span)
-        .await
+        let span = tracing::info_span!("request", request_id = %self.request_id(&req), rpc);
+        let deadline = grpc_deadline(&req, Instant::now());
+        let (metadata, _, msg) = req.into_parts();
+        self.run(rpc, &metadata, deadline, |ready| f(ready, msg, deadline))
+            .instrument(span)
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
     }
 }
 
@@ -492,16 +506,8 @@ impl Service {
         headers: &axum::http::HeaderMap,
         inputs: Vec<(String, Input)>,
     ) -> Result<(Vec<f32>, Vec<(String, Vec<f32>)>, String), ServiceError> {
-        let start = Instant::now();
-        let mut outcome = Outcome { rpc: "OpenRLHF", start, deadline: None, done: false };
-        let result = async {
-            let mut req = Request::new(());
-            if let Some(v) = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()) {
-                req.metadata_mut().insert("authorization", v);
-            }
-            self.auth.check(&req)?;
-            let _guard = self.lifecycle.admit()?;
-            let ready = self.ready()?;
+        let metadata = MetadataMap::from_headers(headers.clone());
+        self.run("OpenRLHF", &metadata, None, |ready| async move {
             check_count(&ready, inputs.len(), "queries")?;
             let weights = RewardWeights::defaults(&ready.model.spec().head);
             let policy = ready.limits.default_truncation;
@@ -517,10 +523,8 @@ impl Service {
                 })
                 .collect();
             Ok((scored.rewards, attributes, warning(&ready)))
-        }
-        .await;
-        outcome.finish(result.as_ref().map_or_else(|e: &ServiceError| e.code(), |_| tonic::Code::Ok));
-        result
+        })
+        .await
     }
 }
 
@@ -542,19 +546,17 @@ impl RewardService for Service {
         &self,
         req: Request<Streaming<pb::ScoreStreamRequest>>,
     ) -> Result<Response<Self::ScoreStreamStream>, Status> {
-        if let Err(e) = self.auth.check(&req) {
+        // Refuse the whole stream up front when no message of it could be answered.
+        if let Err(e) = self.auth.check(req.metadata()).and_then(|()| self.ready().map(|_| ())) {
             m::record_request("ScoreStream", e.code(), 0.0);
             return Err(e.into());
         }
-        let ready = self.ready().map_err(|e| {
-            m::record_request("ScoreStream", e.code(), 0.0);
-            Status::from(e)
-        })?;
         let deadline = grpc_deadline(&req, Instant::now());
         let stream_id = self.request_id(&req);
-        let mut inbound = req.into_inner();
+        let (metadata, _, mut inbound) = req.into_parts();
+        let metadata = Arc::new(metadata);
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::ScoreStreamResponse, Status>>(64);
-        let lifecycle = self.lifecycle.clone();
+        let service = self.clone();
         tokio::spawn(async move {
             while let Some(msg) = inbound.next().await {
                 let msg = match msg {
@@ -564,34 +566,28 @@ impl RewardService for Service {
                         break;
                     }
                 };
-                let (ready, tx, lifecycle) = (ready.clone(), tx.clone(), lifecycle.clone());
+                let (service, metadata, tx) = (service.clone(), metadata.clone(), tx.clone());
                 let span = tracing::info_span!("request", request_id = %msg.request_id, stream = %stream_id, rpc = "ScoreStream");
                 tokio::spawn(
                     async move {
-                        let start = Instant::now();
-                        let id = msg.request_id.clone();
-                        let mut outcome = Outcome { rpc: "ScoreStream", start, deadline, done: false };
-                        let result = async {
-                            let _guard = lifecycle.admit()?;
-                            let req = msg.request.ok_or_else(|| {
-                                ServiceError::InvalidArgument("the stream message has no request".into())
-                            })?;
-                            score(ready, req, deadline).await
-                        }
-                        .await;
-                        let code = result.as_ref().map_or_else(|e| e.code(), |_| tonic::Code::Ok);
-                        outcome.finish(code);
+                        let result = service
+                            .run("ScoreStream", &metadata, deadline, |ready| async move {
+                                let req = msg.request.ok_or_else(|| {
+                                    ServiceError::InvalidArgument("the stream message has no request".into())
+                                })?;
+                                score(ready, req, deadline).await
+                            })
+                            .await;
                         let reply = match result {
                             Ok(r) => pb::score_stream_response::Outcome::Response(r),
-                            Err(e) => {
-                                tracing::info!(code = crate::error::code_name(code), error = %e, "failed");
-                                pb::score_stream_response::Outcome::Error(pb::Error {
-                                    code: code as i32,
-                                    message: e.to_string(),
-                                })
-                            }
+                            Err(e) => pb::score_stream_response::Outcome::Error(pb::Error {
+                                code: e.code() as i32,
+                                message: e.to_string(),
+                            }),
                         };
-                        tx.send(Ok(pb::ScoreStreamResponse { request_id: id, outcome: Some(reply) })).await.ok();
+                        tx.send(Ok(pb::ScoreStreamResponse { request_id: msg.request_id, outcome: Some(reply) }))
+                            .await
+                            .ok();
                     }
                     .instrument(span),
                 );
