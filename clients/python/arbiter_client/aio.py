@@ -2,38 +2,19 @@
 from __future__ import annotations
 
 import asyncio
-import random
-import warnings
 from typing import AsyncIterator, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import grpc
 
 from . import types as t
 from ._gen import arbiter_pb2 as pb
-from ._gen import arbiter_pb2_grpc as pb_grpc
-from .client import MAX_MESSAGE_BYTES, RETRYABLE, channel_options, credentials, status_code
+from .client import _Base, status_code
 
 
-class AsyncClient:
+class AsyncClient(_Base):
     """Non-blocking client; use inside a running event loop. See `Client` for the options."""
 
-    def __init__(self, target: str = "localhost:50051", *, token: Optional[str] = None, tls: bool = False,
-                 root_certificates: Optional[bytes] = None, timeout: Optional[float] = 60.0, retries: int = 3,
-                 backoff: float = 0.2, max_message_bytes: int = MAX_MESSAGE_BYTES):
-        creds = credentials(tls, root_certificates)
-        opts = channel_options(max_message_bytes)
-        self._channel = (grpc.aio.secure_channel(target, creds, opts) if creds
-                         else grpc.aio.insecure_channel(target, opts))
-        self._stub = pb_grpc.RewardServiceStub(self._channel)
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self.timeout, self.retries, self.backoff = timeout, retries, backoff
-        self._warned = False
-
-    def _warn(self, reply) -> None:
-        """Says once per client that the server's scores are meaningless (the demo model)."""
-        if getattr(reply, "warning", "") and not self._warned:
-            self._warned = True
-            warnings.warn(f"arbiter: {reply.warning}", UserWarning, stacklevel=3)
+    _grpc = grpc.aio
 
     async def close(self) -> None:
         await self._channel.close()
@@ -52,8 +33,9 @@ class AsyncClient:
                 return await method(request, timeout=timeout if timeout is not None else self.timeout,
                                     metadata=self._metadata)
             except grpc.aio.AioRpcError as e:
-                if e.code() in RETRYABLE and attempt <= self.retries:
-                    await asyncio.sleep(self.backoff * (2 ** (attempt - 1)) * (0.5 + random.random()))
+                delay = self._retry_delay(e.code(), attempt)
+                if delay is not None:
+                    await asyncio.sleep(delay)
                     continue
                 raise t.ArbiterError(e.code(), e.details() or "", attempt) from None
 

@@ -17,15 +17,41 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 MAX_MESSAGE_BYTES = 256 << 20
 
 
-def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES):
-    return [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
+class _Base:
+    """What the blocking and asyncio clients share: the channel (from `_grpc`, which is `grpc` or
+    `grpc.aio`), auth metadata, the retry policy and the one-time demo warning."""
+
+    _grpc = grpc
+
+    def __init__(self, target: str = "localhost:50051", *, token: Optional[str] = None, tls: bool = False,
+                 root_certificates: Optional[bytes] = None, timeout: Optional[float] = 60.0, retries: int = 3,
+                 backoff: float = 0.2, max_message_bytes: int = MAX_MESSAGE_BYTES):
+        opts = [("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.max_receive_message_length", max_message_bytes)]
+        if tls or root_certificates:
+            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self._channel = self._grpc.secure_channel(target, creds, opts)
+        else:
+            self._channel = self._grpc.insecure_channel(target, opts)
+        self._stub = pb_grpc.RewardServiceStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self._warned = False
+
+    def _retry_delay(self, code, attempt: int) -> Optional[float]:
+        """Seconds to wait before retrying a failed attempt, or None when it must not be retried."""
+        if code in RETRYABLE and attempt <= self.retries:
+            return self.backoff * (2 ** (attempt - 1)) * (0.5 + random.random())
+        return None
+
+    def _warn(self, reply) -> None:
+        """Says once per client that the server's scores are meaningless (the demo model)."""
+        if getattr(reply, "warning", "") and not self._warned:
+            self._warned = True
+            warnings.warn(f"arbiter: {reply.warning}", UserWarning, stacklevel=3)
 
 
-def credentials(tls: bool, root_certificates: Optional[bytes]):
-    return grpc.ssl_channel_credentials(root_certificates=root_certificates) if tls or root_certificates else None
-
-
-class Client:
+class Client(_Base):
     """Blocking client of an arbiter server.
 
     >>> c = Client("localhost:50051")
@@ -35,23 +61,6 @@ class Client:
     `timeout` is each call's deadline in seconds; UNAVAILABLE and RESOURCE_EXHAUSTED are retried
     `retries` times with exponential backoff starting at `backoff` seconds (with jitter).
     """
-
-    def __init__(self, target: str = "localhost:50051", *, token: Optional[str] = None, tls: bool = False,
-                 root_certificates: Optional[bytes] = None, timeout: Optional[float] = 60.0, retries: int = 3,
-                 backoff: float = 0.2, max_message_bytes: int = MAX_MESSAGE_BYTES):
-        creds = credentials(tls, root_certificates)
-        opts = channel_options(max_message_bytes)
-        self._channel = grpc.secure_channel(target, creds, opts) if creds else grpc.insecure_channel(target, opts)
-        self._stub = pb_grpc.RewardServiceStub(self._channel)
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self.timeout, self.retries, self.backoff = timeout, retries, backoff
-        self._warned = False
-
-    def _warn(self, reply) -> None:
-        """Says once per client that the server's scores are meaningless (the demo model)."""
-        if getattr(reply, "warning", "") and not self._warned:
-            self._warned = True
-            warnings.warn(f"arbiter: {reply.warning}", UserWarning, stacklevel=3)
 
     def close(self) -> None:
         self._channel.close()
@@ -70,8 +79,9 @@ class Client:
                 return method(request, timeout=timeout if timeout is not None else self.timeout,
                               metadata=self._metadata)
             except grpc.RpcError as e:
-                if e.code() in RETRYABLE and attempt <= self.retries:
-                    time.sleep(self.backoff * (2 ** (attempt - 1)) * (0.5 + random.random()))
+                delay = self._retry_delay(e.code(), attempt)
+                if delay is not None:
+                    time.sleep(delay)
                     continue
                 raise t.ArbiterError(e.code(), e.details() or "", attempt) from None
 

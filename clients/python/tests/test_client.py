@@ -1,15 +1,13 @@
 """Sync and asyncio clients against a real server: scores equal `arbiter score` exactly."""
 import asyncio
-import os
 import subprocess
-import tempfile
 
 import grpc
 import pytest
 
 from arbiter_client import ArbiterError, AsyncClient, Client
 
-from conftest import CONVERSATIONS, Server, arbiter_score
+from conftest import CONVERSATIONS, Server
 
 
 def as_pairs(results):
