@@ -73,6 +73,11 @@ unsafe impl Sync for SyncPtr {}
 
 /// `y[m, n] = x[m, k] @ w^T`, using the current rayon pool.
 pub fn matmul(x: &[f32], m: usize, w: &PackedMatrix, y: &mut [f32]) {
+    matmul_with(x, m, w, y, has_avx512())
+}
+
+/// [`matmul`] with the AVX-512 kernel (`vector`) or the portable one.
+fn matmul_with(x: &[f32], m: usize, w: &PackedMatrix, y: &mut [f32], vector: bool) {
     let (n, k) = (w.n, w.k);
     assert_eq!(x.len(), m * k, "input does not match the matrix's K");
     assert_eq!(y.len(), m * n, "output does not match [m, n]");
@@ -94,7 +99,7 @@ pub fn matmul(x: &[f32], m: usize, w: &PackedMatrix, y: &mut [f32]) {
         let p1 = panels * (t + 1) / tasks;
         // SAFETY: task t writes only columns [p0*NR, p1*NR) ∩ [0, n) of y, disjoint from other
         // tasks; all reads stay inside `a` and `w.data` by construction of the packing.
-        unsafe { panels_task(&a, m, w, y_ptr, p0..p1) };
+        unsafe { panels_task(&a, m, w, y_ptr, p0..p1, vector) };
     });
 }
 
@@ -115,7 +120,7 @@ fn pack_rows(x: &[f32], m: usize, k: usize) -> Vec<f32> {
     a
 }
 
-unsafe fn panels_task(a: &[f32], m: usize, w: &PackedMatrix, y: SyncPtr, panels: std::ops::Range<usize>) {
+unsafe fn panels_task(a: &[f32], m: usize, w: &PackedMatrix, y: SyncPtr, panels: std::ops::Range<usize>, vector: bool) {
     let (n, k) = (w.n, w.k);
     for m0 in (0..m).step_by(MC) {
         let m1 = (m0 + MC).min(m);
@@ -134,7 +139,7 @@ unsafe fn panels_task(a: &[f32], m: usize, w: &PackedMatrix, y: SyncPtr, panels:
                         accumulate: k0 > 0,
                         ncols,
                     };
-                    tile.run(MR.min(m1 - i0));
+                    tile.run(MR.min(m1 - i0), vector);
                 }
             }
         }
@@ -173,9 +178,10 @@ macro_rules! dispatch_rows {
 }
 
 impl Tile {
-    unsafe fn run(&self, rows: usize) {
+    /// `vector` must only be set where AVX-512 is available.
+    unsafe fn run(&self, rows: usize, vector: bool) {
         #[cfg(target_arch = "x86_64")]
-        if has_avx512() {
+        if vector {
             return dispatch_rows!(self, rows, avx512);
         }
         self.portable(rows)
@@ -234,28 +240,6 @@ impl Tile {
     }
 }
 
-/// Runs only the portable kernel, for tests that compare it with the vector one.
-#[cfg(test)]
-fn matmul_portable(x: &[f32], m: usize, w: &PackedMatrix, y: &mut [f32]) {
-    let a = pack_rows(x, m, w.k);
-    for p in 0..w.n.div_ceil(NR) {
-        for k0 in (0..w.k).step_by(KC) {
-            for i0 in (0..m).step_by(MR) {
-                let tile = Tile {
-                    a: unsafe { a.as_ptr().add((i0 / MR) * w.k * MR + k0 * MR) },
-                    b: unsafe { w.data.as_ptr().add(p * w.k * NR + k0 * NR) },
-                    c: unsafe { y.as_mut_ptr().add(i0 * w.n + p * NR) },
-                    ldc: w.n,
-                    kc: KC.min(w.k - k0),
-                    accumulate: k0 > 0,
-                    ncols: NR.min(w.n - p * NR),
-                };
-                unsafe { tile.portable(MR.min(m - i0)) };
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,7 +277,7 @@ mod tests {
             assert!(y.iter().zip(&r).all(|(a, b)| a.to_bits() == b.to_bits()), "shape {m}x{n}x{k}");
             let mut yp = vec![f32::NAN; m * n];
             if k > 0 {
-                matmul_portable(&x, m, &packed, &mut yp);
+                matmul_with(&x, m, &packed, &mut yp, false);
                 assert!(yp.iter().zip(&r).all(|(a, b)| a.to_bits() == b.to_bits()), "portable {m}x{n}x{k}");
             }
         }
