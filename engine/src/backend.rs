@@ -4,8 +4,10 @@
 //! [`crate::graph`] strings them together once for every architecture. Operations that a GPU
 //! backend fuses (residual add + norm) are single calls here so that fusing needs no second graph.
 
+use std::ops::Range;
+
 use crate::batch::PackedBatch;
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::spec::{MlpKind, NormKind};
 use crate::weights::TensorView;
 
@@ -32,21 +34,53 @@ impl AttnLayout {
     }
 }
 
-/// One block of a weight matrix to load: rows `rows` of `view` (rows are output features).
+/// One block of a weight matrix to load: rows `rows` and columns `cols` of `view` (rows are
+/// output features, columns input features). Column-parallel ranks take a row range, row-parallel
+/// ranks a column range; the backend reads only that block from the mapped file.
 #[derive(Debug, Clone)]
 pub struct MatrixPart<'a> {
     /// The stored tensor, shape `[out, in]`.
     pub view: TensorView<'a>,
     /// The output rows this rank takes.
-    pub rows: std::ops::Range<usize>,
+    pub rows: Range<usize>,
+    /// The input columns this rank takes.
+    pub cols: Range<usize>,
 }
 
 impl<'a> MatrixPart<'a> {
-    /// All rows of `view`.
+    /// All of `view`.
     pub fn whole(view: TensorView<'a>) -> Self {
-        let rows = 0..view.shape[0];
-        MatrixPart { view, rows }
+        Self::block(view, 0..view.shape[0], 0..view.shape[1])
     }
+
+    /// Rows `rows` and columns `cols` of `view`.
+    pub fn block(view: TensorView<'a>, rows: Range<usize>, cols: Range<usize>) -> Self {
+        MatrixPart { view, rows, cols }
+    }
+}
+
+/// Checks that `parts` can be stacked into one matrix (same number of input columns, blocks inside
+/// their tensors) and returns that number of columns. Every backend's `matrix` starts here.
+pub fn check_parts(parts: &[MatrixPart<'_>]) -> Result<usize> {
+    let first = parts.first().ok_or_else(|| EngineError::Backend("a matrix needs at least one part".into()))?;
+    let k = first.cols.len();
+    for p in parts {
+        let shape = p.view.shape;
+        if shape.len() != 2 || p.rows.end > shape[0] || p.cols.end > shape[1] || p.rows.is_empty() {
+            return Err(EngineError::Backend(format!(
+                "rows {:?} x columns {:?} of {:?} (shape {shape:?}) is not a block of a matrix",
+                p.rows, p.cols, p.view.name
+            )));
+        }
+        if p.cols.len() != k {
+            return Err(EngineError::Backend(format!(
+                "cannot stack {} columns of {:?} under a matrix with {k} columns",
+                p.cols.len(),
+                p.view.name
+            )));
+        }
+    }
+    Ok(k)
 }
 
 /// A compute backend: storage for activations and weights, and the kernels of the graph.
@@ -101,14 +135,20 @@ pub trait Backend: Send + Sync {
     fn activation(&self, x: &Self::Tensor, kind: MlpKind) -> Result<Self::Tensor>;
     /// The rows `rows` of `x`, in that order.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
-    /// Copies a (small) tensor to host memory as f32, row-major.
+    /// Copies a tensor to host memory as f32, row-major.
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
+    /// Makes a tensor from host f32 data, row-major (activations arriving from another stage).
+    fn from_host(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor>;
 }
 
-/// Sums partial results across tensor-parallel ranks.
+/// Sums partial results across the ranks of one tensor-parallel group. Every call is collective:
+/// each rank of the group makes the same calls in the same order. Implementations time out rather
+/// than wait forever for a rank that died.
 pub trait Communicator<T>: Send + Sync {
     /// Number of ranks in the group.
     fn world_size(&self) -> usize;
+    /// This rank's index in the group.
+    fn rank(&self) -> usize;
     /// Replaces `t` on every rank by the element-wise sum of all ranks' `t`.
     fn all_reduce(&self, t: &mut T) -> Result<()>;
 }
@@ -121,7 +161,19 @@ impl<T> Communicator<T> for SingleRank {
     fn world_size(&self) -> usize {
         1
     }
+    fn rank(&self) -> usize {
+        0
+    }
     fn all_reduce(&self, _t: &mut T) -> Result<()> {
         Ok(())
     }
+}
+
+/// A point-to-point link from one pipeline stage's rank to the same tensor-parallel rank of the
+/// next stage, carrying the residual stream of a packed batch (`[tokens, hidden]`, f32).
+pub trait StageLink<T>: Send + Sync {
+    /// Sends `t` to the peer; returns once `t` may be reused.
+    fn send(&self, t: &T) -> Result<()>;
+    /// Receives a `[rows, cols]` tensor from the peer.
+    fn recv(&self, rows: usize, cols: usize) -> Result<T>;
 }

@@ -4,7 +4,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use memmap2::Mmap;
 
@@ -32,6 +34,9 @@ impl Dtype {
 }
 
 /// A borrowed view of one stored tensor: its dtype, shape and raw little-endian bytes.
+///
+/// Every read goes through [`TensorView::for_each_row`], so that a store opened with a
+/// [`ReadLog`] records exactly which bytes a rank touched.
 #[derive(Debug, Clone, Copy)]
 pub struct TensorView<'a> {
     /// The tensor's name.
@@ -42,9 +47,16 @@ pub struct TensorView<'a> {
     pub shape: &'a [usize],
     /// Raw bytes, `shape.product() * dtype.size()` of them.
     pub bytes: &'a [u8],
+    /// Where reads are recorded, when the store was opened with a log.
+    pub log: Option<&'a ReadLog>,
 }
 
-impl TensorView<'_> {
+impl<'a> TensorView<'a> {
+    /// A view with no read log (tests, in-memory tensors).
+    pub fn new(name: &'a str, dtype: Dtype, shape: &'a [usize], bytes: &'a [u8]) -> Self {
+        TensorView { name, dtype, shape, bytes, log: None }
+    }
+
     /// Number of elements.
     pub fn len(&self) -> usize {
         self.shape.iter().product()
@@ -55,20 +67,66 @@ impl TensorView<'_> {
         self.len() == 0
     }
 
-    /// Converts rows `rows` (of the outermost dimension) to f32, appending to `out`.
-    pub fn rows_to_f32(&self, rows: std::ops::Range<usize>, out: &mut Vec<f32>) {
-        let row_len: usize = self.shape.iter().skip(1).product();
-        let es = self.dtype.size();
-        let bytes = &self.bytes[rows.start * row_len * es..rows.end * row_len * es];
-        out.reserve(bytes.len() / es);
-        match self.dtype {
-            Dtype::F32 => out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
-            Dtype::BF16 => out.extend(
-                bytes.chunks_exact(2).map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()),
-            ),
-            Dtype::F16 => out
-                .extend(bytes.chunks_exact(2).map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())),
+    /// Elements per row of the outermost dimension.
+    pub fn row_len(&self) -> usize {
+        self.shape.iter().skip(1).product()
+    }
+
+    /// Calls `f` with the raw bytes of columns `cols` of each row in `rows` (rows of the outermost
+    /// dimension, columns of the flattened rest), in order, recording each read in the log.
+    ///
+    /// Panics only on ranges outside the shape, which the loaders check before asking.
+    pub fn for_each_row(&self, rows: Range<usize>, cols: Range<usize>, mut f: impl FnMut(&'a [u8])) {
+        let (row_len, es) = (self.row_len(), self.dtype.size());
+        assert!(rows.end <= self.shape.first().copied().unwrap_or(1) && cols.end <= row_len, "block out of range");
+        if cols.len() == row_len {
+            // Whole rows are one contiguous run: one read, one log entry.
+            let bytes = &self.bytes[rows.start * row_len * es..rows.end * row_len * es];
+            self.record(rows.start * row_len * es..rows.end * row_len * es);
+            for row in bytes.chunks_exact((row_len * es).max(1)) {
+                f(row);
+            }
+            return;
         }
+        for r in rows {
+            let range = (r * row_len + cols.start) * es..(r * row_len + cols.end) * es;
+            self.record(range.clone());
+            f(&self.bytes[range]);
+        }
+    }
+
+    fn record(&self, bytes: Range<usize>) {
+        if let Some(log) = self.log {
+            log.record(self.name, bytes);
+        }
+    }
+
+    /// Converts the block `rows` x `cols` to f32, appending to `out` row by row.
+    pub fn block_to_f32(&self, rows: Range<usize>, cols: Range<usize>, out: &mut Vec<f32>) {
+        out.reserve(rows.len() * cols.len());
+        let dtype = self.dtype;
+        self.for_each_row(rows, cols, |bytes| widen(dtype, bytes, out));
+    }
+
+    /// Converts the block `rows` x `cols` to bfloat16 bits (round to nearest even from f32; exact
+    /// from bf16), appending to `out` row by row.
+    pub fn block_to_bf16_bits(&self, rows: Range<usize>, cols: Range<usize>, out: &mut Vec<u16>) {
+        out.reserve(rows.len() * cols.len());
+        let dtype = self.dtype;
+        let mut tmp = Vec::new();
+        self.for_each_row(rows, cols, |bytes| match dtype {
+            Dtype::BF16 => out.extend(bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]))),
+            _ => {
+                tmp.clear();
+                widen(dtype, bytes, &mut tmp);
+                out.extend(tmp.iter().map(|&v| half::bf16::from_f32(v).to_bits()));
+            }
+        });
+    }
+
+    /// Converts rows `rows` (of the outermost dimension) to f32, appending to `out`.
+    pub fn rows_to_f32(&self, rows: Range<usize>, out: &mut Vec<f32>) {
+        self.block_to_f32(rows, 0..self.row_len(), out);
     }
 
     /// The whole tensor as f32.
@@ -76,6 +134,54 @@ impl TensorView<'_> {
         let mut out = Vec::new();
         self.rows_to_f32(0..self.shape.first().copied().unwrap_or(1), &mut out);
         out
+    }
+}
+
+/// Appends the little-endian elements of `bytes` to `out` as f32 (exact for every dtype).
+fn widen(dtype: Dtype, bytes: &[u8], out: &mut Vec<f32>) {
+    match dtype {
+        Dtype::F32 => out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+        Dtype::BF16 => {
+            out.extend(bytes.chunks_exact(2).map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()))
+        }
+        Dtype::F16 => {
+            out.extend(bytes.chunks_exact(2).map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()))
+        }
+    }
+}
+
+/// The byte ranges read from a store's tensors, for showing that a tensor-parallel rank reads only
+/// its own slices. Recording costs a lock per row read, so only tests and diagnostics turn it on.
+#[derive(Debug, Default)]
+pub struct ReadLog {
+    reads: Mutex<BTreeMap<String, Vec<Range<usize>>>>,
+}
+
+impl ReadLog {
+    fn record(&self, tensor: &str, bytes: Range<usize>) {
+        let mut reads = self.reads.lock().unwrap_or_else(|e| e.into_inner());
+        reads.entry(tensor.to_string()).or_default().push(bytes);
+    }
+
+    /// Per tensor, the byte ranges (relative to the tensor's data) read so far, sorted and with
+    /// adjacent or overlapping ranges merged.
+    pub fn merged(&self) -> BTreeMap<String, Vec<Range<usize>>> {
+        let reads = self.reads.lock().unwrap_or_else(|e| e.into_inner());
+        reads
+            .iter()
+            .map(|(name, ranges)| {
+                let mut v = ranges.clone();
+                v.sort_by_key(|r| (r.start, r.end));
+                let mut out: Vec<Range<usize>> = Vec::new();
+                for r in v {
+                    match out.last_mut() {
+                        Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+                        _ => out.push(r),
+                    }
+                }
+                (name.clone(), out)
+            })
+            .collect()
     }
 }
 
@@ -91,6 +197,7 @@ struct Entry {
 pub struct WeightStore {
     files: Vec<(PathBuf, Mmap)>,
     tensors: HashMap<String, Entry>,
+    log: Option<Arc<ReadLog>>,
 }
 
 impl std::fmt::Debug for WeightStore {
@@ -117,11 +224,24 @@ impl WeightStore {
         } else {
             vec![dir.join(SINGLE_FILE)]
         };
-        let mut store = WeightStore { files: Vec::new(), tensors: HashMap::new() };
+        let mut store = WeightStore { files: Vec::new(), tensors: HashMap::new(), log: None };
         for path in files {
             store.add_file(path)?;
         }
         Ok(store)
+    }
+
+    /// Like [`WeightStore::open`], recording every byte range read into the returned log.
+    pub fn open_logged(dir: &Path) -> Result<(Self, Arc<ReadLog>)> {
+        let mut store = Self::open(dir)?;
+        let log = Arc::new(ReadLog::default());
+        store.log = Some(log.clone());
+        Ok((store, log))
+    }
+
+    /// Stored size in bytes of the tensor called `name` (0 when absent).
+    pub fn byte_len(&self, name: &str) -> usize {
+        self.tensors.get(name).map_or(0, |e| e.end - e.start)
     }
 
     fn add_file(&mut self, path: PathBuf) -> Result<()> {
@@ -187,7 +307,13 @@ impl WeightStore {
             .tensors
             .get_key_value(name)
             .ok_or_else(|| EngineError::MissingTensor { name: name.to_string(), looked_in: self.file_list() })?;
-        Ok(TensorView { name: key, dtype: e.dtype, shape: &e.shape, bytes: &self.files[e.file].1[e.start..e.end] })
+        Ok(TensorView {
+            name: key,
+            dtype: e.dtype,
+            shape: &e.shape,
+            bytes: &self.files[e.file].1[e.start..e.end],
+            log: self.log.as_deref(),
+        })
     }
 
     /// The tensor called `name`, checked to have shape `expected`.
@@ -256,7 +382,7 @@ mod tests {
         let bf16: Vec<u8> = values.iter().flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes()).collect();
         let f32b: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         let shape = [2usize, 2];
-        let view = |dtype, bytes| TensorView { name: "t", dtype, shape: &shape, bytes };
+        let view = |dtype, bytes| TensorView::new("t", dtype, &shape, bytes);
         let want16: Vec<f32> = values.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
         let wantb: Vec<f32> = values.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
         assert_eq!(view(Dtype::F16, &f16).to_f32(), want16);
@@ -265,5 +391,24 @@ mod tests {
         let mut row = Vec::new();
         view(Dtype::F16, &f16).rows_to_f32(1..2, &mut row);
         assert_eq!(row, want16[2..]);
+    }
+
+    #[test]
+    fn column_blocks_read_and_log_only_their_bytes() {
+        let values: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let shape = [3usize, 4];
+        let log = ReadLog::default();
+        let view = TensorView { log: Some(&log), ..TensorView::new("w", Dtype::F32, &shape, &bytes) };
+        let mut out = Vec::new();
+        view.block_to_f32(1..3, 2..4, &mut out);
+        assert_eq!(out, [6.0, 7.0, 10.0, 11.0]);
+        let mut bits = Vec::new();
+        view.block_to_bf16_bits(0..1, 1..2, &mut bits);
+        assert_eq!(bits, [half::bf16::from_f32(1.0).to_bits()]);
+        // Row 1 cols 2..4 is bytes 24..32, row 2 is 40..48, row 0 col 1 is 4..8.
+        assert_eq!(log.merged()["w"], vec![4..8, 24..32, 40..48]);
+        view.rows_to_f32(0..3, &mut out);
+        assert_eq!(log.merged()["w"], vec![0..48]);
     }
 }

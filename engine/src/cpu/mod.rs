@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use rayon::ThreadPool;
 
-use crate::backend::{AttnLayout, Backend, MatrixPart};
+use crate::backend::{check_parts, AttnLayout, Backend, MatrixPart};
 use crate::batch::PackedBatch;
 use crate::error::{EngineError, Result};
 use crate::rope;
@@ -111,17 +111,11 @@ impl Backend for CpuBackend {
     }
 
     fn matrix(&self, parts: &[MatrixPart<'_>]) -> Result<PackedMatrix> {
-        let k = parts.first().map(|p| p.view.shape[1]).ok_or_else(|| EngineError::Backend("empty matrix".into()))?;
+        let k = check_parts(parts)?;
         let mut rows = Vec::new();
         let mut n = 0;
         for p in parts {
-            if p.view.shape.len() != 2 || p.view.shape[1] != k {
-                return Err(EngineError::Backend(format!(
-                    "cannot stack {:?} of shape {:?} under a matrix with {k} columns",
-                    p.view.name, p.view.shape
-                )));
-            }
-            p.view.rows_to_f32(p.rows.clone(), &mut rows);
+            p.view.block_to_f32(p.rows.clone(), p.cols.clone(), &mut rows);
             n += p.rows.len();
         }
         Ok(self.pool.install(|| PackedMatrix::pack(&rows, n, k)))
@@ -226,5 +220,12 @@ impl Backend for CpuBackend {
 
     fn to_host(&self, x: &CpuTensor) -> Result<Vec<f32>> {
         Ok(x.data.clone())
+    }
+
+    fn from_host(&self, data: &[f32], rows: usize, cols: usize) -> Result<CpuTensor> {
+        if data.len() != rows * cols {
+            return Err(EngineError::Backend(format!("{} values cannot be a {rows} x {cols} tensor", data.len())));
+        }
+        Ok(CpuTensor { data: data.to_vec(), rows, cols })
     }
 }
