@@ -169,6 +169,15 @@ impl<T> Communicator<T> for SingleRank {
     }
 }
 
+/// Tensors whose values can be read to and written from host memory as f32: what the in-process
+/// communicator needs to sum ranks' tensors whatever device holds them.
+pub trait HostTensor {
+    /// The values, row-major, as f32.
+    fn read_host(&self) -> Result<Vec<f32>>;
+    /// Overwrites the values (same element count) from f32, row-major.
+    fn write_host(&mut self, data: &[f32]) -> Result<()>;
+}
+
 /// A point-to-point link from one pipeline stage's rank to the same tensor-parallel rank of the
 /// next stage, carrying the residual stream of a packed batch (`[tokens, hidden]`, f32).
 pub trait StageLink<T>: Send + Sync {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use rayon::ThreadPool;
 
-use crate::backend::{check_parts, AttnLayout, Backend, MatrixPart};
+use crate::backend::{check_parts, AttnLayout, Backend, HostTensor, MatrixPart};
 use crate::batch::PackedBatch;
 use crate::error::{EngineError, Result};
 use crate::rope;
@@ -29,6 +29,25 @@ pub struct CpuTensor {
     pub rows: usize,
     /// Number of columns (features).
     pub cols: usize,
+}
+
+impl HostTensor for CpuTensor {
+    fn read_host(&self) -> Result<Vec<f32>> {
+        Ok(self.data.clone())
+    }
+
+    fn write_host(&mut self, data: &[f32]) -> Result<()> {
+        if data.len() != self.data.len() {
+            return Err(EngineError::Backend(format!(
+                "cannot write {} values into a {} x {} tensor",
+                data.len(),
+                self.rows,
+                self.cols
+            )));
+        }
+        self.data.copy_from_slice(data);
+        Ok(())
+    }
 }
 
 /// Per-forward batch data: offsets, positions and the rotary tables up to the longest sequence.
