@@ -120,6 +120,11 @@ pub trait Backend: Send + Sync {
     fn embed(&self, table: &Self::Embedding, tokens: &[u32]) -> Result<Self::Tensor>;
     /// `norm(x)` row by row.
     fn norm(&self, x: &Self::Tensor, p: &Self::Norm) -> Result<Self::Tensor>;
+    /// The final norm, whose rows go to the f32 head on the host. A backend that keeps
+    /// activations in a narrower type than f32 (CUDA: bf16) returns full precision here.
+    fn final_norm(&self, x: &Self::Tensor, p: &Self::Norm) -> Result<Self::Tensor> {
+        self.norm(x, p)
+    }
     /// `x += delta; return norm(x)`: the residual add fused with the next block's norm.
     fn add_norm(&self, x: &mut Self::Tensor, delta: &Self::Tensor, p: &Self::Norm) -> Result<Self::Tensor>;
     /// `x += delta`.

@@ -175,7 +175,7 @@ impl<B: Backend> Model<B> {
             }
         }
         let last = b.gather_rows(&x, &batch.last_rows())?;
-        let normed = b.to_host(&b.norm(&last, &self.final_norm)?)?;
+        let normed = b.to_host(&b.final_norm(&last, &self.final_norm)?)?;
         Ok(normed.chunks_exact(self.spec.hidden).map(|row| self.head_forward(row)).collect())
     }
 

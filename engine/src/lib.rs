@@ -13,6 +13,8 @@ pub mod backend;
 pub mod batch;
 pub mod config;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod demo;
 pub mod error;
 pub mod graph;

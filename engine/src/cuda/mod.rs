@@ -1,0 +1,794 @@
+//! The CUDA backend: bf16 weights and activations with an f32 residual stream, GEMMs through
+//! cuBLASLt (bf16 in and out, f32 compute), and the kernels of `kernels/*.cu` compiled by NVRTC
+//! for the device's architecture when the backend starts (cached on disk by the kernels crate).
+//!
+//! Design notes and the reasons behind the dtypes are in docs/cuda.md. Everything runs on one
+//! stream per backend in call order; host-visible results (`to_host`) synchronize it, which is
+//! where an asynchronous kernel failure surfaces.
+
+mod gemm;
+pub mod nccl;
+pub mod probe;
+mod tensor;
+pub mod tiles;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arbiter_kernels::{Compiler, Module};
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+
+use crate::backend::{check_parts, AttnLayout, Backend, HostTensor, MatrixPart};
+use crate::batch::PackedBatch;
+use crate::error::{EngineError, Result};
+use crate::rope;
+use crate::spec::{MlpKind, NormKind};
+use crate::weights::TensorView;
+use gemm::Gemm;
+use tensor::Data;
+pub use tensor::{bf16_bits, bf16_value, ActDtype, CudaTensor};
+use tiles::TileList;
+
+/// Wraps a driver error with what was being done.
+pub(crate) fn driver_err(what: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> EngineError {
+    move |e| EngineError::Backend(format!("CUDA: cannot {what}: {e}"))
+}
+
+/// Threads per block of the row-wise and element-wise kernels (ABI: 256).
+const BLOCK: u32 = 256;
+
+/// A weight matrix `[n, k]` in bf16 on the device.
+#[derive(Debug)]
+pub struct CudaMatrix {
+    data: CudaSlice<u16>,
+    n: usize,
+    k: usize,
+}
+
+impl CudaMatrix {
+    /// Output features.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+    /// Input features.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+}
+
+/// Norm parameters in f32 on the device, LayerNorm1P's `+1` already folded into gamma.
+#[derive(Debug)]
+pub struct CudaNorm {
+    gamma: CudaSlice<f32>,
+    beta: Option<CudaSlice<f32>>,
+    eps: f32,
+    rms: bool,
+}
+
+/// The embedding table `[vocab, hidden]` in bf16 on the device.
+#[derive(Debug)]
+pub struct CudaEmbedding {
+    table: CudaSlice<u16>,
+    vocab: usize,
+    hidden: usize,
+}
+
+/// Rotary cos/sin tables `[position][rotary_dim / 2]` on the device for one set of frequencies.
+#[derive(Debug)]
+struct RopeTables {
+    inv_freq: Vec<f32>,
+    positions: usize,
+    cos: CudaSlice<f32>,
+    sin: CudaSlice<f32>,
+}
+
+/// Per-forward data on the device: positions, offsets, the attention tile list, rotary tables.
+#[derive(Debug)]
+pub struct CudaBatch {
+    tokens: usize,
+    positions: CudaSlice<i32>,
+    cu_seqlens: CudaSlice<i32>,
+    tile_seq: CudaSlice<i32>,
+    tile_start: CudaSlice<i32>,
+    n_tiles: usize,
+    rope: Arc<RopeTables>,
+}
+
+/// The entry points of the norm and element-wise modules.
+struct Kernels {
+    add_norm_bf16: CudaFunction,
+    add_norm_f32: CudaFunction,
+    add_residual: CudaFunction,
+    embed: CudaFunction,
+    gather_rows: CudaFunction,
+    relu2: CudaFunction,
+    swiglu: CudaFunction,
+    rope: CudaFunction,
+}
+
+/// The attention kernel compiled for one head dimension.
+struct Attention {
+    func: CudaFunction,
+    smem: u32,
+}
+
+/// The CUDA backend on one GPU.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    arch: String,
+    device_name: String,
+    gemm: Gemm,
+    kernels: Kernels,
+    compiler: Mutex<Compiler>,
+    attention: Mutex<HashMap<usize, Arc<Attention>>>,
+    rope: Mutex<Option<Arc<RopeTables>>>,
+    matmuls: AtomicUsize,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaBackend(cuda:{}, {}, {})", self.ctx.ordinal(), self.device_name, self.arch)
+    }
+}
+
+/// Launch geometry `(grid, block, dynamic shared memory)`.
+fn cfg(grid: (u32, u32), block: u32, smem: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes: smem }
+}
+
+/// A count as the kernels' `int`, refusing what does not fit.
+fn int(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| EngineError::Backend(format!("{what} = {v} exceeds the kernels' 32-bit indices")))
+}
+
+/// A grid dimension, refusing what does not fit.
+fn grid(v: usize, what: &str) -> Result<u32> {
+    u32::try_from(v).map_err(|_| EngineError::Backend(format!("{what} = {v} blocks exceeds a CUDA grid")))
+}
+
+/// Threads for the rope kernel: one per rotated pair, a power of two in 32..=256 (ABI).
+fn rope_threads(half: usize) -> u32 {
+    half.next_power_of_two().clamp(32, 256) as u32
+}
+
+/// The null pointer passed for absent optional kernel arguments.
+const NULL: u64 = 0;
+
+impl CudaBackend {
+    /// Starts the backend on GPU `ordinal`: checks the CUDA libraries are there, opens the
+    /// device, and compiles the norm and element-wise kernels for its architecture.
+    ///
+    /// Every failure is an error naming what is missing (driver, library, device, compiler),
+    /// never a panic: cudarc panics on missing libraries, so they are checked first, and any
+    /// panic that still escapes it is turned into an error.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        probe::check_backend_libraries()?;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Self::start(ordinal))) {
+            Ok(r) => r,
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(EngineError::Backend(format!("the CUDA backend failed to start on cuda:{ordinal}: {msg}")))
+            }
+        }
+    }
+
+    fn start(ordinal: usize) -> Result<Self> {
+        let count = CudaContext::device_count().map_err(driver_err("initialize the driver and count GPUs"))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(EngineError::Backend(format!(
+                "there is no GPU cuda:{ordinal}: the driver sees {count} (CUDA_VISIBLE_DEVICES={})",
+                std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into())
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(driver_err("open the GPU"))?;
+        // One stream, used in call order: cudarc's per-buffer event tracking only pays with
+        // several streams, and it would record two events per kernel argument.
+        // SAFETY: every buffer of this backend is used on `stream` only.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(driver_err("create a stream"))?;
+        keep_freed_memory(&ctx)?;
+        let (major, minor) = ctx.compute_capability().map_err(driver_err("read the compute capability"))?;
+        let arch = format!("sm_{major}{minor}");
+        let device_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let compiler = Compiler::discover()
+            .map_err(|e| EngineError::Backend(format!("cannot find NVRTC and the CUDA headers: {e}")))?;
+        let load = |m: &Module, defines: &[(&str, String)]| -> Result<Arc<cudarc::driver::CudaModule>> {
+            let ptx = compiler
+                .compile(m, &arch, defines)
+                .map_err(|e| EngineError::Backend(format!("cannot compile the {} kernels for {arch}: {e}", m.name)))?;
+            ctx.load_module(ptx).map_err(driver_err("load a compiled kernel module"))
+        };
+        let norm = load(&arbiter_kernels::NORM, &[])?;
+        let ew = load(&arbiter_kernels::ELEMENTWISE, &[])?;
+        let f = |m: &Arc<cudarc::driver::CudaModule>, name: &str| {
+            m.load_function(name)
+                .map_err(|e| EngineError::Backend(format!("CUDA: no kernel {name:?} in the module: {e}")))
+        };
+        let kernels = Kernels {
+            add_norm_bf16: f(&norm, "add_norm_bf16")?,
+            add_norm_f32: f(&norm, "add_norm_f32")?,
+            add_residual: f(&norm, "add_residual")?,
+            embed: f(&ew, "embed")?,
+            gather_rows: f(&ew, "gather_rows")?,
+            relu2: f(&ew, "relu2")?,
+            swiglu: f(&ew, "swiglu")?,
+            rope: f(&ew, "rope")?,
+        };
+        let gemm = Gemm::new(stream.clone(), major)?;
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            arch,
+            device_name,
+            gemm,
+            kernels,
+            compiler: Mutex::new(compiler),
+            attention: Mutex::new(HashMap::new()),
+            rope: Mutex::new(None),
+            matmuls: AtomicUsize::new(0),
+        })
+    }
+
+    /// The GPU's name as the driver reports it ("NVIDIA H100 80GB HBM3").
+    pub fn device_name(&self) -> &str {
+        &self.device_name
+    }
+
+    /// The architecture the kernels were compiled for ("sm_90").
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    /// The device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.ctx.ordinal()
+    }
+
+    /// The stream all of this backend's work goes to (NCCL enqueues its collectives there too).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Matrix multiplications issued so far.
+    pub fn matmul_count(&self) -> usize {
+        self.matmuls.load(Ordering::Relaxed)
+    }
+
+    /// Waits for all work issued so far; reports any asynchronous kernel failure.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(driver_err("finish the queued work"))
+    }
+
+    /// Compiles (or fetches from the cache) the attention kernel for `head_dim`, so that the first
+    /// forward pass does not pay for it.
+    pub fn prepare_attention(&self, head_dim: usize) -> Result<()> {
+        self.attention_kernel(head_dim).map(|_| ())
+    }
+
+    fn attention_kernel(&self, head_dim: usize) -> Result<Arc<Attention>> {
+        let mut cache = self.attention.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(a) = cache.get(&head_dim) {
+            return Ok(a.clone());
+        }
+        if !(1..=256).contains(&head_dim) {
+            return Err(EngineError::Backend(format!(
+                "the attention kernel supports head_dim 1..=256, not {head_dim}"
+            )));
+        }
+        let ptx = {
+            let compiler = self.compiler.lock().unwrap_or_else(|e| e.into_inner());
+            compiler.compile(&arbiter_kernels::ATTENTION, &self.arch, &[("ARB_HEAD_DIM", head_dim.to_string())])
+        }
+        .map_err(|e| {
+            EngineError::Backend(format!(
+                "cannot compile the attention kernel (head_dim {head_dim}, {}): {e}",
+                self.arch
+            ))
+        })?;
+        let module = self.ctx.load_module(ptx).map_err(driver_err("load the attention module"))?;
+        let func = module
+            .load_function("flash_attn_varlen")
+            .map_err(|e| EngineError::Backend(format!("CUDA: no kernel \"flash_attn_varlen\" in the module: {e}")))?;
+        let smem = arbiter_kernels::attention_smem_bytes(head_dim) as usize;
+        let optin = self
+            .ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(driver_err("read the shared memory limit"))? as usize;
+        if smem > optin {
+            return Err(EngineError::Backend(format!(
+                "the attention kernel for head_dim {head_dim} needs {smem} bytes of shared memory; {} allows {optin}",
+                self.device_name
+            )));
+        }
+        if smem > 48 * 1024 {
+            func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+                .map_err(driver_err("allow the attention kernel its shared memory"))?;
+        }
+        let a = Arc::new(Attention { func, smem: smem as u32 });
+        cache.insert(head_dim, a.clone());
+        Ok(a)
+    }
+
+    /// Device memory for `len` elements that the next kernel overwrites entirely.
+    fn alloc<T: DeviceRepr>(&self, len: usize) -> Result<CudaSlice<T>> {
+        if len == 0 {
+            return self.stream.null().map_err(driver_err("allocate an empty buffer"));
+        }
+        // SAFETY: every caller passes the buffer to a kernel or copy that writes all of it before
+        // anything reads it.
+        unsafe { self.stream.alloc::<T>(len) }.map_err(|e| {
+            let free = self.ctx.mem_get_info().map(|(free, _)| free >> 20).unwrap_or(0);
+            EngineError::Backend(format!(
+                "CUDA: cannot allocate {} MiB ({e}; {free} MiB free)",
+                (len * std::mem::size_of::<T>()) >> 20
+            ))
+        })
+    }
+
+    fn upload<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
+        if data.is_empty() {
+            return self.alloc(0);
+        }
+        self.stream.clone_htod(data).map_err(driver_err("copy data to the GPU"))
+    }
+
+    fn tensor(&self, data: Data, rows: usize, cols: usize) -> CudaTensor {
+        CudaTensor { data, rows, cols }
+    }
+
+    /// Makes a bf16 tensor from host f32 data, rounded to nearest even (kernel checks and tests).
+    pub fn upload_bf16(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
+        if data.len() != rows * cols {
+            return Err(EngineError::Backend(format!("{} values cannot be a {rows} x {cols} tensor", data.len())));
+        }
+        let bits: Vec<u16> = data.iter().map(|&v| bf16_bits(v)).collect();
+        Ok(self.tensor(Data::Bf16(self.upload(&bits)?), rows, cols))
+    }
+
+    /// Seconds per `y[t, n] = x[t, k] @ w[n, k]^T` in bf16 through the same cuBLASLt path as
+    /// `matmul`: the median of `reps` timed runs after two warm-ups, on random data (zeros run
+    /// faster than real data).
+    pub fn time_gemm(&self, t: usize, n: usize, k: usize, reps: usize) -> Result<f64> {
+        let mut rng = crate::synth::SplitMix::new((t * 31 + n * 17 + k) as u64);
+        let mut random = |len: usize| -> Result<CudaSlice<u16>> {
+            let v: Vec<u16> = (0..len).map(|_| bf16_bits(rng.uniform())).collect();
+            self.upload(&v)
+        };
+        let (x, w) = (random(t * k)?, random(n * k)?);
+        let mut y = self.alloc::<u16>(t * n)?;
+        for _ in 0..2 {
+            self.gemm.matmul(&x, &w, &mut y, t, n, k)?;
+        }
+        let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let mut times = Vec::with_capacity(reps);
+        for _ in 0..reps.max(1) {
+            let start = self.stream.record_event(timing).map_err(driver_err("record an event"))?;
+            self.gemm.matmul(&x, &w, &mut y, t, n, k)?;
+            let end = self.stream.record_event(timing).map_err(driver_err("record an event"))?;
+            times.push(start.elapsed_ms(&end).map_err(driver_err("time a GEMM"))? as f64 / 1e3);
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
+    }
+
+    fn rope_tables(&self, inv_freq: &[f32], positions: usize) -> Result<Arc<RopeTables>> {
+        let mut cached = self.rope.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = cached.as_ref() {
+            if t.inv_freq == inv_freq && t.positions >= positions {
+                return Ok(t.clone());
+            }
+        }
+        // Grow by powers of two: a table covers every shorter batch, and rows [p][i] do not
+        // depend on the table's length, so results do not depend on which batch built it.
+        let len = positions.next_power_of_two().max(256);
+        let (cos, sin) = rope::cos_sin(inv_freq, len);
+        let t = Arc::new(RopeTables {
+            inv_freq: inv_freq.to_vec(),
+            positions: len,
+            cos: self.upload(&cos)?,
+            sin: self.upload(&sin)?,
+        });
+        *cached = Some(t.clone());
+        Ok(t)
+    }
+
+    fn add_norm_launch(
+        &self,
+        x: &CudaSlice<f32>,
+        delta: Option<&CudaSlice<u16>>,
+        p: &CudaNorm,
+        out: Data,
+        rows: usize,
+        cols: usize,
+    ) -> Result<CudaTensor> {
+        let (r, h) = (int(rows, "rows")?, int(cols, "hidden")?);
+        let rms = p.rms as i32;
+        let func = match out {
+            Data::Bf16(_) => &self.kernels.add_norm_bf16,
+            Data::F32(_) => &self.kernels.add_norm_f32,
+        };
+        let mut out = out;
+        let mut b = self.stream.launch_builder(func);
+        b.arg(x);
+        match delta {
+            Some(d) => b.arg(d),
+            None => b.arg(&NULL),
+        };
+        b.arg(&p.gamma);
+        match &p.beta {
+            Some(beta) => b.arg(beta),
+            None => b.arg(&NULL),
+        };
+        match &mut out {
+            Data::Bf16(o) => b.arg(o),
+            Data::F32(o) => b.arg(o),
+        };
+        b.arg(&r).arg(&h).arg(&p.eps).arg(&rms);
+        if rows > 0 {
+            // SAFETY: argument list and launch geometry follow kernels/norm.cu's ABI; buffers hold
+            // rows * hidden elements (checked by the callers).
+            unsafe { b.launch(cfg((grid(rows, "rows")?, 1), BLOCK, 0)) }.map_err(driver_err("launch add_norm"))?;
+        }
+        Ok(self.tensor(out, rows, cols))
+    }
+
+    fn check_norm_width(x: &CudaTensor, p: &CudaNorm) -> Result<()> {
+        if p.gamma.len() != x.cols {
+            return Err(EngineError::Backend(format!(
+                "norm of width {} applied to a tensor with {} columns",
+                p.gamma.len(),
+                x.cols
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Keeps freed memory in the device's pool instead of returning it to the driver at every
+/// synchronization: each forward allocates the same activations again, and re-mapping them costs
+/// more than the kernels of a small batch.
+fn keep_freed_memory(ctx: &Arc<CudaContext>) -> Result<()> {
+    use cudarc::driver::sys;
+    if !ctx.has_async_alloc() {
+        return Ok(());
+    }
+    let mut pool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: plain driver calls on this context's device; `threshold` outlives the call.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .map_err(driver_err("get the memory pool"))?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut std::ffi::c_void,
+        )
+        .result()
+        .map_err(driver_err("configure the memory pool"))
+    }
+}
+
+fn same_shape(a: &CudaTensor, b: &CudaTensor, what: &str) -> Result<()> {
+    if a.rows != b.rows || a.cols != b.cols {
+        return Err(EngineError::Backend(format!(
+            "{what}: shapes [{}, {}] and [{}, {}] differ",
+            a.rows, a.cols, b.rows, b.cols
+        )));
+    }
+    Ok(())
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+    type Matrix = CudaMatrix;
+    type Norm = CudaNorm;
+    type Embedding = CudaEmbedding;
+    type BatchCtx = CudaBatch;
+
+    fn name(&self) -> String {
+        format!("cuda:{}", self.ctx.ordinal())
+    }
+
+    fn matrix(&self, parts: &[MatrixPart<'_>]) -> Result<CudaMatrix> {
+        let k = check_parts(parts)?;
+        let n: usize = parts.iter().map(|p| p.rows.len()).sum();
+        let mut bits = Vec::with_capacity(n * k);
+        for p in parts {
+            p.view.block_to_bf16_bits(p.rows.clone(), p.cols.clone(), &mut bits);
+        }
+        Ok(CudaMatrix { data: self.upload(&bits)?, n, k })
+    }
+
+    fn norm_params(
+        &self,
+        kind: NormKind,
+        eps: f32,
+        weight: TensorView<'_>,
+        bias: Option<TensorView<'_>>,
+    ) -> Result<CudaNorm> {
+        let mut gamma = weight.to_f32();
+        // The same f32 addition as the CPU backend (and transformers) make.
+        if kind == NormKind::LayerNorm1P {
+            gamma.iter_mut().for_each(|g| *g += 1.0);
+        }
+        let beta = match bias {
+            Some(b) => Some(self.upload(&b.to_f32())?),
+            None => None,
+        };
+        Ok(CudaNorm { gamma: self.upload(&gamma)?, beta, eps, rms: kind == NormKind::RmsNorm })
+    }
+
+    fn embedding(&self, table: TensorView<'_>) -> Result<CudaEmbedding> {
+        let (vocab, hidden) = (table.shape[0], table.row_len());
+        let mut bits = Vec::with_capacity(vocab * hidden);
+        table.block_to_bf16_bits(0..vocab, 0..hidden, &mut bits);
+        Ok(CudaEmbedding { table: self.upload(&bits)?, vocab, hidden })
+    }
+
+    fn batch_ctx(&self, batch: &PackedBatch, inv_freq: &[f32]) -> Result<CudaBatch> {
+        let tokens = batch.tokens().len();
+        int(tokens, "tokens in a batch")?;
+        let positions: Vec<i32> = batch.positions().into_iter().map(|p| p as i32).collect();
+        let cu: Vec<i32> = batch.cu_seqlens().iter().map(|&c| c as i32).collect();
+        let tiles = TileList::new(batch.cu_seqlens(), arbiter_kernels::ATTN_BLOCK_M);
+        Ok(CudaBatch {
+            tokens,
+            positions: self.upload(&positions)?,
+            cu_seqlens: self.upload(&cu)?,
+            tile_seq: self.upload(&tiles.seq)?,
+            tile_start: self.upload(&tiles.start)?,
+            n_tiles: tiles.len(),
+            rope: self.rope_tables(inv_freq, batch.max_len())?,
+        })
+    }
+
+    fn embed(&self, table: &CudaEmbedding, tokens: &[u32]) -> Result<CudaTensor> {
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= table.vocab) {
+            return Err(EngineError::InvalidBatch(format!(
+                "token id {t} is outside the vocabulary of {}",
+                table.vocab
+            )));
+        }
+        let ids = self.upload(tokens)?;
+        let mut x = self.alloc::<f32>(tokens.len() * table.hidden)?;
+        let (n, h) = (int(tokens.len(), "tokens")?, int(table.hidden, "hidden")?);
+        if n > 0 {
+            let mut b = self.stream.launch_builder(&self.kernels.embed);
+            b.arg(&table.table).arg(&ids).arg(&mut x).arg(&n).arg(&h);
+            // SAFETY: ABI of kernels/elementwise.cu `embed`; ids were checked against the vocabulary.
+            unsafe { b.launch(cfg((grid(tokens.len(), "tokens")?, 1), BLOCK, 0)) }
+                .map_err(driver_err("launch embed"))?;
+        }
+        Ok(self.tensor(Data::F32(x), tokens.len(), table.hidden))
+    }
+
+    fn norm(&self, x: &CudaTensor, p: &CudaNorm) -> Result<CudaTensor> {
+        Self::check_norm_width(x, p)?;
+        let out = Data::Bf16(self.alloc(x.rows * x.cols)?);
+        self.add_norm_launch(x.f32("norm")?, None, p, out, x.rows, x.cols)
+    }
+
+    fn final_norm(&self, x: &CudaTensor, p: &CudaNorm) -> Result<CudaTensor> {
+        Self::check_norm_width(x, p)?;
+        let out = Data::F32(self.alloc(x.rows * x.cols)?);
+        self.add_norm_launch(x.f32("final norm")?, None, p, out, x.rows, x.cols)
+    }
+
+    fn add_norm(&self, x: &mut CudaTensor, delta: &CudaTensor, p: &CudaNorm) -> Result<CudaTensor> {
+        same_shape(x, delta, "residual add")?;
+        Self::check_norm_width(x, p)?;
+        let out = Data::Bf16(self.alloc(x.rows * x.cols)?);
+        let (rows, cols) = (x.rows, x.cols);
+        // The kernel writes x += delta in place through the same pointer.
+        self.add_norm_launch(x.f32_mut("residual add")?, Some(delta.bf16("residual add")?), p, out, rows, cols)
+    }
+
+    fn add(&self, x: &mut CudaTensor, delta: &CudaTensor) -> Result<()> {
+        same_shape(x, delta, "residual add")?;
+        let n = x.rows * x.cols;
+        let len = n as i64;
+        let d = delta.bf16("residual add")?;
+        let xs = x.f32_mut("residual add")?;
+        if n > 0 {
+            let mut b = self.stream.launch_builder(&self.kernels.add_residual);
+            b.arg(xs).arg(d).arg(&len);
+            // SAFETY: ABI of kernels/norm.cu `add_residual`; both buffers hold n elements.
+            unsafe { b.launch(cfg((grid(n.div_ceil(BLOCK as usize), "elements / 256")?, 1), BLOCK, 0)) }
+                .map_err(driver_err("launch add_residual"))?;
+        }
+        Ok(())
+    }
+
+    fn matmul(&self, x: &CudaTensor, w: &CudaMatrix) -> Result<CudaTensor> {
+        if x.cols != w.k {
+            return Err(EngineError::Backend(format!("matmul: input has {} columns, matrix takes {}", x.cols, w.k)));
+        }
+        self.matmuls.fetch_add(1, Ordering::Relaxed);
+        let mut y = self.alloc::<u16>(x.rows * w.n)?;
+        if x.rows > 0 {
+            self.gemm.matmul(x.bf16("matmul")?, &w.data, &mut y, x.rows, w.n, w.k)?;
+        }
+        Ok(self.tensor(Data::Bf16(y), x.rows, w.n))
+    }
+
+    fn rope(&self, qkv: &mut CudaTensor, layout: &AttnLayout, ctx: &CudaBatch) -> Result<()> {
+        let half = layout.rotary_dim / 2;
+        if half == 0 || qkv.rows == 0 {
+            return Ok(());
+        }
+        if qkv.cols != layout.qkv_width() || qkv.rows != ctx.tokens || ctx.rope.inv_freq.len() != half {
+            return Err(EngineError::Backend(format!(
+                "rope: a [{}, {}] tensor for {} tokens of width {} with {} rotary frequencies (rotary_dim {})",
+                qkv.rows,
+                qkv.cols,
+                ctx.tokens,
+                layout.qkv_width(),
+                ctx.rope.inv_freq.len(),
+                layout.rotary_dim
+            )));
+        }
+        let rot_heads = layout.heads + layout.kv_heads;
+        let args = [
+            int(qkv.rows, "tokens")?,
+            int(qkv.cols, "qkv width")?,
+            int(rot_heads, "rotated heads")?,
+            int(layout.head_dim, "head_dim")?,
+            int(layout.rotary_dim, "rotary_dim")?,
+        ];
+        let rows = qkv.rows;
+        let data = qkv.bf16_mut("rope")?;
+        let mut b = self.stream.launch_builder(&self.kernels.rope);
+        b.arg(data).arg(&ctx.positions).arg(&ctx.rope.cos).arg(&ctx.rope.sin);
+        for a in &args {
+            b.arg(a);
+        }
+        // SAFETY: ABI of kernels/elementwise.cu `rope`; positions are below the table's length
+        // (batch_ctx sized it for the longest sequence).
+        unsafe { b.launch(cfg((grid(rows, "tokens")?, grid(rot_heads, "heads")?), rope_threads(half), 0)) }
+            .map_err(driver_err("launch rope"))?;
+        Ok(())
+    }
+
+    fn attention(&self, qkv: &CudaTensor, layout: &AttnLayout, ctx: &CudaBatch) -> Result<CudaTensor> {
+        if layout.kv_heads == 0 || !layout.heads.is_multiple_of(layout.kv_heads) {
+            return Err(EngineError::Backend(format!(
+                "attention: {} query heads cannot share {} KV heads evenly",
+                layout.heads, layout.kv_heads
+            )));
+        }
+        if qkv.cols != layout.qkv_width() || qkv.rows != ctx.tokens {
+            return Err(EngineError::Backend(format!(
+                "attention: a [{}, {}] tensor for {} tokens of width {}",
+                qkv.rows,
+                qkv.cols,
+                ctx.tokens,
+                layout.qkv_width()
+            )));
+        }
+        let kernel = self.attention_kernel(layout.head_dim)?;
+        let width = layout.heads * layout.head_dim;
+        let mut out = self.alloc::<u16>(qkv.rows * width)?;
+        if ctx.n_tiles > 0 {
+            let ints = [
+                int(ctx.n_tiles, "attention tiles")?,
+                int(layout.heads, "heads")?,
+                int(layout.kv_heads, "kv heads")?,
+                int(qkv.cols, "qkv width")?,
+            ];
+            let mut b = self.stream.launch_builder(&kernel.func);
+            b.arg(qkv.bf16("attention")?).arg(&mut out).arg(&ctx.cu_seqlens).arg(&ctx.tile_seq).arg(&ctx.tile_start);
+            for a in &ints {
+                b.arg(a);
+            }
+            b.arg(&layout.scale);
+            let threads = arbiter_kernels::ATTN_THREADS;
+            // SAFETY: ABI of kernels/attention.cu; tiles were built from the same cu_seqlens.
+            unsafe { b.launch(cfg((grid(ctx.n_tiles, "tiles")?, grid(layout.heads, "heads")?), threads, kernel.smem)) }
+                .map_err(driver_err("launch flash_attn_varlen"))?;
+        }
+        Ok(self.tensor(Data::Bf16(out), qkv.rows, width))
+    }
+
+    fn activation(&self, x: &CudaTensor, kind: MlpKind) -> Result<CudaTensor> {
+        let input = x.bf16("activation")?;
+        match kind {
+            MlpKind::Relu2 => {
+                let n = x.rows * x.cols;
+                let mut out = self.alloc::<u16>(n)?;
+                if n > 0 {
+                    let len = n as i64;
+                    let mut b = self.stream.launch_builder(&self.kernels.relu2);
+                    b.arg(input).arg(&mut out).arg(&len);
+                    // SAFETY: ABI of kernels/elementwise.cu `relu2`; both buffers hold n elements.
+                    unsafe { b.launch(cfg((grid(n.div_ceil(BLOCK as usize), "elements / 256")?, 1), BLOCK, 0)) }
+                        .map_err(driver_err("launch relu2"))?;
+                }
+                Ok(self.tensor(Data::Bf16(out), x.rows, x.cols))
+            }
+            MlpKind::SwiGlu => {
+                if !x.cols.is_multiple_of(2) {
+                    return Err(EngineError::Backend(format!("SwiGLU needs an even width, got {}", x.cols)));
+                }
+                let ffn = x.cols / 2;
+                let mut out = self.alloc::<u16>(x.rows * ffn)?;
+                if x.rows > 0 && ffn > 0 {
+                    let (r, f) = (int(x.rows, "rows")?, int(ffn, "ffn")?);
+                    let mut b = self.stream.launch_builder(&self.kernels.swiglu);
+                    b.arg(input).arg(&mut out).arg(&r).arg(&f);
+                    let g = (grid(x.rows, "rows")?, grid(ffn.div_ceil(BLOCK as usize), "ffn / 256")?);
+                    // SAFETY: ABI of kernels/elementwise.cu `swiglu`.
+                    unsafe { b.launch(cfg(g, BLOCK, 0)) }.map_err(driver_err("launch swiglu"))?;
+                }
+                Ok(self.tensor(Data::Bf16(out), x.rows, ffn))
+            }
+        }
+    }
+
+    fn gather_rows(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
+        if let Some(&r) = rows.iter().find(|&&r| r >= x.rows) {
+            return Err(EngineError::Backend(format!("gather: row {r} of a tensor with {} rows", x.rows)));
+        }
+        let idx: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
+        let idx = self.upload(&idx)?;
+        let mut out = self.alloc::<f32>(rows.len() * x.cols)?;
+        if !rows.is_empty() {
+            let (n, c) = (int(rows.len(), "rows")?, int(x.cols, "columns")?);
+            let mut b = self.stream.launch_builder(&self.kernels.gather_rows);
+            b.arg(x.f32("gather")?).arg(&idx).arg(&mut out).arg(&n).arg(&c);
+            // SAFETY: ABI of kernels/elementwise.cu `gather_rows`; indices checked above.
+            unsafe { b.launch(cfg((grid(rows.len(), "rows")?, 1), BLOCK, 0)) }
+                .map_err(driver_err("launch gather_rows"))?;
+        }
+        Ok(self.tensor(Data::F32(out), rows.len(), x.cols))
+    }
+
+    fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {
+        x.read_host()
+    }
+
+    fn from_host(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
+        if data.len() != rows * cols {
+            return Err(EngineError::Backend(format!("{} values cannot be a {rows} x {cols} tensor", data.len())));
+        }
+        Ok(self.tensor(Data::F32(self.upload(data)?), rows, cols))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_block_follows_the_abi() {
+        assert_eq!(rope_threads(1), 32);
+        assert_eq!(rope_threads(16), 32);
+        assert_eq!(rope_threads(33), 64);
+        assert_eq!(rope_threads(64), 64);
+        assert_eq!(rope_threads(100), 128);
+        assert_eq!(rope_threads(512), 256);
+    }
+
+    #[test]
+    fn sizes_beyond_32_bits_are_errors() {
+        assert_eq!(int(5, "x").unwrap(), 5);
+        assert!(int(1 << 31, "tokens").unwrap_err().to_string().contains("tokens = 2147483648"));
+        assert!(grid(1 << 32, "rows").is_err());
+    }
+
+    #[test]
+    fn without_a_driver_the_backend_is_an_error_not_a_panic() {
+        let r = CudaBackend::new(0);
+        if !probe::CudaLibrary::Driver.is_present() {
+            let e = r.unwrap_err().to_string();
+            assert!(e.contains("libcuda") && e.contains("--device cpu"), "{e}");
+        }
+    }
+}

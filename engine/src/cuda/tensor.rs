@@ -1,0 +1,159 @@
+//! Activations on the GPU: the residual stream in f32, everything else in bf16 (stored as raw
+//! `u16` bits so that no half-precision type crosses the FFI boundary).
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream};
+
+use super::driver_err;
+use crate::backend::HostTensor;
+use crate::error::{EngineError, Result};
+
+/// Element type of a [`CudaTensor`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActDtype {
+    /// IEEE single: the residual stream, the final norm's output, stage-to-stage transfers.
+    F32,
+    /// bfloat16: norm outputs, GEMM inputs and outputs, attention, the MLP.
+    Bf16,
+}
+
+/// Device storage of one tensor.
+#[derive(Debug)]
+pub(crate) enum Data {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<u16>),
+}
+
+/// Activations on one GPU, `[rows, cols]` row-major.
+#[derive(Debug)]
+pub struct CudaTensor {
+    pub(crate) data: Data,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+}
+
+/// f32 to bf16 bits, round to nearest even (NaN stays NaN): the rounding the kernels use.
+pub fn bf16_bits(v: f32) -> u16 {
+    half::bf16::from_f32(v).to_bits()
+}
+
+/// bf16 bits to f32 (exact).
+pub fn bf16_value(bits: u16) -> f32 {
+    half::bf16::from_bits(bits).to_f32()
+}
+
+impl CudaTensor {
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Element type.
+    pub fn dtype(&self) -> ActDtype {
+        match self.data {
+            Data::F32(_) => ActDtype::F32,
+            Data::Bf16(_) => ActDtype::Bf16,
+        }
+    }
+
+    /// The stream the tensor's memory belongs to.
+    pub(crate) fn stream(&self) -> &Arc<CudaStream> {
+        match &self.data {
+            Data::F32(s) => s.stream(),
+            Data::Bf16(s) => s.stream(),
+        }
+    }
+
+    pub(crate) fn f32(&self, what: &str) -> Result<&CudaSlice<f32>> {
+        match &self.data {
+            Data::F32(s) => Ok(s),
+            Data::Bf16(_) => Err(wrong_dtype(what, "f32", "bf16")),
+        }
+    }
+
+    pub(crate) fn f32_mut(&mut self, what: &str) -> Result<&mut CudaSlice<f32>> {
+        match &mut self.data {
+            Data::F32(s) => Ok(s),
+            Data::Bf16(_) => Err(wrong_dtype(what, "f32", "bf16")),
+        }
+    }
+
+    pub(crate) fn bf16(&self, what: &str) -> Result<&CudaSlice<u16>> {
+        match &self.data {
+            Data::Bf16(s) => Ok(s),
+            Data::F32(_) => Err(wrong_dtype(what, "bf16", "f32")),
+        }
+    }
+
+    pub(crate) fn bf16_mut(&mut self, what: &str) -> Result<&mut CudaSlice<u16>> {
+        match &mut self.data {
+            Data::Bf16(s) => Ok(s),
+            Data::F32(_) => Err(wrong_dtype(what, "bf16", "f32")),
+        }
+    }
+}
+
+fn wrong_dtype(what: &str, want: &str, got: &str) -> EngineError {
+    EngineError::Backend(format!("{what} takes a {want} tensor, got {got}"))
+}
+
+impl HostTensor for CudaTensor {
+    fn read_host(&self) -> Result<Vec<f32>> {
+        let stream = self.stream().clone();
+        let out = match &self.data {
+            Data::F32(s) => stream.clone_dtoh(s).map_err(driver_err("copy a tensor to the host"))?,
+            Data::Bf16(s) => {
+                let bits = stream.clone_dtoh(s).map_err(driver_err("copy a tensor to the host"))?;
+                bits.into_iter().map(bf16_value).collect()
+            }
+        };
+        // The copy is asynchronous for the stream; wait so that `out` is complete and any earlier
+        // kernel failure surfaces here.
+        stream.synchronize().map_err(driver_err("finish the copy to the host"))?;
+        Ok(out)
+    }
+
+    fn write_host(&mut self, data: &[f32]) -> Result<()> {
+        if data.len() != self.rows * self.cols {
+            return Err(EngineError::Backend(format!(
+                "cannot write {} values into a {} x {} tensor",
+                data.len(),
+                self.rows,
+                self.cols
+            )));
+        }
+        let stream = self.stream().clone();
+        match &mut self.data {
+            Data::F32(s) => stream.memcpy_htod(data, s),
+            Data::Bf16(s) => {
+                let bits: Vec<u16> = data.iter().map(|&v| bf16_bits(v)).collect();
+                stream.memcpy_htod(&bits, s)
+            }
+        }
+        .map_err(driver_err("copy a tensor to the GPU"))?;
+        // Pageable host memory: the driver has staged it when the call returns, but wait anyway so
+        // that an error is reported by this call and not a later one.
+        stream.synchronize().map_err(driver_err("finish the copy to the GPU"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounding_is_to_nearest_even() {
+        // 1 + 2^-8 is halfway between two bf16 values (1 and 1 + 2^-7): ties go to the even one, 1.
+        assert_eq!(bf16_value(bf16_bits(1.0 + 1.0 / 256.0)), 1.0);
+        // 1 + 3 * 2^-8 is halfway between 1 + 2^-7 and 1 + 2^-6: even is 1 + 2^-6.
+        assert_eq!(bf16_value(bf16_bits(1.0 + 3.0 / 256.0)), 1.0 + 1.0 / 64.0);
+        assert!(bf16_value(bf16_bits(f32::NAN)).is_nan());
+        assert_eq!(bf16_value(bf16_bits(-2.5)), -2.5);
+    }
+}
