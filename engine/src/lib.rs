@@ -16,6 +16,7 @@ pub mod cpu;
 pub mod demo;
 pub mod error;
 pub mod graph;
+pub mod parallel;
 pub mod rope;
 pub mod runtime;
 pub mod scores;
