@@ -143,7 +143,7 @@ pub trait Backend: Send + Sync {
     /// Copies a tensor to host memory as f32, row-major.
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
     /// Makes a tensor from host f32 data, row-major (activations arriving from another stage).
-    fn from_host(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor>;
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor>;
 }
 
 /// Sums partial results across the ranks of one tensor-parallel group. Every call is collective:

@@ -101,6 +101,13 @@ pub enum EngineError {
         /// What is wrong.
         message: String,
     },
+    /// The model cannot be split as asked (`--tp`, `--pp` that do not divide its shapes).
+    #[error("cannot split the model: {0}")]
+    Plan(String),
+    /// A model-parallel rank failed, a peer was lost, or a collective call timed out. The
+    /// model-parallel group is unusable afterwards.
+    #[error("model-parallel failure: {0}")]
+    Parallel(String),
     /// A backend could not run (no device, kernel failure, out of memory...).
     #[error("backend error: {0}")]
     Backend(String),

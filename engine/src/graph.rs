@@ -6,12 +6,14 @@
 //! The final norm is applied after the gather: it works row by row, so normalizing only the rows
 //! that are read gives the same numbers for a fraction of the work.
 
+use std::ops::Range;
 use std::path::Path;
 
 use crate::backend::{AttnLayout, Backend, Communicator, MatrixPart, SingleRank};
 use crate::batch::PackedBatch;
 use crate::config::load_config;
 use crate::error::{EngineError, Result};
+use crate::parallel::RankPlan;
 use crate::rope;
 use crate::spec::{MlpKind, ModelSpec};
 use crate::weights::WeightStore;
@@ -34,22 +36,39 @@ struct Head {
     bias: Option<Vec<f32>>,
 }
 
-/// A loaded model on one backend, ready to run packed batches.
+/// A loaded model (or one rank's slice of it) on one backend, ready to run packed batches.
 pub struct Model<B: Backend> {
     spec: ModelSpec,
     backend: B,
+    rank: RankPlan,
     comm: Box<dyn Communicator<B::Tensor>>,
-    embedding: B::Embedding,
+    /// First stage only.
+    embedding: Option<B::Embedding>,
+    /// This stage's layers, in order.
     blocks: Vec<Block<B>>,
-    final_norm: B::Norm,
-    head: Head,
+    /// Last stage only: the final norm and the head.
+    final_norm: Option<B::Norm>,
+    head: Option<Head>,
     inv_freq: Vec<f32>,
     layout: AttnLayout,
 }
 
+/// What one pipeline stage hands on: the residual stream to the next stage, or, from the last
+/// stage, the raw head outputs per sequence.
+pub enum StageOutput<T> {
+    /// `[tokens, hidden]` residual stream for the next stage.
+    Hidden(T),
+    /// Raw head outputs at each sequence's last token.
+    Outputs(Vec<Vec<f32>>),
+}
+
 impl<B: Backend> std::fmt::Debug for Model<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model").field("spec", &self.spec).field("backend", &self.backend.name()).finish()
+        f.debug_struct("Model")
+            .field("spec", &self.spec)
+            .field("backend", &self.backend.name())
+            .field("rank", &self.rank)
+            .finish()
     }
 }
 
@@ -71,8 +90,22 @@ impl<B: Backend> Model<B> {
         Self::from_store(spec, &store, backend)
     }
 
-    /// Builds the model from an already parsed spec and opened weights.
+    /// Builds the whole model from an already parsed spec and opened weights.
     pub fn from_store(spec: ModelSpec, store: &WeightStore, backend: B) -> Result<Self> {
+        Self::load_rank(spec, store, backend, RankPlan::single(), Box::new(SingleRank))
+    }
+
+    /// Builds one rank's slice of the model: the layers of its stage, and of each of them only the
+    /// heads, KV groups and FFN channels it owns (see [`crate::parallel::plan`]). Only those
+    /// blocks are read from the mapped weights. `comm` is the rank's tensor-parallel group.
+    pub fn load_rank(
+        spec: ModelSpec,
+        store: &WeightStore,
+        backend: B,
+        rank: RankPlan,
+        comm: Box<dyn Communicator<B::Tensor>>,
+    ) -> Result<Self> {
+        rank.par.validate(&spec)?;
         let h = spec.hidden;
         let d = spec.head_dim;
         let norm = |prefix: &str| -> Result<B::Norm> {
@@ -80,28 +113,40 @@ impl<B: Backend> Model<B> {
             let b = if spec.norm_has_bias() { Some(store.get_shaped(&format!("{prefix}.bias"), &[h])?) } else { None };
             backend.norm_params(spec.norm, spec.norm_eps, w, b)
         };
-        let part = |name: String, shape: [usize; 2]| -> Result<MatrixPart<'_>> {
-            Ok(MatrixPart::whole(store.get_shaped(&name, &shape)?))
+        // Column-parallel: this rank's output rows, all input columns.
+        let rows = |name: String, shape: [usize; 2], rows: Range<usize>| -> Result<MatrixPart<'_>> {
+            Ok(MatrixPart::block(store.get_shaped(&name, &shape)?, rows, 0..shape[1]))
         };
-        let embedding = backend.embedding(store.get_shaped("model.embed_tokens.weight", &[spec.vocab, h])?)?;
-        let mut blocks = Vec::with_capacity(spec.layers);
-        for l in 0..spec.layers {
+        // Row-parallel: all output rows, this rank's input columns.
+        let cols = |name: String, shape: [usize; 2], cols: Range<usize>| -> Result<MatrixPart<'_>> {
+            Ok(MatrixPart::block(store.get_shaped(&name, &shape)?, 0..shape[0], cols))
+        };
+        let q_rows = rank.share_scaled(spec.heads, d);
+        let kv_rows = rank.share_scaled(spec.kv_heads, d);
+        let ffn_rows = rank.share(spec.ffn);
+        let embedding = if rank.is_first_stage() {
+            Some(backend.embedding(store.get_shaped("model.embed_tokens.weight", &[spec.vocab, h])?)?)
+        } else {
+            None
+        };
+        let layers = rank.layers(spec.layers);
+        let mut blocks = Vec::with_capacity(layers.len());
+        for l in layers {
             let p = format!("model.layers.{l}");
             let attn = format!("{p}.self_attn");
             let qkv = backend.matrix(&[
-                part(format!("{attn}.q_proj.weight"), [spec.heads * d, h])?,
-                part(format!("{attn}.k_proj.weight"), [spec.kv_heads * d, h])?,
-                part(format!("{attn}.v_proj.weight"), [spec.kv_heads * d, h])?,
+                rows(format!("{attn}.q_proj.weight"), [spec.heads * d, h], q_rows.clone())?,
+                rows(format!("{attn}.k_proj.weight"), [spec.kv_heads * d, h], kv_rows.clone())?,
+                rows(format!("{attn}.v_proj.weight"), [spec.kv_heads * d, h], kv_rows.clone())?,
             ])?;
-            let o = backend.matrix(&[part(format!("{attn}.o_proj.weight"), [h, spec.heads * d])?])?;
+            let o = backend.matrix(&[cols(format!("{attn}.o_proj.weight"), [h, spec.heads * d], q_rows.clone())?])?;
+            let up_part = |name: &str| rows(format!("{p}.mlp.{name}.weight"), [spec.ffn, h], ffn_rows.clone());
             let up = match spec.mlp {
-                MlpKind::Relu2 => backend.matrix(&[part(format!("{p}.mlp.up_proj.weight"), [spec.ffn, h])?])?,
-                MlpKind::SwiGlu => backend.matrix(&[
-                    part(format!("{p}.mlp.gate_proj.weight"), [spec.ffn, h])?,
-                    part(format!("{p}.mlp.up_proj.weight"), [spec.ffn, h])?,
-                ])?,
+                MlpKind::Relu2 => backend.matrix(&[up_part("up_proj")?])?,
+                MlpKind::SwiGlu => backend.matrix(&[up_part("gate_proj")?, up_part("up_proj")?])?,
             };
-            let down = backend.matrix(&[part(format!("{p}.mlp.down_proj.weight"), [h, spec.ffn])?])?;
+            let down =
+                backend.matrix(&[cols(format!("{p}.mlp.down_proj.weight"), [h, spec.ffn], ffn_rows.clone())?])?;
             blocks.push(Block {
                 attn_norm: norm(&format!("{p}.input_layernorm"))?,
                 qkv,
@@ -111,25 +156,34 @@ impl<B: Backend> Model<B> {
                 down,
             });
         }
-        let final_norm = norm("model.norm")?;
-        let n_out = spec.num_outputs();
-        let head = Head {
-            weight: store.get_shaped("score.weight", &[n_out, h])?.to_f32(),
-            bias: if store.contains("score.bias") {
-                Some(store.get_shaped("score.bias", &[n_out])?.to_f32())
-            } else {
-                None
-            },
+        let (final_norm, head) = if rank.is_last_stage() {
+            let n_out = spec.num_outputs();
+            let head = Head {
+                weight: store.get_shaped("score.weight", &[n_out, h])?.to_f32(),
+                bias: if store.contains("score.bias") {
+                    Some(store.get_shaped("score.bias", &[n_out])?.to_f32())
+                } else {
+                    None
+                },
+            };
+            (Some(norm("model.norm")?), Some(head))
+        } else {
+            (None, None)
         };
         let layout = AttnLayout {
-            heads: spec.heads,
-            kv_heads: spec.kv_heads,
+            heads: spec.heads / rank.par.tp,
+            kv_heads: spec.kv_heads / rank.par.tp,
             head_dim: d,
             rotary_dim: spec.rope.rotary_dim,
             scale: 1.0 / (d as f32).sqrt(),
         };
         let inv_freq = rope::inv_freq(&spec.rope);
-        Ok(Model { spec, backend, comm: Box::new(SingleRank), embedding, blocks, final_norm, head, inv_freq, layout })
+        Ok(Model { spec, backend, rank, comm, embedding, blocks, final_norm, head, inv_freq, layout })
+    }
+
+    /// This model's place in a model-parallel layout.
+    pub fn rank(&self) -> RankPlan {
+        self.rank
     }
 
     /// The model's spec.
@@ -142,73 +196,103 @@ impl<B: Backend> Model<B> {
         &self.backend
     }
 
-    /// Whether the head has a bias.
+    /// Whether the head has a bias (false on ranks that do not hold the head).
     pub fn head_has_bias(&self) -> bool {
-        self.head.bias.is_some()
+        self.head.as_ref().is_some_and(|h| h.bias.is_some())
     }
 
     /// Runs the packed batch and returns, per sequence, the raw head outputs at its last token
-    /// (all of them, exposed or not).
+    /// (all of them, exposed or not). Only for a model that is not split across stages.
     pub fn forward(&self, batch: &PackedBatch) -> Result<Vec<Vec<f32>>> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        self.check_batch(batch)?;
-        let b = &self.backend;
-        let ctx = b.batch_ctx(batch, &self.inv_freq)?;
-        let mut x = b.embed(&self.embedding, batch.tokens())?;
-        let mut h = b.norm(&x, &self.blocks[0].attn_norm)?;
-        for (l, blk) in self.blocks.iter().enumerate() {
-            let mut qkv = b.matmul(&h, &blk.qkv)?;
-            b.rope(&mut qkv, &self.layout, &ctx)?;
-            let attn = b.attention(&qkv, &self.layout, &ctx)?;
-            let mut o = b.matmul(&attn, &blk.o)?;
-            self.comm.all_reduce(&mut o)?;
-            h = b.add_norm(&mut x, &o, &blk.mlp_norm)?;
-            let up = b.matmul(&h, &blk.up)?;
-            let act = b.activation(&up, self.spec.mlp)?;
-            let mut down = b.matmul(&act, &blk.down)?;
-            self.comm.all_reduce(&mut down)?;
-            match self.blocks.get(l + 1) {
-                Some(next) => h = b.add_norm(&mut x, &down, &next.attn_norm)?,
-                None => b.add(&mut x, &down)?,
-            }
+        check_batch(&self.spec, batch)?;
+        match self.forward_stage(batch, None)? {
+            StageOutput::Outputs(out) => Ok(out),
+            StageOutput::Hidden(_) => Err(EngineError::Parallel(format!(
+                "{} is not the last pipeline stage; run the model through its pipeline",
+                self.rank.label()
+            ))),
         }
-        let last = b.gather_rows(&x, &batch.last_rows())?;
-        let normed = b.to_host(&b.final_norm(&last, &self.final_norm)?)?;
-        Ok(normed.chunks_exact(self.spec.hidden).map(|row| self.head_forward(row)).collect())
     }
 
+    /// Runs this rank's stage over a packed batch (already checked with [`check_batch`]): the
+    /// first stage embeds the tokens, later stages start from `input`, the residual stream the
+    /// previous stage handed on.
+    pub fn forward_stage(&self, batch: &PackedBatch, input: Option<B::Tensor>) -> Result<StageOutput<B::Tensor>> {
+        let b = &self.backend;
+        let ctx = b.batch_ctx(batch, &self.inv_freq)?;
+        let mut x = match (&self.embedding, input) {
+            (Some(table), None) => b.embed(table, batch.tokens())?,
+            (None, Some(x)) => x,
+            _ => {
+                return Err(EngineError::Parallel(format!(
+                    "{} got {} input",
+                    self.rank.label(),
+                    if self.embedding.is_some() { "an unexpected" } else { "no" }
+                )))
+            }
+        };
+        if let Some(first) = self.blocks.first() {
+            let mut h = b.norm(&x, &first.attn_norm)?;
+            for (l, blk) in self.blocks.iter().enumerate() {
+                let mut qkv = b.matmul(&h, &blk.qkv)?;
+                b.rope(&mut qkv, &self.layout, &ctx)?;
+                let attn = b.attention(&qkv, &self.layout, &ctx)?;
+                let mut o = b.matmul(&attn, &blk.o)?;
+                self.comm.all_reduce(&mut o)?;
+                h = b.add_norm(&mut x, &o, &blk.mlp_norm)?;
+                let up = b.matmul(&h, &blk.up)?;
+                let act = b.activation(&up, self.spec.mlp)?;
+                let mut down = b.matmul(&act, &blk.down)?;
+                self.comm.all_reduce(&mut down)?;
+                match self.blocks.get(l + 1) {
+                    Some(next) => h = b.add_norm(&mut x, &down, &next.attn_norm)?,
+                    None => b.add(&mut x, &down)?,
+                }
+            }
+        }
+        let (Some(final_norm), Some(head)) = (&self.final_norm, &self.head) else {
+            return Ok(StageOutput::Hidden(x));
+        };
+        let last = b.gather_rows(&x, &batch.last_rows())?;
+        let normed = b.to_host(&b.final_norm(&last, final_norm)?)?;
+        Ok(StageOutput::Outputs(normed.chunks_exact(self.spec.hidden).map(|row| head.forward(row)).collect()))
+    }
+}
+
+impl Head {
     /// The head in f32: `bias + W h`, each output a single ordered dot product.
-    fn head_forward(&self, hidden: &[f32]) -> Vec<f32> {
-        self.head
-            .weight
-            .chunks_exact(self.spec.hidden)
+    fn forward(&self, hidden: &[f32]) -> Vec<f32> {
+        self.weight
+            .chunks_exact(hidden.len())
             .enumerate()
             .map(|(o, w)| {
                 let dot = w.iter().zip(hidden).fold(0.0f32, |acc, (a, b)| a.mul_add(*b, acc));
-                dot + self.head.bias.as_ref().map_or(0.0, |b| b[o])
+                dot + self.bias.as_ref().map_or(0.0, |b| b[o])
             })
             .collect()
     }
+}
 
-    fn check_batch(&self, batch: &PackedBatch) -> Result<()> {
-        for i in 0..batch.len() {
-            let r = batch.range(i);
-            if r.len() > self.spec.max_positions {
-                return Err(EngineError::InvalidBatch(format!(
-                    "sequence {i} has {} tokens; the model supports at most {}",
-                    r.len(),
-                    self.spec.max_positions
-                )));
-            }
-            if let Some((j, &t)) = batch.tokens()[r].iter().enumerate().find(|(_, &t)| t as usize >= self.spec.vocab) {
-                return Err(EngineError::InvalidBatch(format!(
-                    "sequence {i}, token {j}: id {t} is outside the vocabulary of {}",
-                    self.spec.vocab
-                )));
-            }
+/// Checks a batch against the model's limits: lengths within the context, ids inside the vocabulary.
+pub fn check_batch(spec: &ModelSpec, batch: &PackedBatch) -> Result<()> {
+    for i in 0..batch.len() {
+        let r = batch.range(i);
+        if r.len() > spec.max_positions {
+            return Err(EngineError::InvalidBatch(format!(
+                "sequence {i} has {} tokens; the model supports at most {}",
+                r.len(),
+                spec.max_positions
+            )));
         }
-        Ok(())
+        if let Some((j, &t)) = batch.tokens()[r].iter().enumerate().find(|(_, &t)| t as usize >= spec.vocab) {
+            return Err(EngineError::InvalidBatch(format!(
+                "sequence {i}, token {j}: id {t} is outside the vocabulary of {}",
+                spec.vocab
+            )));
+        }
     }
+    Ok(())
 }

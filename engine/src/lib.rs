@@ -18,6 +18,7 @@ pub mod cuda;
 pub mod demo;
 pub mod error;
 pub mod graph;
+pub mod parallel;
 pub mod rope;
 pub mod runtime;
 pub mod scores;

@@ -1,43 +1,11 @@
 //! Parity with HF transformers on the committed golden fixtures (tests/fixtures/make_golden.py),
 //! batch invariance, and real packing.
 
-use std::path::PathBuf;
+mod common;
 
 use arbiter_engine::cpu::CpuBackend;
 use arbiter_engine::{Model, PackedBatch, RewardWeights, Score};
-
-struct Golden {
-    sequences: Vec<Vec<u32>>,
-    outputs: Vec<Vec<f32>>,
-}
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/golden").join(name)
-}
-
-fn golden(name: &str) -> Golden {
-    let text = std::fs::read_to_string(fixture(name).join("expected.json")).expect("fixture expected.json");
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let seqs = v["sequences"].as_array().unwrap();
-    let outs = v["outputs"].as_array().unwrap();
-    Golden {
-        sequences: seqs
-            .iter()
-            .map(|s| s.as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect())
-            .collect(),
-        outputs: outs
-            .iter()
-            .map(|s| s.as_array().unwrap().iter().map(|t| t.as_f64().unwrap() as f32).collect())
-            .collect(),
-    }
-}
-
-/// max|got - ref| / max(max|ref|, 1e-3), the error measure of DESIGN.md.
-fn rel_error(got: &[f32], reference: &[f32]) -> f64 {
-    assert_eq!(got.len(), reference.len());
-    let scale = reference.iter().map(|r| r.abs() as f64).fold(1e-3, f64::max);
-    got.iter().zip(reference).map(|(g, r)| (*g as f64 - *r as f64).abs()).fold(0.0, f64::max) / scale
-}
+use common::{fixture, golden, rel_error};
 
 fn check_parity(name: &str) {
     let model = Model::load(&fixture(name), CpuBackend::new()).expect("fixture loads");

@@ -241,7 +241,7 @@ impl Backend for CpuBackend {
         Ok(x.data.clone())
     }
 
-    fn from_host(&self, data: &[f32], rows: usize, cols: usize) -> Result<CpuTensor> {
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CpuTensor> {
         if data.len() != rows * cols {
             return Err(EngineError::Backend(format!("{} values cannot be a {rows} x {cols} tensor", data.len())));
         }

@@ -332,7 +332,7 @@ impl CudaBackend {
         })
     }
 
-    fn upload<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
+    fn to_device<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
         if data.is_empty() {
             return self.alloc(0);
         }
@@ -349,7 +349,7 @@ impl CudaBackend {
             return Err(EngineError::Backend(format!("{} values cannot be a {rows} x {cols} tensor", data.len())));
         }
         let bits: Vec<u16> = data.iter().map(|&v| bf16_bits(v)).collect();
-        Ok(self.tensor(Data::Bf16(self.upload(&bits)?), rows, cols))
+        Ok(self.tensor(Data::Bf16(self.to_device(&bits)?), rows, cols))
     }
 
     /// Seconds per `y[t, n] = x[t, k] @ w[n, k]^T` in bf16 through the same cuBLASLt path as
@@ -359,7 +359,7 @@ impl CudaBackend {
         let mut rng = crate::synth::SplitMix::new((t * 31 + n * 17 + k) as u64);
         let mut random = |len: usize| -> Result<CudaSlice<u16>> {
             let v: Vec<u16> = (0..len).map(|_| bf16_bits(rng.uniform())).collect();
-            self.upload(&v)
+            self.to_device(&v)
         };
         let (x, w) = (random(t * k)?, random(n * k)?);
         let mut y = self.alloc::<u16>(t * n)?;
@@ -392,8 +392,8 @@ impl CudaBackend {
         let t = Arc::new(RopeTables {
             inv_freq: inv_freq.to_vec(),
             positions: len,
-            cos: self.upload(&cos)?,
-            sin: self.upload(&sin)?,
+            cos: self.to_device(&cos)?,
+            sin: self.to_device(&sin)?,
         });
         *cached = Some(t.clone());
         Ok(t)
@@ -504,7 +504,7 @@ impl Backend for CudaBackend {
         for p in parts {
             p.view.block_to_bf16_bits(p.rows.clone(), p.cols.clone(), &mut bits);
         }
-        Ok(CudaMatrix { data: self.upload(&bits)?, n, k })
+        Ok(CudaMatrix { data: self.to_device(&bits)?, n, k })
     }
 
     fn norm_params(
@@ -520,17 +520,17 @@ impl Backend for CudaBackend {
             gamma.iter_mut().for_each(|g| *g += 1.0);
         }
         let beta = match bias {
-            Some(b) => Some(self.upload(&b.to_f32())?),
+            Some(b) => Some(self.to_device(&b.to_f32())?),
             None => None,
         };
-        Ok(CudaNorm { gamma: self.upload(&gamma)?, beta, eps, rms: kind == NormKind::RmsNorm })
+        Ok(CudaNorm { gamma: self.to_device(&gamma)?, beta, eps, rms: kind == NormKind::RmsNorm })
     }
 
     fn embedding(&self, table: TensorView<'_>) -> Result<CudaEmbedding> {
         let (vocab, hidden) = (table.shape[0], table.row_len());
         let mut bits = Vec::with_capacity(vocab * hidden);
         table.block_to_bf16_bits(0..vocab, 0..hidden, &mut bits);
-        Ok(CudaEmbedding { table: self.upload(&bits)?, vocab, hidden })
+        Ok(CudaEmbedding { table: self.to_device(&bits)?, vocab, hidden })
     }
 
     fn batch_ctx(&self, batch: &PackedBatch, inv_freq: &[f32]) -> Result<CudaBatch> {
@@ -541,10 +541,10 @@ impl Backend for CudaBackend {
         let tiles = TileList::new(batch.cu_seqlens(), arbiter_kernels::ATTN_BLOCK_M);
         Ok(CudaBatch {
             tokens,
-            positions: self.upload(&positions)?,
-            cu_seqlens: self.upload(&cu)?,
-            tile_seq: self.upload(&tiles.seq)?,
-            tile_start: self.upload(&tiles.start)?,
+            positions: self.to_device(&positions)?,
+            cu_seqlens: self.to_device(&cu)?,
+            tile_seq: self.to_device(&tiles.seq)?,
+            tile_start: self.to_device(&tiles.start)?,
             n_tiles: tiles.len(),
             rope: self.rope_tables(inv_freq, batch.max_len())?,
         })
@@ -557,7 +557,7 @@ impl Backend for CudaBackend {
                 table.vocab
             )));
         }
-        let ids = self.upload(tokens)?;
+        let ids = self.to_device(tokens)?;
         let mut x = self.alloc::<f32>(tokens.len() * table.hidden)?;
         let (n, h) = (int(tokens.len(), "tokens")?, int(table.hidden, "hidden")?);
         if n > 0 {
@@ -737,7 +737,7 @@ impl Backend for CudaBackend {
             return Err(EngineError::Backend(format!("gather: row {r} of a tensor with {} rows", x.rows)));
         }
         let idx: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
-        let idx = self.upload(&idx)?;
+        let idx = self.to_device(&idx)?;
         let mut out = self.alloc::<f32>(rows.len() * x.cols)?;
         if !rows.is_empty() {
             let (n, c) = (int(rows.len(), "rows")?, int(x.cols, "columns")?);
@@ -754,11 +754,11 @@ impl Backend for CudaBackend {
         x.read_host()
     }
 
-    fn from_host(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
         if data.len() != rows * cols {
             return Err(EngineError::Backend(format!("{} values cannot be a {rows} x {cols} tensor", data.len())));
         }
-        Ok(self.tensor(Data::F32(self.upload(data)?), rows, cols))
+        Ok(self.tensor(Data::F32(self.to_device(data)?), rows, cols))
     }
 }
 

@@ -1,0 +1,202 @@
+//! Tensor and pipeline parallelism on CPU ranks: every layout scores the golden fixtures like
+//! HF transformers and like the unsplit model, and each rank reads only its own bytes.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::time::Duration;
+
+use arbiter_engine::backend::SingleRank;
+use arbiter_engine::cpu::CpuBackend;
+use arbiter_engine::graph::open_folder;
+use arbiter_engine::parallel::runner::ParallelEngine;
+use arbiter_engine::parallel::{Parallelism, RankPlan};
+use arbiter_engine::weights::WeightStore;
+use arbiter_engine::{EngineError, Model, PackedBatch};
+use common::{fixture, golden, rel_error, FIXTURES};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn load(name: &str, tp: usize, pp: usize) -> Result<ParallelEngine, EngineError> {
+    ParallelEngine::load(&fixture(name), Parallelism { tp, pp }, TIMEOUT, |_| CpuBackend::with_threads(1))
+}
+
+#[test]
+fn every_layout_matches_transformers_and_the_unsplit_model() {
+    for name in FIXTURES {
+        let g = golden(name);
+        let batch = PackedBatch::from_sequences(&g.sequences).unwrap();
+        let unsplit = Model::load(&fixture(name), CpuBackend::new()).unwrap().forward(&batch).unwrap();
+        for (tp, pp) in [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2)] {
+            let engine = load(name, tp, pp).unwrap_or_else(|e| panic!("{name} tp{tp} pp{pp}: {e}"));
+            let got = engine.forward(&batch).unwrap();
+            assert_eq!(got.len(), g.sequences.len());
+            let (mut vs_hf, mut vs_tp1) = (0.0f64, 0.0f64);
+            for (s, out) in got.iter().enumerate() {
+                vs_hf = vs_hf.max(rel_error(out, &g.outputs[s]));
+                vs_tp1 = vs_tp1.max(rel_error(out, &unsplit[s]));
+            }
+            eprintln!("{name} tp{tp} pp{pp}: error vs transformers {vs_hf:.2e}, vs unsplit {vs_tp1:.2e}");
+            assert!(vs_hf <= 1e-4, "{name} tp{tp} pp{pp}: error vs transformers {vs_hf:.3e} > 1e-4");
+            assert!(vs_tp1 <= 1e-4, "{name} tp{tp} pp{pp}: error vs the unsplit model {vs_tp1:.3e} > 1e-4");
+            if tp == 1 {
+                // Splitting layers across stages changes no arithmetic: the bits must agree.
+                assert_eq!(got, unsplit, "{name} pp{pp} must equal the unsplit model bit for bit");
+            }
+        }
+    }
+}
+
+/// Per tensor, the byte ranges one rank read.
+type Reads = BTreeMap<String, Vec<Range<usize>>>;
+
+/// What each rank read while loading its slice.
+fn reads_per_rank(name: &str, par: Parallelism) -> Vec<(RankPlan, Reads)> {
+    par.ranks()
+        .into_iter()
+        .map(|rank| {
+            let (store, log) = WeightStore::open_logged(&fixture(name)).unwrap();
+            let (spec, _) = open_folder(&fixture(name)).unwrap();
+            let backend = CpuBackend::with_threads(1).unwrap();
+            Model::load_rank(spec, &store, backend, rank, Box::new(SingleRank)).unwrap();
+            (rank, log.merged())
+        })
+        .collect()
+}
+
+fn layer_of(tensor: &str) -> Option<usize> {
+    tensor.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
+}
+
+#[test]
+fn each_rank_reads_only_its_own_slices() {
+    // One Nemotron fixture (relu2, LayerNorm1P with biases) and the Llama one (SwiGLU: gate and up).
+    for name in ["nemotron-v4-gqa", "llama3-scaled"] {
+        let par = Parallelism { tp: 2, pp: 2 };
+        let (store, _) = WeightStore::open_logged(&fixture(name)).unwrap();
+        let (spec, _) = open_folder(&fixture(name)).unwrap();
+        let reads = reads_per_rank(name, par);
+        let mut matrix_bytes_per_rank = vec![0usize; reads.len()];
+        for tensor in store.names() {
+            let len = store.byte_len(tensor);
+            let view = store.get(tensor).unwrap();
+            let sharded = view.shape.len() == 2 && layer_of(tensor).is_some();
+            for stage in 0..par.pp {
+                let in_stage = |r: &RankPlan| r.stage == stage;
+                let owns_stage = match layer_of(tensor) {
+                    Some(l) => RankPlan { par, stage, tp_rank: 0 }.layers(spec.layers).contains(&l),
+                    None if tensor == "model.embed_tokens.weight" => stage == 0,
+                    None => stage + 1 == par.pp, // final norm and head
+                };
+                let stage_reads: Vec<(usize, Vec<Range<usize>>)> = reads
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (r, _))| in_stage(r))
+                    .map(|(i, (_, m))| (i, m.get(tensor).cloned().unwrap_or_default()))
+                    .collect();
+                if !owns_stage {
+                    for (i, r) in &stage_reads {
+                        assert!(
+                            r.is_empty(),
+                            "{name}: rank {i} of stage {stage} read {tensor} of another stage: {r:?}"
+                        );
+                    }
+                    continue;
+                }
+                if sharded {
+                    // The stage's ranks split the matrix: their reads are disjoint and cover it.
+                    let mut all: Vec<Range<usize>> = stage_reads.iter().flat_map(|(_, r)| r.clone()).collect();
+                    let total: usize = all.iter().map(|r| r.len()).sum();
+                    assert_eq!(total, len, "{name}: stage {stage} ranks read {total} bytes of {tensor} ({len})");
+                    all.sort_by_key(|r| r.start);
+                    for w in all.windows(2) {
+                        assert!(w[0].end <= w[1].start, "{name}: two ranks both read bytes {w:?} of {tensor}");
+                    }
+                    for (i, r) in &stage_reads {
+                        let n: usize = r.iter().map(|x| x.len()).sum();
+                        assert_eq!(n * par.tp, len, "{name}: rank {i} read {n} bytes of {tensor} ({len})");
+                        matrix_bytes_per_rank[*i] += n;
+                    }
+                } else {
+                    // Replicated: norms, embedding, head.
+                    for (i, r) in &stage_reads {
+                        assert_eq!(
+                            r.as_slice(),
+                            std::slice::from_ref(&(0..len)),
+                            "{name}: rank {i} must read all of replicated {tensor}"
+                        );
+                    }
+                }
+            }
+        }
+        let all_matrix_bytes: usize = store
+            .names()
+            .into_iter()
+            .filter(|t| layer_of(t).is_some() && store.get(t).unwrap().shape.len() == 2)
+            .map(|t| store.byte_len(t))
+            .sum();
+        for (i, n) in matrix_bytes_per_rank.iter().enumerate() {
+            assert_eq!(n * par.world_size(), all_matrix_bytes, "{name}: rank {i} read {n} of {all_matrix_bytes}");
+        }
+    }
+}
+
+#[test]
+fn concurrent_callers_overlap_stages_and_each_get_their_own_answer() {
+    let name = "nemotron-v5";
+    let g = golden(name);
+    let engine = load(name, 2, 2).unwrap();
+    assert_eq!(engine.pipeline_depth(), 2);
+    let alone: Vec<Vec<f32>> = g
+        .sequences
+        .iter()
+        .map(|s| engine.forward(&PackedBatch::from_sequences(&[s]).unwrap()).unwrap().remove(0))
+        .collect();
+    std::thread::scope(|scope| {
+        for t in 0..4 {
+            let (engine, g, alone) = (&engine, &g, &alone);
+            scope.spawn(move || {
+                for round in 0..3 {
+                    let i = (t * 3 + round) % g.sequences.len();
+                    let got = engine.forward(&PackedBatch::from_sequences(&[&g.sequences[i]]).unwrap()).unwrap();
+                    assert_eq!(got[0], alone[i], "caller {t} round {round}: sequence {i}");
+                }
+            });
+        }
+    });
+    engine.health().unwrap();
+}
+
+#[test]
+fn a_rank_that_fails_to_load_is_named_and_nothing_hangs() {
+    let e = ParallelEngine::load(&fixture("nemotron-v5"), Parallelism { tp: 2, pp: 2 }, TIMEOUT, |r| {
+        if r.stage == 1 && r.tp_rank == 1 {
+            Err(EngineError::Backend("no such device".into()))
+        } else {
+            CpuBackend::with_threads(1)
+        }
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("stage 1 rank 1 failed to load") && e.contains("no such device"), "{e}");
+}
+
+#[test]
+fn layouts_that_do_not_divide_the_model_are_refused_before_loading() {
+    // nemotron-v5 has 4 heads, 4 KV heads and 4 layers.
+    let e = load("nemotron-v5", 3, 1).unwrap_err().to_string();
+    assert!(e.contains("--tp 3 does not divide the 4 attention heads"), "{e}");
+    let e = load("nemotron-v5", 1, 3).unwrap_err().to_string();
+    assert!(e.contains("--pp 3 does not divide the 4 layers"), "{e}");
+}
+
+#[test]
+fn bad_token_ids_are_a_batch_error_not_a_rank_failure() {
+    let engine = load("nemotron-v5", 2, 1).unwrap();
+    let vocab = engine.spec().vocab as u32;
+    let e = engine.forward(&PackedBatch::from_sequences(&[vec![1, vocab]]).unwrap()).unwrap_err().to_string();
+    assert!(e.contains("outside the vocabulary"), "{e}");
+    engine.health().unwrap();
+    engine.forward(&PackedBatch::from_sequences(&[vec![1, 2]]).unwrap()).unwrap();
+}
