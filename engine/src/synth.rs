@@ -137,3 +137,34 @@ pub fn bench_small_config() -> serde_json::Value {
         "num_labels": 1, "id2label": {"0": "reward"}
     })
 }
+
+/// "gpu-1b", the GPU check's model: Nemotron architecture, hidden 2048, FFN 8192, 20 layers,
+/// 16 heads of 128 channels, 4 KV heads, vocab 32000, a one-output head (about 0.9B parameters
+/// outside the embedding).
+pub fn gpu_1b_config() -> serde_json::Value {
+    serde_json::json!({
+        "architectures": ["NemotronForSequenceClassification"],
+        "model_type": "nemotron",
+        "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 20,
+        "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 128,
+        "vocab_size": 32000, "max_position_embeddings": 4096,
+        "hidden_act": "relu2", "norm_eps": 1e-5,
+        "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+        "num_labels": 1, "id2label": {"0": "reward"}
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpu_1b_is_the_size_the_issue_names() {
+        let spec = parse_config(&gpu_1b_config().to_string(), Path::new("gpu-1b/config.json")).unwrap();
+        assert_eq!((spec.hidden, spec.ffn, spec.layers), (2048, 8192, 20));
+        assert_eq!((spec.heads, spec.kv_heads, spec.head_dim, spec.vocab), (16, 4, 128, 32000));
+        assert_eq!((spec.mlp, spec.rope.rotary_dim), (MlpKind::Relu2, 64));
+        let params: usize = tensor_shapes(&spec).iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+        assert!((900_000_000..1_000_000_000).contains(&params), "{params} parameters");
+    }
+}

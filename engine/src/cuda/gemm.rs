@@ -31,12 +31,17 @@ struct Plan {
 
 impl Drop for Plan {
     fn drop(&mut self) {
-        // SAFETY: created by this plan and used by nothing else; errors at teardown are moot.
+        // SAFETY: created by this plan (null when creation stopped before it) and used by nothing
+        // else; errors at teardown are moot.
         unsafe {
-            let _ = lt::destroy_matrix_layout(self.a);
-            let _ = lt::destroy_matrix_layout(self.b);
-            let _ = lt::destroy_matrix_layout(self.c);
-            let _ = lt::destroy_matmul_desc(self.desc);
+            for l in [self.a, self.b, self.c] {
+                if !l.is_null() {
+                    let _ = lt::destroy_matrix_layout(l);
+                }
+            }
+            if !self.desc.is_null() {
+                let _ = lt::destroy_matmul_desc(self.desc);
+            }
         }
     }
 }
@@ -86,31 +91,35 @@ impl Gemm {
 
     fn plan(&self, t: usize, n: usize, k: usize) -> Result<Plan> {
         let bf16 = sys::cudaDataType_t::CUDA_R_16BF;
-        // Column-major view of row-major data: y^T[n, t] = W[n, k] x^T[k, t], where W is stored as
-        // the column-major [k, n] matrix (so op(A) = A^T) and x^T is x's row-major bytes.
-        let desc =
+        // Filled step by step; dropping it part-built releases what exists.
+        let mut plan = Plan {
+            desc: std::ptr::null_mut(),
+            a: std::ptr::null_mut(),
+            b: std::ptr::null_mut(),
+            c: std::ptr::null_mut(),
+            // SAFETY: a plain C struct of integers; overwritten by the heuristic's choice below.
+            algo: unsafe { std::mem::zeroed() },
+        };
+        plan.desc =
             lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType_t::CUDA_R_32F)
                 .map_err(lt_err("create matmul descriptor"))?;
+        // Column-major view of row-major data: y^T[n, t] = W[n, k] x^T[k, t], where W's bytes are
+        // the column-major [k, n] matrix (so op(A) = A^T) and x's bytes are x^T[k, t].
         // cublasOperation_t (an int32 in the descriptor): CUBLAS_OP_T = 1.
         let trans: i32 = 1;
-        let plan_layouts = || -> Result<_> {
-            let a = lt::create_matrix_layout(bf16, k as u64, n as u64, k as i64).map_err(lt_err("layout of w"))?;
-            let b = lt::create_matrix_layout(bf16, k as u64, t as u64, k as i64).map_err(lt_err("layout of x"))?;
-            let c = lt::create_matrix_layout(bf16, n as u64, t as u64, n as i64).map_err(lt_err("layout of y"))?;
-            Ok((a, b, c))
-        };
         // SAFETY: `trans` outlives the call, which copies it.
         unsafe {
             lt::set_matmul_desc_attribute(
-                desc,
+                plan.desc,
                 sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
                 &trans as *const _ as *const c_void,
                 size_of_val(&trans),
             )
         }
         .map_err(lt_err("set transpose"))?;
-        let (a, b, c) = plan_layouts()?;
-        let mut plan = Plan { desc, a, b, c, algo: unsafe { std::mem::zeroed() } };
+        plan.a = lt::create_matrix_layout(bf16, k as u64, n as u64, k as i64).map_err(lt_err("layout of w"))?;
+        plan.b = lt::create_matrix_layout(bf16, k as u64, t as u64, k as i64).map_err(lt_err("layout of x"))?;
+        plan.c = lt::create_matrix_layout(bf16, n as u64, t as u64, n as i64).map_err(lt_err("layout of y"))?;
         let pref = lt::create_matmul_pref().map_err(lt_err("create preference"))?;
         let ws = self.workspace.len();
         // SAFETY: `ws` outlives the call; the preference is destroyed right after use.

@@ -282,9 +282,13 @@ impl CudaBackend {
                 "the attention kernel supports head_dim 1..=256, not {head_dim}"
             )));
         }
+        let smem = arbiter_kernels::attention_smem_bytes(head_dim);
         let ptx = {
             let compiler = self.compiler.lock().unwrap_or_else(|e| e.into_inner());
-            compiler.compile(&arbiter_kernels::ATTENTION, &self.arch, &[("ARB_HEAD_DIM", head_dim.to_string())])
+            // ARB_EXPECT_SMEM makes the kernel fail to compile if its shared-memory layout and the
+            // size this launch reserves disagree.
+            let defines = [("ARB_HEAD_DIM", head_dim.to_string()), ("ARB_EXPECT_SMEM", smem.to_string())];
+            compiler.compile(&arbiter_kernels::ATTENTION, &self.arch, &defines)
         }
         .map_err(|e| {
             EngineError::Backend(format!(
@@ -296,7 +300,7 @@ impl CudaBackend {
         let func = module
             .load_function("flash_attn_varlen")
             .map_err(|e| EngineError::Backend(format!("CUDA: no kernel \"flash_attn_varlen\" in the module: {e}")))?;
-        let smem = arbiter_kernels::attention_smem_bytes(head_dim) as usize;
+        let smem = smem as usize;
         let optin = self
             .ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)

@@ -66,8 +66,14 @@ pub fn check_libraries(libs: &[CudaLibrary], is_present: impl Fn(CudaLibrary) ->
     let lines: Vec<String> = missing
         .iter()
         .map(|&l| {
+            // The plain name and the usual sonames (CUDA 13 libraries, the driver's .so.1) of
+            // the many cudarc tries.
             let names = cudarc::get_lib_name_candidates(l.base_name());
-            let shown: Vec<&str> = names.iter().map(String::as_str).take(3).collect();
+            let shown: Vec<&str> = names
+                .iter()
+                .map(String::as_str)
+                .filter(|n| n.ends_with(".so") && !n.contains("64") || n.ends_with(".so.13") || n.ends_with(".so.1"))
+                .collect();
             format!("lib{} (tried {}, ...; from {})", l.base_name(), shown.join(", "), l.hint())
         })
         .collect();
