@@ -36,8 +36,8 @@ pub(crate) fn driver_err(what: &'static str) -> impl FnOnce(cudarc::driver::Driv
     move |e| EngineError::Backend(format!("CUDA: cannot {what}: {e}"))
 }
 
-/// Threads per block of the row-wise and element-wise kernels (ABI: 256).
-const BLOCK: u32 = 256;
+/// Threads per block of the norm kernels and of the element-wise ones (ABI).
+use arbiter_kernels::{ELEMENTWISE_THREADS as EW_THREADS, NORM_THREADS};
 
 /// A weight matrix `[n, k]` in bf16 on the device.
 #[derive(Debug)]
@@ -122,7 +122,7 @@ pub struct CudaBackend {
     device_name: String,
     gemm: Gemm,
     kernels: Kernels,
-    compiler: Mutex<Compiler>,
+    compiler: Compiler,
     attention: Mutex<HashMap<usize, Arc<Attention>>>,
     rope: Mutex<Option<Arc<RopeTables>>>,
     matmuls: AtomicUsize,
@@ -147,11 +147,6 @@ fn int(v: usize, what: &str) -> Result<i32> {
 /// A grid dimension, refusing what does not fit.
 fn grid(v: usize, what: &str) -> Result<u32> {
     u32::try_from(v).map_err(|_| EngineError::Backend(format!("{what} = {v} blocks exceeds a CUDA grid")))
-}
-
-/// Threads for the rope kernel: one per rotated pair, a power of two in 32..=256 (ABI).
-fn rope_threads(half: usize) -> u32 {
-    half.next_power_of_two().clamp(32, 256) as u32
 }
 
 /// The null pointer passed for absent optional kernel arguments.
@@ -229,7 +224,7 @@ impl CudaBackend {
             device_name,
             gemm,
             kernels,
-            compiler: Mutex::new(compiler),
+            compiler,
             attention: Mutex::new(HashMap::new()),
             rope: Mutex::new(None),
             matmuls: AtomicUsize::new(0),
@@ -277,20 +272,11 @@ impl CudaBackend {
         if let Some(a) = cache.get(&head_dim) {
             return Ok(a.clone());
         }
-        if !(1..=256).contains(&head_dim) {
-            return Err(EngineError::Backend(format!(
-                "the attention kernel supports head_dim 1..=256, not {head_dim}"
-            )));
-        }
-        let smem = arbiter_kernels::attention_smem_bytes(head_dim);
-        let ptx = {
-            let compiler = self.compiler.lock().unwrap_or_else(|e| e.into_inner());
-            // ARB_EXPECT_SMEM makes the kernel fail to compile if its shared-memory layout and the
-            // size this launch reserves disagree.
-            let defines = [("ARB_HEAD_DIM", head_dim.to_string()), ("ARB_EXPECT_SMEM", smem.to_string())];
-            compiler.compile(&arbiter_kernels::ATTENTION, &self.arch, &defines)
-        }
-        .map_err(|e| {
+        // ARB_HEAD_DIM, and ARB_EXPECT_SMEM which makes the kernel fail to compile if its
+        // shared-memory layout and the size this launch reserves disagree.
+        let defines = arbiter_kernels::attention_defines(head_dim)
+            .map_err(|e| EngineError::Backend(format!("attention kernel: {e}")))?;
+        let ptx = self.compiler.compile(&arbiter_kernels::ATTENTION, &self.arch, &defines).map_err(|e| {
             EngineError::Backend(format!(
                 "cannot compile the attention kernel (head_dim {head_dim}, {}): {e}",
                 self.arch
@@ -300,7 +286,7 @@ impl CudaBackend {
         let func = module
             .load_function("flash_attn_varlen")
             .map_err(|e| EngineError::Backend(format!("CUDA: no kernel \"flash_attn_varlen\" in the module: {e}")))?;
-        let smem = smem as usize;
+        let smem = arbiter_kernels::attention_smem_bytes(head_dim);
         let optin = self
             .ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
@@ -438,7 +424,8 @@ impl CudaBackend {
         if rows > 0 {
             // SAFETY: argument list and launch geometry follow kernels/norm.cu's ABI; buffers hold
             // rows * hidden elements (checked by the callers).
-            unsafe { b.launch(cfg((grid(rows, "rows")?, 1), BLOCK, 0)) }.map_err(driver_err("launch add_norm"))?;
+            unsafe { b.launch(cfg((grid(rows, "rows")?, 1), NORM_THREADS, 0)) }
+                .map_err(driver_err("launch add_norm"))?;
         }
         Ok(self.tensor(out, rows, cols))
     }
@@ -568,7 +555,7 @@ impl Backend for CudaBackend {
             let mut b = self.stream.launch_builder(&self.kernels.embed);
             b.arg(&table.table).arg(&ids).arg(&mut x).arg(&n).arg(&h);
             // SAFETY: ABI of kernels/elementwise.cu `embed`; ids were checked against the vocabulary.
-            unsafe { b.launch(cfg((grid(tokens.len(), "tokens")?, 1), BLOCK, 0)) }
+            unsafe { b.launch(cfg((grid(tokens.len(), "tokens")?, 1), EW_THREADS, 0)) }
                 .map_err(driver_err("launch embed"))?;
         }
         Ok(self.tensor(Data::F32(x), tokens.len(), table.hidden))
@@ -605,7 +592,7 @@ impl Backend for CudaBackend {
             let mut b = self.stream.launch_builder(&self.kernels.add_residual);
             b.arg(xs).arg(d).arg(&len);
             // SAFETY: ABI of kernels/norm.cu `add_residual`; both buffers hold n elements.
-            unsafe { b.launch(cfg((grid(n.div_ceil(BLOCK as usize), "elements / 256")?, 1), BLOCK, 0)) }
+            unsafe { b.launch(cfg((grid(n.div_ceil(EW_THREADS as usize), "elements / 256")?, 1), EW_THREADS, 0)) }
                 .map_err(driver_err("launch add_residual"))?;
         }
         Ok(())
@@ -656,8 +643,14 @@ impl Backend for CudaBackend {
         }
         // SAFETY: ABI of kernels/elementwise.cu `rope`; positions are below the table's length
         // (batch_ctx sized it for the longest sequence).
-        unsafe { b.launch(cfg((grid(rows, "tokens")?, grid(rot_heads, "heads")?), rope_threads(half), 0)) }
-            .map_err(driver_err("launch rope"))?;
+        unsafe {
+            b.launch(cfg(
+                (grid(rows, "tokens")?, grid(rot_heads, "heads")?),
+                arbiter_kernels::rope_threads(layout.rotary_dim),
+                0,
+            ))
+        }
+        .map_err(driver_err("launch rope"))?;
         Ok(())
     }
 
@@ -712,8 +705,10 @@ impl Backend for CudaBackend {
                     let mut b = self.stream.launch_builder(&self.kernels.relu2);
                     b.arg(input).arg(&mut out).arg(&len);
                     // SAFETY: ABI of kernels/elementwise.cu `relu2`; both buffers hold n elements.
-                    unsafe { b.launch(cfg((grid(n.div_ceil(BLOCK as usize), "elements / 256")?, 1), BLOCK, 0)) }
-                        .map_err(driver_err("launch relu2"))?;
+                    unsafe {
+                        b.launch(cfg((grid(n.div_ceil(EW_THREADS as usize), "elements / 256")?, 1), EW_THREADS, 0))
+                    }
+                    .map_err(driver_err("launch relu2"))?;
                 }
                 Ok(self.tensor(Data::Bf16(out), x.rows, x.cols))
             }
@@ -727,9 +722,9 @@ impl Backend for CudaBackend {
                     let (r, f) = (int(x.rows, "rows")?, int(ffn, "ffn")?);
                     let mut b = self.stream.launch_builder(&self.kernels.swiglu);
                     b.arg(input).arg(&mut out).arg(&r).arg(&f);
-                    let g = (grid(x.rows, "rows")?, grid(ffn.div_ceil(BLOCK as usize), "ffn / 256")?);
+                    let g = (grid(x.rows, "rows")?, grid(ffn.div_ceil(EW_THREADS as usize), "ffn / 256")?);
                     // SAFETY: ABI of kernels/elementwise.cu `swiglu`.
-                    unsafe { b.launch(cfg(g, BLOCK, 0)) }.map_err(driver_err("launch swiglu"))?;
+                    unsafe { b.launch(cfg(g, EW_THREADS, 0)) }.map_err(driver_err("launch swiglu"))?;
                 }
                 Ok(self.tensor(Data::Bf16(out), x.rows, ffn))
             }
@@ -748,7 +743,7 @@ impl Backend for CudaBackend {
             let mut b = self.stream.launch_builder(&self.kernels.gather_rows);
             b.arg(x.f32("gather")?).arg(&idx).arg(&mut out).arg(&n).arg(&c);
             // SAFETY: ABI of kernels/elementwise.cu `gather_rows`; indices checked above.
-            unsafe { b.launch(cfg((grid(rows.len(), "rows")?, 1), BLOCK, 0)) }
+            unsafe { b.launch(cfg((grid(rows.len(), "rows")?, 1), EW_THREADS, 0)) }
                 .map_err(driver_err("launch gather_rows"))?;
         }
         Ok(self.tensor(Data::F32(out), rows.len(), x.cols))
@@ -769,16 +764,6 @@ impl Backend for CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rope_block_follows_the_abi() {
-        assert_eq!(rope_threads(1), 32);
-        assert_eq!(rope_threads(16), 32);
-        assert_eq!(rope_threads(33), 64);
-        assert_eq!(rope_threads(64), 64);
-        assert_eq!(rope_threads(100), 128);
-        assert_eq!(rope_threads(512), 256);
-    }
 
     #[test]
     fn sizes_beyond_32_bits_are_errors() {

@@ -11,22 +11,20 @@ pub enum CudaLibrary {
     Driver,
     /// cuBLASLt (`libcublasLt`), the GEMMs.
     CublasLt,
-    /// NVRTC (`libnvrtc`), which compiles the kernels at start.
-    Nvrtc,
     /// NCCL (`libnccl`), multi-GPU collectives; only tensor/pipeline parallel runs need it.
     Nccl,
 }
 
 impl CudaLibrary {
-    /// The libraries every CUDA backend needs.
-    pub const BACKEND: [CudaLibrary; 3] = [CudaLibrary::Driver, CudaLibrary::CublasLt, CudaLibrary::Nvrtc];
+    /// The libraries every CUDA backend loads through cudarc by name. (NVRTC is found by the
+    /// kernels crate's `Compiler::discover`, which also looks in CUDA wheels and never panics.)
+    pub const BACKEND: [CudaLibrary; 2] = [CudaLibrary::Driver, CudaLibrary::CublasLt];
 
     /// The base name cudarc looks for (`lib{name}.so`, `lib{name}.so.13`, ...).
     pub fn base_name(self) -> &'static str {
         match self {
             CudaLibrary::Driver => "cuda",
             CudaLibrary::CublasLt => "cublasLt",
-            CudaLibrary::Nvrtc => "nvrtc",
             CudaLibrary::Nccl => "nccl",
         }
     }
@@ -36,7 +34,6 @@ impl CudaLibrary {
         match self {
             CudaLibrary::Driver => "the NVIDIA driver (is this a machine with an NVIDIA GPU?)",
             CudaLibrary::CublasLt => "the CUDA 13 toolkit or the nvidia-cublas wheel",
-            CudaLibrary::Nvrtc => "the CUDA 13 toolkit or the nvidia-cuda-nvrtc wheel",
             CudaLibrary::Nccl => "NCCL 2 or the nvidia-nccl-cu13 wheel; cudarc needs a file named libnccl.so",
         }
     }
@@ -49,7 +46,6 @@ impl CudaLibrary {
             match self {
                 CudaLibrary::Driver => cudarc::driver::sys::is_culib_present(),
                 CudaLibrary::CublasLt => cudarc::cublaslt::sys::is_culib_present(),
-                CudaLibrary::Nvrtc => cudarc::nvrtc::sys::is_culib_present(),
                 CudaLibrary::Nccl => cudarc::nccl::sys::is_culib_present(),
             }
         }
@@ -95,7 +91,7 @@ mod tests {
     #[test]
     fn nothing_found_names_every_library_and_what_installs_it() {
         let e = check_libraries(&CudaLibrary::BACKEND, |_| false).unwrap_err().to_string();
-        for want in ["libcuda ", "libcublasLt ", "libnvrtc ", "NVIDIA driver", "LD_LIBRARY_PATH", "--device cpu"] {
+        for want in ["libcuda ", "libcublasLt ", "NVIDIA driver", "nvidia-cublas", "LD_LIBRARY_PATH", "--device cpu"] {
             assert!(e.contains(want), "{want:?} missing from: {e}");
         }
         assert!(e.contains("libcuda.so"), "the file names tried are shown: {e}");
@@ -104,7 +100,7 @@ mod tests {
     #[test]
     fn only_the_missing_library_is_named() {
         let e = check_libraries(&CudaLibrary::BACKEND, |l| l != CudaLibrary::CublasLt).unwrap_err().to_string();
-        assert!(e.contains("libcublasLt") && !e.contains("libnvrtc") && !e.contains("libcuda "), "{e}");
+        assert!(e.contains("libcublasLt") && !e.contains("libcuda "), "{e}");
         assert!(check_libraries(&CudaLibrary::BACKEND, |_| true).is_ok());
     }
 
