@@ -2,17 +2,19 @@
 //!
 //! 1. every kernel against the CPU backend's op, through the `Backend` trait, on fresh random
 //!    inputs (the CPU side gets the same bf16-rounded values); error printed, NaN fails;
-//! 2. whole-model scores on the golden fixtures against transformers' fp32 outputs and the CPU
+//! 2. NCCL on one GPU: a one-rank all-reduce, and a two-rank join whose peer never comes, which
+//!    must fail after its timeout instead of hanging;
+//! 3. whole-model scores on the golden fixtures against transformers' fp32 outputs and the CPU
 //!    backend: error max|got-ref| / max(max|ref|, 1e-3) per sequence within 2e-2, identical
 //!    rankings, and whether packing changes any bit (batch invariance, reported);
-//! 3. gpu-1b (random weights written here with `synth`): scores of a few sequences, written for
+//! 4. gpu-1b (random weights written here with `synth`): scores of a few sequences, written for
 //!    scripts/gpu_hf.py to compare with transformers;
-//! 4. throughput on gpu-1b for 2k, 8k and 16k-token batches of lengths drawn with seed 0 from
+//! 5. throughput on gpu-1b for 2k, 8k and 16k-token batches of lengths drawn with seed 0 from
 //!    32..=2048, with the cuBLASLt bf16 GEMM ceiling measured in the same run; the batches are
 //!    written for the transformers side.
 //!
 //! cargo run --release -p arbiter-engine --features cuda --example gpu_check -- \
-//!     --out DIR [--fixtures tests/fixtures/golden] [--work DIR] [--sections ops,golden,gpu1b,throughput]
+//!     --out DIR [--fixtures tests/fixtures/golden] [--work DIR] [--sections ops,nccl,golden,gpu1b,throughput]
 //!
 //! Exits 1 when a check fails, 2 when the check cannot run.
 
@@ -88,7 +90,7 @@ fn run() -> Res<bool> {
     let work = PathBuf::from(
         arg("--work").unwrap_or_else(|| std::env::temp_dir().join("arbiter-gpu-check").display().to_string()),
     );
-    let sections = arg("--sections").unwrap_or_else(|| "ops,golden,gpu1b,throughput".into());
+    let sections = arg("--sections").unwrap_or_else(|| "ops,nccl,golden,gpu1b,throughput".into());
     let want = |s: &str| sections.split(',').any(|x| x.trim() == s);
     std::fs::create_dir_all(&out)?;
     std::fs::create_dir_all(&work)?;
@@ -105,6 +107,9 @@ fn run() -> Res<bool> {
 
     if want("ops") {
         ops(&mut r, &gpu, &cpu)?;
+    }
+    if want("nccl") {
+        nccl(&mut r, &gpu)?;
     }
     if want("golden") {
         golden(&mut r, &fixtures)?;
@@ -317,7 +322,45 @@ fn ops(r: &mut Report, gpu: &CudaBackend, cpu: &CpuBackend) -> Res<()> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 2. Golden fixtures.
+// 2. NCCL.
+
+fn nccl(r: &mut Report, gpu: &CudaBackend) -> Res<()> {
+    use arbiter_engine::backend::Communicator;
+    use arbiter_engine::cuda::nccl::{unique_id, NcclComm};
+    use arbiter_engine::cuda::probe::CudaLibrary;
+    use std::time::Duration;
+    r.line("\n## NCCL on one GPU");
+    if !CudaLibrary::Nccl.is_present() {
+        r.line("SKIPPED: libnccl.so not found by the loader (not counted as passed)");
+        return Ok(());
+    }
+    r.line("| check | error | tolerance | |");
+    r.line("|---|---|---|---|");
+    let comms = NcclComm::local_group(&[gpu], Duration::from_secs(30))?;
+    let mut rng = SplitMix::new(5);
+    let v = random_bf16(&mut rng, 3 * 1000, 1.0);
+    let mut tb = gpu.upload_bf16(&v, 3, 1000)?;
+    let mut tf = gpu.upload(&v, 3, 1000)?;
+    comms[0].all_reduce(&mut tb)?;
+    comms[0].all_reduce(&mut tf)?;
+    r.check("one-rank all-reduce, bf16 (identity)", &tb.read_host()?, &v, 0.0);
+    r.check("one-rank all-reduce, f32 (identity)", &tf.read_host()?, &v, 0.0);
+    let t = Instant::now();
+    let lonely = NcclComm::new(gpu, &unique_id()?, 0, 2, Duration::from_secs(3));
+    let waited = t.elapsed().as_secs_f64();
+    let ok = matches!(&lonely, Err(e) if e.to_string().contains("waited")) && waited < 10.0;
+    r.line(format!(
+        "| join of 2 ranks with no peer: error after {waited:.1} s (timeout 3 s) | - | - | {} |",
+        if ok { "ok" } else { "FAIL" }
+    ));
+    if !ok {
+        r.failures.push(format!("NCCL join without peer: {:?} after {waited:.1} s", lonely.map(|_| ())));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Golden fixtures.
 
 struct Golden {
     sequences: Vec<Vec<u32>>,
@@ -413,7 +456,7 @@ fn golden(r: &mut Report, fixtures: &Path) -> Res<()> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 3. gpu-1b scores for the transformers comparison.
+// 4. gpu-1b scores for the transformers comparison.
 
 /// Lengths of the sequences scored for the accuracy comparison.
 const GPU1B_LENGTHS: [usize; 8] = [5, 37, 128, 300, 511, 1024, 1500, 2048];
@@ -435,7 +478,7 @@ fn gpu1b_scores(r: &mut Report, model: &Model<CudaBackend>) -> Res<serde_json::V
 }
 
 // ---------------------------------------------------------------------------------------------
-// 4. Throughput.
+// 5. Throughput.
 
 /// Sequence lengths uniform in 32..=2048 drawn with `seed` until `tokens` are reached; the last
 /// sequence is cut to land exactly on `tokens`.
