@@ -9,8 +9,12 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo clippy, CUDA backend (builds with no CUDA installed: cudarc loads it at run time)"
+cargo clippy -p arbiter-engine -p arbiter-server --features cuda --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --locked
+echo "== cargo test, CUDA backend's host-side logic (tiles, library probing, no-driver errors, gpu_check helpers)"
+cargo test -p arbiter-engine --features cuda --lib --example gpu_check --locked
 
 echo "== python client tests (pytest, against the arbiter binary cargo test just built)"
 # cargo test built target/debug/arbiter for the server's integration tests; a separate

@@ -146,3 +146,26 @@ fn bad_flags_and_files_are_clear_errors() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown truncation policy \"sometimes\""));
 }
+
+#[test]
+fn device_flag_is_checked_and_cuda_without_the_feature_says_how_to_get_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("in.jsonl");
+    std::fs::write(&path, json!({"token_ids": [5, 6, 7]}).to_string()).unwrap();
+    let input = path.to_str().unwrap();
+    let out = arbiter(&["score", "--demo", "--device", "tpu", "--input", input], tmp.path());
+    assert_eq!(out.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("--device") && e.contains("expected cpu, cuda or cuda:N"), "{e}");
+
+    let out = arbiter(&["score", "--demo", "--device", "cuda:1", "--input", input], tmp.path());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!e.contains("panicked"), "{e}");
+    if cfg!(feature = "cuda") {
+        // With CUDA compiled in, this machine either has GPU 1 or says what is missing.
+        assert!(out.status.success() || (out.status.code() == Some(2) && e.contains("cuda")), "{e}");
+    } else {
+        assert_eq!(out.status.code(), Some(2), "{e}");
+        assert!(e.contains("device cuda:1") && e.contains("rebuild with --features cuda"), "{e}");
+    }
+}
