@@ -73,6 +73,7 @@ impl Drop for Gemm {
 impl Gemm {
     /// A handle with NVIDIA's recommended workspace (32 MiB on Hopper, 4 MiB before).
     pub(crate) fn new(stream: Arc<CudaStream>, compute_major: i32) -> Result<Self> {
+        stream.context().bind_to_thread().map_err(driver_err("bind the GPU for cuBLASLt"))?;
         let handle = lt::create_handle().map_err(lt_err("create handle"))?;
         let size = if compute_major >= 9 { 32 << 20 } else { 4 << 20 };
         // SAFETY: the workspace is scratch memory; cuBLASLt never reads what it did not write.
@@ -160,6 +161,9 @@ impl Gemm {
                 y.len()
             )));
         }
+        // cuBLASLt runs on the thread's current context (the runtime API's): make it this GPU's,
+        // whichever thread calls.
+        self.stream.context().bind_to_thread().map_err(driver_err("bind the GPU for cuBLASLt"))?;
         let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
         let plan = match plans.entry((t, n, k)) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),

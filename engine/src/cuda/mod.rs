@@ -306,25 +306,16 @@ impl CudaBackend {
         Ok(a)
     }
 
-    /// Device memory for `len` elements that the next kernel overwrites entirely.
+    /// Device memory for `len` elements that the next kernel overwrites entirely. An empty
+    /// tensor still gets one element: zero-byte allocations are an error for the driver, and
+    /// tensors carry their shape separately.
     fn alloc<T: DeviceRepr>(&self, len: usize) -> Result<CudaSlice<T>> {
-        if len == 0 {
-            return self.stream.null().map_err(driver_err("allocate an empty buffer"));
-        }
-        // SAFETY: every caller passes the buffer to a kernel or copy that writes all of it before
-        // anything reads it.
-        unsafe { self.stream.alloc::<T>(len) }.map_err(|e| {
-            let free = self.ctx.mem_get_info().map(|(free, _)| free >> 20).unwrap_or(0);
-            EngineError::Backend(format!(
-                "CUDA: cannot allocate {} MiB ({e}; {free} MiB free)",
-                (len * std::mem::size_of::<T>()) >> 20
-            ))
-        })
+        alloc_on(&self.stream, len)
     }
 
     fn to_device<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
         if data.is_empty() {
-            return self.alloc(0);
+            return self.alloc(1);
         }
         self.stream.clone_htod(data).map_err(driver_err("copy data to the GPU"))
     }
@@ -440,6 +431,20 @@ impl CudaBackend {
         }
         Ok(())
     }
+}
+
+/// `len` (at least one) uninitialized elements on `stream`; out of memory names the size and
+/// what is free.
+pub(crate) fn alloc_on<T: DeviceRepr>(stream: &Arc<CudaStream>, len: usize) -> Result<CudaSlice<T>> {
+    // SAFETY: every caller hands the buffer to a kernel or copy that writes all of its logical
+    // elements before anything reads them.
+    unsafe { stream.alloc::<T>(len.max(1)) }.map_err(|e| {
+        let free = stream.context().mem_get_info().map(|(free, _)| free >> 20).unwrap_or(0);
+        EngineError::Backend(format!(
+            "CUDA: cannot allocate {} MiB ({e}; {free} MiB free)",
+            (len * std::mem::size_of::<T>()) >> 20
+        ))
+    })
 }
 
 /// Keeps freed memory in the device's pool instead of returning it to the driver at every

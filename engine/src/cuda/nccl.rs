@@ -16,7 +16,7 @@ use cudarc::nccl::sys;
 
 use super::probe::{check_libraries, CudaLibrary};
 use super::tensor::Data;
-use super::{driver_err, CudaBackend, CudaTensor};
+use super::{alloc_on, driver_err, CudaBackend, CudaTensor};
 use crate::backend::{Communicator, StageLink};
 use crate::error::{EngineError, Result};
 
@@ -282,13 +282,8 @@ impl StageLink<CudaTensor> for NcclComm {
     fn recv(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
         let peer = self.peer()?;
         let count = rows * cols;
-        let mut buf = if count == 0 {
-            self.stream.null::<f32>()
-        } else {
-            // SAFETY: NCCL writes all `count` elements before the wait returns.
-            unsafe { self.stream.alloc::<f32>(count) }
-        }
-        .map_err(driver_err("allocate a stage receive buffer"))?;
+        // NCCL writes all `count` elements before the wait returns.
+        let mut buf = alloc_on::<f32>(&self.stream, count)?;
         let ptr = buf.device_ptr_mut(&self.stream).0;
         self.run("receive", |comm, st| {
             // SAFETY: `count` f32 of `buf`, alive until the wait in `run` returns.

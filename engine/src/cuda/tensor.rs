@@ -105,6 +105,10 @@ fn wrong_dtype(what: &str, want: &str, got: &str) -> EngineError {
 
 impl HostTensor for CudaTensor {
     fn read_host(&self) -> Result<Vec<f32>> {
+        let n = self.rows * self.cols;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
         let stream = self.stream().clone();
         let out = match &self.data {
             Data::F32(s) => stream.clone_dtoh(s).map_err(driver_err("copy a tensor to the host"))?,
@@ -116,7 +120,8 @@ impl HostTensor for CudaTensor {
         // The copy is asynchronous for the stream; wait so that `out` is complete and any earlier
         // kernel failure surfaces here.
         stream.synchronize().map_err(driver_err("finish the copy to the host"))?;
-        Ok(out)
+        // The buffer of an empty tensor holds one element; shape is what counts.
+        Ok(out.into_iter().take(n).collect())
     }
 
     fn write_host(&mut self, data: &[f32]) -> Result<()> {
@@ -127,6 +132,9 @@ impl HostTensor for CudaTensor {
                 self.rows,
                 self.cols
             )));
+        }
+        if data.is_empty() {
+            return Ok(());
         }
         let stream = self.stream().clone();
         match &mut self.data {
