@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use arbiter_kernels::{Compiler, Module};
+use arbiter_kernels::{Compiler, Module, ELEMENTWISE_THREADS as EW_THREADS, NORM_THREADS};
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 
@@ -35,9 +35,6 @@ use tiles::TileList;
 pub(crate) fn driver_err(what: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> EngineError {
     move |e| EngineError::Backend(format!("CUDA: cannot {what}: {e}"))
 }
-
-/// Threads per block of the norm kernels and of the element-wise ones (ABI).
-use arbiter_kernels::{ELEMENTWISE_THREADS as EW_THREADS, NORM_THREADS};
 
 /// A weight matrix `[n, k]` in bf16 on the device.
 #[derive(Debug)]
