@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
@@ -12,6 +12,9 @@ use crate::batch::PackedBatch;
 use crate::cpu::CpuBackend;
 use crate::error::{EngineError, Result};
 use crate::graph::{open_folder, Model};
+use crate::parallel::local::DEFAULT_COLLECTIVE_TIMEOUT;
+use crate::parallel::runner::ParallelEngine;
+use crate::parallel::Parallelism;
 use crate::scores::{RewardWeights, Score};
 use crate::spec::ModelSpec;
 use crate::text::{Prepared, Preprocessor};
@@ -25,6 +28,33 @@ pub trait Engine: Send + Sync {
     fn forward(&self, batch: &PackedBatch) -> Result<Vec<Vec<f32>>>;
     /// The backend's name ("cpu", ...).
     fn backend_name(&self) -> String;
+    /// How many batches may usefully run at once (the pipeline stages of a split model).
+    fn pipeline_depth(&self) -> usize {
+        1
+    }
+    /// `Err` once the engine can no longer compute (a model-parallel rank failed); callers should
+    /// stop serving rather than retry.
+    fn health(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl Engine for ParallelEngine {
+    fn spec(&self) -> &ModelSpec {
+        ParallelEngine::spec(self)
+    }
+    fn forward(&self, batch: &PackedBatch) -> Result<Vec<Vec<f32>>> {
+        ParallelEngine::forward(self, batch)
+    }
+    fn backend_name(&self) -> String {
+        self.name().to_string()
+    }
+    fn pipeline_depth(&self) -> usize {
+        ParallelEngine::pipeline_depth(self)
+    }
+    fn health(&self) -> Result<()> {
+        ParallelEngine::health(self)
+    }
 }
 
 impl<B: Backend> Engine for Model<B> {
@@ -40,12 +70,27 @@ impl<B: Backend> Engine for Model<B> {
 }
 
 /// How to load a model.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// CPU threads (0: one per core).
+    /// CPU threads (0: one per core), shared by all ranks of this process.
     pub threads: usize,
     /// Cap on input length below the model's own maximum.
     pub max_input_tokens: Option<usize>,
+    /// Tensor- and pipeline-parallel layout.
+    pub parallel: Parallelism,
+    /// How long a collective call or stage link waits for its peers before the group fails.
+    pub collective_timeout: Duration,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            threads: 0,
+            max_input_tokens: None,
+            parallel: Parallelism::default(),
+            collective_timeout: DEFAULT_COLLECTIVE_TIMEOUT,
+        }
+    }
 }
 
 /// Everything needed to score inputs for one model.
@@ -70,15 +115,28 @@ impl std::fmt::Debug for LoadedModel {
 }
 
 impl LoadedModel {
-    /// Loads the model folder `dir` on the CPU backend.
+    /// Loads the model folder `dir` on the CPU backend, split across ranks as `opts.parallel` says.
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         let t = Instant::now();
         let (spec, store) = open_folder(dir)?;
         let fingerprint = fingerprint(dir, &store)?;
         let preprocessor = Preprocessor::from_model_dir(dir, &spec, opts.max_input_tokens)?;
-        let model = Model::from_store(spec, &store, CpuBackend::with_threads(opts.threads)?)?;
+        let engine: Arc<dyn Engine> = if opts.parallel.is_single() {
+            Arc::new(Model::from_store(spec, &store, CpuBackend::with_threads(opts.threads)?)?)
+        } else {
+            // CPU ranks share the cores: each gets an equal part of the thread budget.
+            let total = if opts.threads == 0 {
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            } else {
+                opts.threads
+            };
+            let per_rank = (total / opts.parallel.world_size()).max(1);
+            Arc::new(ParallelEngine::load(dir, opts.parallel, opts.collective_timeout, move |_| {
+                CpuBackend::with_threads(per_rank)
+            })?)
+        };
         Ok(LoadedModel {
-            engine: Arc::new(model),
+            engine,
             preprocessor: Arc::new(preprocessor),
             fingerprint,
             dir: dir.to_path_buf(),

@@ -1,10 +1,12 @@
 //! Choosing and loading the model: a folder, or the embedded demo model.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use arbiter_engine::demo::ensure_demo_model;
+use arbiter_engine::parallel::Parallelism;
 use arbiter_engine::runtime::{LoadOptions, LoadedModel};
-use arbiter_engine::Result;
+use arbiter_engine::{EngineError, Result};
 
 /// Model flags shared by every subcommand that loads a model.
 #[derive(Debug, Clone, clap::Args)]
@@ -21,6 +23,17 @@ pub struct ModelArgs {
     /// Longest input in tokens (default and maximum: the model's max_position_embeddings).
     #[arg(long, env = "ARBITER_MAX_INPUT_TOKENS")]
     pub max_input_tokens: Option<usize>,
+    /// Tensor-parallel ranks per pipeline stage (Megatron layout; must divide the heads, the KV
+    /// heads and the FFN width).
+    #[arg(long, env = "ARBITER_TP", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub tp: u16,
+    /// Pipeline stages, each a contiguous range of layers (must divide the layer count).
+    #[arg(long, env = "ARBITER_PP", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub pp: u16,
+    /// Seconds a collective call (all-reduce, stage hand-off) waits for its peers before the
+    /// model-parallel group is declared failed.
+    #[arg(long, env = "ARBITER_COLLECTIVE_TIMEOUT_SECONDS", default_value_t = 300.0)]
+    pub collective_timeout_seconds: f64,
 }
 
 impl ModelArgs {
@@ -34,7 +47,17 @@ impl ModelArgs {
 
     /// Loads the model.
     pub fn load(&self) -> Result<LoadedModel> {
-        let opts = LoadOptions { threads: self.threads, max_input_tokens: self.max_input_tokens };
+        let opts = LoadOptions {
+            threads: self.threads,
+            max_input_tokens: self.max_input_tokens,
+            parallel: Parallelism { tp: self.tp.into(), pp: self.pp.into() },
+            collective_timeout: Duration::try_from_secs_f64(self.collective_timeout_seconds).map_err(|_| {
+                EngineError::InvalidInput(format!(
+                    "--collective-timeout-seconds must be a positive number of seconds, got {}",
+                    self.collective_timeout_seconds
+                ))
+            })?,
+        };
         LoadedModel::load(&self.dir()?, &opts)
     }
 }

@@ -185,9 +185,20 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
         None => None,
     };
 
+    // A model-parallel rank that fails breaks the engine for good: report NOT_SERVING (by
+    // draining), answer what can be answered, and exit with the reason instead of hanging.
+    let fatal: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+    let on_fatal: crate::batcher::OnFatal = {
+        let (fatal, stop) = (fatal.clone(), stop_tx.clone());
+        Arc::new(move |why: String| {
+            tracing::error!(error = %why, "the engine failed; stopping (NOT_SERVING)");
+            fatal.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(why);
+            stop.send(true).ok();
+        })
+    };
     let done = tokio::spawn(async move {
         let ready = tokio::select! {
-            r = prepare(&args) => r?,
+            r = prepare(&args, on_fatal) => r?,
             _ = stop_rx.wait_for(|s| *s) => {
                 grpc_stop_tx.send(true).ok();
                 return Ok(());
@@ -223,6 +234,9 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
         }
         let batcher_done = tokio::task::spawn_blocking(move || ready.batcher.shutdown());
         batcher_done.await.ok();
+        if let Some(why) = fatal.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            anyhow::bail!("stopped because the engine failed: {why}");
+        }
         tracing::info!("stopped");
         Ok(())
     });
@@ -230,7 +244,7 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
 }
 
 /// Loads the model, starts the batcher and runs the warm-up batch.
-async fn prepare(args: &ServeArgs) -> anyhow::Result<Arc<Ready>> {
+async fn prepare(args: &ServeArgs, on_fatal: crate::batcher::OnFatal) -> anyhow::Result<Arc<Ready>> {
     use anyhow::Context;
     let a = args.clone();
     let model = tokio::task::spawn_blocking(move || a.model.load()).await?.context("loading the model")?;
@@ -262,7 +276,7 @@ async fn prepare(args: &ServeArgs) -> anyhow::Result<Arc<Ready>> {
         })?;
         tracing::info!(tokens, seconds = t.elapsed().as_secs_f64(), "warm-up batch done");
     }
-    let batcher = Batcher::start(model.engine.clone(), cfg);
+    let batcher = Batcher::start(model.engine.clone(), cfg, on_fatal).context("starting the engine threads")?;
     let tokenizers = rayon::ThreadPoolBuilder::new()
         .num_threads(args.tokenization_workers.max(1))
         .thread_name(|i| format!("arbiter-tokenize-{i}"))
