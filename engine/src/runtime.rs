@@ -12,9 +12,11 @@ use crate::batch::PackedBatch;
 use crate::cpu::CpuBackend;
 use crate::error::{EngineError, Result};
 use crate::graph::{open_folder, Model};
+use crate::parallel::cluster::{join, ClusterConfig};
 use crate::parallel::local::DEFAULT_COLLECTIVE_TIMEOUT;
+use crate::parallel::runner::NodeWiring;
 use crate::parallel::runner::ParallelEngine;
-use crate::parallel::Parallelism;
+use crate::parallel::{Parallelism, RankPlan};
 use crate::scores::{RewardWeights, Score};
 use crate::spec::ModelSpec;
 use crate::text::{Prepared, Preprocessor};
@@ -80,6 +82,8 @@ pub struct LoadOptions {
     pub parallel: Parallelism,
     /// How long a collective call or stage link waits for its peers before the group fails.
     pub collective_timeout: Duration,
+    /// This process's place among several nodes, if the model spans nodes.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl Default for LoadOptions {
@@ -89,6 +93,7 @@ impl Default for LoadOptions {
             max_input_tokens: None,
             parallel: Parallelism::default(),
             collective_timeout: DEFAULT_COLLECTIVE_TIMEOUT,
+            cluster: None,
         }
     }
 }
@@ -106,6 +111,9 @@ pub struct LoadedModel {
     pub dir: PathBuf,
     /// Seconds it took to load.
     pub load_seconds: f64,
+    /// On a worker node of a multi-node deployment: its stages, to be driven by
+    /// [`ParallelEngine::run_worker`] (the engine above is then not for scoring).
+    pub worker: Option<Arc<ParallelEngine>>,
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -121,7 +129,8 @@ impl LoadedModel {
         let (spec, store) = open_folder(dir)?;
         let fingerprint = fingerprint(dir, &store)?;
         let preprocessor = Preprocessor::from_model_dir(dir, &spec, opts.max_input_tokens)?;
-        let engine: Arc<dyn Engine> = if opts.parallel.is_single() {
+        let mut worker = None;
+        let engine: Arc<dyn Engine> = if opts.parallel.is_single() && opts.cluster.is_none() {
             Arc::new(Model::from_store(spec, &store, CpuBackend::with_threads(opts.threads)?)?)
         } else {
             // CPU ranks share the cores: each gets an equal part of the thread budget.
@@ -130,10 +139,25 @@ impl LoadedModel {
             } else {
                 opts.threads
             };
-            let per_rank = (total / opts.parallel.world_size()).max(1);
-            Arc::new(ParallelEngine::load(dir, opts.parallel, opts.collective_timeout, move |_| {
-                CpuBackend::with_threads(per_rank)
-            })?)
+            let par = opts.parallel;
+            let nodes = opts.cluster.as_ref().map_or(1, |c| c.nodes);
+            let per_rank = (total * nodes / par.world_size()).max(1);
+            let make = move |_: &RankPlan| CpuBackend::with_threads(per_rank);
+            match &opts.cluster {
+                None => Arc::new(ParallelEngine::load(dir, par, opts.collective_timeout, make)?),
+                Some(cfg) => {
+                    par.validate(&spec)?;
+                    let joined = join(cfg, &par, &fingerprint, None)?;
+                    let (from_prev, to_next) = joined.connect_data(par.tp, cfg.timeout)?;
+                    let wiring = NodeWiring { joined, from_prev, to_next };
+                    let engine =
+                        Arc::new(ParallelEngine::load_node(dir, par, opts.collective_timeout, make, Some(wiring))?);
+                    if cfg.node_rank > 0 {
+                        worker = Some(engine.clone());
+                    }
+                    engine
+                }
+            }
         };
         Ok(LoadedModel {
             engine,
@@ -141,6 +165,7 @@ impl LoadedModel {
             fingerprint,
             dir: dir.to_path_buf(),
             load_seconds: t.elapsed().as_secs_f64(),
+            worker,
         })
     }
 

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use arbiter_engine::demo::ensure_demo_model;
+use arbiter_engine::parallel::cluster::{ClusterConfig, DEFAULT_LEADER_PORT};
 use arbiter_engine::parallel::Parallelism;
 use arbiter_engine::runtime::{LoadOptions, LoadedModel};
 use arbiter_engine::{EngineError, Result};
@@ -34,6 +35,23 @@ pub struct ModelArgs {
     /// model-parallel group is declared failed.
     #[arg(long, env = "ARBITER_COLLECTIVE_TIMEOUT_SECONDS", default_value_t = 300.0)]
     pub collective_timeout_seconds: f64,
+    /// Nodes (one process each) the pipeline stages are spread over; --pp must be a multiple.
+    #[arg(long, env = "ARBITER_NODES", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub nodes: u16,
+    /// This node's index: 0 is the leader (serves the RewardService), others are workers.
+    #[arg(long, env = "ARBITER_NODE_RANK", default_value_t = 0)]
+    pub node_rank: u16,
+    /// The leader's rendezvous address, HOST:PORT (the leader listens there; workers connect).
+    #[arg(long, env = "ARBITER_LEADER_ADDR", default_value = "127.0.0.1:29500")]
+    pub leader_addr: String,
+    /// Seconds to wait at start for the other nodes (workers retry the leader until then).
+    #[arg(long, env = "ARBITER_RENDEZVOUS_TIMEOUT_SECONDS", default_value_t = 600.0)]
+    pub rendezvous_timeout_seconds: f64,
+}
+
+fn seconds(flag: &str, v: f64) -> Result<Duration> {
+    Duration::try_from_secs_f64(v)
+        .map_err(|_| EngineError::InvalidInput(format!("{flag} must be a positive number of seconds, got {v}")))
 }
 
 impl ModelArgs {
@@ -51,12 +69,26 @@ impl ModelArgs {
             threads: self.threads,
             max_input_tokens: self.max_input_tokens,
             parallel: Parallelism { tp: self.tp.into(), pp: self.pp.into() },
-            collective_timeout: Duration::try_from_secs_f64(self.collective_timeout_seconds).map_err(|_| {
-                EngineError::InvalidInput(format!(
-                    "--collective-timeout-seconds must be a positive number of seconds, got {}",
-                    self.collective_timeout_seconds
-                ))
-            })?,
+            collective_timeout: seconds("--collective-timeout-seconds", self.collective_timeout_seconds)?,
+            cluster: if self.nodes > 1 {
+                let mut leader_addr = self.leader_addr.clone();
+                if !leader_addr.contains(':') {
+                    leader_addr = format!("{leader_addr}:{DEFAULT_LEADER_PORT}");
+                }
+                Some(ClusterConfig {
+                    nodes: self.nodes.into(),
+                    node_rank: self.node_rank.into(),
+                    leader_addr,
+                    timeout: seconds("--rendezvous-timeout-seconds", self.rendezvous_timeout_seconds)?,
+                })
+            } else if self.node_rank > 0 {
+                return Err(EngineError::InvalidInput(format!(
+                    "--node-rank {} needs --nodes greater than it",
+                    self.node_rank
+                )));
+            } else {
+                None
+            },
         };
         LoadedModel::load(&self.dir()?, &opts)
     }

@@ -197,8 +197,36 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
         })
     };
     let done = tokio::spawn(async move {
+        let model = tokio::select! {
+            r = load_model(&args) => r?,
+            _ = stop_rx.wait_for(|s| *s) => {
+                grpc_stop_tx.send(true).ok();
+                return Ok(());
+            }
+        };
+        if let Some(worker) = model.worker.clone() {
+            // A pipeline worker: its stages run what the leader sends. Health's overall status says
+            // SERVING for probes; the RewardService stays NOT_SERVING here (only the leader answers).
+            health.set_service_status("", ServingStatus::Serving).await;
+            metrics::gauge!(m::READY).set(1.0);
+            tracing::info!(node_rank = args.model.node_rank, "pipeline worker SERVING");
+            let run = tokio::task::spawn_blocking(move || worker.run_worker());
+            let outcome = tokio::select! {
+                r = run => Some(r),
+                _ = stop_rx.wait_for(|s| *s) => None,
+            };
+            health.set_service_status("", ServingStatus::NotServing).await;
+            metrics::gauge!(m::READY).set(0.0);
+            grpc_stop_tx.send(true).ok();
+            return match outcome {
+                None => Ok(()),
+                Some(Ok(Ok(()))) => Ok(()),
+                Some(Ok(Err(e))) => Err(anyhow::anyhow!("pipeline worker stopped: {e}")),
+                Some(Err(e)) => Err(anyhow::anyhow!("pipeline worker crashed: {e}")),
+            };
+        }
         let ready = tokio::select! {
-            r = prepare(&args, on_fatal) => r?,
+            r = prepare(&args, model, on_fatal.clone()) => r?,
             _ = stop_rx.wait_for(|s| *s) => {
                 grpc_stop_tx.send(true).ok();
                 return Ok(());
@@ -209,6 +237,22 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
         health.set_service_status(SERVICE_NAME, ServingStatus::Serving).await;
         metrics::gauge!(m::READY).set(1.0);
         tracing::info!(%addr, "SERVING");
+        {
+            // A node lost while idle must stop the server too, not only one found by a batch.
+            let (engine, mut stop) = (ready.model.engine.clone(), stop_rx.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
+                    if let Err(e) = engine.health() {
+                        on_fatal(e.to_string());
+                        return;
+                    }
+                }
+            });
+        }
 
         stop_rx.wait_for(|s| *s).await.ok();
         tracing::info!(in_flight = lifecycle.in_flight(), "draining: NOT_SERVING, answering accepted requests");
@@ -243,8 +287,8 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
     Ok(Running { addr, http_addr, stop: stop_tx, done })
 }
 
-/// Loads the model, starts the batcher and runs the warm-up batch.
-async fn prepare(args: &ServeArgs, on_fatal: crate::batcher::OnFatal) -> anyhow::Result<Arc<Ready>> {
+/// Loads the model (on several nodes: after the rendezvous).
+async fn load_model(args: &ServeArgs) -> anyhow::Result<arbiter_engine::runtime::LoadedModel> {
     use anyhow::Context;
     let a = args.clone();
     let model = tokio::task::spawn_blocking(move || a.model.load()).await?.context("loading the model")?;
@@ -259,6 +303,16 @@ async fn prepare(args: &ServeArgs, on_fatal: crate::batcher::OnFatal) -> anyhow:
         tracing::warn!("{}", arbiter_engine::demo::DEMO_WARNING);
     }
     m::record_info(&model.spec().architecture, &model.fingerprint, &model.engine.backend_name(), model.load_seconds);
+    Ok(model)
+}
+
+/// Starts the batcher and runs the warm-up batch.
+async fn prepare(
+    args: &ServeArgs,
+    model: arbiter_engine::runtime::LoadedModel,
+    on_fatal: crate::batcher::OnFatal,
+) -> anyhow::Result<Arc<Ready>> {
+    use anyhow::Context;
     let cfg = BatchConfig {
         max_batch_tokens: args.max_batch_tokens.max(1),
         max_batch_requests: args.max_batch_requests.max(1),
