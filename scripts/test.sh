@@ -16,6 +16,9 @@ cargo test --workspace --locked
 echo "== cargo test, CUDA backend's host-side logic (tiles, library probing, no-driver errors, gpu_check helpers)"
 cargo test -p arbiter-engine --features cuda --lib --example gpu_check --locked
 
+echo "== deploy checks (manifests, Dockerfile, promtool on rules and dashboard)"
+deploy/check.sh
+
 echo "== python client tests (pytest, against the arbiter binary cargo test just built)"
 # cargo test built target/debug/arbiter for the server's integration tests; a separate
 # `cargo build -p` would resolve features differently and rebuild half the graph.

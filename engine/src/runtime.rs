@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
@@ -12,6 +12,11 @@ use crate::batch::PackedBatch;
 use crate::cpu::CpuBackend;
 use crate::error::{EngineError, Result};
 use crate::graph::{open_folder, Model};
+use crate::parallel::cluster::{join, ClusterConfig};
+use crate::parallel::local::DEFAULT_COLLECTIVE_TIMEOUT;
+use crate::parallel::runner::NodeWiring;
+use crate::parallel::runner::ParallelEngine;
+use crate::parallel::{Parallelism, RankPlan};
 use crate::scores::{RewardWeights, Score};
 use crate::spec::ModelSpec;
 use crate::text::{Prepared, Preprocessor};
@@ -25,6 +30,33 @@ pub trait Engine: Send + Sync {
     fn forward(&self, batch: &PackedBatch) -> Result<Vec<Vec<f32>>>;
     /// The backend's name ("cpu", ...).
     fn backend_name(&self) -> String;
+    /// How many batches may usefully run at once (the pipeline stages of a split model).
+    fn pipeline_depth(&self) -> usize {
+        1
+    }
+    /// `Err` once the engine can no longer compute (a model-parallel rank failed); callers should
+    /// stop serving rather than retry.
+    fn health(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl Engine for ParallelEngine {
+    fn spec(&self) -> &ModelSpec {
+        ParallelEngine::spec(self)
+    }
+    fn forward(&self, batch: &PackedBatch) -> Result<Vec<Vec<f32>>> {
+        ParallelEngine::forward(self, batch)
+    }
+    fn backend_name(&self) -> String {
+        self.name().to_string()
+    }
+    fn pipeline_depth(&self) -> usize {
+        ParallelEngine::pipeline_depth(self)
+    }
+    fn health(&self) -> Result<()> {
+        ParallelEngine::health(self)
+    }
 }
 
 impl<B: Backend> Engine for Model<B> {
@@ -78,14 +110,33 @@ impl std::fmt::Display for Device {
 }
 
 /// How to load a model.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// CPU threads (0: one per core).
+    /// CPU threads (0: one per core), shared by all ranks of this process.
     pub threads: usize,
     /// Cap on input length below the model's own maximum.
     pub max_input_tokens: Option<usize>,
     /// Where to compute.
     pub device: Device,
+    /// Tensor- and pipeline-parallel layout.
+    pub parallel: Parallelism,
+    /// How long a collective call or stage link waits for its peers before the group fails.
+    pub collective_timeout: Duration,
+    /// This process's place among several nodes, if the model spans nodes.
+    pub cluster: Option<ClusterConfig>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            threads: 0,
+            max_input_tokens: None,
+            device: Device::Cpu,
+            parallel: Parallelism::default(),
+            collective_timeout: DEFAULT_COLLECTIVE_TIMEOUT,
+            cluster: None,
+        }
+    }
 }
 
 /// Everything needed to score inputs for one model.
@@ -101,6 +152,9 @@ pub struct LoadedModel {
     pub dir: PathBuf,
     /// Seconds it took to load.
     pub load_seconds: f64,
+    /// On a worker node of a multi-node deployment: its stages, to be driven by
+    /// [`ParallelEngine::run_worker`] (the engine above is then not for scoring).
+    pub worker: Option<Arc<ParallelEngine>>,
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -110,15 +164,45 @@ impl std::fmt::Debug for LoadedModel {
 }
 
 impl LoadedModel {
-    /// Loads the model folder `dir` on the device `opts.device` names.
+    /// Loads the model folder `dir` on the device `opts.device` names, split across ranks as
+    /// `opts.parallel` says (model parallelism runs on CPU ranks only for now).
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         let t = Instant::now();
         let (spec, store) = open_folder(dir)?;
         let fingerprint = fingerprint(dir, &store)?;
         let preprocessor = Preprocessor::from_model_dir(dir, &spec, opts.max_input_tokens)?;
-        let engine: Arc<dyn Engine> = match opts.device {
-            Device::Cpu => Arc::new(Model::from_store(spec, &store, CpuBackend::with_threads(opts.threads)?)?),
-            Device::Cuda(ordinal) => cuda_engine(spec, &store, ordinal)?,
+        let mut worker = None;
+        let single = opts.parallel.is_single() && opts.cluster.is_none();
+        let engine: Arc<dyn Engine> = if let Device::Cuda(ordinal) = opts.device {
+            cuda_engine(spec, &store, ordinal, single)?
+        } else if single {
+            Arc::new(Model::from_store(spec, &store, CpuBackend::with_threads(opts.threads)?)?)
+        } else {
+            // CPU ranks share the cores: each gets an equal part of the thread budget.
+            let total = if opts.threads == 0 {
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            } else {
+                opts.threads
+            };
+            let par = opts.parallel;
+            let nodes = opts.cluster.as_ref().map_or(1, |c| c.nodes);
+            let per_rank = (total * nodes / par.world_size()).max(1);
+            let make = move |_: &RankPlan| CpuBackend::with_threads(per_rank);
+            match &opts.cluster {
+                None => Arc::new(ParallelEngine::load(dir, par, opts.collective_timeout, make)?),
+                Some(cfg) => {
+                    par.validate(&spec)?;
+                    let joined = join(cfg, &par, &fingerprint, None)?;
+                    let (from_prev, to_next) = joined.connect_data(par.tp, cfg.timeout)?;
+                    let wiring = NodeWiring { joined, from_prev, to_next };
+                    let engine =
+                        Arc::new(ParallelEngine::load_node(dir, par, opts.collective_timeout, make, Some(wiring))?);
+                    if cfg.node_rank > 0 {
+                        worker = Some(engine.clone());
+                    }
+                    engine
+                }
+            }
         };
         Ok(LoadedModel {
             engine,
@@ -126,6 +210,7 @@ impl LoadedModel {
             fingerprint,
             dir: dir.to_path_buf(),
             load_seconds: t.elapsed().as_secs_f64(),
+            worker,
         })
     }
 
@@ -144,8 +229,15 @@ impl LoadedModel {
 }
 
 /// The model on the CUDA backend, the attention kernel compiled for its head size up front.
+/// `single`: no tensor/pipeline parallelism was asked for.
 #[cfg(feature = "cuda")]
-fn cuda_engine(spec: ModelSpec, store: &WeightStore, ordinal: usize) -> Result<Arc<dyn Engine>> {
+fn cuda_engine(spec: ModelSpec, store: &WeightStore, ordinal: usize, single: bool) -> Result<Arc<dyn Engine>> {
+    if !single {
+        return Err(EngineError::Backend(format!(
+            "device cuda:{ordinal}: tensor/pipeline parallelism is not wired to the CUDA backend yet; \
+             run with --tp 1 --pp 1 --nodes 1, or on --device cpu"
+        )));
+    }
     let backend = crate::cuda::CudaBackend::new(ordinal)?;
     backend.prepare_attention(spec.head_dim)?;
     Ok(Arc::new(Model::from_store(spec, store, backend)?))
@@ -153,7 +245,7 @@ fn cuda_engine(spec: ModelSpec, store: &WeightStore, ordinal: usize) -> Result<A
 
 /// Without the `cuda` feature there is no CUDA backend to build.
 #[cfg(not(feature = "cuda"))]
-fn cuda_engine(_spec: ModelSpec, _store: &WeightStore, ordinal: usize) -> Result<Arc<dyn Engine>> {
+fn cuda_engine(_spec: ModelSpec, _store: &WeightStore, ordinal: usize, _single: bool) -> Result<Arc<dyn Engine>> {
     Err(EngineError::Backend(format!(
         "device cuda:{ordinal}: this arbiter was built without CUDA; rebuild with --features cuda (or use --device cpu)"
     )))

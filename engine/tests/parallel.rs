@@ -200,3 +200,75 @@ fn bad_token_ids_are_a_batch_error_not_a_rank_failure() {
     engine.health().unwrap();
     engine.forward(&PackedBatch::from_sequences(&[vec![1, 2]]).unwrap()).unwrap();
 }
+
+/// Brings up `nodes` nodes of one deployment on loopback, each in its own thread as if in its own
+/// process: rendezvous, data connections, loading.
+fn cluster(
+    dir: &std::path::Path,
+    par: Parallelism,
+    nodes: usize,
+    make_backend: fn(&RankPlan) -> Result<CpuBackend, EngineError>,
+) -> Vec<Result<ParallelEngine, EngineError>> {
+    use arbiter_engine::parallel::cluster::{join, ClusterConfig};
+    use arbiter_engine::parallel::runner::NodeWiring;
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..nodes)
+            .map(|node_rank| {
+                let addr = addr.clone();
+                s.spawn(move || {
+                    let cfg = ClusterConfig { nodes, node_rank, leader_addr: addr, timeout: TIMEOUT };
+                    let joined = join(&cfg, &par, "fixture", None)?;
+                    let (from_prev, to_next) = joined.connect_data(par.tp, TIMEOUT)?;
+                    let wiring = NodeWiring { joined, from_prev, to_next };
+                    ParallelEngine::load_node(dir, par, TIMEOUT, make_backend, Some(wiring))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn two_nodes_run_a_pipeline_over_tcp_like_one_process() {
+    let name = "nemotron-v4-gqa";
+    let g = golden(name);
+    let par = Parallelism { tp: 2, pp: 2 };
+    let single = load(name, 2, 2).unwrap();
+    let mut engines = cluster(&fixture(name), par, 2, |_| CpuBackend::with_threads(1)).into_iter().map(|e| e.unwrap());
+    let (leader, worker) = (engines.next().unwrap(), engines.next().unwrap());
+    let worker = std::sync::Arc::new(worker);
+    let w = worker.clone();
+    let worker_thread = std::thread::spawn(move || w.run_worker());
+    // Concurrent callers keep both nodes busy; every answer must equal the one-process run.
+    std::thread::scope(|s| {
+        for t in 0..3 {
+            let (leader, single, g) = (&leader, &single, &g);
+            s.spawn(move || {
+                for i in (t..g.sequences.len()).step_by(3) {
+                    let b = PackedBatch::from_sequences(&[&g.sequences[i]]).unwrap();
+                    assert_eq!(leader.forward(&b).unwrap(), single.forward(&b).unwrap(), "sequence {i}");
+                }
+            });
+        }
+    });
+    // The leader going away stops the worker with a reason, not a hang.
+    drop(leader);
+    let e = worker_thread.join().unwrap().unwrap_err().to_string();
+    assert!(e.contains("lost the leader"), "{e}");
+}
+
+#[test]
+fn a_worker_that_fails_to_load_fails_the_leader_with_its_reason() {
+    let par = Parallelism { tp: 1, pp: 2 };
+    let results = cluster(&fixture("nemotron-v5"), par, 2, |r| {
+        if r.stage == 1 {
+            Err(EngineError::Backend("CUDA out of memory on stage 1".into()))
+        } else {
+            CpuBackend::with_threads(1)
+        }
+    });
+    let e = results[0].as_ref().unwrap_err().to_string();
+    assert!(e.contains("node 1") && e.contains("stage 1 rank 0 failed to load") && e.contains("out of memory"), "{e}");
+    assert!(results[1].is_err());
+}

@@ -1,10 +1,13 @@
-//! The token-budget batcher: a bounded queue of prepared items and one engine thread that packs
+//! The token-budget batcher: a bounded queue of prepared items and engine threads that pack
 //! them into batches by a token budget and a request cap.
 //!
-//! The engine thread takes whatever is waiting when it becomes free (continuous batching), so
-//! the next batch accumulates while the current one computes. Items whose client went away or
-//! whose deadline passed are dropped before compute and counted. A failing batch fails only its
-//! own items; a panic inside the engine is caught and reported as INTERNAL.
+//! An engine thread takes whatever is waiting when it becomes free (continuous batching), so
+//! the next batch accumulates while the current one computes. There is one engine thread per
+//! pipeline stage of the model, so a split model has a batch in every stage at once. Items whose
+//! client went away or whose deadline passed are dropped before compute and counted. A failing
+//! batch fails only its own items; a panic inside the engine is caught and reported as INTERNAL.
+//! When the engine reports itself broken (a model-parallel rank failed), `on_fatal` is called
+//! once so that the server stops serving instead of failing every request.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -74,12 +77,17 @@ struct Shared {
     state: Mutex<State>,
     wake: Condvar,
     cfg: BatchConfig,
+    fatal: std::sync::Once,
+    on_fatal: OnFatal,
 }
 
-/// Handle to the queue and its engine thread.
+/// Called once with the reason when the engine can no longer compute.
+pub type OnFatal = Arc<dyn Fn(String) + Send + Sync>;
+
+/// Handle to the queue and its engine threads.
 pub struct Batcher {
     shared: Arc<Shared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Batcher {
@@ -89,19 +97,24 @@ impl std::fmt::Debug for Batcher {
 }
 
 impl Batcher {
-    /// Starts the engine thread.
-    pub fn start(engine: Arc<dyn Engine>, cfg: BatchConfig) -> Self {
+    /// Starts one engine thread per pipeline stage of `engine`.
+    pub fn start(engine: Arc<dyn Engine>, cfg: BatchConfig, on_fatal: OnFatal) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State { items: VecDeque::new(), closed: false }),
             wake: Condvar::new(),
             cfg,
+            fatal: std::sync::Once::new(),
+            on_fatal,
         });
-        let s = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("arbiter-engine".into())
-            .spawn(move || engine_loop(&s, engine.as_ref()))
-            .expect("spawning the engine thread");
-        Batcher { shared, thread: Mutex::new(Some(thread)) }
+        let threads = (0..engine.pipeline_depth().max(1))
+            .map(|i| {
+                let (s, engine) = (shared.clone(), engine.clone());
+                std::thread::Builder::new()
+                    .name(format!("arbiter-engine-{i}"))
+                    .spawn(move || engine_loop(&s, engine.as_ref()))
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(Batcher { shared, threads: Mutex::new(threads) })
     }
 
     /// The limits in force.
@@ -132,11 +145,11 @@ impl Batcher {
         self.shared.state.lock().expect("batcher lock").items.len()
     }
 
-    /// Refuses new work, lets the engine thread finish what is queued, and waits for it.
+    /// Refuses new work, lets the engine threads finish what is queued, and waits for them.
     pub fn shutdown(&self) {
         self.shared.state.lock().expect("batcher lock").closed = true;
         self.shared.wake.notify_all();
-        if let Some(t) = self.thread.lock().expect("thread lock").take() {
+        for t in std::mem::take(&mut *self.threads.lock().expect("thread lock")) {
             t.join().ok();
         }
     }
@@ -164,6 +177,9 @@ fn engine_loop(shared: &Shared, engine: &dyn Engine) {
         };
         if !batch.is_empty() {
             run_batch(engine, batch);
+            if let Err(e) = engine.health() {
+                shared.fatal.call_once(|| (shared.on_fatal)(e.to_string()));
+            }
         }
     }
 }
@@ -241,14 +257,29 @@ mod tests {
     use super::*;
     use arbiter_engine::spec::ModelSpec;
 
-    /// An engine that fails batches holding token 13 and panics on batches holding token 66.
-    struct Flaky(ModelSpec);
+    /// An engine that fails batches holding token 13, panics on batches holding token 66, and
+    /// breaks for good (as a model-parallel group whose rank died) on token 99.
+    struct Flaky(ModelSpec, std::sync::atomic::AtomicBool);
 
     impl Engine for Flaky {
         fn spec(&self) -> &ModelSpec {
             &self.0
         }
+        fn pipeline_depth(&self) -> usize {
+            2
+        }
+        fn health(&self) -> arbiter_engine::Result<()> {
+            if self.1.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(arbiter_engine::EngineError::Parallel("stage 1 rank 0: peer lost".into()));
+            }
+            Ok(())
+        }
         fn forward(&self, batch: &PackedBatch) -> arbiter_engine::Result<Vec<Vec<f32>>> {
+            self.health()?;
+            if batch.tokens().contains(&99) {
+                self.1.store(true, std::sync::atomic::Ordering::SeqCst);
+                return self.health().map(|_| Vec::new());
+            }
             if batch.tokens().contains(&66) {
                 panic!("kernel bug");
             }
@@ -267,13 +298,49 @@ mod tests {
             "architectures": ["LlamaForSequenceClassification"], "hidden_size": 8, "intermediate_size": 8,
             "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 100
         });
-        Arc::new(Flaky(arbiter_engine::config::parse_config(&config.to_string(), "config.json".as_ref()).unwrap()))
+        let spec = arbiter_engine::config::parse_config(&config.to_string(), "config.json".as_ref()).unwrap();
+        Arc::new(Flaky(spec, false.into()))
+    }
+
+    fn no_fatal() -> OnFatal {
+        Arc::new(|why| panic!("unexpected fatal engine error: {why}"))
+    }
+
+    #[test]
+    fn a_broken_engine_is_reported_once_and_its_items_fail() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let seen = calls.clone();
+        let on_fatal: OnFatal = Arc::new(move |why| seen.lock().unwrap().push(why));
+        let b = Batcher::start(
+            flaky(),
+            BatchConfig { max_batch_tokens: 1, max_batch_requests: 1, queue_capacity: 10 },
+            on_fatal,
+        )
+        .unwrap();
+        let (items, rxs): (Vec<_>, Vec<_>) =
+            [vec![99], vec![1], vec![2]].into_iter().map(|ids| WorkItem::new(ids, None)).unzip();
+        b.submit(items).unwrap();
+        for rx in rxs {
+            // The batch that broke it may be raced by the second engine thread; none succeeds after.
+            if let Err(e) = rx.blocking_recv().unwrap() {
+                assert!(e.to_string().contains("peer lost"), "{e}");
+            }
+        }
+        b.shutdown();
+        let calls = calls.lock().unwrap();
+        assert_eq!(calls.len(), 1, "{calls:?}");
+        assert!(calls[0].contains("stage 1 rank 0: peer lost"), "{calls:?}");
     }
 
     #[test]
     fn a_failing_or_panicking_batch_fails_only_its_own_items_and_serving_goes_on() {
         // One sequence per batch, so each item is its own batch.
-        let b = Batcher::start(flaky(), BatchConfig { max_batch_tokens: 1, max_batch_requests: 1, queue_capacity: 10 });
+        let b = Batcher::start(
+            flaky(),
+            BatchConfig { max_batch_tokens: 1, max_batch_requests: 1, queue_capacity: 10 },
+            no_fatal(),
+        )
+        .unwrap();
         let (items, rxs): (Vec<_>, Vec<_>) =
             [vec![1, 2], vec![13], vec![66, 1], vec![4, 5, 6]].into_iter().map(|ids| WorkItem::new(ids, None)).unzip();
         b.submit(items).unwrap();

@@ -144,6 +144,11 @@ struct Pending {
 
 fn score(args: ScoreArgs) -> Result<ExitCode> {
     let model = args.model.load().context("loading the model")?;
+    anyhow::ensure!(
+        model.worker.is_none(),
+        "--node-rank {} is a pipeline worker: workers run under `arbiter serve`; score on the leader (node 0)",
+        args.model.node_rank
+    );
     let demo = model.spec().demo;
     eprintln!(
         "arbiter: model {} (fingerprint {}, {} backend) loaded in {:.2}s",

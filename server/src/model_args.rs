@@ -1,10 +1,13 @@
 //! Choosing and loading the model: a folder, or the embedded demo model.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use arbiter_engine::demo::ensure_demo_model;
+use arbiter_engine::parallel::cluster::{ClusterConfig, DEFAULT_LEADER_PORT};
+use arbiter_engine::parallel::Parallelism;
 use arbiter_engine::runtime::{Device, LoadOptions, LoadedModel};
-use arbiter_engine::Result;
+use arbiter_engine::{EngineError, Result};
 
 /// Model flags shared by every subcommand that loads a model.
 #[derive(Debug, Clone, clap::Args)]
@@ -24,6 +27,34 @@ pub struct ModelArgs {
     /// Where to compute: "cpu", "cuda" (GPU 0) or "cuda:N" (CUDA needs a build with --features cuda).
     #[arg(long, env = "ARBITER_DEVICE", default_value = "cpu")]
     pub device: Device,
+    /// Tensor-parallel ranks per pipeline stage (Megatron layout; must divide the heads, the KV
+    /// heads and the FFN width).
+    #[arg(long, env = "ARBITER_TP", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub tp: u16,
+    /// Pipeline stages, each a contiguous range of layers (must divide the layer count).
+    #[arg(long, env = "ARBITER_PP", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub pp: u16,
+    /// Seconds a collective call (all-reduce, stage hand-off) waits for its peers before the
+    /// model-parallel group is declared failed.
+    #[arg(long, env = "ARBITER_COLLECTIVE_TIMEOUT_SECONDS", default_value_t = 300.0)]
+    pub collective_timeout_seconds: f64,
+    /// Nodes (one process each) the pipeline stages are spread over; --pp must be a multiple.
+    #[arg(long, env = "ARBITER_NODES", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub nodes: u16,
+    /// This node's index: 0 is the leader (serves the RewardService), others are workers.
+    #[arg(long, env = "ARBITER_NODE_RANK", default_value_t = 0)]
+    pub node_rank: u16,
+    /// The leader's rendezvous address, HOST:PORT (the leader listens there; workers connect).
+    #[arg(long, env = "ARBITER_LEADER_ADDR", default_value = "127.0.0.1:29500")]
+    pub leader_addr: String,
+    /// Seconds to wait at start for the other nodes (workers retry the leader until then).
+    #[arg(long, env = "ARBITER_RENDEZVOUS_TIMEOUT_SECONDS", default_value_t = 600.0)]
+    pub rendezvous_timeout_seconds: f64,
+}
+
+fn seconds(flag: &str, v: f64) -> Result<Duration> {
+    Duration::try_from_secs_f64(v)
+        .map_err(|_| EngineError::InvalidInput(format!("{flag} must be a positive number of seconds, got {v}")))
 }
 
 impl ModelArgs {
@@ -37,7 +68,32 @@ impl ModelArgs {
 
     /// Loads the model.
     pub fn load(&self) -> Result<LoadedModel> {
-        let opts = LoadOptions { threads: self.threads, max_input_tokens: self.max_input_tokens, device: self.device };
+        let opts = LoadOptions {
+            threads: self.threads,
+            max_input_tokens: self.max_input_tokens,
+            device: self.device,
+            parallel: Parallelism { tp: self.tp.into(), pp: self.pp.into() },
+            collective_timeout: seconds("--collective-timeout-seconds", self.collective_timeout_seconds)?,
+            cluster: if self.nodes > 1 {
+                let mut leader_addr = self.leader_addr.clone();
+                if !leader_addr.contains(':') {
+                    leader_addr = format!("{leader_addr}:{DEFAULT_LEADER_PORT}");
+                }
+                Some(ClusterConfig {
+                    nodes: self.nodes.into(),
+                    node_rank: self.node_rank.into(),
+                    leader_addr,
+                    timeout: seconds("--rendezvous-timeout-seconds", self.rendezvous_timeout_seconds)?,
+                })
+            } else if self.node_rank > 0 {
+                return Err(EngineError::InvalidInput(format!(
+                    "--node-rank {} needs --nodes greater than it",
+                    self.node_rank
+                )));
+            } else {
+                None
+            },
+        };
         LoadedModel::load(&self.dir()?, &opts)
     }
 }

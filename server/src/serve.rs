@@ -185,9 +185,48 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
         None => None,
     };
 
+    // A model-parallel rank that fails breaks the engine for good: report NOT_SERVING (by
+    // draining), answer what can be answered, and exit with the reason instead of hanging.
+    let fatal: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+    let on_fatal: crate::batcher::OnFatal = {
+        let (fatal, stop) = (fatal.clone(), stop_tx.clone());
+        Arc::new(move |why: String| {
+            tracing::error!(error = %why, "the engine failed; stopping (NOT_SERVING)");
+            fatal.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(why);
+            stop.send(true).ok();
+        })
+    };
     let done = tokio::spawn(async move {
+        let model = tokio::select! {
+            r = load_model(&args) => r?,
+            _ = stop_rx.wait_for(|s| *s) => {
+                grpc_stop_tx.send(true).ok();
+                return Ok(());
+            }
+        };
+        if let Some(worker) = model.worker.clone() {
+            // A pipeline worker: its stages run what the leader sends. Health's overall status says
+            // SERVING for probes; the RewardService stays NOT_SERVING here (only the leader answers).
+            health.set_service_status("", ServingStatus::Serving).await;
+            metrics::gauge!(m::READY).set(1.0);
+            tracing::info!(node_rank = args.model.node_rank, "pipeline worker SERVING");
+            let run = tokio::task::spawn_blocking(move || worker.run_worker());
+            let outcome = tokio::select! {
+                r = run => Some(r),
+                _ = stop_rx.wait_for(|s| *s) => None,
+            };
+            health.set_service_status("", ServingStatus::NotServing).await;
+            metrics::gauge!(m::READY).set(0.0);
+            grpc_stop_tx.send(true).ok();
+            return match outcome {
+                None => Ok(()),
+                Some(Ok(Ok(()))) => Ok(()),
+                Some(Ok(Err(e))) => Err(anyhow::anyhow!("pipeline worker stopped: {e}")),
+                Some(Err(e)) => Err(anyhow::anyhow!("pipeline worker crashed: {e}")),
+            };
+        }
         let ready = tokio::select! {
-            r = prepare(&args) => r?,
+            r = prepare(&args, model, on_fatal.clone()) => r?,
             _ = stop_rx.wait_for(|s| *s) => {
                 grpc_stop_tx.send(true).ok();
                 return Ok(());
@@ -198,6 +237,22 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
         health.set_service_status(SERVICE_NAME, ServingStatus::Serving).await;
         metrics::gauge!(m::READY).set(1.0);
         tracing::info!(%addr, "SERVING");
+        {
+            // A node lost while idle must stop the server too, not only one found by a batch.
+            let (engine, mut stop) = (ready.model.engine.clone(), stop_rx.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
+                    if let Err(e) = engine.health() {
+                        on_fatal(e.to_string());
+                        return;
+                    }
+                }
+            });
+        }
 
         stop_rx.wait_for(|s| *s).await.ok();
         tracing::info!(in_flight = lifecycle.in_flight(), "draining: NOT_SERVING, answering accepted requests");
@@ -223,14 +278,17 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
         }
         let batcher_done = tokio::task::spawn_blocking(move || ready.batcher.shutdown());
         batcher_done.await.ok();
+        if let Some(why) = fatal.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            anyhow::bail!("stopped because the engine failed: {why}");
+        }
         tracing::info!("stopped");
         Ok(())
     });
     Ok(Running { addr, http_addr, stop: stop_tx, done })
 }
 
-/// Loads the model, starts the batcher and runs the warm-up batch.
-async fn prepare(args: &ServeArgs) -> anyhow::Result<Arc<Ready>> {
+/// Loads the model (on several nodes: after the rendezvous).
+async fn load_model(args: &ServeArgs) -> anyhow::Result<arbiter_engine::runtime::LoadedModel> {
     use anyhow::Context;
     let a = args.clone();
     let model = tokio::task::spawn_blocking(move || a.model.load()).await?.context("loading the model")?;
@@ -245,6 +303,16 @@ async fn prepare(args: &ServeArgs) -> anyhow::Result<Arc<Ready>> {
         tracing::warn!("{}", arbiter_engine::demo::DEMO_WARNING);
     }
     m::record_info(&model.spec().architecture, &model.fingerprint, &model.engine.backend_name(), model.load_seconds);
+    Ok(model)
+}
+
+/// Starts the batcher and runs the warm-up batch.
+async fn prepare(
+    args: &ServeArgs,
+    model: arbiter_engine::runtime::LoadedModel,
+    on_fatal: crate::batcher::OnFatal,
+) -> anyhow::Result<Arc<Ready>> {
+    use anyhow::Context;
     let cfg = BatchConfig {
         max_batch_tokens: args.max_batch_tokens.max(1),
         max_batch_requests: args.max_batch_requests.max(1),
@@ -262,7 +330,7 @@ async fn prepare(args: &ServeArgs) -> anyhow::Result<Arc<Ready>> {
         })?;
         tracing::info!(tokens, seconds = t.elapsed().as_secs_f64(), "warm-up batch done");
     }
-    let batcher = Batcher::start(model.engine.clone(), cfg);
+    let batcher = Batcher::start(model.engine.clone(), cfg, on_fatal).context("starting the engine threads")?;
     let tokenizers = rayon::ThreadPoolBuilder::new()
         .num_threads(args.tokenization_workers.max(1))
         .thread_name(|i| format!("arbiter-tokenize-{i}"))

@@ -169,3 +169,40 @@ fn device_flag_is_checked_and_cuda_without_the_feature_says_how_to_get_it() {
         assert!(e.contains("device cuda:1") && e.contains("rebuild with --features cuda"), "{e}");
     }
 }
+
+#[test]
+fn tensor_and_pipeline_parallel_scoring_matches_the_unsplit_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in.jsonl");
+    let mut text = String::new();
+    for i in 0..6 {
+        let c = json!([{"role": "user", "content": format!("question {i} ").repeat(3 * i + 1)}, {"role": "assistant", "content": "an answer"}]);
+        text.push_str(&json!({"messages": c}).to_string());
+        text.push('\n');
+    }
+    std::fs::write(&input, text).unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["score", "--demo", "--input", input.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let out = arbiter(&args, tmp.path());
+        assert!(out.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+        lines(&out)
+    };
+    let unsplit = run(&[]);
+    for layout in [&["--tp", "2"][..], &["--pp", "2"], &["--tp", "2", "--pp", "2"]] {
+        let split = run(layout);
+        assert_eq!(split.len(), unsplit.len());
+        for (a, b) in unsplit.iter().zip(&split) {
+            let (ra, rb) = (a["reward"].as_f64().unwrap(), b["reward"].as_f64().unwrap());
+            assert!((ra - rb).abs() <= 1e-4 * ra.abs().max(1e-3), "{layout:?}: reward {rb} vs unsplit {ra}");
+        }
+    }
+    // The demo model has 8 heads and 4 layers.
+    let out = arbiter(&["score", "--demo", "--tp", "3", "--input", input.to_str().unwrap()], tmp.path());
+    assert_eq!(out.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("--tp 3 does not divide the 8 attention heads"), "{e}");
+    let out = arbiter(&["score", "--demo", "--pp", "0", "--input", input.to_str().unwrap()], tmp.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--pp"), "{}", String::from_utf8_lossy(&out.stderr));
+}

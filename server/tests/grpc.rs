@@ -131,9 +131,10 @@ async fn score_stream_and_rank_are_bit_identical_to_arbiter_score() {
     running.wait().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sixty_four_concurrent_clients_each_get_their_own_answers() {
-    let (addr, running) = serve(&["--max-batch-requests", "64"]).await;
+/// Scores each conversation alone, then has `clients` concurrent clients send mixed requests and
+/// checks every answer bit for bit against the lone scores; returns the lone scores.
+async fn concurrent_clients_get_their_own_answers(flags: &[&str], clients: usize) -> Vec<(u32, Vec<(String, u32)>)> {
+    let (addr, running) = serve(flags).await;
     let convs = conversations();
     // Reference: each conversation scored alone.
     let mut c = client(addr).await;
@@ -145,7 +146,7 @@ async fn sixty_four_concurrent_clients_each_get_their_own_answers() {
     let reference = std::sync::Arc::new(reference);
     let convs = std::sync::Arc::new(convs);
     let mut tasks = Vec::new();
-    for client_no in 0..64usize {
+    for client_no in 0..clients {
         let (reference, convs) = (reference.clone(), convs.clone());
         tasks.push(tokio::spawn(async move {
             let mut c = client(addr).await;
@@ -164,6 +165,27 @@ async fn sixty_four_concurrent_clients_each_get_their_own_answers() {
     }
     for t in tasks {
         t.await.unwrap();
+    }
+    running.stop();
+    running.wait().await.unwrap();
+    std::sync::Arc::try_unwrap(reference).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_concurrent_clients_each_get_their_own_answers() {
+    concurrent_clients_get_their_own_answers(&["--max-batch-requests", "64"], 64).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_split_tp2_pp2_serves_concurrent_clients_like_the_unsplit_model() {
+    // Two engine threads keep both pipeline stages busy; answers must still be each request's own.
+    let split = concurrent_clients_get_their_own_answers(&["--tp", "2", "--pp", "2"], 16).await;
+    let (addr, running) = serve(&[]).await;
+    let mut c = client(addr).await;
+    for (x, s) in conversations().iter().zip(&split) {
+        let r = c.score(score_req(vec![conv_item(&as_pairs(x))])).await.unwrap().into_inner();
+        let (want, got) = (r.results[0].reward, f32::from_bits(s.0));
+        assert!((want - got).abs() <= 1e-4 * want.abs().max(1e-3), "split reward {got} vs unsplit {want}");
     }
     running.stop();
     running.wait().await.unwrap();

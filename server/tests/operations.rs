@@ -272,3 +272,54 @@ async fn json_logs_carry_the_request_id_on_every_line_about_a_request() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_serve_one_pipeline_and_the_leader_stops_when_the_worker_dies() {
+    let leader_addr = format!("127.0.0.1:{}", common::process::free_port());
+    let node = |rank: &str| {
+        ServerProcess::spawn(&[
+            "--pp",
+            "2",
+            "--nodes",
+            "2",
+            "--node-rank",
+            rank,
+            "--leader-addr",
+            &leader_addr,
+            "--max-batch-tokens",
+            "1024",
+        ])
+    };
+    // The worker starts first and retries until the leader listens.
+    let mut worker = node("1");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut leader = node("0");
+    leader.wait_serving().await;
+    assert_eq!(worker.health("").await, Some(ServingStatus::Serving), "{}", worker.log_text());
+    assert_eq!(worker.health("arbiter.v1.RewardService").await, Some(ServingStatus::NotServing));
+
+    // The same pipeline in one process answers bit for bit the same.
+    let (one_addr, one) = serve(&["--pp", "2"]).await;
+    let items = || {
+        vec![
+            conv_item(&[("user", "What is 2+2?"), ("assistant", "4")]),
+            conv_item(&[("user", "Name a prime."), ("assistant", "Seven. ".repeat(40).as_str())]),
+        ]
+    };
+    let two_nodes = client(leader.addr).await.score(score_req(items())).await.unwrap().into_inner();
+    let one_process = client(one_addr).await.score(score_req(items())).await.unwrap().into_inner();
+    assert_eq!(two_nodes.results.len(), 2);
+    for (a, b) in two_nodes.results.iter().zip(&one_process.results) {
+        assert_eq!(a.reward.to_bits(), b.reward.to_bits(), "{} vs {}", a.reward, b.reward);
+    }
+    one.stop();
+    one.wait().await.unwrap();
+
+    // Losing the worker stops the leader with the reason, instead of hanging its clients.
+    worker.child.kill().unwrap();
+    worker.child.wait().unwrap();
+    let code = leader.wait_exit(Duration::from_secs(30));
+    assert_ne!(code, Some(0), "{}", leader.log_text());
+    let log = leader.log_text();
+    assert!(log.contains("lost node 1"), "{log}");
+}

@@ -10,6 +10,8 @@
 //! links so its neighbours stop waiting, and every later call returns the first error. A serving
 //! process reports NOT_SERVING and exits on it rather than limp on with a broken group.
 
+use std::collections::VecDeque;
+use std::net::TcpStream;
 use std::path::Path;
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -20,7 +22,11 @@ use crate::backend::{Backend, HostTensor, StageLink};
 use crate::batch::PackedBatch;
 use crate::error::{EngineError, Result};
 use crate::graph::{check_batch, Model, StageOutput};
-use crate::parallel::local::{channel_link, ChannelLink, LocalGroup, MakeTensor};
+use crate::parallel::cluster::Joined;
+use crate::parallel::local::{channel_link, LocalGroup, MakeTensor};
+use crate::parallel::wire::{
+    decode_batch, decode_f32, encode_batch, encode_f32, expect_frame, read_frame, write_frame, Kind,
+};
 use crate::parallel::{Parallelism, RankPlan};
 use crate::spec::ModelSpec;
 use crate::weights::WeightStore;
@@ -36,10 +42,14 @@ struct Job {
 }
 
 /// The first failure of a group, shared by its ranks and its engine.
+/// Told once about the first failure (a worker forwards it to the leader).
+type Notify = Box<dyn Fn(&str) + Send>;
+
 #[derive(Default)]
 struct Failure {
     first: Mutex<Option<String>>,
     groups: Mutex<Vec<Arc<LocalGroup>>>,
+    notify: Mutex<Option<Notify>>,
 }
 
 impl Failure {
@@ -48,9 +58,18 @@ impl Failure {
     }
 
     fn set(&self, why: String) -> String {
-        let why = self.first.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(why).clone();
+        let (why, first) = {
+            let mut f = self.first.lock().unwrap_or_else(|e| e.into_inner());
+            let first = f.is_none();
+            (f.get_or_insert(why).clone(), first)
+        };
         for g in self.groups.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             g.poison(&why);
+        }
+        if first {
+            if let Some(notify) = self.notify.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                notify(&why);
+            }
         }
         why
     }
@@ -61,9 +80,16 @@ pub struct ParallelEngine {
     spec: ModelSpec,
     par: Parallelism,
     name: String,
+    /// Job queues of this node's ranks.
     jobs: Mutex<Vec<SyncSender<Job>>>,
     failure: Arc<Failure>,
     threads: Vec<JoinHandle<()>>,
+    /// Leader of several nodes: the workers.
+    remote: Option<Remote>,
+    /// Worker: the control connection to the leader.
+    control: Option<TcpStream>,
+    /// Whether this node runs the last stage (and so produces the answers).
+    last_stage_here: bool,
 }
 
 impl std::fmt::Debug for ParallelEngine {
@@ -74,8 +100,54 @@ impl std::fmt::Debug for ParallelEngine {
 
 /// The ends of the links a rank uses.
 struct RankLinks<T> {
-    input: Option<ChannelLink<T>>,
-    output: Option<ChannelLink<T>>,
+    input: Option<Box<dyn StageLink<T>>>,
+    output: Option<Box<dyn StageLink<T>>>,
+}
+
+/// A stage link to or from a rank on another node, over a TCP data connection.
+struct TcpLink<T> {
+    stream: Mutex<TcpStream>,
+    make: MakeTensor<T>,
+}
+
+impl<T: HostTensor + Send> StageLink<T> for TcpLink<T> {
+    fn send(&self, t: &T) -> Result<()> {
+        let data = t.read_host()?;
+        let cols = if data.is_empty() { 0 } else { data.len() };
+        let mut s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        write_frame(&mut *s, Kind::Tensor, &encode_f32(1, cols, &data))
+    }
+
+    fn recv(&self, rows: usize, cols: usize) -> Result<T> {
+        let mut s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        let (_, _, data) = decode_f32(&expect_frame(&mut *s, Kind::Tensor)?)?;
+        if data.len() != rows * cols {
+            return Err(EngineError::Parallel(format!(
+                "the previous node sent {} values for a {rows} x {cols} activation",
+                data.len()
+            )));
+        }
+        (self.make)(&data, rows, cols)
+    }
+}
+
+/// The leader's side of the other nodes.
+struct Remote {
+    /// Control connections of the workers, for sending batches.
+    workers: Vec<TcpStream>,
+    /// Replies awaited from the node of the last stage, in dispatch order.
+    pending: Arc<Mutex<VecDeque<Reply>>>,
+}
+
+/// What a node of a multi-node deployment brings to [`ParallelEngine::load`]: the rendezvous
+/// result and its data connections.
+pub struct NodeWiring {
+    /// The rendezvous result (control connections, peers).
+    pub joined: Joined,
+    /// Data connections from the previous node, by tensor-parallel rank.
+    pub from_prev: Vec<TcpStream>,
+    /// Data connections to the next node, by tensor-parallel rank.
+    pub to_next: Vec<TcpStream>,
 }
 
 impl ParallelEngine {
@@ -88,14 +160,36 @@ impl ParallelEngine {
         B::Tensor: HostTensor + 'static,
         F: Fn(&RankPlan) -> Result<B> + Send + Sync + 'static,
     {
+        Self::load_node(dir, par, timeout, make_backend, None)
+    }
+
+    /// Like [`ParallelEngine::load`], for one node of several: loads only this node's stages,
+    /// links its first and last stage to the neighbouring nodes, and reports to the leader (or,
+    /// on the leader, waits until every worker has loaded).
+    pub fn load_node<B, F>(
+        dir: &Path,
+        par: Parallelism,
+        timeout: Duration,
+        make_backend: F,
+        node: Option<NodeWiring>,
+    ) -> Result<Self>
+    where
+        B: Backend + 'static,
+        B::Tensor: HostTensor + 'static,
+        F: Fn(&RankPlan) -> Result<B> + Send + Sync + 'static,
+    {
         let (spec, _) = crate::graph::open_folder(dir)?;
         par.validate(&spec)?;
         let make_backend = Arc::new(make_backend);
         let failure = Arc::new(Failure::default());
-        let ranks = par.ranks();
+        let local_stages = match &node {
+            Some(n) => n.joined.config.stages_of(&par, n.joined.config.node_rank),
+            None => 0..par.pp,
+        };
+        let ranks: Vec<RankPlan> = par.ranks().into_iter().filter(|r| local_stages.contains(&r.stage)).collect();
 
         // Tensor-parallel groups, one per stage.
-        let groups: Vec<Arc<LocalGroup>> = (0..par.pp).map(|_| LocalGroup::new(par.tp, timeout)).collect();
+        let groups: Vec<Arc<LocalGroup>> = local_stages.clone().map(|_| LocalGroup::new(par.tp, timeout)).collect();
         *failure.groups.lock().unwrap_or_else(|e| e.into_inner()) = groups.clone();
         let mut comms: Vec<_> = groups.iter().flat_map(|g| g.communicators()).map(Some).collect();
 
@@ -105,8 +199,8 @@ impl ParallelEngine {
         let mut links: Vec<RankLinks<B::Tensor>> =
             ranks.iter().map(|_| RankLinks { input: None, output: None }).collect();
         for (i, r) in ranks.iter().enumerate() {
-            if r.is_last_stage() {
-                continue;
+            if r.stage + 1 == local_stages.end {
+                continue; // the next stage, if any, is on another node
             }
             let next = i + par.tp;
             let slot = makers[next].clone();
@@ -117,8 +211,36 @@ impl ParallelEngine {
                 )
             });
             let (tx, rx) = channel_link(par.pp, timeout, make);
-            links[i].output = Some(tx);
-            links[next].input = Some(rx);
+            links[i].output = Some(Box::new(tx));
+            links[next].input = Some(Box::new(rx));
+        }
+        let mut remote = None;
+        let mut control = None;
+        if let Some(n) = node {
+            let tcp = |stream: TcpStream, slot: MakerSlot<B::Tensor>| -> Box<dyn StageLink<B::Tensor>> {
+                stream.set_read_timeout(Some(timeout)).ok();
+                let make: MakeTensor<B::Tensor> = Arc::new(move |d: &[f32], rows, cols| {
+                    let f = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    f.ok_or_else(|| EngineError::Parallel("activations arrived before the stage was loaded".into()))?(
+                        d, rows, cols,
+                    )
+                });
+                Box::new(TcpLink { stream: Mutex::new(stream), make })
+            };
+            let first = 0..par.tp; // local ranks of the first local stage
+            let last = ranks.len() - par.tp..ranks.len();
+            for (i, s) in first.zip(n.from_prev) {
+                links[i].input = Some(tcp(s, makers[i].clone()));
+            }
+            for (i, s) in last.zip(n.to_next) {
+                links[i].output = Some(tcp(s, makers[i].clone()));
+            }
+            let mut streams = n.joined.control.into_iter().flatten();
+            if n.joined.config.node_rank == 0 {
+                remote = Some(streams.collect::<Vec<_>>());
+            } else {
+                control = streams.next();
+            }
         }
 
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(usize, Result<()>)>();
@@ -180,11 +302,156 @@ impl ParallelEngine {
             }
         }
         let name = format!("{} x tp{} pp{}", spec.architecture, par.tp, par.pp);
-        let engine = ParallelEngine { spec, par, name, jobs: Mutex::new(jobs), failure, threads };
-        match first_error {
-            Some(e) => Err(e), // dropping the engine stops the ranks that did load
-            None => Ok(engine),
+        let mut engine = ParallelEngine {
+            spec,
+            par,
+            name,
+            jobs: Mutex::new(jobs),
+            failure,
+            threads,
+            remote: None,
+            control: None,
+            last_stage_here: local_stages.end == par.pp,
+        };
+        if let Some(e) = first_error {
+            if let Some(mut c) = control {
+                let _ = write_frame(&mut c, Kind::Error, &serde_json::to_vec(&e.to_string()).unwrap_or_default());
+            }
+            return Err(e); // dropping the engine stops the ranks that did load
         }
+        if let Some(mut c) = control {
+            write_frame(&mut c, Kind::Ready, &[])?;
+            engine.control = Some(c);
+        }
+        if let Some(workers) = remote {
+            engine.attach_workers(workers)?;
+        }
+        Ok(engine)
+    }
+
+    /// Leader: waits for every worker to have loaded, then starts a reader per control
+    /// connection (outputs from the last node, failures from any).
+    fn attach_workers(&mut self, mut workers: Vec<TcpStream>) -> Result<()> {
+        for (k, w) in workers.iter_mut().enumerate() {
+            expect_frame(w, Kind::Ready).map_err(|e| EngineError::Parallel(format!("node {}: {e}", k + 1)))?;
+        }
+        let pending: Arc<Mutex<VecDeque<Reply>>> = Arc::default();
+        let last = workers.len();
+        for (k, w) in workers.iter().enumerate() {
+            let mut r = w.try_clone().map_err(|e| EngineError::Parallel(e.to_string()))?;
+            let (failure, pending) = (self.failure.clone(), pending.clone());
+            let node = k + 1;
+            let t = std::thread::Builder::new()
+                .name(format!("node-{node}-control"))
+                .spawn(move || loop {
+                    let why = match read_frame(&mut r) {
+                        Ok((Kind::Outputs, p)) if node == last => {
+                            let reply = pending.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+                            let out = decode_f32(&p).map(|(rows, cols, v)| {
+                                v.chunks(cols.max(1)).take(rows).map(<[f32]>::to_vec).collect::<Vec<_>>()
+                            });
+                            if let Some(reply) = reply {
+                                let _ = reply.send(out);
+                            }
+                            continue;
+                        }
+                        Ok((Kind::Error, p)) => {
+                            format!("node {node}: {}", serde_json::from_slice::<String>(&p).unwrap_or_default())
+                        }
+                        Ok((k, _)) => format!("node {node} sent an unexpected {k:?} frame"),
+                        Err(e) => format!("lost node {node}: {e}"),
+                    };
+                    let why = failure.set(why);
+                    for reply in pending.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+                        let _ = reply.send(Err(EngineError::Parallel(why.clone())));
+                    }
+                    return;
+                })
+                .map_err(|e| EngineError::Parallel(format!("cannot start a control thread: {e}")))?;
+            self.threads.push(t);
+        }
+        self.remote = Some(Remote { workers, pending });
+        Ok(())
+    }
+
+    /// Worker: runs the batches the leader sends until the leader goes away, and returns why
+    /// it stopped (a worker never stops on its own). Failures of this node's ranks are reported
+    /// to the leader at once, which stops the whole deployment.
+    pub fn run_worker(&self) -> Result<()> {
+        let stream = self
+            .control
+            .as_ref()
+            .ok_or_else(|| EngineError::Parallel("run_worker on a node that is not a worker".into()))?;
+        let clone = || stream.try_clone().map_err(|e| EngineError::Parallel(e.to_string()));
+        let mut control = clone()?;
+        let writer = Arc::new(Mutex::new(clone()?));
+        {
+            let writer = writer.clone();
+            *self.failure.notify.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(move |why: &str| {
+                let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = write_frame(&mut *w, Kind::Error, &serde_json::to_vec(why).unwrap_or_default());
+            }));
+        }
+        // Answers go back in order from a writer thread, so reading the next batch never waits
+        // for this one to finish: that is the overlap between nodes.
+        type Answer = std::sync::mpsc::Receiver<Result<Vec<Vec<f32>>>>;
+        let (answers_tx, answers_rx) = std::sync::mpsc::channel::<Answer>();
+        let write_answers = std::thread::spawn(move || {
+            for rx in answers_rx {
+                // Failures reach the leader through the failure notice; only outputs go here.
+                let Ok(Ok(out)) = rx.recv() else { return };
+                let cols = out.first().map_or(0, Vec::len);
+                let flat: Vec<f32> = out.into_iter().flatten().collect();
+                let frame = encode_f32(flat.len() / cols.max(1), cols, &flat);
+                if write_frame(&mut *writer.lock().unwrap_or_else(|e| e.into_inner()), Kind::Outputs, &frame).is_err() {
+                    return;
+                }
+            }
+        });
+        let result = loop {
+            let batch = match read_frame(&mut control) {
+                Ok((Kind::Batch, p)) => decode_batch(&p)?,
+                Ok((k, _)) => break Err(EngineError::Parallel(format!("the leader sent an unexpected {k:?} frame"))),
+                Err(e) => break Err(EngineError::Parallel(format!("lost the leader: {e}"))),
+            };
+            let rx = match self.dispatch(Arc::new(batch)) {
+                Ok(rx) => rx,
+                Err(e) => break Err(e),
+            };
+            if self.last_stage_here && answers_tx.send(rx).is_err() {
+                break Err(EngineError::Parallel("lost the leader while answering".into()));
+            }
+        };
+        if let Err(e) = &result {
+            self.failure.set(e.to_string());
+        }
+        drop(answers_tx);
+        let _ = write_answers.join();
+        result
+    }
+
+    /// Sends a batch to this node's ranks (and, on the leader, to the workers); returns where the
+    /// answer (or the first failure) arrives.
+    fn dispatch(&self, batch: Arc<PackedBatch>) -> Result<std::sync::mpsc::Receiver<Result<Vec<Vec<f32>>>>> {
+        let (reply, answer) = std::sync::mpsc::sync_channel(self.par.world_size() + 1);
+        let failed = || EngineError::Parallel(self.failure.get().unwrap_or_else(|| "a rank has stopped".into()));
+        // One lock around the whole dispatch: every rank and node sees batches in the same order.
+        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(remote) = &self.remote {
+            let frame = encode_batch(&batch);
+            remote.pending.lock().unwrap_or_else(|e| e.into_inner()).push_back(reply.clone());
+            for mut w in &remote.workers {
+                if write_frame(&mut w, Kind::Batch, &frame).is_err() {
+                    return Err(failed());
+                }
+            }
+        }
+        for tx in jobs.iter() {
+            if tx.send(Job { batch: batch.clone(), reply: reply.clone() }).is_err() {
+                return Err(failed());
+            }
+        }
+        Ok(answer)
     }
 
     /// The model's spec.
@@ -222,20 +489,7 @@ impl ParallelEngine {
         }
         self.health()?;
         check_batch(&self.spec, batch)?;
-        let batch = Arc::new(batch.clone());
-        let (reply, answer) = std::sync::mpsc::sync_channel(self.par.world_size());
-        {
-            // One lock around the whole dispatch: every rank sees batches in the same order.
-            let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
-            for tx in jobs.iter() {
-                if tx.send(Job { batch: batch.clone(), reply: reply.clone() }).is_err() {
-                    return Err(EngineError::Parallel(
-                        self.failure.get().unwrap_or_else(|| "a rank has stopped".into()),
-                    ));
-                }
-            }
-        }
-        drop(reply);
+        let answer = self.dispatch(Arc::new(batch.clone()))?;
         answer.recv().unwrap_or_else(|_| {
             Err(EngineError::Parallel(
                 self.failure.get().unwrap_or_else(|| "the ranks stopped without an answer".into()),
@@ -248,6 +502,10 @@ impl Drop for ParallelEngine {
     fn drop(&mut self) {
         self.jobs.lock().unwrap_or_else(|e| e.into_inner()).clear();
         self.failure.set("the engine is shutting down".into());
+        // Closing the control connections ends the readers blocked on them (and tells the peers).
+        for s in self.remote.iter().flat_map(|r| r.workers.iter()).chain(self.control.iter()) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
         for t in self.threads.drain(..) {
             let _ = t.join();
         }

@@ -1,0 +1,169 @@
+//! The byte format of the multi-node control and data connections: length-prefixed frames of
+//! one kind byte and a payload. Control messages are JSON (rare, and readable in a packet
+//! capture); batches and activations are little-endian binary.
+
+use std::io::{Read, Write};
+
+use crate::batch::PackedBatch;
+use crate::error::{EngineError, Result};
+
+/// Largest frame accepted: a 16k-token batch of the 340B model's residual stream is 1.2 GB.
+pub const MAX_FRAME: usize = 4 << 30;
+
+/// What a frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// Worker to leader: who I am (JSON).
+    Hello = 1,
+    /// Leader to worker: accepted, with the peer table and NCCL id (JSON).
+    Welcome = 2,
+    /// Either way: a refusal or failure, with the reason (JSON string).
+    Error = 3,
+    /// Leader to workers: a packed batch to run.
+    Batch = 4,
+    /// Last stage's node to leader: raw head outputs of one batch.
+    Outputs = 5,
+    /// Stage to next stage: a residual stream.
+    Tensor = 6,
+    /// Worker to leader: loaded and connected.
+    Ready = 7,
+}
+
+impl Kind {
+    fn from_u8(b: u8) -> Result<Self> {
+        Ok(match b {
+            1 => Kind::Hello,
+            2 => Kind::Welcome,
+            3 => Kind::Error,
+            4 => Kind::Batch,
+            5 => Kind::Outputs,
+            6 => Kind::Tensor,
+            7 => Kind::Ready,
+            other => return Err(EngineError::Parallel(format!("unknown frame kind {other} from a peer"))),
+        })
+    }
+}
+
+fn io(what: &str) -> impl Fn(std::io::Error) -> EngineError + '_ {
+    move |e| EngineError::Parallel(format!("{what}: {e}"))
+}
+
+/// Writes one frame.
+pub fn write_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<()> {
+    let len = u32::try_from(payload.len() + 1)
+        .ok()
+        .filter(|&l| l as usize <= MAX_FRAME)
+        .ok_or_else(|| EngineError::Parallel(format!("a frame of {} bytes is too large", payload.len())))?;
+    let mut head = [0u8; 5];
+    head[..4].copy_from_slice(&len.to_le_bytes());
+    head[4] = kind as u8;
+    w.write_all(&head).and_then(|_| w.write_all(payload)).and_then(|_| w.flush()).map_err(io("sending to a peer"))
+}
+
+/// Reads one frame.
+pub fn read_frame(r: &mut impl Read) -> Result<(Kind, Vec<u8>)> {
+    let mut head = [0u8; 5];
+    r.read_exact(&mut head).map_err(io("receiving from a peer"))?;
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    if len == 0 || len > MAX_FRAME {
+        return Err(EngineError::Parallel(format!("a peer sent a frame of {len} bytes")));
+    }
+    let kind = Kind::from_u8(head[4])?;
+    let mut payload = vec![0u8; len - 1];
+    r.read_exact(&mut payload).map_err(io("receiving from a peer"))?;
+    Ok((kind, payload))
+}
+
+/// Reads a frame and checks its kind; an `Error` frame becomes that error.
+pub fn expect_frame(r: &mut impl Read, want: Kind) -> Result<Vec<u8>> {
+    match read_frame(r)? {
+        (k, p) if k == want => Ok(p),
+        (Kind::Error, p) => Err(EngineError::Parallel(serde_json::from_slice::<String>(&p).unwrap_or_default())),
+        (k, _) => Err(EngineError::Parallel(format!("expected a {want:?} frame from a peer, got {k:?}"))),
+    }
+}
+
+fn u32s(v: &mut Vec<u8>, xs: impl IntoIterator<Item = u32>) {
+    for x in xs {
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+}
+
+fn take_u32s(p: &[u8], n: usize, at: &mut usize) -> Result<Vec<u32>> {
+    let end = *at + n * 4;
+    let bytes = p.get(*at..end).ok_or_else(|| EngineError::Parallel("a peer sent a truncated frame".into()))?;
+    *at = end;
+    Ok(bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+}
+
+/// A packed batch as bytes: sequence count, then each sequence's length, then the tokens.
+pub fn encode_batch(b: &PackedBatch) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + 4 * (b.len() + b.tokens().len()));
+    u32s(&mut v, [b.len() as u32]);
+    u32s(&mut v, (0..b.len()).map(|i| b.range(i).len() as u32));
+    u32s(&mut v, b.tokens().iter().copied());
+    v
+}
+
+/// The inverse of [`encode_batch`].
+pub fn decode_batch(p: &[u8]) -> Result<PackedBatch> {
+    let mut at = 0;
+    let n = take_u32s(p, 1, &mut at)?[0] as usize;
+    let lens = take_u32s(p, n, &mut at)?;
+    let total: usize = lens.iter().map(|&l| l as usize).sum();
+    let tokens = take_u32s(p, total, &mut at)?;
+    let mut batch = PackedBatch::new();
+    let mut start = 0;
+    for l in lens {
+        batch.push(&tokens[start..start + l as usize])?;
+        start += l as usize;
+    }
+    Ok(batch)
+}
+
+/// Rows of f32 values (head outputs, or a residual stream) as bytes: rows, cols, values.
+pub fn encode_f32(rows: usize, cols: usize, values: &[f32]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + 4 * values.len());
+    u32s(&mut v, [rows as u32, cols as u32]);
+    for x in values {
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v
+}
+
+/// The inverse of [`encode_f32`]: `(rows, cols, values)`.
+pub fn decode_f32(p: &[u8]) -> Result<(usize, usize, Vec<f32>)> {
+    let mut at = 0;
+    let rc = take_u32s(p, 2, &mut at)?;
+    let (rows, cols) = (rc[0] as usize, rc[1] as usize);
+    let bits = take_u32s(p, rows * cols, &mut at)?;
+    Ok((rows, cols, bits.into_iter().map(f32::from_bits).collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_and_tensors_round_trip_and_garbage_is_an_error() {
+        let b = PackedBatch::from_sequences(&[vec![1u32, 2, 3], vec![7], vec![4, 5]]).unwrap();
+        let mut buf = Vec::new();
+        write_frame(&mut buf, Kind::Batch, &encode_batch(&b)).unwrap();
+        write_frame(&mut buf, Kind::Tensor, &encode_f32(2, 2, &[1.0, -2.5, 3.0, f32::MIN_POSITIVE])).unwrap();
+        let mut r = &buf[..];
+        let got = decode_batch(&expect_frame(&mut r, Kind::Batch).unwrap()).unwrap();
+        assert_eq!(got.tokens(), b.tokens());
+        assert_eq!(got.cu_seqlens(), b.cu_seqlens());
+        let (rows, cols, v) = decode_f32(&expect_frame(&mut r, Kind::Tensor).unwrap()).unwrap();
+        assert_eq!((rows, cols, v), (2, 2, vec![1.0, -2.5, 3.0, f32::MIN_POSITIVE]));
+        assert!(read_frame(&mut r).unwrap_err().to_string().contains("receiving from a peer"));
+        assert!(decode_batch(&[5, 0, 0, 0, 1]).unwrap_err().to_string().contains("truncated"));
+        let mut bad = &[2u8, 0, 0, 0, 42, 0][..];
+        assert!(read_frame(&mut bad).unwrap_err().to_string().contains("unknown frame kind 42"));
+        let mut buf = Vec::new();
+        write_frame(&mut buf, Kind::Error, br#""stage 1 failed""#).unwrap();
+        let e = expect_frame(&mut &buf[..], Kind::Welcome).unwrap_err().to_string();
+        assert!(e.contains("stage 1 failed"), "{e}");
+    }
+}
