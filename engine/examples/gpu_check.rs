@@ -7,6 +7,7 @@
 //! 3. whole-model scores on the golden fixtures against transformers' fp32 outputs and the CPU
 //!    backend: error max|got-ref| / max(max|ref|, 1e-3) per sequence within 2e-2, identical
 //!    rankings, and whether packing changes any bit (batch invariance, reported);
+//!    bench-small's tokens/s (8 x 256 tokens, as engine/examples/bench_small.rs on the CPU);
 //! 4. gpu-1b (random weights written here with `synth`): scores of a few sequences, written for
 //!    scripts/gpu_hf.py to compare with transformers;
 //! 5. throughput on gpu-1b for 2k, 8k and 16k-token batches of lengths drawn with seed 0 from
@@ -14,7 +15,7 @@
 //!    written for the transformers side.
 //!
 //! cargo run --release -p arbiter-engine --features cuda --example gpu_check -- \
-//!     --out DIR [--fixtures tests/fixtures/golden] [--work DIR] [--sections ops,nccl,golden,gpu1b,throughput]
+//!     --out DIR [--fixtures tests/fixtures/golden] [--work DIR] [--sections ops,nccl,golden,bench-small,gpu1b,throughput]
 //!
 //! Exits 1 when a check fails, 2 when the check cannot run.
 
@@ -90,7 +91,7 @@ fn run() -> Res<bool> {
     let work = PathBuf::from(
         arg("--work").unwrap_or_else(|| std::env::temp_dir().join("arbiter-gpu-check").display().to_string()),
     );
-    let sections = arg("--sections").unwrap_or_else(|| "ops,nccl,golden,gpu1b,throughput".into());
+    let sections = arg("--sections").unwrap_or_else(|| "ops,nccl,golden,bench-small,gpu1b,throughput".into());
     let want = |s: &str| sections.split(',').any(|x| x.trim() == s);
     std::fs::create_dir_all(&out)?;
     std::fs::create_dir_all(&work)?;
@@ -113,6 +114,9 @@ fn run() -> Res<bool> {
     }
     if want("golden") {
         golden(&mut r, &fixtures)?;
+    }
+    if want("bench-small") {
+        results.insert("bench_small".into(), bench_small(&mut r, &work)?);
     }
     let model_dir = work.join("gpu-1b");
     if want("gpu1b") || want("throughput") {
@@ -453,6 +457,34 @@ fn golden(r: &mut Report, fixtures: &Path) -> Res<()> {
         ));
     }
     Ok(())
+}
+
+/// bench-small on the GPU: the CPU benchmark's model and batch shape (docs/bench-cpu.md).
+fn bench_small(r: &mut Report, work: &Path) -> Res<serde_json::Value> {
+    let dir = work.join("bench-small");
+    if !dir.join("model.safetensors").exists() {
+        write_random_model(&dir, &arbiter_engine::synth::bench_small_config(), Dtype::F32, 7, true)?;
+    }
+    let model = Model::load(&dir, CudaBackend::new(0)?)?;
+    let mut rng = SplitMix::new(3);
+    let seqs: Vec<Vec<u32>> = (0..8).map(|_| (0..256).map(|_| (rng.next_u64() % 32000) as u32).collect()).collect();
+    let batch = PackedBatch::from_sequences(&seqs)?;
+    for _ in 0..2 {
+        model.forward(&batch)?;
+    }
+    let mut times = Vec::new();
+    for _ in 0..9 {
+        let t = Instant::now();
+        model.forward(&batch)?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    r.line(format!(
+        "\nbench-small (8 x 256 tokens, f32 checkpoint run in bf16): median {median:.4} s, {:.0} tokens/s",
+        2048.0 / median
+    ));
+    Ok(json!({ "median_s": median, "tokens_per_s": 2048.0 / median }))
 }
 
 // ---------------------------------------------------------------------------------------------
