@@ -62,14 +62,14 @@ export ARBITER_KERNEL_CACHE=${ARBITER_KERNEL_CACHE:-/tmp/arbiter-kernel-cache}
 } | tee "$OUT/gpu-check.md"
 
 echo "== gpu_check (kernels, NCCL, golden fixtures, gpu-1b, throughput)"
-timeout 200 bin/gpu_check --out "$OUT" --fixtures fixtures/golden --work /tmp/arbiter-gpu-check 2>&1 | tee "$OUT/gpu_check.log"
+timeout 170 bin/gpu_check --out "$OUT" --fixtures fixtures/golden --work /tmp/arbiter-gpu-check 2>&1 | tee "$OUT/gpu_check.log"
 rc=${PIPESTATUS[0]}
 [ "$rc" -eq 0 ] || { echo "gpu_check exited $rc"; status=1; }
 [ -f "$OUT/rust-report.md" ] && cat "$OUT/rust-report.md" >>"$OUT/gpu-check.md"
 
 echo "== transformers comparison"
 if [ -f "$OUT/rust-results.json" ]; then
-    PYTHONUNBUFFERED=1 timeout 120 python3 gpu_hf.py --out "$OUT" 2>&1 | tee "$OUT/hf.log"
+    PYTHONUNBUFFERED=1 timeout 90 python3 gpu_hf.py --out "$OUT" 2>&1 | tee "$OUT/hf.log"
     rc=${PIPESTATUS[0]}
     [ "$rc" -eq 0 ] || { echo "gpu_hf.py exited $rc"; status=1; }
 else
@@ -82,8 +82,8 @@ cli_in=/tmp/arbiter-cli-in.jsonl
 printf '%s\n' '{"text": "The assistant gives a short and helpful answer."}' \
     '{"text": "A longer text about reward models, packed batches and GPUs, scored twice."}' \
     '{"token_ids": [5, 6, 7, 8, 9, 10, 11]}' >"$cli_in"
-if timeout 60 bin/arbiter score --demo --device cuda --input "$cli_in" --output /tmp/arbiter-cli-cuda.jsonl 2>"$OUT/cli.log" &&
-    timeout 60 bin/arbiter score --demo --device cpu --input "$cli_in" --output /tmp/arbiter-cli-cpu.jsonl 2>>"$OUT/cli.log"; then
+if timeout 20 bin/arbiter score --demo --device cuda --input "$cli_in" --output /tmp/arbiter-cli-cuda.jsonl 2>"$OUT/cli.log" &&
+    timeout 20 bin/arbiter score --demo --device cpu --input "$cli_in" --output /tmp/arbiter-cli-cpu.jsonl 2>>"$OUT/cli.log"; then
     python3 - <<'PY' | tee -a "$OUT/gpu-check.md"
 import json
 cuda = [json.loads(l) for l in open("/tmp/arbiter-cli-cuda.jsonl")]
