@@ -83,6 +83,14 @@ pub fn check_parts(parts: &[MatrixPart<'_>]) -> Result<usize> {
     Ok(k)
 }
 
+/// Checks that two tensors of shapes `a` and `b` (rows, columns) can be combined element-wise.
+pub fn check_same_shape(what: &str, a: (usize, usize), b: (usize, usize)) -> Result<()> {
+    if a != b {
+        return Err(EngineError::Backend(format!("{what}: shapes [{}, {}] and [{}, {}] differ", a.0, a.1, b.0, b.1)));
+    }
+    Ok(())
+}
+
 /// A compute backend: storage for activations and weights, and the kernels of the graph.
 pub trait Backend: Send + Sync {
     /// Activations, `[rows, cols]`, row-major, resident where the backend computes.

@@ -138,20 +138,17 @@ pub fn bench_small_config() -> serde_json::Value {
     })
 }
 
-/// "gpu-1b", the GPU check's model: Nemotron architecture, hidden 2048, FFN 8192, 20 layers,
-/// 16 heads of 128 channels, 4 KV heads, vocab 32000, a one-output head (about 0.9B parameters
-/// outside the embedding).
+/// "gpu-1b", the GPU check's model: bench-small's architecture (Nemotron, relu2, partial RoPE) at
+/// hidden 2048, FFN 8192, 20 layers, 16 heads of 128 channels, 4 KV heads, vocab 32000, a
+/// one-output head (about 0.9B parameters outside the embedding).
 pub fn gpu_1b_config() -> serde_json::Value {
-    serde_json::json!({
-        "architectures": ["NemotronForSequenceClassification"],
-        "model_type": "nemotron",
-        "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 20,
-        "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 128,
-        "vocab_size": 32000, "max_position_embeddings": 4096,
-        "hidden_act": "relu2", "norm_eps": 1e-5,
-        "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
-        "num_labels": 1, "id2label": {"0": "reward"}
-    })
+    let mut c = bench_small_config();
+    for (key, value) in
+        [("hidden_size", 2048), ("intermediate_size", 8192), ("num_hidden_layers", 20), ("head_dim", 128)]
+    {
+        c[key] = serde_json::json!(value);
+    }
+    c
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use rayon::ThreadPool;
 
-use crate::backend::{check_parts, AttnLayout, Backend, HostTensor, MatrixPart};
+use crate::backend::{check_parts, check_same_shape, AttnLayout, Backend, HostTensor, MatrixPart};
 use crate::batch::PackedBatch;
 use crate::error::{EngineError, Result};
 use crate::rope;
@@ -109,13 +109,7 @@ impl CpuBackend {
 }
 
 fn same_shape(a: &CpuTensor, b: &CpuTensor, what: &str) -> Result<()> {
-    if a.rows != b.rows || a.cols != b.cols {
-        return Err(EngineError::Backend(format!(
-            "{what}: shapes [{}, {}] and [{}, {}] differ",
-            a.rows, a.cols, b.rows, b.cols
-        )));
-    }
-    Ok(())
+    check_same_shape(what, (a.rows, a.cols), (b.rows, b.cols))
 }
 
 impl Backend for CpuBackend {

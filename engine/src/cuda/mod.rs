@@ -20,7 +20,7 @@ use arbiter_kernels::{Compiler, Module, ELEMENTWISE_THREADS as EW_THREADS, NORM_
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 
-use crate::backend::{check_parts, AttnLayout, Backend, HostTensor, MatrixPart};
+use crate::backend::{check_parts, check_same_shape, AttnLayout, Backend, HostTensor, MatrixPart};
 use crate::batch::PackedBatch;
 use crate::error::{EngineError, Result};
 use crate::rope;
@@ -470,13 +470,7 @@ fn keep_freed_memory(ctx: &Arc<CudaContext>) -> Result<()> {
 }
 
 fn same_shape(a: &CudaTensor, b: &CudaTensor, what: &str) -> Result<()> {
-    if a.rows != b.rows || a.cols != b.cols {
-        return Err(EngineError::Backend(format!(
-            "{what}: shapes [{}, {}] and [{}, {}] differ",
-            a.rows, a.cols, b.rows, b.cols
-        )));
-    }
-    Ok(())
+    check_same_shape(what, (a.rows, a.cols), (b.rows, b.cols))
 }
 
 impl Backend for CudaBackend {
