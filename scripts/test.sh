@@ -12,6 +12,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --locked
 
+echo "== CUDA kernels: NVRTC compile check for sm_80/sm_90 (no GPU needed)"
+scripts/kernels-check.sh
+
 echo "== python client tests (pytest, against the arbiter binary cargo test just built)"
 # cargo test built target/debug/arbiter for the server's integration tests; a separate
 # `cargo build -p` would resolve features differently and rebuild half the graph.
