@@ -184,7 +184,7 @@ __device__ __forceinline__ void load_tile(__nv_bfloat16* dst, const __nv_bfloat1
 // sequence, for the 64-query tile `blockIdx.x` of the tile list and query head `blockIdx.y`.
 // Launch: grid (n_tiles, heads), block (ARB_ATTN_THREADS), dynamic shared memory
 // ARB_ATTN_SMEM(ARB_HEAD_DIM) bytes.
-extern "C" __global__ void __launch_bounds__(ARB_ATTN_THREADS)
+extern "C" __global__ void __launch_bounds__(ARB_ATTN_THREADS, 2)
     flash_attn_varlen(const __nv_bfloat16* __restrict__ qkv, __nv_bfloat16* __restrict__ out,
                       const int* __restrict__ cu_seqlens, const int* __restrict__ tile_seq,
                       const int* __restrict__ tile_start, int n_tiles, int heads, int kv_heads, int qkv_width,
