@@ -19,8 +19,8 @@ cuda="$site/nvidia/cu13"
 
 echo "== cargo clippy -p arbiter-kernels --features nvrtc"
 cargo clippy -p arbiter-kernels --all-targets --features nvrtc --locked -- -D warnings
-echo "== cargo test -p arbiter-kernels --features nvrtc"
-cargo test -p arbiter-kernels --features nvrtc --locked
+echo "== cargo test -p arbiter-kernels --features nvrtc (unit tests)"
+cargo test -p arbiter-kernels --features nvrtc --locked --lib --bins  # the emulation tests ran in the workspace tests
 cargo build -p arbiter-kernels --features nvrtc --locked --bin arbiter-kernels-check
 
 echo "== arbiter-kernels-check (NVRTC $(basename "$cuda"), headers and library from the wheels)"

@@ -5,6 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
+# kernels/tests/emulation.rs runs the CUDA sources on the CPU through g++ (with AddressSanitizer).
+if ! command -v g++ >/dev/null; then
+    echo "== installing g++ (kernel emulation tests)"
+    apt-get update -qq && apt-get install -y -qq g++ >/dev/null
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
