@@ -23,7 +23,7 @@ echo "== cargo test -p arbiter-kernels --features nvrtc (unit tests)"
 cargo test -p arbiter-kernels --features nvrtc --locked --lib --bins  # the emulation tests ran in the workspace tests
 cargo build -p arbiter-kernels --features nvrtc --locked --bin arbiter-kernels-check
 
-echo "== arbiter-kernels-check (NVRTC $(basename "$cuda"), headers and library from the wheels)"
+echo "== arbiter-kernels-check (NVRTC and headers from the 13.0 wheels, via LD_LIBRARY_PATH and ARBITER_CUDA_INCLUDE)"
 LD_LIBRARY_PATH="$cuda/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ARBITER_CUDA_INCLUDE="$cuda/include" \
     target/debug/arbiter-kernels-check
 
