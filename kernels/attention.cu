@@ -106,6 +106,9 @@ static_assert((LD * 2) % 16 == 0, "rows must stay 16-byte aligned for cp.async a
 static_assert((BM + 2 * ARB_KV_STAGES * BN) * LD * 2 == ARB_ATTN_SMEM(D), "layout and ARB_ATTN_SMEM agree");
 static_assert(ARB_ATTN_SMEM(256) <= 160 * 1024, "must fit sm_80 and sm_90 shared memory");
 
+// The PTX wrappers. kernels/tests/emu/ provides host versions of exactly these (and of the CUDA
+// built-ins) to run this file on the CPU in `cargo test`; nothing else differs between the two.
+#ifndef ARB_HOST_EMULATION
 __device__ __forceinline__ u32 smem_u32(const void* p) { return static_cast<u32>(__cvta_generic_to_shared(p)); }
 
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src) {
@@ -116,11 +119,6 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
-
-// Two adjacent bf16 (the lower index in the low half), as one mma operand register.
-__device__ __forceinline__ u32 ld_pair(const __nv_bfloat16* p) { return *reinterpret_cast<const u32*>(p); }
-
-__device__ __forceinline__ u32 pack_bf16(__nv_bfloat162 v) { return *reinterpret_cast<u32*>(&v); }
 
 __device__ __forceinline__ void ldmatrix_x4_trans(u32& r0, u32& r1, u32& r2, u32& r3, const __nv_bfloat16* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -136,6 +134,19 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], u32 a0, u32 a1, u32 a2, 
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
+
+// Dynamic shared memory the launch provided, in bytes.
+__device__ __forceinline__ u32 dynamic_smem_bytes() {
+    u32 bytes;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
+    return bytes;
+}
+#endif  // ARB_HOST_EMULATION
+
+// Two adjacent bf16 (the lower index in the low half), as one mma operand register.
+__device__ __forceinline__ u32 ld_pair(const __nv_bfloat16* p) { return *reinterpret_cast<const u32*>(p); }
+
+__device__ __forceinline__ u32 pack_bf16(__nv_bfloat162 v) { return *reinterpret_cast<u32*>(&v); }
 
 __device__ __forceinline__ float quad_max(float v) {
     v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
@@ -184,7 +195,7 @@ __device__ __forceinline__ void load_tile(__nv_bfloat16* dst, const __nv_bfloat1
 // sequence, for the 64-query tile `blockIdx.x` of the tile list and query head `blockIdx.y`.
 // Launch: grid (n_tiles, heads), block (ARB_ATTN_THREADS), dynamic shared memory
 // ARB_ATTN_SMEM(ARB_HEAD_DIM) bytes.
-extern "C" __global__ void __launch_bounds__(ARB_ATTN_THREADS)
+extern "C" __global__ void __launch_bounds__(ARB_ATTN_THREADS, 2)
     flash_attn_varlen(const __nv_bfloat16* __restrict__ qkv, __nv_bfloat16* __restrict__ out,
                       const int* __restrict__ cu_seqlens, const int* __restrict__ tile_seq,
                       const int* __restrict__ tile_start, int n_tiles, int heads, int kv_heads, int qkv_width,
@@ -194,13 +205,9 @@ extern "C" __global__ void __launch_bounds__(ARB_ATTN_THREADS)
     // A launch that disagrees with this file's ABI would silently write out of bounds (too little
     // shared memory, a block size the loops do not cover, an invalid GQA grouping); trapping turns
     // it into a launch error the host reports.
-    {
-        u32 dyn_smem;
-        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_smem));
-        if (dyn_smem < static_cast<u32>(ARB_ATTN_SMEM(D)) || blockDim.x != THREADS || kv_heads <= 0 ||
-            heads % kv_heads != 0)
-            __trap();
-    }
+    if (dynamic_smem_bytes() < static_cast<u32>(ARB_ATTN_SMEM(D)) || blockDim.x != THREADS || kv_heads <= 0 ||
+        heads % kv_heads != 0)
+        __trap();
 
     const int tile = blockIdx.x;
     const int h = blockIdx.y;

@@ -5,6 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
+# kernels/tests/emulation.rs runs the CUDA sources on the CPU through g++ (with AddressSanitizer).
+if ! command -v g++ >/dev/null; then
+    echo "== installing g++ (kernel emulation tests)"
+    apt-get update -qq && apt-get install -y -qq g++ >/dev/null
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
@@ -18,6 +24,9 @@ cargo test -p arbiter-engine --features cuda --lib --example gpu_check --locked
 
 echo "== deploy checks (manifests, Dockerfile, promtool on rules and dashboard)"
 deploy/check.sh
+
+echo "== CUDA kernels: NVRTC compile check for sm_80/sm_90 (no GPU needed)"
+scripts/kernels-check.sh
 
 echo "== python client tests (pytest, against the arbiter binary cargo test just built)"
 # cargo test built target/debug/arbiter for the server's integration tests; a separate
