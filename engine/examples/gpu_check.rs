@@ -539,8 +539,16 @@ fn throughput(r: &mut Report, model: &Model<CudaBackend>) -> Res<serde_json::Val
     let ceiling = 2.0 * 8192f64.powi(3) / ceiling_s / 1e12;
     r.line(format!("\n## Throughput on gpu-1b ({} non-embedding parameters, {})", non_embedding, gpu.device_name()));
     r.line(format!("cuBLASLt bf16 GEMM ceiling (8192^3, median of 10): {ceiling:.0} TFLOP/s"));
-    r.line("| tokens | sequences | median s | tokens/s | TFLOP/s | % of ceiling | model GEMMs alone TFLOP/s |");
-    r.line("|---|---|---|---|---|---|---|");
+    r.line("| tokens | sequences | median s | tokens/s | TFLOP/s | % of ceiling | model GEMMs alone TFLOP/s | attention alone: TFLOP/s, share of forward |");
+    r.line("|---|---|---|---|---|---|---|---|");
+    let layout = AttnLayout {
+        heads: spec.heads,
+        kv_heads: spec.kv_heads,
+        head_dim: spec.head_dim,
+        rotary_dim: spec.rope.rotary_dim,
+        scale: 1.0 / (spec.head_dim as f32).sqrt(),
+    };
+    let inv_freq = rope::inv_freq(&spec.rope);
     let mut rows = Vec::new();
     let vocab = spec.vocab as u64;
     for target in [2048usize, 8192, 16384] {
@@ -574,16 +582,35 @@ fn throughput(r: &mut Report, model: &Model<CudaBackend>) -> Res<serde_json::Val
             gemm_flops += 2.0 * (target * n * k) as f64 * spec.layers as f64;
         }
         let gemm_tflops = gemm_flops / gemm_s / 1e12;
+        // One layer's attention on random q/k/v of this batch, timed alone (median of 5).
+        let ctx = gpu.batch_ctx(&batch, &inv_freq)?;
+        let qkv =
+            gpu.upload_bf16(&random_bf16(&mut rng, target * layout.qkv_width(), 2.0), target, layout.qkv_width())?;
+        gpu.attention(&qkv, &layout, &ctx)?;
+        gpu.synchronize()?;
+        let mut attn_times = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            gpu.attention(&qkv, &layout, &ctx)?;
+            gpu.synchronize()?;
+            attn_times.push(t.elapsed().as_secs_f64());
+        }
+        attn_times.sort_by(f64::total_cmp);
+        let attn_s = attn_times[2];
+        let attn_tflops = 2.0 * sum_sq * (spec.heads * spec.head_dim) as f64 / attn_s / 1e12;
+        let attn_share = attn_s * spec.layers as f64 / median;
         r.line(format!(
-            "| {target} | {} | {median:.4} | {:.0} | {tflops:.0} | {:.0}% | {gemm_tflops:.0} |",
+            "| {target} | {} | {median:.4} | {:.0} | {tflops:.0} | {:.0}% | {gemm_tflops:.0} | {attn_tflops:.0}, {:.0}% |",
             lens.len(),
             target as f64 / median,
-            100.0 * tflops / ceiling
+            100.0 * tflops / ceiling,
+            100.0 * attn_share
         ));
         rows.push(json!({
             "tokens": target, "lengths": lens, "sequences": seqs, "median_s": median, "times_s": times,
             "tokens_per_s": target as f64 / median, "flops": flops, "tflops": tflops,
-            "gemm_only_tflops": gemm_tflops,
+            "gemm_only_tflops": gemm_tflops, "attention_layer_s": attn_s, "attention_tflops": attn_tflops,
+            "attention_share": attn_share,
         }));
     }
     Ok(json!({ "ceiling_tflops": ceiling, "non_embedding_params": non_embedding, "batches": rows }))
