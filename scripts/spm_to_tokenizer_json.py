@@ -31,6 +31,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 BPE_TYPE, UNIGRAM_TYPE = 2, 1
+NEVER = -1e9  # a Unigram score no segmentation of text will take
 
 # NeMo-Aligner's templates (examples/nlp/data/steerlm/common.py), written out here on purpose:
 # the Rust side renders with its own code, and the check compares both the text and the ids.
@@ -82,8 +83,10 @@ def convert(model_path):
         model = models.BPE(vocab=vocab, merges=bpe_merges(proto), unk_token=proto.pieces[unk_id].piece
                            if unk_id is not None else None, byte_fallback=trainer.byte_fallback, fuse_unk=True)
     elif trainer.model_type == UNIGRAM_TYPE:
-        model = models.Unigram([(p.piece, p.score) for p in proto.pieces], unk_id=unk_id,
-                               byte_fallback=trainer.byte_fallback)
+        # SentencePiece's Viterbi only picks normal pieces; control, user-defined, byte and unused
+        # pieces keep their ids but must never be chosen to spell text (e.g. "<s>" written in text).
+        model = models.Unigram([(p.piece, p.score if p.type == NORMAL else NEVER) for p in proto.pieces],
+                               unk_id=unk_id, byte_fallback=trainer.byte_fallback)
     else:
         sys.exit(f"{model_path}: SentencePiece model_type {trainer.model_type} is neither BPE nor Unigram")
     tok = Tokenizer(model)
