@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use arbiter_convert::zarr::ZarrArray;
 use arbiter_engine::synth::SplitMix;
 
 struct Args {
@@ -65,18 +66,10 @@ fn array(weights: &Path, name: &str, shape: &[usize], chunks: &[usize], rng: &mu
     let zarray = serde_json::json!({"chunks": chunks, "compressor": null, "dtype": "bfloat16", "fill_value": null,
         "filters": null, "order": "C", "shape": shape, "zarr_format": 2});
     std::fs::write(dir.join(".zarray"), zarray.to_string()).unwrap();
-    let grid: Vec<usize> = shape.iter().zip(chunks).map(|(s, c)| s.div_ceil(*c)).collect();
-    let n: usize = grid.iter().product();
+    let a = ZarrArray::open(&dir).unwrap();
     let chunk_elems: usize = chunks.iter().product();
-    for flat in 0..n {
-        let mut idx = vec![0; grid.len()];
-        let mut x = flat;
-        for d in (0..grid.len()).rev() {
-            idx[d] = x % grid[d];
-            x /= grid[d];
-        }
-        let name: Vec<String> = idx.iter().map(usize::to_string).collect();
-        let mut f = BufWriter::with_capacity(1 << 20, std::fs::File::create(dir.join(name.join("."))).unwrap());
+    for idx in a.chunk_indices() {
+        let mut f = BufWriter::with_capacity(1 << 20, std::fs::File::create(a.chunk_path(&idx)).unwrap());
         let mut left = chunk_elems * 2;
         while left > 0 {
             let bytes = rng.next_u64().to_le_bytes();

@@ -137,6 +137,8 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
         }
     };
 
+    // config.json comes back last: a conversion stopped half-way leaves no folder the engine would load.
+    std::fs::remove_file(&config_path).map_err(error::io(&config_path))?;
     let shards = writer::create(&opts.output, &layout.outputs, opts.max_shard_bytes)?;
     let total = layout.total_bytes();
     let bar = if opts.progress { indicatif::ProgressBar::new(total) } else { indicatif::ProgressBar::hidden() };
@@ -155,6 +157,8 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
         writer::run_job(&layout, &shards, job, &mut |n| bar.inc(n))?;
     }
     bar.finish_and_clear();
+    std::fs::write(&config_path, serde_json::to_string_pretty(&config).expect("JSON serializes"))
+        .map_err(error::io(&config_path))?;
 
     // The folder must load as the engine reads it: every tensor by name with the shape config.json implies.
     let spec = load_config(&config_path)?;

@@ -141,25 +141,23 @@ impl ZarrArray {
         Ok(file)
     }
 
+    /// Grid indices of every chunk, in C order.
+    pub fn chunk_indices(&self) -> impl Iterator<Item = Vec<usize>> {
+        let grid = self.grid();
+        (0..grid.iter().product::<usize>()).map(move |flat| {
+            let mut idx = vec![0; grid.len()];
+            let mut x = flat;
+            for d in (0..grid.len()).rev() {
+                idx[d] = x % grid[d];
+                x /= grid[d];
+            }
+            idx
+        })
+    }
+
     /// Checks that every chunk file exists and has the right size, without reading them.
     pub fn check_chunks(&self) -> Result<()> {
-        let grid = self.grid();
-        let mut idx = vec![0; grid.len()];
-        loop {
-            self.open_chunk(&idx)?;
-            let mut d = grid.len();
-            loop {
-                if d == 0 {
-                    return Ok(());
-                }
-                d -= 1;
-                idx[d] += 1;
-                if idx[d] < grid[d] {
-                    break;
-                }
-                idx[d] = 0;
-            }
-        }
+        self.chunk_indices().try_for_each(|idx| self.open_chunk(&idx).map(drop))
     }
 
     /// Streams the sub-array with the leading indices fixed to `prefix` (e.g. `[layer]` of a
@@ -228,15 +226,7 @@ mod tests {
             "filters": null, "order": "C", "shape": shape, "zarr_format": 2});
         std::fs::write(dir.join(".zarray"), zarray.to_string()).unwrap();
         let a = ZarrArray::open(dir).unwrap();
-        let grid = a.grid();
-        let n: usize = grid.iter().product();
-        for flat in 0..n {
-            let mut idx = vec![0; grid.len()];
-            let mut x = flat;
-            for d in (0..grid.len()).rev() {
-                idx[d] = x % grid[d];
-                x /= grid[d];
-            }
+        for idx in a.chunk_indices() {
             let m: usize = chunks.iter().product();
             let mut bytes = Vec::with_capacity(m * 2);
             for local in 0..m {
