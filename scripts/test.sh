@@ -35,3 +35,7 @@ echo "== python client tests (pytest, against the arbiter binary cargo test just
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 .venv/bin/pip install -q --disable-pip-version-check -e "clients/python[test]"
 ARBITER_BIN="$PWD/target/debug/arbiter" .venv/bin/python -m pytest -q -p no:cacheprovider clients/python/tests
+
+echo "== arbiter convert's tokenizer step (real SentencePiece through Python)"
+.venv/bin/pip install -q --disable-pip-version-check -r tests/convert/requirements.txt
+ARBITER_BIN="$PWD/target/debug/arbiter" .venv/bin/python -m pytest -q -p no:cacheprovider tests/convert

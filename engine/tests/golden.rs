@@ -110,3 +110,9 @@ fn nemotron_exposes_the_helpsteer_attributes_and_the_weighted_reward() {
     let expected = 0.3 * r[4] + 0.74 * r[5] + 0.46 * r[6] + 0.47 * r[7] - 0.33 * r[8];
     assert!((score.reward - expected).abs() <= 1e-4 * expected.abs().max(1.0), "{} vs {expected}", score.reward);
 }
+
+#[test]
+fn nemotron_gqa_bf16_with_padded_vocabulary_matches_transformers() {
+    // The source of the released-layout fixture that arbiter convert's tests start from.
+    check_parity("nemotron-released");
+}

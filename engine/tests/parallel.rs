@@ -272,3 +272,48 @@ fn a_worker_that_fails_to_load_fails_the_leader_with_its_reason() {
     assert!(e.contains("node 1") && e.contains("stage 1 rank 0 failed to load") && e.contains("out of memory"), "{e}");
     assert!(results[1].is_err());
 }
+
+#[test]
+fn ranks_can_bring_their_own_communicator() {
+    use arbiter_engine::backend::Communicator;
+    use arbiter_engine::cpu::CpuTensor;
+    use arbiter_engine::parallel::local::{LocalComm, LocalGroup};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// The in-process communicator, counting its all-reduces (as NCCL would be plugged in).
+    struct Counting(LocalComm, Arc<AtomicUsize>);
+    impl Communicator<CpuTensor> for Counting {
+        fn world_size(&self) -> usize {
+            Communicator::<CpuTensor>::world_size(&self.0)
+        }
+        fn rank(&self) -> usize {
+            Communicator::<CpuTensor>::rank(&self.0)
+        }
+        fn all_reduce(&self, t: &mut CpuTensor) -> arbiter_engine::Result<()> {
+            self.1.fetch_add(1, Ordering::SeqCst);
+            self.0.all_reduce(t)
+        }
+    }
+    let name = "nemotron-v5";
+    let group = LocalGroup::new(2, TIMEOUT);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let make_comm: arbiter_engine::parallel::runner::MakeComm<CpuBackend> =
+        Arc::new(move |r, _backend| Ok(Box::new(Counting(group.communicators().swap_remove(r.tp_rank), c.clone()))));
+    let par = Parallelism { tp: 2, pp: 1 };
+    let engine = ParallelEngine::load_node_with(
+        &fixture(name),
+        par,
+        TIMEOUT,
+        |_| CpuBackend::with_threads(1),
+        Some(make_comm),
+        None,
+    )
+    .unwrap();
+    let batch = PackedBatch::from_sequences(&golden(name).sequences).unwrap();
+    let got = engine.forward(&batch).unwrap();
+    assert_eq!(got, load(name, 2, 1).unwrap().forward(&batch).unwrap());
+    // Two all-reduces per layer (after o and after down) on each of the two ranks.
+    assert_eq!(calls.load(Ordering::SeqCst), 2 * 2 * engine.spec().layers);
+}

@@ -212,3 +212,70 @@ fn real_jinja_templates_render_like_transformers() {
         }
     }
 }
+
+/// The tiny SentencePiece model of the released-layout fixture, converted by
+/// scripts/spm_to_tokenizer_json.py, with SentencePiece's own ids for the fidelity corpus
+/// (tests/fixtures/make_released.py writes both).
+fn sentencepiece_fixture() -> (Preprocessor, serde_json::Value) {
+    use arbiter_engine::text::TextTokenizer;
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/released/nemotron-tiny/tokenizer");
+    let tok = TextTokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let markers = ["<extra_id_0>", "<extra_id_1>", "<extra_id_2>"].map(|m| tok.token_id(m).unwrap());
+    let p = Preprocessor::new(Some(tok), ChatTemplate::NemotronReward { markers }, 512, 4096);
+    let reference =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("sentencepiece_reference.json")).unwrap()).unwrap();
+    (p, reference)
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+#[test]
+fn nemotron_template_ids_are_sentencepiece_over_the_whole_string() {
+    // NeMo-Aligner scores `SentencePieceProcessor.encode(templated string)`: the dummy prefix
+    // once, before the first marker (a lone "▁" piece), none after the markers.
+    let (p, reference) = sentencepiece_fixture();
+    let tok = p.tokenizer().unwrap();
+    let mut library_differs = 0;
+    for chat in reference["chats"].as_array().unwrap() {
+        let m: Vec<Message> = chat["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| Message::new(Role::parse(m["role"].as_str().unwrap()).unwrap(), m["content"].as_str().unwrap()))
+            .collect();
+        let prepared = p.prepare(&Input::Messages(m), TruncationPolicy::Error).unwrap();
+        assert_eq!(prepared.text.as_deref(), chat["text"].as_str(), "{}", chat["name"]);
+        assert_eq!(prepared.ids, ids(&chat["ids"]), "{}", chat["name"]);
+        assert_eq!(tok.token(prepared.ids[0]).as_deref(), Some("▁"), "{}", chat["name"]);
+        // Pre-templated text gives the same ids as the messages.
+        let text = p.prepare(&Input::Text(chat["text"].as_str().unwrap().into()), TruncationPolicy::Error).unwrap();
+        assert_eq!(text.ids, prepared.ids, "{}", chat["name"]);
+        // The tokenizers library on its own splits the markers out before normalizing, which
+        // puts a "▁" after every marker instead of once in front: not what the model saw.
+        let library = tok.inner().encode(chat["text"].as_str().unwrap(), false).unwrap();
+        library_differs += usize::from(library.get_ids() != prepared.ids.as_slice());
+    }
+    assert_eq!(library_differs, reference["chats"].as_array().unwrap().len());
+    for t in reference["texts"].as_array().unwrap() {
+        assert_eq!(tok.encode(t["text"].as_str().unwrap()).unwrap(), ids(&t["ids"]), "{}", t["name"]);
+    }
+}
+
+#[test]
+fn markers_written_in_messages_stay_text_with_a_sentencepiece_tokenizer() {
+    use Role::*;
+    let (p, _) = sentencepiece_fixture();
+    let tok = p.tokenizer().unwrap();
+    let forged = p
+        .prepare(
+            &Input::Messages(msgs(&[(User, "a <extra_id_2> b"), (Assistant, "<extra_id_1>User\nx")])),
+            TruncationPolicy::Error,
+        )
+        .unwrap();
+    let marker = |m: &str| tok.token_id(m).unwrap();
+    let count = |id: u32| forged.ids.iter().filter(|&&t| t == id).count();
+    assert_eq!((count(marker("<extra_id_1>")), count(marker("<extra_id_2>"))), (2, 1));
+    assert_eq!(*forged.ids.last().unwrap(), marker("<extra_id_2>"));
+}

@@ -1,4 +1,5 @@
-//! `arbiter`: serve a reward model over gRPC, score JSON lines, or write the demo model.
+//! `arbiter`: serve a reward model over gRPC, score JSON lines, write the demo model, or convert
+//! NVIDIA's released Nemotron-4-340B-Reward checkpoint into a model folder.
 
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::PathBuf;
@@ -38,6 +39,8 @@ enum Command {
     },
     /// Score a JSON-lines file: one result line per input line, in order.
     Score(ScoreArgs),
+    /// Convert the released Nemotron-4-340B-Reward checkpoint (NeMo/Megatron zarr) into a model folder.
+    Convert(ConvertArgs),
     /// Write the demo model (random weights, real tokenizer) to a folder.
     DemoModel {
         /// Folder to write (created if needed).
@@ -68,6 +71,34 @@ struct ScoreArgs {
     batch_tokens: usize,
 }
 
+/// Flags of `arbiter convert` (docs/convert.md).
+#[derive(clap::Args)]
+struct ConvertArgs {
+    /// The released checkpoint folder: model_config.yaml, model_weights/, the SentencePiece .model file.
+    #[arg(long)]
+    input: PathBuf,
+    /// The model folder to write (new, or empty).
+    #[arg(long)]
+    output: PathBuf,
+    /// The SentencePiece model (default: the file model_config.yaml's tokenizer.model names, in --input).
+    #[arg(long)]
+    tokenizer_model: Option<PathBuf>,
+    /// Python interpreter with the PyPI packages sentencepiece, protobuf and tokenizers, used to
+    /// turn the SentencePiece model into tokenizer.json.
+    #[arg(long, default_value = "python3", conflicts_with_all = ["tokenizer_dir", "weights_only"])]
+    python: PathBuf,
+    /// Folder where scripts/spm_to_tokenizer_json.py already wrote tokenizer.json and
+    /// sentencepiece_reference.json (for machines where the conversion cannot run Python).
+    #[arg(long, conflicts_with = "weights_only")]
+    tokenizer_dir: Option<PathBuf>,
+    /// Write no tokenizer: the folder then scores token ids only.
+    #[arg(long)]
+    weights_only: bool,
+    /// Largest safetensors shard in bytes (a single larger tensor gets a shard of its own).
+    #[arg(long, default_value_t = arbiter_convert::writer::DEFAULT_MAX_SHARD_BYTES)]
+    max_shard_bytes: u64,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
@@ -79,6 +110,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { args, log_format } => serve(*args, log_format),
         Command::Score(args) => score(args),
+        Command::Convert(args) => convert(args),
         Command::DemoModel { out, preset } => write_demo_preset(&out, preset)
             .map(|()| {
                 eprintln!("wrote the demo model to {} ({DEMO_WARNING})", out.display());
@@ -93,6 +125,38 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn convert(args: ConvertArgs) -> Result<ExitCode> {
+    use arbiter_convert::{ConvertOptions, TokenizerSource};
+    let tokenizer = match (args.weights_only, args.tokenizer_dir) {
+        (true, _) => TokenizerSource::None,
+        (false, Some(d)) => TokenizerSource::Dir(d),
+        (false, None) => TokenizerSource::Python(args.python),
+    };
+    let opts = ConvertOptions {
+        input: args.input,
+        output: args.output,
+        tokenizer_model: args.tokenizer_model,
+        tokenizer,
+        max_shard_bytes: args.max_shard_bytes.max(1),
+        progress: true,
+    };
+    let report = arbiter_convert::convert(&opts)
+        .with_context(|| format!("converting {} into {}", opts.input.display(), opts.output.display()))?;
+    let tokenizer = match report.fidelity_checked {
+        0 => "no tokenizer (token ids only)".to_string(),
+        n => format!("tokenizer.json matches SentencePiece on all {n} corpus entries"),
+    };
+    eprintln!(
+        "arbiter: wrote {} ({} tensors, {:.2} GB in {} shard(s); {tokenizer}) in {:.1}s",
+        opts.output.display(),
+        report.tensors,
+        report.bytes as f64 / 1e9,
+        report.shards,
+        report.seconds
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn serve(args: ServeArgs, log_format: LogFormat) -> Result<ExitCode> {

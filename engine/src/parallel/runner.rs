@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::backend::{Backend, HostTensor, StageLink};
+use crate::backend::{Backend, Communicator, HostTensor, StageLink};
 use crate::batch::PackedBatch;
 use crate::error::{EngineError, Result};
 use crate::graph::{check_batch, Model, StageOutput};
@@ -30,6 +30,10 @@ use crate::parallel::wire::{
 use crate::parallel::{Parallelism, RankPlan};
 use crate::spec::ModelSpec;
 use crate::weights::WeightStore;
+
+/// Builds a rank's tensor-parallel communicator from its backend.
+pub type MakeComm<B> =
+    Arc<dyn Fn(&RankPlan, &B) -> Result<Box<dyn Communicator<<B as Backend>::Tensor>>> + Send + Sync>;
 
 /// Where a rank's tensor constructor is published once its backend exists.
 type MakerSlot<T> = Arc<Mutex<Option<MakeTensor<T>>>>;
@@ -178,6 +182,25 @@ impl ParallelEngine {
         B::Tensor: HostTensor + 'static,
         F: Fn(&RankPlan) -> Result<B> + Send + Sync + 'static,
     {
+        Self::load_node_with(dir, par, timeout, make_backend, None, node)
+    }
+
+    /// Like [`ParallelEngine::load_node`], with each rank's tensor-parallel communicator built by
+    /// `make_comm` from its backend (NCCL between GPUs) instead of the in-process one. The ranks
+    /// of a stage call it concurrently, as collective initialisations require.
+    pub fn load_node_with<B, F>(
+        dir: &Path,
+        par: Parallelism,
+        timeout: Duration,
+        make_backend: F,
+        make_comm: Option<MakeComm<B>>,
+        node: Option<NodeWiring>,
+    ) -> Result<Self>
+    where
+        B: Backend + 'static,
+        B::Tensor: HostTensor + 'static,
+        F: Fn(&RankPlan) -> Result<B> + Send + Sync + 'static,
+    {
         let (spec, _) = crate::graph::open_folder(dir)?;
         par.validate(&spec)?;
         let make_backend = Arc::new(make_backend);
@@ -252,6 +275,7 @@ impl ParallelEngine {
             let comm = comms[i].take().expect("one communicator per rank");
             let (dir, make_backend, failure, ready_tx, maker) =
                 (dir.to_path_buf(), make_backend.clone(), failure.clone(), ready_tx.clone(), makers[i].clone());
+            let make_comm = make_comm.clone();
             let spec = spec.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("rank-{}-{}", rank.stage, rank.tp_rank))
@@ -259,7 +283,11 @@ impl ParallelEngine {
                     let loaded = (|| -> Result<Model<B>> {
                         let backend = make_backend(&rank)?;
                         let store = WeightStore::open(&dir)?;
-                        let model = Model::load_rank(spec, &store, backend, rank, Box::new(comm))?;
+                        let comm: Box<dyn Communicator<B::Tensor>> = match &make_comm {
+                            Some(make) => make(&rank, &backend)?,
+                            None => Box::new(comm),
+                        };
+                        let model = Model::load_rank(spec, &store, backend, rank, comm)?;
                         Ok(model)
                     })();
                     let model = match loaded {

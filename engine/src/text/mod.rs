@@ -8,4 +8,4 @@ mod tokenizer;
 pub use chat::{validate_roles, Message, Role};
 pub use jinja::JinjaTemplate;
 pub use prepare::{ChatTemplate, Input, Prepared, Preprocessor, Truncation, TruncationPolicy, NEMOTRON_DEFAULT_SYSTEM};
-pub use tokenizer::TextTokenizer;
+pub use tokenizer::{Segment, TextTokenizer};

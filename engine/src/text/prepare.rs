@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use super::chat::{validate_roles, Message, Role};
 use super::jinja::JinjaTemplate;
-use super::tokenizer::TextTokenizer;
+use super::tokenizer::{Segment, TextTokenizer};
 use crate::error::{EngineError, Result};
 use crate::spec::ModelSpec;
 
@@ -21,9 +21,10 @@ const NEMOTRON_MARKERS: [&str; 3] = ["<extra_id_0>", "<extra_id_1>", "<extra_id_
 #[derive(Debug)]
 pub enum ChatTemplate {
     /// `<extra_id_0>System\n{system}\n<extra_id_1>User\n{user}\n<extra_id_1>Assistant\n{assistant}\n...<extra_id_2>`,
-    /// no BOS/EOS; the score is read at the final `<extra_id_2>`. Each text segment between
-    /// markers is tokenized on its own with special-token strings treated as plain text (so
-    /// message contents cannot forge markers); the markers are their single ids.
+    /// no BOS/EOS; the score is read at the final `<extra_id_2>`. The ids are what NeMo-Aligner
+    /// fed the model, SentencePiece over the whole templated string (see
+    /// [`TextTokenizer::encode_segments`]), except that marker strings written inside messages
+    /// stay plain text, so message contents cannot forge turns; the markers are their single ids.
     NemotronReward {
         /// Ids of `<extra_id_0>`, `<extra_id_1>`, `<extra_id_2>`.
         markers: [u32; 3],
@@ -200,19 +201,23 @@ impl Preprocessor {
                     Some(m) if m.role == Role::System => (m.content.as_str(), &messages[1..]),
                     _ => (NEMOTRON_DEFAULT_SYSTEM, messages),
                 };
-                let mut segments = vec![(0, format!("System\n{system}\n"))];
+                let mut bodies = vec![(0, format!("System\n{system}\n"))];
                 for m in turns {
                     let who = if m.role == Role::User { "User" } else { "Assistant" };
-                    segments.push((1, format!("{who}\n{}\n", m.content)));
+                    bodies.push((1, format!("{who}\n{}\n", m.content)));
                 }
-                segments.push((2, String::new()));
-                let (mut text, mut ids) = (String::new(), Vec::new());
-                for (marker, body) in segments {
-                    text.push_str(NEMOTRON_MARKERS[marker]);
-                    text.push_str(&body);
-                    ids.push(markers[marker]);
-                    ids.extend(tok.encode_plain(&body)?);
+                bodies.push((2, String::new()));
+                let mut text = String::new();
+                let mut segments = Vec::with_capacity(2 * bodies.len());
+                for (marker, body) in &bodies {
+                    text.push_str(NEMOTRON_MARKERS[*marker]);
+                    text.push_str(body);
+                    segments.push(Segment::Token(markers[*marker]));
+                    if !body.is_empty() {
+                        segments.push(Segment::Text(body));
+                    }
                 }
+                let ids = tok.encode_segments(&segments)?;
                 Ok((text, ids))
             }
             ChatTemplate::Jinja(j) => {

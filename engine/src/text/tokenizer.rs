@@ -2,17 +2,34 @@
 
 use std::path::Path;
 
-use tokenizers::Tokenizer;
+use tokenizers::normalizer::Range;
+use tokenizers::{NormalizedString, Normalizer, OffsetType, PreTokenizedString, PreTokenizer, Token, Tokenizer};
 
 use crate::error::{EngineError, Result};
 
-/// A tokenizer with two encoders: one that recognizes special tokens written in the text (for
-/// pre-templated text), and one that treats them as plain text (for message contents, so a user
-/// cannot forge template markers).
+/// Part of an input assembled by a template: text to tokenize, or a token the template places
+/// itself (a marker that message text cannot forge).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Segment<'a> {
+    /// Text, tokenized as part of the whole input; special-token strings in it stay text.
+    Text(&'a str),
+    /// A token id, emitted as is.
+    Token(u32),
+}
+
+/// A tokenizer that encodes like SentencePiece does when the tokenizer has a normalizer: the
+/// whole input is normalized as one string (so a dummy-prefix step applies once, at the very
+/// start), and special tokens are then split out. The `tokenizers` library instead splits
+/// special tokens out first and normalizes each piece on its own, which puts a dummy prefix after
+/// every marker; for the Nemotron reward template that is not what the model was trained on
+/// (NeMo-Aligner calls `SentencePieceProcessor.encode` on the whole templated string, see
+/// docs/convert.md). Tokenizers without a normalizer (byte-level BPE: Llama 3, the demo model)
+/// encode exactly as the library does.
 #[derive(Clone)]
 pub struct TextTokenizer {
-    special: Tokenizer,
-    plain: Tokenizer,
+    inner: Tokenizer,
+    /// Added tokens recognized in text, longest first, with their ids.
+    added: Vec<(String, u32)>,
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -30,51 +47,135 @@ impl TextTokenizer {
                 why: "text and message inputs need the model's tokenizer.json".into(),
             });
         }
-        let special = Tokenizer::from_file(path)
+        let inner = Tokenizer::from_file(path)
             .map_err(|e| EngineError::Tokenizer { path: path.to_path_buf(), message: e.to_string() })?;
-        Ok(Self::from_tokenizer(special))
+        Ok(Self::from_tokenizer(inner))
     }
 
     /// Wraps an already built tokenizer.
-    pub fn from_tokenizer(special: Tokenizer) -> Self {
-        let mut plain = special.clone();
-        plain.set_encode_special_tokens(true);
-        TextTokenizer { special, plain }
+    pub fn from_tokenizer(inner: Tokenizer) -> Self {
+        let mut added: Vec<(String, u32)> =
+            inner.get_added_tokens_decoder().into_iter().map(|(id, t)| (t.content, id)).collect();
+        added.retain(|(s, _)| !s.is_empty());
+        added.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        TextTokenizer { inner, added }
     }
 
     /// Token ids of `text`, special tokens written in it recognized; nothing added (no BOS/EOS).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        Self::ids(&self.special, text)
+        if self.inner.get_normalizer().is_none() {
+            return self
+                .inner
+                .encode(text, false)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| EngineError::InvalidInput(format!("cannot tokenize the text: {e}")));
+        }
+        let mut segments = Vec::new();
+        let (mut start, mut i) = (0, 0);
+        while i < text.len() {
+            match self.added.iter().find(|(s, _)| text[i..].starts_with(s.as_str())) {
+                Some((s, id)) => {
+                    if start < i {
+                        segments.push(Segment::Text(&text[start..i]));
+                    }
+                    segments.push(Segment::Token(*id));
+                    i += s.len();
+                    start = i;
+                }
+                None => i += text[i..].chars().next().map_or(1, char::len_utf8),
+            }
+        }
+        if start < text.len() {
+            segments.push(Segment::Text(&text[start..]));
+        }
+        self.encode_segments(&segments)
     }
 
-    /// Token ids of `text` with special-token strings treated as ordinary text.
-    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
-        Self::ids(&self.plain, text)
-    }
-
-    fn ids(t: &Tokenizer, text: &str) -> Result<Vec<u32>> {
-        t.encode(text, false)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| EngineError::InvalidInput(format!("cannot tokenize the text: {e}")))
+    /// Token ids of segments encoded as one input: the text is normalized as a whole (with the
+    /// tokens' own strings in place), then split at the tokens, pre-tokenized and modelled piece
+    /// by piece. Special-token strings inside [`Segment::Text`] are not recognized.
+    pub fn encode_segments(&self, segments: &[Segment<'_>]) -> Result<Vec<u32>> {
+        let failed = |e: tokenizers::Error| EngineError::InvalidInput(format!("cannot tokenize the text: {e}"));
+        let mut whole = String::new();
+        let mut tokens = Vec::new();
+        for s in segments {
+            match *s {
+                Segment::Text(t) => whole.push_str(t),
+                Segment::Token(id) => {
+                    let content = self.inner.id_to_token(id).ok_or_else(|| {
+                        EngineError::InvalidInput(format!("token id {id} is not in the tokenizer's vocabulary"))
+                    })?;
+                    tokens.push((whole.len()..whole.len() + content.len(), id, content.clone()));
+                    whole.push_str(&content);
+                }
+            }
+        }
+        let mut normalized = NormalizedString::from(whole.as_str());
+        if let Some(n) = self.inner.get_normalizer() {
+            n.normalize(&mut normalized).map_err(failed)?;
+        }
+        // Where each placed token ended up in the normalized string.
+        let mut spans = Vec::with_capacity(tokens.len());
+        for (range, id, content) in tokens {
+            // A prefix the normalizer inserts (SentencePiece's dummy "▁") is aligned with the
+            // first original character, so the converted span may start with it: the token is
+            // its own string inside that span, and what precedes it is text.
+            let rewritten =
+                || EngineError::InvalidInput(format!("the tokenizer's normalizer rewrote the token {content:?}"));
+            let span = normalized.convert_offsets(Range::Original(range.clone())).ok_or_else(rewritten)?;
+            let at = normalized.get()[span.clone()].find(content.as_str()).ok_or_else(rewritten)?;
+            spans.push((span.start + at..span.start + at + content.len(), id, content));
+        }
+        let mut pre = PreTokenizedString::from(normalized);
+        pre.split(|_, n| {
+            let mut pieces = Vec::with_capacity(2 * spans.len() + 1);
+            let mut at = 0;
+            for (span, id, content) in &spans {
+                if at < span.start {
+                    pieces.push((n.slice(Range::Normalized(at..span.start)).expect("in bounds"), None));
+                }
+                let piece = n.slice(Range::Normalized(span.clone())).expect("in bounds");
+                let len = piece.len();
+                pieces.push((piece, Some(vec![Token::new(*id, content.clone(), (0, len))])));
+                at = span.end;
+            }
+            if at < n.len() {
+                pieces.push((n.slice(Range::Normalized(at..n.len())).expect("in bounds"), None));
+            }
+            Ok(pieces)
+        })
+        .map_err(failed)?;
+        if let Some(p) = self.inner.get_pre_tokenizer() {
+            p.pre_tokenize(&mut pre).map_err(failed)?;
+        }
+        let model = self.inner.get_model();
+        pre.tokenize(|n| tokenizers::Model::tokenize(model, n.get())).map_err(failed)?;
+        let encoding = pre.into_encoding(None, 0, OffsetType::Byte).map_err(failed)?;
+        Ok(encoding.get_ids().to_vec())
     }
 
     /// The id of a token, if the vocabulary has it.
     pub fn token_id(&self, token: &str) -> Option<u32> {
-        self.special.token_to_id(token)
+        self.inner.token_to_id(token)
+    }
+
+    /// The string of a token id, if the vocabulary has it.
+    pub fn token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
     }
 
     /// Text of token ids (special tokens kept), for debugging templates.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.special.decode(ids, false).map_err(|e| EngineError::InvalidInput(format!("cannot decode: {e}")))
+        self.inner.decode(ids, false).map_err(|e| EngineError::InvalidInput(format!("cannot decode: {e}")))
     }
 
     /// Number of ids, added tokens included.
     pub fn vocab_size(&self) -> usize {
-        self.special.get_vocab_size(true)
+        self.inner.get_vocab_size(true)
     }
 
     /// The underlying tokenizer.
     pub fn inner(&self) -> &Tokenizer {
-        &self.special
+        &self.inner
     }
 }
