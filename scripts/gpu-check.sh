@@ -62,14 +62,22 @@ export ARBITER_KERNEL_CACHE=${ARBITER_KERNEL_CACHE:-/tmp/arbiter-kernel-cache}
 } | tee "$OUT/gpu-check.md"
 
 echo "== gpu_check (kernels, NCCL, golden fixtures, gpu-1b, throughput)"
-timeout 170 bin/gpu_check --out "$OUT" --fixtures fixtures/golden --work /tmp/arbiter-gpu-check 2>&1 | tee "$OUT/gpu_check.log"
+timeout 150 bin/gpu_check --out "$OUT" --fixtures fixtures/golden --work /tmp/arbiter-gpu-check \
+    --sections ops,nccl,golden,bench-small,gpu1b,throughput 2>&1 | tee "$OUT/gpu_check.log"
 rc=${PIPESTATUS[0]}
 [ "$rc" -eq 0 ] || { echo "gpu_check exited $rc"; status=1; }
 [ -f "$OUT/rust-report.md" ] && cat "$OUT/rust-report.md" >>"$OUT/gpu-check.md"
 
+echo "== gpu_check, model parallelism (TP=2 and TP=2 x PP=2 on one GPU; the 340B rank shape)"
+timeout 60 bin/gpu_check --out "$OUT/parallel" --fixtures fixtures/golden --work /tmp/arbiter-gpu-check \
+    --sections parallel 2>&1 | tee "$OUT/gpu_check_parallel.log"
+rc=${PIPESTATUS[0]}
+[ "$rc" -eq 0 ] || { echo "gpu_check (parallel) exited $rc"; status=1; }
+[ -f "$OUT/parallel/rust-report.md" ] && cat "$OUT/parallel/rust-report.md" >>"$OUT/gpu-check.md"
+
 echo "== transformers comparison"
 if [ -f "$OUT/rust-results.json" ]; then
-    PYTHONUNBUFFERED=1 timeout 90 python3 gpu_hf.py --out "$OUT" 2>&1 | tee "$OUT/hf.log"
+    PYTHONUNBUFFERED=1 timeout 70 python3 gpu_hf.py --out "$OUT" 2>&1 | tee "$OUT/hf.log"
     rc=${PIPESTATUS[0]}
     [ "$rc" -eq 0 ] || { echo "gpu_hf.py exited $rc"; status=1; }
 else

@@ -12,22 +12,28 @@
 //!    scripts/gpu_hf.py to compare with transformers;
 //! 5. throughput on gpu-1b for 2k, 8k and 16k-token batches of lengths drawn with seed 0 from
 //!    32..=2048, with the cuBLASLt bf16 GEMM ceiling measured in the same run; the batches are
-//!    written for the transformers side.
+//!    written for the transformers side;
+//! 6. model parallelism on one GPU (section `parallel`): TP=2 and TP=2 x PP=2 through the
+//!    in-process communicator against TP=1 on a golden fixture; 4 layers of the 340B model cut to
+//!    one TP=8 rank's shape at 8k and 16k tokens, with the fraction of the GEMM ceiling and a
+//!    projection of the full model's tokens/s on 8 GPUs.
 //!
 //! cargo run --release -p arbiter-engine --features cuda --example gpu_check -- \
-//!     --out DIR [--fixtures tests/fixtures/golden] [--work DIR] [--sections ops,nccl,golden,bench-small,gpu1b,throughput]
+//!     --out DIR [--fixtures tests/fixtures/golden] [--work DIR] [--sections ops,nccl,golden,bench-small,gpu1b,throughput,parallel]
 //!
 //! Exits 1 when a check fails, 2 when the check cannot run.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arbiter_engine::backend::{AttnLayout, Backend, HostTensor, MatrixPart};
 use arbiter_engine::cpu::CpuBackend;
 use arbiter_engine::cuda::{bf16_bits, bf16_value, CudaBackend};
+use arbiter_engine::parallel::runner::ParallelEngine;
+use arbiter_engine::parallel::{Parallelism, RankPlan};
 use arbiter_engine::rope;
 use arbiter_engine::spec::{Llama3Scaling, MlpKind, NormKind, RopeSpec};
-use arbiter_engine::synth::{gpu_1b_config, tensor_shapes, write_random_model, SplitMix};
+use arbiter_engine::synth::{gpu_1b_config, nemotron_340b_rank_config, tensor_shapes, write_random_model, SplitMix};
 use arbiter_engine::weights::{Dtype, TensorView};
 use arbiter_engine::{Model, PackedBatch, RewardWeights, Score};
 use serde_json::json;
@@ -91,7 +97,7 @@ fn run() -> Res<bool> {
     let work = PathBuf::from(
         arg("--work").unwrap_or_else(|| std::env::temp_dir().join("arbiter-gpu-check").display().to_string()),
     );
-    let sections = arg("--sections").unwrap_or_else(|| "ops,nccl,golden,bench-small,gpu1b,throughput".into());
+    let sections = arg("--sections").unwrap_or_else(|| "ops,nccl,golden,bench-small,gpu1b,throughput,parallel".into());
     let want = |s: &str| sections.split(',').any(|x| x.trim() == s);
     std::fs::create_dir_all(&out)?;
     std::fs::create_dir_all(&work)?;
@@ -136,6 +142,10 @@ fn run() -> Res<bool> {
             results.insert("throughput".into(), throughput(&mut r, &model)?);
         }
         results.insert("model_dir".into(), json!(model_dir));
+    }
+
+    if want("parallel") {
+        results.insert("parallel".into(), parallel(&mut r, &fixtures, &work)?);
     }
 
     results.insert("failures".into(), json!(r.failures));
@@ -614,6 +624,101 @@ fn throughput(r: &mut Report, model: &Model<CudaBackend>) -> Res<serde_json::Val
         }));
     }
     Ok(json!({ "ceiling_tflops": ceiling, "non_embedding_params": non_embedding, "batches": rows }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Model parallelism on one GPU.
+
+/// Assumed NVLink bandwidth per GPU and direction for the 8-GPU projection (H100/H200 SXM:
+/// NVLink 4, 900 GB/s bidirectional).
+const NVLINK_BYTES_PER_S: f64 = 450e9;
+
+fn cuda_rank(head_dim: usize) -> impl Fn(&RankPlan) -> arbiter_engine::Result<CudaBackend> + Send + Sync + 'static {
+    move |_| {
+        let b = CudaBackend::new(0)?;
+        b.prepare_attention(head_dim)?;
+        Ok(b)
+    }
+}
+
+fn parallel(r: &mut Report, fixtures: &Path, work: &Path) -> Res<serde_json::Value> {
+    r.line("\n## Model parallelism on one GPU: split layouts against TP=1 (in-process communicator)");
+    r.line("| layout / check | error | tolerance | |");
+    r.line("|---|---|---|---|");
+    let dir = fixtures.join("nemotron-v4-gqa");
+    let g = read_golden(&dir)?;
+    let one = Model::load(&dir, CudaBackend::new(0)?)?;
+    let head_dim = one.spec().head_dim;
+    one.backend().prepare_attention(head_dim)?;
+    let batch = PackedBatch::from_sequences(&g.sequences)?;
+    let want = one.forward(&batch)?;
+    for (tp, pp) in [(2, 1), (2, 2)] {
+        let par = Parallelism { tp, pp };
+        let engine = ParallelEngine::load(&dir, par, Duration::from_secs(60), cuda_rank(head_dim))?;
+        let got = engine.forward(&batch)?;
+        let worst =
+            (0..want.len()).max_by(|&a, &b| rel_error(&got[a], &want[a]).total_cmp(&rel_error(&got[b], &want[b])));
+        let i = worst.ok_or("the fixture has no sequences")?;
+        r.check(&format!("nemotron-v4-gqa tp{tp} pp{pp}: worst sequence vs tp1"), &got[i], &want[i], 2e-2);
+    }
+
+    let gpu = CudaBackend::new(0)?;
+    let ceiling = 2.0 * 8192f64.powi(3) / gpu.time_gemm(8192, 8192, 8192, 10)? / 1e12;
+    let dir = work.join("340b-rank");
+    let layers = 4;
+    if !dir.join("model.safetensors").exists() {
+        write_random_model(&dir, &nemotron_340b_rank_config(layers), Dtype::BF16, 11, true)?;
+    }
+    let model = Model::load(&dir, CudaBackend::new(0)?)?;
+    let spec = model.spec().clone();
+    model.backend().prepare_attention(spec.head_dim)?;
+    let non_embedding: usize = tensor_shapes(&spec)
+        .iter()
+        .filter(|(name, _)| !name.contains("embed_tokens"))
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
+    r.line(format!(
+        "\n## 340B at TP=8, one rank's shape ({layers} layers: hidden 18432, 12 query heads + 1 KV head of dim 192, FFN 9216; {non_embedding} parameters)"
+    ));
+    r.line(format!("cuBLASLt bf16 GEMM ceiling (8192^3): {ceiling:.0} TFLOP/s. Projection: 96 layers = {}x this, plus 2 all-reduces of tokens x 18432 bf16 per layer, ring over 8 GPUs at an assumed {:.0} GB/s NVLink per direction, not overlapped.", 96 / layers, NVLINK_BYTES_PER_S / 1e9));
+    r.line("| tokens | median s (4 layers) | TFLOP/s | % of ceiling | projected 340B s per batch (compute + all-reduce) | projected 340B tokens/s on 8 GPUs |");
+    r.line("|---|---|---|---|---|---|");
+    let mut rows = Vec::new();
+    for target in [8192usize, 16384] {
+        let lens = draw_lengths(target, 0);
+        let mut rng = SplitMix::new(target as u64);
+        let seqs: Vec<Vec<u32>> =
+            lens.iter().map(|&n| (0..n).map(|_| (rng.next_u64() % 256) as u32).collect()).collect();
+        let batch = PackedBatch::from_sequences(&seqs)?;
+        model.forward(&batch)?;
+        let mut times = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            model.forward(&batch)?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times[2];
+        let sum_sq: f64 = lens.iter().map(|&n| (n * n) as f64).sum();
+        let flops = 2.0 * non_embedding as f64 * target as f64
+            + 2.0 * layers as f64 * sum_sq * spec.heads as f64 * spec.head_dim as f64;
+        let tflops = flops / median / 1e12;
+        let compute_96 = median * (96 / layers) as f64;
+        let allreduce_bytes = (target * 18432 * 2) as f64;
+        let one_allreduce = 2.0 * 7.0 / 8.0 * allreduce_bytes / NVLINK_BYTES_PER_S;
+        let total = compute_96 + 2.0 * 96.0 * one_allreduce;
+        r.line(format!(
+            "| {target} | {median:.4} | {tflops:.0} | {:.0}% | {total:.3} ({compute_96:.3} + {:.3}) | {:.0} |",
+            100.0 * tflops / ceiling,
+            2.0 * 96.0 * one_allreduce,
+            target as f64 / total
+        ));
+        rows.push(json!({
+            "tokens": target, "median_s": median, "tflops": tflops, "fraction_of_ceiling": tflops / ceiling,
+            "projected_batch_s": total, "projected_tokens_per_s": target as f64 / total,
+        }));
+    }
+    Ok(json!({ "ceiling_tflops": ceiling, "nvlink_bytes_per_s": NVLINK_BYTES_PER_S, "rank_shape": rows }))
 }
 
 #[cfg(test)]

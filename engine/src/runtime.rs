@@ -7,15 +7,14 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, HostTensor};
 use crate::batch::PackedBatch;
 use crate::cpu::CpuBackend;
 use crate::error::{EngineError, Result};
 use crate::graph::{open_folder, Model};
 use crate::parallel::cluster::{join, ClusterConfig};
 use crate::parallel::local::DEFAULT_COLLECTIVE_TIMEOUT;
-use crate::parallel::runner::NodeWiring;
-use crate::parallel::runner::ParallelEngine;
+use crate::parallel::runner::{MakeComm, NodeWiring, ParallelEngine};
 use crate::parallel::{Parallelism, RankPlan};
 use crate::scores::{RewardWeights, Score};
 use crate::spec::ModelSpec;
@@ -165,43 +164,29 @@ impl std::fmt::Debug for LoadedModel {
 
 impl LoadedModel {
     /// Loads the model folder `dir` on the device `opts.device` names, split across ranks as
-    /// `opts.parallel` says (model parallelism runs on CPU ranks only for now).
+    /// `opts.parallel` says.
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         let t = Instant::now();
         let (spec, store) = open_folder(dir)?;
         let fingerprint = fingerprint(dir, &store)?;
         let preprocessor = Preprocessor::from_model_dir(dir, &spec, opts.max_input_tokens)?;
-        let mut worker = None;
         let single = opts.parallel.is_single() && opts.cluster.is_none();
-        let engine: Arc<dyn Engine> = if let Device::Cuda(ordinal) = opts.device {
-            cuda_engine(spec, &store, ordinal, single)?
-        } else if single {
-            Arc::new(Model::from_store(spec, &store, CpuBackend::with_threads(opts.threads)?)?)
-        } else {
-            // CPU ranks share the cores: each gets an equal part of the thread budget.
-            let total = if opts.threads == 0 {
-                std::thread::available_parallelism().map_or(1, |n| n.get())
-            } else {
-                opts.threads
-            };
-            let par = opts.parallel;
-            let nodes = opts.cluster.as_ref().map_or(1, |c| c.nodes);
-            let per_rank = (total * nodes / par.world_size()).max(1);
-            let make = move |_: &RankPlan| CpuBackend::with_threads(per_rank);
-            match &opts.cluster {
-                None => Arc::new(ParallelEngine::load(dir, par, opts.collective_timeout, make)?),
-                Some(cfg) => {
-                    par.validate(&spec)?;
-                    let joined = join(cfg, &par, &fingerprint, None)?;
-                    let (from_prev, to_next) = joined.connect_data(par.tp, cfg.timeout)?;
-                    let wiring = NodeWiring { joined, from_prev, to_next };
-                    let engine =
-                        Arc::new(ParallelEngine::load_node(dir, par, opts.collective_timeout, make, Some(wiring))?);
-                    if cfg.node_rank > 0 {
-                        worker = Some(engine.clone());
-                    }
-                    engine
-                }
+        let (engine, worker): (Arc<dyn Engine>, _) = match opts.device {
+            Device::Cuda(ordinal) => cuda_engine(dir, spec, &store, &fingerprint, ordinal, single, opts)?,
+            Device::Cpu if single => {
+                (Arc::new(Model::from_store(spec, &store, CpuBackend::with_threads(opts.threads)?)?), None)
+            }
+            Device::Cpu => {
+                // CPU ranks share the cores: each gets an equal part of the thread budget.
+                let total = if opts.threads == 0 {
+                    std::thread::available_parallelism().map_or(1, |n| n.get())
+                } else {
+                    opts.threads
+                };
+                let nodes = opts.cluster.as_ref().map_or(1, |c| c.nodes);
+                let per_rank = (total * nodes / opts.parallel.world_size()).max(1);
+                let make = move |_: &RankPlan| CpuBackend::with_threads(per_rank);
+                parallel_engine(dir, &spec, &fingerprint, opts, make, None)?
             }
         };
         Ok(LoadedModel {
@@ -228,24 +213,98 @@ impl LoadedModel {
     }
 }
 
+/// A built engine, and on a worker node the same engine as the worker to drive.
+type Built = (Arc<dyn Engine>, Option<Arc<ParallelEngine>>);
+
+/// A model split across ranks of this process (and, with a cluster, across nodes); on a worker
+/// node the engine is also returned as the worker to drive.
+fn parallel_engine<B, F>(
+    dir: &Path,
+    spec: &ModelSpec,
+    fingerprint: &str,
+    opts: &LoadOptions,
+    make_backend: F,
+    make_comm: Option<MakeComm<B>>,
+) -> Result<Built>
+where
+    B: Backend + 'static,
+    B::Tensor: HostTensor + 'static,
+    F: Fn(&RankPlan) -> Result<B> + Send + Sync + 'static,
+{
+    let par = opts.parallel;
+    par.validate(spec)?;
+    let Some(cfg) = &opts.cluster else {
+        let engine = ParallelEngine::load_node_with(dir, par, opts.collective_timeout, make_backend, make_comm, None)?;
+        return Ok((Arc::new(engine), None));
+    };
+    let joined = join(cfg, &par, fingerprint, None)?;
+    let (from_prev, to_next) = joined.connect_data(par.tp, cfg.timeout)?;
+    let wiring = NodeWiring { joined, from_prev, to_next };
+    let engine = Arc::new(ParallelEngine::load_node_with(
+        dir,
+        par,
+        opts.collective_timeout,
+        make_backend,
+        make_comm,
+        Some(wiring),
+    )?);
+    let worker = (cfg.node_rank > 0).then(|| engine.clone());
+    Ok((engine, worker))
+}
+
 /// The model on the CUDA backend, the attention kernel compiled for its head size up front.
-/// `single`: no tensor/pipeline parallelism was asked for.
+/// Split across ranks, each rank gets its own GPU of this node (`cuda:N` is the first one) and
+/// the ranks of a stage all-reduce through NCCL; stages hand activations on in process, or to
+/// the next node over its data connection.
 #[cfg(feature = "cuda")]
-fn cuda_engine(spec: ModelSpec, store: &WeightStore, ordinal: usize, single: bool) -> Result<Arc<dyn Engine>> {
-    if !single {
-        return Err(EngineError::Backend(format!(
-            "device cuda:{ordinal}: tensor/pipeline parallelism is not wired to the CUDA backend yet; \
-             run with --tp 1 --pp 1 --nodes 1, or on --device cpu"
-        )));
+fn cuda_engine(
+    dir: &Path,
+    spec: ModelSpec,
+    store: &WeightStore,
+    fingerprint: &str,
+    ordinal: usize,
+    single: bool,
+    opts: &LoadOptions,
+) -> Result<Built> {
+    use crate::cuda::nccl::{unique_id, NcclComm};
+    use crate::cuda::CudaBackend;
+    if single {
+        let backend = CudaBackend::new(ordinal)?;
+        backend.prepare_attention(spec.head_dim)?;
+        return Ok((Arc::new(Model::from_store(spec, store, backend)?), None));
     }
-    let backend = crate::cuda::CudaBackend::new(ordinal)?;
-    backend.prepare_attention(spec.head_dim)?;
-    Ok(Arc::new(Model::from_store(spec, store, backend)?))
+    let par = opts.parallel;
+    let first_local_stage = opts.cluster.as_ref().map_or(0, |c| c.stages_of(&par, c.node_rank).start);
+    let head_dim = spec.head_dim;
+    let make_backend = move |r: &RankPlan| {
+        let backend = CudaBackend::new(ordinal + (r.stage - first_local_stage) * par.tp + r.tp_rank)?;
+        backend.prepare_attention(head_dim)?;
+        Ok(backend)
+    };
+    let make_comm: Option<MakeComm<CudaBackend>> = if par.tp > 1 {
+        // One NCCL clique per local stage; its id never leaves this process.
+        let ids = (0..par.pp).map(|_| unique_id()).collect::<Result<Vec<_>>>()?;
+        let timeout = opts.collective_timeout;
+        Some(Arc::new(move |r: &RankPlan, b: &CudaBackend| {
+            Ok(Box::new(NcclComm::new(b, &ids[r.stage], r.tp_rank, par.tp, timeout)?) as Box<_>)
+        }))
+    } else {
+        None
+    };
+    parallel_engine(dir, &spec, fingerprint, opts, make_backend, make_comm)
 }
 
 /// Without the `cuda` feature there is no CUDA backend to build.
 #[cfg(not(feature = "cuda"))]
-fn cuda_engine(_spec: ModelSpec, _store: &WeightStore, ordinal: usize, _single: bool) -> Result<Arc<dyn Engine>> {
+fn cuda_engine(
+    _dir: &Path,
+    _spec: ModelSpec,
+    _store: &WeightStore,
+    _fingerprint: &str,
+    ordinal: usize,
+    _single: bool,
+    _opts: &LoadOptions,
+) -> Result<Built> {
     Err(EngineError::Backend(format!(
         "device cuda:{ordinal}: this arbiter was built without CUDA; rebuild with --features cuda (or use --device cpu)"
     )))

@@ -151,9 +151,36 @@ pub fn gpu_1b_config() -> serde_json::Value {
     c
 }
 
+/// One tensor-parallel rank's share of Nemotron-4-340B at TP=8 as a model of its own: hidden
+/// 18432, 12 query heads and 1 KV head of dim 192, FFN 9216 (73728 / 8), `layers` layers, and a
+/// token vocabulary of 256 (the embedding is not what is measured).
+pub fn nemotron_340b_rank_config(layers: usize) -> serde_json::Value {
+    let mut c = bench_small_config();
+    for (key, value) in [
+        ("hidden_size", 18432),
+        ("intermediate_size", 9216),
+        ("num_hidden_layers", layers),
+        ("num_attention_heads", 12),
+        ("num_key_value_heads", 1),
+        ("head_dim", 192),
+        ("vocab_size", 256),
+    ] {
+        c[key] = serde_json::json!(value);
+    }
+    c
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_340b_rank_shape_is_one_eighth_of_the_340b_layer() {
+        let spec = parse_config(&nemotron_340b_rank_config(4).to_string(), Path::new("r/config.json")).unwrap();
+        assert_eq!((spec.hidden, spec.heads, spec.kv_heads, spec.head_dim, spec.ffn), (18432, 12, 1, 192, 9216));
+        assert_eq!((spec.heads * 8, spec.kv_heads * 8, spec.ffn * 8, spec.layers), (96, 8, 73728, 4));
+        assert_eq!(spec.rope.rotary_dim, 96);
+    }
 
     #[test]
     fn gpu_1b_is_the_size_the_issue_names() {
