@@ -221,7 +221,7 @@ fn cluster(
                     let joined = join(&cfg, &par, "fixture", None)?;
                     let (from_prev, to_next) = joined.connect_data(par.tp, TIMEOUT)?;
                     let wiring = NodeWiring { joined, from_prev, to_next };
-                    ParallelEngine::load_node(dir, par, TIMEOUT, make_backend, Some(wiring))
+                    ParallelEngine::load_node_with(dir, par, TIMEOUT, make_backend, None, Some(wiring))
                 })
             })
             .collect();

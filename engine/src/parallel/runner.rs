@@ -164,30 +164,15 @@ impl ParallelEngine {
         B::Tensor: HostTensor + 'static,
         F: Fn(&RankPlan) -> Result<B> + Send + Sync + 'static,
     {
-        Self::load_node(dir, par, timeout, make_backend, None)
+        Self::load_node_with(dir, par, timeout, make_backend, None, None)
     }
 
-    /// Like [`ParallelEngine::load`], for one node of several: loads only this node's stages,
-    /// links its first and last stage to the neighbouring nodes, and reports to the leader (or,
-    /// on the leader, waits until every worker has loaded).
-    pub fn load_node<B, F>(
-        dir: &Path,
-        par: Parallelism,
-        timeout: Duration,
-        make_backend: F,
-        node: Option<NodeWiring>,
-    ) -> Result<Self>
-    where
-        B: Backend + 'static,
-        B::Tensor: HostTensor + 'static,
-        F: Fn(&RankPlan) -> Result<B> + Send + Sync + 'static,
-    {
-        Self::load_node_with(dir, par, timeout, make_backend, None, node)
-    }
-
-    /// Like [`ParallelEngine::load_node`], with each rank's tensor-parallel communicator built by
-    /// `make_comm` from its backend (NCCL between GPUs) instead of the in-process one. The ranks
-    /// of a stage call it concurrently, as collective initialisations require.
+    /// Like [`ParallelEngine::load`], with two additions. `make_comm`: each rank's
+    /// tensor-parallel communicator is built from its backend (NCCL between GPUs) instead of the
+    /// in-process one; the ranks of a stage call it concurrently, as collective initialisations
+    /// require. `node`: for one node of several, load only this node's stages, link its first
+    /// and last stage to the neighbouring nodes, and report to the leader (or, on the leader,
+    /// wait until every worker has loaded).
     pub fn load_node_with<B, F>(
         dir: &Path,
         par: Parallelism,
