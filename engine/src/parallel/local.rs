@@ -185,14 +185,20 @@ impl<T: HostTensor + Send> StageLink<T> for ChannelLink<T> {
             )),
             RecvTimeoutError::Disconnected => EngineError::Parallel("the previous pipeline stage is gone".into()),
         })?;
-        if data.len() != rows * cols {
-            return Err(EngineError::Parallel(format!(
-                "the previous stage sent {} values for a {rows} x {cols} activation",
-                data.len()
-            )));
-        }
-        (self.make)(&data, rows, cols)
+        rebuild(&self.make, &data, rows, cols, "the previous stage")
     }
+}
+
+/// Rebuilds a received `[rows, cols]` activation on the receiving rank, after checking that
+/// `from` (the sender, for the error) sent that many values.
+pub(crate) fn rebuild<T>(make: &MakeTensor<T>, data: &[f32], rows: usize, cols: usize, from: &str) -> Result<T> {
+    if data.len() != rows * cols {
+        return Err(EngineError::Parallel(format!(
+            "{from} sent {} values for a {rows} x {cols} activation",
+            data.len()
+        )));
+    }
+    make(data, rows, cols)
 }
 
 #[cfg(test)]

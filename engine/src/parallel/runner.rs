@@ -23,7 +23,7 @@ use crate::batch::PackedBatch;
 use crate::error::{EngineError, Result};
 use crate::graph::{check_batch, Model, StageOutput};
 use crate::parallel::cluster::Joined;
-use crate::parallel::local::{channel_link, LocalGroup, MakeTensor};
+use crate::parallel::local::{channel_link, rebuild, LocalGroup, MakeTensor};
 use crate::parallel::wire::{
     decode_batch, decode_f32, encode_batch, encode_f32, expect_frame, read_frame, write_frame, Kind,
 };
@@ -37,6 +37,15 @@ pub type MakeComm<B> =
 
 /// Where a rank's tensor constructor is published once its backend exists.
 type MakerSlot<T> = Arc<Mutex<Option<MakeTensor<T>>>>;
+
+/// A tensor constructor for the rank whose slot this is: links are built before the ranks'
+/// backends exist, so it looks the rank's real constructor up when activations arrive.
+fn deferred_make<T: 'static>(slot: MakerSlot<T>) -> MakeTensor<T> {
+    Arc::new(move |d: &[f32], rows, cols| {
+        let f = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        f.ok_or_else(|| EngineError::Parallel("activations arrived before the stage was loaded".into()))?(d, rows, cols)
+    })
+}
 
 type Reply = SyncSender<Result<Vec<Vec<f32>>>>;
 
@@ -117,21 +126,14 @@ struct TcpLink<T> {
 impl<T: HostTensor + Send> StageLink<T> for TcpLink<T> {
     fn send(&self, t: &T) -> Result<()> {
         let data = t.read_host()?;
-        let cols = if data.is_empty() { 0 } else { data.len() };
         let mut s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
-        write_frame(&mut *s, Kind::Tensor, &encode_f32(1, cols, &data))
+        write_frame(&mut *s, Kind::Tensor, &encode_f32(1, data.len(), &data))
     }
 
     fn recv(&self, rows: usize, cols: usize) -> Result<T> {
         let mut s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
         let (_, _, data) = decode_f32(&expect_frame(&mut *s, Kind::Tensor)?)?;
-        if data.len() != rows * cols {
-            return Err(EngineError::Parallel(format!(
-                "the previous node sent {} values for a {rows} x {cols} activation",
-                data.len()
-            )));
-        }
-        (self.make)(&data, rows, cols)
+        rebuild(&self.make, &data, rows, cols, "the previous node")
     }
 }
 
@@ -211,14 +213,7 @@ impl ParallelEngine {
                 continue; // the next stage, if any, is on another node
             }
             let next = i + par.tp;
-            let slot = makers[next].clone();
-            let make: MakeTensor<B::Tensor> = Arc::new(move |d: &[f32], rows, cols| {
-                let f = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                f.ok_or_else(|| EngineError::Parallel("activations arrived before the stage was loaded".into()))?(
-                    d, rows, cols,
-                )
-            });
-            let (tx, rx) = channel_link(par.pp, timeout, make);
+            let (tx, rx) = channel_link(par.pp, timeout, deferred_make(makers[next].clone()));
             links[i].output = Some(Box::new(tx));
             links[next].input = Some(Box::new(rx));
         }
@@ -227,13 +222,7 @@ impl ParallelEngine {
         if let Some(n) = node {
             let tcp = |stream: TcpStream, slot: MakerSlot<B::Tensor>| -> Box<dyn StageLink<B::Tensor>> {
                 stream.set_read_timeout(Some(timeout)).ok();
-                let make: MakeTensor<B::Tensor> = Arc::new(move |d: &[f32], rows, cols| {
-                    let f = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                    f.ok_or_else(|| EngineError::Parallel("activations arrived before the stage was loaded".into()))?(
-                        d, rows, cols,
-                    )
-                });
-                Box::new(TcpLink { stream: Mutex::new(stream), make })
+                Box::new(TcpLink { stream: Mutex::new(stream), make: deferred_make(slot) })
             };
             let first = 0..par.tp; // local ranks of the first local stage
             let last = ranks.len() - par.tp..ranks.len();
@@ -251,7 +240,7 @@ impl ParallelEngine {
             }
         }
 
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(usize, Result<()>)>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
         let mut jobs = Vec::new();
         let mut threads = Vec::new();
         for (i, (rank, links)) in ranks.iter().copied().zip(links).enumerate() {
@@ -277,12 +266,12 @@ impl ParallelEngine {
                     })();
                     let model = match loaded {
                         Ok(m) => {
-                            let _ = ready_tx.send((i, Ok(())));
+                            let _ = ready_tx.send(Ok(()));
                             m
                         }
                         Err(e) => {
                             let why = failure.set(format!("{} failed to load: {e}", rank.label()));
-                            let _ = ready_tx.send((i, Err(EngineError::Parallel(why))));
+                            let _ = ready_tx.send(Err(EngineError::Parallel(why)));
                             return;
                         }
                     };
@@ -304,8 +293,8 @@ impl ParallelEngine {
         let mut first_error = None;
         for _ in 0..ranks.len() {
             match ready_rx.recv() {
-                Ok((_, Ok(()))) => {}
-                Ok((_, Err(e))) => {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
                     first_error.get_or_insert(e);
                 }
                 Err(_) => {
