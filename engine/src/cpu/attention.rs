@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::simd::{axpy, dot, has_avx512};
+use super::simd::{axpy, dot, isa, Isa};
 use crate::backend::AttnLayout;
 
 #[derive(Clone, Copy)]
@@ -22,14 +22,16 @@ pub fn attention(qkv: &[f32], layout: &AttnLayout, cu_seqlens: &[usize], out: &m
     let tasks: Vec<(usize, usize)> =
         (0..cu_seqlens.len() - 1).flat_map(|s| (0..h).map(move |head| (s, head))).collect();
     let out_ptr = SyncPtr(out.as_mut_ptr());
-    let avx512 = has_avx512();
+    let isa = isa();
     tasks.par_iter().for_each_init(Vec::new, |scores, &(s, head)| {
         let range = cu_seqlens[s]..cu_seqlens[s + 1];
         // SAFETY: task (s, head) writes only rows `range`, columns of `head`; tasks are disjoint.
         unsafe {
             #[cfg(target_arch = "x86_64")]
-            if avx512 {
-                return one_head_avx512(qkv, layout, range, head, out_ptr, scores);
+            match isa {
+                Isa::Avx512 => return one_head_avx512(qkv, layout, range, head, out_ptr, scores),
+                Isa::Avx2Fma => return one_head_avx2(qkv, layout, range, head, out_ptr, scores),
+                Isa::Portable => {}
             }
             one_head(qkv, layout, range, head, out_ptr, scores)
         }
@@ -39,6 +41,21 @@ pub fn attention(qkv: &[f32], layout: &AttnLayout, cu_seqlens: &[usize], out: &m
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
 unsafe fn one_head_avx512(
+    qkv: &[f32],
+    l: &AttnLayout,
+    range: std::ops::Range<usize>,
+    head: usize,
+    out: SyncPtr,
+    scores: &mut Vec<f32>,
+) {
+    one_head(qkv, l, range, head, out, scores)
+}
+
+/// [`one_head`] compiled for AVX2 with FMA: `mul_add` becomes one instruction (on a CPU without
+/// FMA in the baseline target it is otherwise a slow library call), with the same rounding.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn one_head_avx2(
     qkv: &[f32],
     l: &AttnLayout,
     range: std::ops::Range<usize>,

@@ -3,12 +3,12 @@
 //! Every output element is one fused multiply-add chain over `k = 0, 1, ..., K-1` in that order,
 //! whatever the number of rows, the blocking, the thread count or the instruction set. Blocking
 //! over K only stores the running sum to `y` and loads it back, which is exact. That is what
-//! makes a sequence's score bit-identical alone or inside any batch, and the AVX-512 and portable
-//! kernels bit-identical to each other.
+//! makes a sequence's score bit-identical alone or inside any batch, and the AVX-512, AVX2 and
+//! portable kernels bit-identical to each other.
 
 use rayon::prelude::*;
 
-use super::simd::has_avx512;
+use super::simd::{isa, Isa};
 
 /// Output columns per packed panel (two AVX-512 vectors).
 pub const NR: usize = 32;
@@ -73,11 +73,11 @@ unsafe impl Sync for SyncPtr {}
 
 /// `y[m, n] = x[m, k] @ w^T`, using the current rayon pool.
 pub fn matmul(x: &[f32], m: usize, w: &PackedMatrix, y: &mut [f32]) {
-    matmul_with(x, m, w, y, has_avx512())
+    matmul_with(x, m, w, y, isa())
 }
 
-/// [`matmul`] with the AVX-512 kernel (`vector`) or the portable one.
-fn matmul_with(x: &[f32], m: usize, w: &PackedMatrix, y: &mut [f32], vector: bool) {
+/// [`matmul`] with the kernel for `isa` (which the CPU must support).
+fn matmul_with(x: &[f32], m: usize, w: &PackedMatrix, y: &mut [f32], isa: Isa) {
     let (n, k) = (w.n, w.k);
     assert_eq!(x.len(), m * k, "input does not match the matrix's K");
     assert_eq!(y.len(), m * n, "output does not match [m, n]");
@@ -99,7 +99,7 @@ fn matmul_with(x: &[f32], m: usize, w: &PackedMatrix, y: &mut [f32], vector: boo
         let p1 = panels * (t + 1) / tasks;
         // SAFETY: task t writes only columns [p0*NR, p1*NR) ∩ [0, n) of y, disjoint from other
         // tasks; all reads stay inside `a` and `w.data` by construction of the packing.
-        unsafe { panels_task(&a, m, w, y_ptr, p0..p1, vector) };
+        unsafe { panels_task(&a, m, w, y_ptr, p0..p1, isa) };
     });
 }
 
@@ -120,7 +120,7 @@ fn pack_rows(x: &[f32], m: usize, k: usize) -> Vec<f32> {
     a
 }
 
-unsafe fn panels_task(a: &[f32], m: usize, w: &PackedMatrix, y: SyncPtr, panels: std::ops::Range<usize>, vector: bool) {
+unsafe fn panels_task(a: &[f32], m: usize, w: &PackedMatrix, y: SyncPtr, panels: std::ops::Range<usize>, isa: Isa) {
     let (n, k) = (w.n, w.k);
     for m0 in (0..m).step_by(MC) {
         let m1 = (m0 + MC).min(m);
@@ -139,7 +139,7 @@ unsafe fn panels_task(a: &[f32], m: usize, w: &PackedMatrix, y: SyncPtr, panels:
                         accumulate: k0 > 0,
                         ncols,
                     };
-                    tile.run(MR.min(m1 - i0), vector);
+                    tile.run(MR.min(m1 - i0), isa);
                 }
             }
         }
@@ -178,11 +178,13 @@ macro_rules! dispatch_rows {
 }
 
 impl Tile {
-    /// `vector` must only be set where AVX-512 is available.
-    unsafe fn run(&self, rows: usize, vector: bool) {
+    /// `isa` must be supported by this CPU.
+    unsafe fn run(&self, rows: usize, isa: Isa) {
         #[cfg(target_arch = "x86_64")]
-        if vector {
-            return dispatch_rows!(self, rows, avx512);
+        match isa {
+            Isa::Avx512 => return dispatch_rows!(self, rows, avx512),
+            Isa::Avx2Fma => return dispatch_rows!(self, rows, avx2),
+            Isa::Portable => {}
         }
         self.portable(rows)
     }
@@ -238,6 +240,58 @@ impl Tile {
             _mm512_mask_storeu_ps(self.c.add(i * self.ldc + 16), hi, acc1[i]);
         }
     }
+
+    /// AVX2 has 16 vector registers: `R` rows go through in groups of 3 (12 accumulators of
+    /// 8 lanes covering the 32 columns, plus 4 for the panel row).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2<const R: usize>(&self) {
+        let mut i0 = 0;
+        while i0 < R {
+            match R - i0 {
+                1 => self.avx2_rows::<1>(i0),
+                2 => self.avx2_rows::<2>(i0),
+                _ => self.avx2_rows::<3>(i0),
+            }
+            i0 += 3;
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2_rows<const G: usize>(&self, i0: usize) {
+        use std::arch::x86_64::*;
+        const V: usize = NR / 8;
+        // Lanes of output vector v that are real columns (the panel is zero-padded; `c` is not).
+        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let mask: [__m256i; V] =
+            std::array::from_fn(|v| _mm256_cmpgt_epi32(_mm256_set1_epi32(self.ncols as i32 - 8 * v as i32), lanes));
+        let mut acc = [[_mm256_setzero_ps(); V]; G];
+        if self.accumulate {
+            for (g, row) in acc.iter_mut().enumerate() {
+                for (v, a) in row.iter_mut().enumerate() {
+                    *a = _mm256_maskload_ps(self.c.add((i0 + g) * self.ldc + 8 * v), mask[v]);
+                }
+            }
+        }
+        let (mut a, mut b) = (self.a.add(i0), self.b);
+        for _ in 0..self.kc {
+            let bv: [__m256; V] = std::array::from_fn(|v| _mm256_loadu_ps(b.add(8 * v)));
+            for (g, row) in acc.iter_mut().enumerate() {
+                let av = _mm256_broadcast_ss(&*a.add(g));
+                for (v, acc) in row.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(av, bv[v], *acc);
+                }
+            }
+            a = a.add(MR);
+            b = b.add(NR);
+        }
+        for (g, row) in acc.iter().enumerate() {
+            for (v, a) in row.iter().enumerate() {
+                _mm256_maskstore_ps(self.c.add((i0 + g) * self.ldc + 8 * v), mask[v], *a);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -252,6 +306,21 @@ mod tests {
     fn random(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
         (0..n).map(|_| lcg(&mut s)).collect()
+    }
+
+    /// Every kernel this CPU can run (the AVX-512 and AVX2 ones are tested where they exist).
+    fn supported() -> Vec<Isa> {
+        let mut all = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                all.push(Isa::Avx2Fma);
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                all.push(Isa::Avx512);
+            }
+        }
+        all
     }
 
     /// The FMA chain every element must equal, bit for bit.
@@ -275,10 +344,12 @@ mod tests {
             matmul(&x, m, &packed, &mut y);
             let r = reference(&x, m, &w, n, k);
             assert!(y.iter().zip(&r).all(|(a, b)| a.to_bits() == b.to_bits()), "shape {m}x{n}x{k}");
-            let mut yp = vec![f32::NAN; m * n];
             if k > 0 {
-                matmul_with(&x, m, &packed, &mut yp, false);
-                assert!(yp.iter().zip(&r).all(|(a, b)| a.to_bits() == b.to_bits()), "portable {m}x{n}x{k}");
+                for isa in supported() {
+                    let mut yp = vec![f32::NAN; m * n];
+                    matmul_with(&x, m, &packed, &mut yp, isa);
+                    assert!(yp.iter().zip(&r).all(|(a, b)| a.to_bits() == b.to_bits()), "{isa:?} {m}x{n}x{k}");
+                }
             }
         }
     }

@@ -43,16 +43,35 @@ fn tree_sum(mut acc: [f32; LANES]) -> f32 {
     acc[0]
 }
 
-/// Whether the AVX-512 variants of the hot loops may run on this CPU.
-pub fn has_avx512() -> bool {
+/// The widest instruction set the hot loops may use on this CPU. Every variant computes the same
+/// FMA chains in the same order, so results are bit-identical whichever runs; only speed differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512F (16 f32 lanes).
+    Avx512,
+    /// AVX2 with FMA (8 f32 lanes): Zen 1-3, Haswell and later without AVX-512.
+    Avx2Fma,
+    /// Plain Rust; `mul_add` may be a library call where the CPU has no FMA.
+    Portable,
+}
+
+/// [`Isa`] of this CPU, detected once.
+pub fn isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
-        static HAS: std::sync::LazyLock<bool> =
-            std::sync::LazyLock::new(|| std::arch::is_x86_feature_detected!("avx512f"));
-        *HAS
+        static ISA: std::sync::LazyLock<Isa> = std::sync::LazyLock::new(|| {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                Isa::Avx512
+            } else if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                Isa::Avx2Fma
+            } else {
+                Isa::Portable
+            }
+        });
+        *ISA
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
+        Isa::Portable
     }
 }
