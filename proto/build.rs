@@ -8,6 +8,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("arbiter_descriptor.bin"))
+        // Undecodable requests are the caller's fault: INVALID_ARGUMENT, not prost's INTERNAL.
+        .codec_path("crate::codec::ArbiterCodec")
         .compile_protos(&["arbiter/v1/arbiter.proto"], &["."])?;
     println!("cargo:rerun-if-changed=arbiter/v1/arbiter.proto");
     Ok(())

@@ -3,12 +3,17 @@
 # model, then the CPU benchmark's bench-small config), drives it with `arbiter-load` at
 # saturation, and prints the load generator's table for each (served tokens/s over the engine's
 # offline tokens/s on the same inputs). Usage: scripts/bench-serve.sh [seconds] [concurrency]
+# ARBITER_BIN_DIR: run the release binaries in that folder instead of building them here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-20}"
 conc="${2:-32}"
-cargo build --release -q -p arbiter-server
-bin=target/release
+if [ -n "${ARBITER_BIN_DIR:-}" ]; then
+  bin="$ARBITER_BIN_DIR"
+else
+  cargo build --release -q -p arbiter-server
+  bin=target/release
+fi
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(date -u +%F)"

@@ -1,6 +1,8 @@
 //! The service's errors, and the one place where they become gRPC status codes.
 
 use arbiter_engine::EngineError;
+use arbiter_scoring::error::Place;
+use arbiter_scoring::{QueueError, RequestError, ScoreError};
 use tonic::{Code, Status};
 
 /// Why a request (or one item of it) was not answered with a score.
@@ -68,15 +70,37 @@ impl From<ServiceError> for Status {
 
 impl From<EngineError> for ServiceError {
     fn from(e: EngineError) -> Self {
+        ServiceError::from_score(ScoreError::from_engine(e), None)
+    }
+}
+
+impl ServiceError {
+    /// The status of a scoring-core error about the item at `place` (named in the message when
+    /// the caller can fix it).
+    pub fn from_score(e: ScoreError, place: Option<String>) -> Self {
         match e {
-            EngineError::InvalidInput(_) | EngineError::TooLong { .. } | EngineError::InvalidBatch(_) => {
-                ServiceError::InvalidArgument(e.to_string())
+            ScoreError::Invalid(m) => ServiceError::InvalidArgument(match place {
+                Some(p) => format!("{p}: {m}"),
+                None => m,
+            }),
+            ScoreError::Queue(QueueError::Full { depth, capacity }) => ServiceError::QueueFull { depth, capacity },
+            ScoreError::Queue(QueueError::Closed) => ServiceError::Unavailable("the server is shutting down".into()),
+            ScoreError::Queue(QueueError::DeadlineExceeded) => ServiceError::DeadlineExceeded,
+            e @ ScoreError::OutOfMemory(_) => ServiceError::ResourceExhausted(e.to_string()),
+            e @ (ScoreError::Queue(QueueError::EngineStopped) | ScoreError::Engine(_) | ScoreError::Panicked(_)) => {
+                ServiceError::Internal(e.to_string())
             }
-            EngineError::Backend(m) if m.contains("out of memory") => {
-                ServiceError::ResourceExhausted(format!("the batch ran out of memory: {m}; smaller batches may fit"))
-            }
-            other => ServiceError::Internal(other.to_string()),
         }
+    }
+
+    /// The status of a failed request; `items` names its list in messages (`items[3]: ...`).
+    pub fn from_request(e: RequestError, items: &str) -> Self {
+        let place = match e.place {
+            Place::Request => None,
+            Place::Item(i) => Some(format!("{items}[{i}]")),
+            Place::Prompt => Some("prompt".to_string()),
+        };
+        ServiceError::from_score(e.error, place)
     }
 }
 
@@ -118,5 +142,20 @@ mod tests {
         assert_eq!(ServiceError::QueueFull { depth: 1, capacity: 1 }.code(), Code::ResourceExhausted);
         let s: Status = ServiceError::InvalidArgument("x".into()).at("items[2]").into();
         assert_eq!((s.code(), s.message()), (Code::InvalidArgument, "items[2]: x"));
+    }
+
+    #[test]
+    fn core_errors_map_to_codes_naming_the_item() {
+        let at = |place, error| ServiceError::from_request(RequestError { place, error }, "candidates");
+        let s: Status = at(Place::Item(3), ScoreError::Invalid("too long".into())).into();
+        assert_eq!((s.code(), s.message()), (Code::InvalidArgument, "candidates[3]: too long"));
+        let s: Status = at(Place::Prompt, ScoreError::Invalid("no user turn".into())).into();
+        assert_eq!(s.message(), "prompt: no user turn");
+        let full = ScoreError::Queue(QueueError::Full { depth: 4, capacity: 4 });
+        assert_eq!(at(Place::Request, full).code(), Code::ResourceExhausted);
+        assert_eq!(at(Place::Request, QueueError::Closed.into()).code(), Code::Unavailable);
+        assert_eq!(at(Place::Item(0), QueueError::DeadlineExceeded.into()).code(), Code::DeadlineExceeded);
+        let s: Status = at(Place::Item(1), ScoreError::Panicked("bug".into())).into();
+        assert_eq!((s.code(), s.message()), (Code::Internal, "the engine panicked on this batch: bug"));
     }
 }

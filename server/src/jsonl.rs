@@ -5,10 +5,10 @@
 //! and `reward_weights` (`{attribute: weight}` overriding the model's defaults).
 
 use arbiter_engine::demo::DEMO_WARNING;
-use arbiter_engine::scores::Score;
 use arbiter_engine::spec::HeadSpec;
-use arbiter_engine::text::{Input, Message, Prepared, Role, TruncationPolicy};
+use arbiter_engine::text::{Input, Message, Role, TruncationPolicy};
 use arbiter_engine::{EngineError, RewardWeights};
+use arbiter_scoring::ItemScore;
 use serde_json::{json, Map, Value};
 
 /// One parsed item.
@@ -101,7 +101,8 @@ pub fn item_weights(head: &HeadSpec, item: &Item) -> Result<RewardWeights, Engin
 }
 
 /// The JSON result of a scored item.
-pub fn result_json(line: usize, id: Option<&Value>, prepared: &Prepared, score: &Score, demo: bool) -> Value {
+pub fn result_json(line: usize, id: Option<&Value>, scored: &ItemScore, demo: bool) -> Value {
+    let (score, truncation) = (&scored.score, &scored.truncation);
     let mut o = Map::new();
     o.insert("line".into(), json!(line));
     if let Some(id) = id {
@@ -110,15 +111,15 @@ pub fn result_json(line: usize, id: Option<&Value>, prepared: &Prepared, score: 
     let attrs: Map<String, Value> = score.attributes.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
     o.insert("attributes".into(), Value::Object(attrs));
     o.insert("reward".into(), json!(score.reward));
-    o.insert("tokens".into(), json!(prepared.ids.len()));
-    o.insert("truncated".into(), json!(prepared.truncation.truncated()));
-    if prepared.truncation.truncated() {
+    o.insert("tokens".into(), json!(scored.tokens));
+    o.insert("truncated".into(), json!(truncation.truncated()));
+    if truncation.truncated() {
         o.insert(
             "truncation".into(),
             json!({
-                "original_tokens": prepared.truncation.original_tokens,
-                "dropped_messages": prepared.truncation.dropped_messages,
-                "dropped_tokens": prepared.truncation.dropped_tokens,
+                "original_tokens": truncation.original_tokens,
+                "dropped_messages": truncation.dropped_messages,
+                "dropped_tokens": truncation.dropped_tokens,
             }),
         );
     }
@@ -129,7 +130,7 @@ pub fn result_json(line: usize, id: Option<&Value>, prepared: &Prepared, score: 
 }
 
 /// The JSON result of an item that could not be scored.
-pub fn error_json(line: usize, id: Option<&Value>, error: &EngineError) -> Value {
+pub fn error_json(line: usize, id: Option<&Value>, error: &dyn std::fmt::Display) -> Value {
     let mut o = Map::new();
     o.insert("line".into(), json!(line));
     if let Some(id) = id {

@@ -1,13 +1,15 @@
-//! arbiter's service side: request items as JSON lines, the batch scheduler, the gRPC service.
+//! arbiter's front ends over the scoring core (`arbiter-scoring`): the gRPC service, the HTTP
+//! endpoint, JSON lines for `arbiter score`, and the server around them (start-up, metrics, drain).
 #![deny(missing_docs)]
 
 pub mod auth;
-pub mod batcher;
 pub mod error;
+pub mod gate;
 pub mod jsonl;
 pub mod metrics;
 pub mod model_args;
 pub mod openrlhf;
+pub mod refusals;
 pub mod serve;
 pub mod service;
 pub mod testing;

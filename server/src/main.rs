@@ -4,12 +4,14 @@
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use arbiter_engine::demo::{write_demo_preset, DemoPreset, DEMO_WARNING};
-use arbiter_engine::runtime::LoadedModel;
-use arbiter_engine::text::{Prepared, TruncationPolicy};
-use arbiter_engine::{EngineError, RewardWeights};
+use arbiter_engine::spec::HeadSpec;
+use arbiter_engine::text::TruncationPolicy;
+use arbiter_engine::EngineError;
+use arbiter_scoring::{BatchConfig, Item, ItemScore, Options, ScoreError, Scorer, ScorerConfig};
 use arbiter_server::jsonl::{error_json, item_weights, parse_item, result_json};
 use arbiter_server::model_args::ModelArgs;
 use arbiter_server::serve::{start, ServeArgs};
@@ -199,12 +201,18 @@ async fn wait_for_signal() {
     tokio::signal::ctrl_c().await.ok();
 }
 
-/// A line waiting for its batch: prepared, or already failed.
-struct Pending {
+/// One input line: the item to score, or why it cannot be.
+struct Line {
     line: usize,
     id: Option<Value>,
-    item: Result<(Prepared, RewardWeights), EngineError>,
+    item: Result<Item, EngineError>,
 }
+
+/// Lines handed to the scorer together. Several chunks are in flight at once, so the next ones
+/// are tokenized and queued while a batch computes; at most `CHUNKS_IN_FLIGHT * CHUNK_LINES` items
+/// are queued, below the queue's capacity, and the scorer waits for space rather than refuse.
+const CHUNK_LINES: usize = 64;
+const CHUNKS_IN_FLIGHT: usize = 8;
 
 fn score(args: ScoreArgs) -> Result<ExitCode> {
     let model = args.model.load().context("loading the model")?;
@@ -213,7 +221,6 @@ fn score(args: ScoreArgs) -> Result<ExitCode> {
         "--node-rank {} is a pipeline worker: workers run under `arbiter serve`; score on the leader (node 0)",
         args.model.node_rank
     );
-    let demo = model.spec().demo;
     eprintln!(
         "arbiter: model {} (fingerprint {}, {} backend) loaded in {:.2}s",
         model.dir.display(),
@@ -221,7 +228,7 @@ fn score(args: ScoreArgs) -> Result<ExitCode> {
         model.engine.backend_name(),
         model.load_seconds
     );
-    if demo {
+    if model.spec().demo {
         eprintln!("arbiter: warning: {DEMO_WARNING}");
     }
     let reader: Box<dyn BufRead> = if args.input.as_os_str() == "-" {
@@ -230,94 +237,114 @@ fn score(args: ScoreArgs) -> Result<ExitCode> {
         let f = std::fs::File::open(&args.input).with_context(|| format!("opening {}", args.input.display()))?;
         Box::new(BufReader::new(f))
     };
-    let mut out: Box<dyn Write> = match &args.output {
+    let out: Box<dyn Write> = match &args.output {
         Some(p) => {
             Box::new(BufWriter::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?))
         }
         None => Box::new(BufWriter::new(std::io::stdout().lock())),
     };
+    let cfg = ScorerConfig {
+        batch: BatchConfig {
+            max_batch_tokens: args.batch_tokens,
+            queue_capacity: CHUNKS_IN_FLIGHT * CHUNK_LINES,
+            ..BatchConfig::default()
+        },
+        ..ScorerConfig::default()
+    };
+    let scorer = Arc::new(Scorer::start(model, cfg, None).context("starting the engine threads")?);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let result = runtime.block_on(score_lines(&scorer, &args, reader, out));
+    scorer.shutdown();
+    let (scored, failed) = result?;
+    eprintln!("arbiter: {scored} lines scored, {failed} failed");
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// Reads, scores and writes every line in input order; returns (scored, failed) counts.
+async fn score_lines(
+    scorer: &Arc<Scorer>,
+    args: &ScoreArgs,
+    reader: Box<dyn BufRead>,
+    mut out: Box<dyn Write>,
+) -> Result<(usize, usize)> {
+    let head = scorer.model().spec().head.clone();
+    let demo = scorer.model().spec().demo;
     let bar = indicatif::ProgressBar::new_spinner().with_message("scoring");
     bar.set_style(
         indicatif::ProgressStyle::with_template("{spinner} {pos} lines scored, {per_sec}, {elapsed} {msg}")
             .expect("a valid template"),
     );
-
-    let head = model.spec().head.clone();
-    let (mut pending, mut batch_tokens) = (Vec::<Pending>::new(), 0usize);
+    let mut in_flight = std::collections::VecDeque::new();
     let (mut scored, mut failed) = (0usize, 0usize);
-    for (n, line) in reader.lines().enumerate() {
-        let line_no = n + 1;
-        let line = line.with_context(|| format!("reading line {line_no} of {}", args.input.display()))?;
-        if line.trim().is_empty() {
-            continue;
+    let mut write_chunk = |(lines, results): (Vec<Line>, Vec<Result<ItemScore, ScoreError>>)| -> Result<()> {
+        let mut results = results.into_iter();
+        for l in lines {
+            let v = match l.item {
+                Ok(_) => match results.next().expect("one result per item") {
+                    Ok(s) => {
+                        scored += 1;
+                        result_json(l.line, l.id.as_ref(), &s, demo)
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("arbiter: line {}: {e}", l.line);
+                        error_json(l.line, l.id.as_ref(), &e)
+                    }
+                },
+                Err(e) => {
+                    failed += 1;
+                    eprintln!("arbiter: line {}: {e}", l.line);
+                    error_json(l.line, l.id.as_ref(), &e)
+                }
+            };
+            writeln!(out, "{v}").context("writing results")?;
         }
-        let (id, item) = match parse_item(&line) {
-            Ok(item) => {
-                let prepared = model
-                    .preprocessor
-                    .prepare(&item.input, item.truncation.unwrap_or(args.truncation))
-                    .and_then(|p| Ok((p, item_weights(&head, &item)?)));
-                (item.id, prepared)
+        bar.set_position(scored as u64);
+        Ok(())
+    };
+    let mut chunk = Vec::with_capacity(CHUNK_LINES);
+    let mut lines = reader.lines().enumerate();
+    loop {
+        let next = lines.next();
+        if let Some((n, line)) = next.as_ref().map(|(n, l)| (*n, l)) {
+            let line_no = n + 1;
+            let line = line
+                .as_ref()
+                .map_err(|e| anyhow::anyhow!("reading line {line_no} of {}: {e}", args.input.display()))?;
+            if !line.trim().is_empty() {
+                chunk.push(parse_line(line_no, line, &head, args.truncation));
             }
-            Err(e) => (None, Err(e)),
-        };
-        let tokens = item.as_ref().map_or(0, |(p, _)| p.ids.len());
-        if batch_tokens + tokens > args.batch_tokens && batch_tokens > 0 {
-            flush(&model, &mut pending, &mut out, demo, &mut scored, &mut failed)?;
-            bar.set_position(scored as u64);
-            batch_tokens = 0;
         }
-        batch_tokens += tokens;
-        pending.push(Pending { line: line_no, id, item });
+        if chunk.len() == CHUNK_LINES || (next.is_none() && !chunk.is_empty()) {
+            let lines = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_LINES));
+            let items: Vec<Item> = lines.iter().filter_map(|l| l.item.as_ref().ok().cloned()).collect();
+            let s = scorer.clone();
+            let opts = Options { deadline: None, wait_for_space: true };
+            in_flight.push_back(tokio::spawn(async move { (lines, s.score_each(items, opts).await) }));
+            if in_flight.len() == CHUNKS_IN_FLIGHT {
+                write_chunk(in_flight.pop_front().expect("a chunk in flight").await?)?;
+            }
+        }
+        if next.is_none() {
+            break;
+        }
     }
-    flush(&model, &mut pending, &mut out, demo, &mut scored, &mut failed)?;
+    while let Some(chunk) = in_flight.pop_front() {
+        write_chunk(chunk.await?)?;
+    }
     out.flush().context("writing results")?;
     bar.finish_and_clear();
-    eprintln!("arbiter: {scored} lines scored, {failed} failed");
-    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok((scored, failed))
 }
 
-/// Scores the pending lines as one packed batch and writes every line's result in order.
-fn flush(
-    model: &LoadedModel,
-    pending: &mut Vec<Pending>,
-    out: &mut dyn Write,
-    demo: bool,
-    scored: &mut usize,
-    failed: &mut usize,
-) -> Result<()> {
-    let ok: Vec<&(Prepared, RewardWeights)> = pending.iter().filter_map(|p| p.item.as_ref().ok()).collect();
-    let scores = if ok.is_empty() {
-        Ok(Vec::new())
-    } else {
-        model.score(&ok.iter().map(|(p, _)| p).collect::<Vec<_>>(), &ok.iter().map(|(_, w)| w).collect::<Vec<_>>())
-    };
-    let mut scores = match scores {
-        Ok(s) => s.into_iter(),
-        Err(e) => {
-            // The batch failed as a whole: every line in it gets the error, the file goes on.
-            let msg = e.to_string();
-            for p in pending.iter_mut() {
-                if p.item.is_ok() {
-                    p.item = Err(EngineError::Backend(msg.clone()));
-                }
-            }
-            Vec::new().into_iter()
+/// Parses one input line into the item to score, with its truncation policy and weights.
+fn parse_line(line: usize, text: &str, head: &HeadSpec, default_truncation: TruncationPolicy) -> Line {
+    match parse_item(text) {
+        Ok(item) => {
+            let weights = item_weights(head, &item);
+            let truncation = item.truncation.unwrap_or(default_truncation);
+            Line { line, id: item.id, item: weights.map(|w| Item { input: item.input, truncation, weights: Some(w) }) }
         }
-    };
-    for p in pending.drain(..) {
-        let v = match &p.item {
-            Ok((prepared, _)) => {
-                *scored += 1;
-                result_json(p.line, p.id.as_ref(), prepared, &scores.next().expect("one score per prepared item"), demo)
-            }
-            Err(e) => {
-                *failed += 1;
-                eprintln!("arbiter: line {}: {e}", p.line);
-                error_json(p.line, p.id.as_ref(), e)
-            }
-        };
-        writeln!(out, "{v}").context("writing results")?;
+        Err(e) => Line { line, id: None, item: Err(e) },
     }
-    Ok(())
 }

@@ -6,30 +6,15 @@ use std::net::SocketAddr;
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
+// What the scoring core records (queue, batches, tokenization); named there.
+pub use arbiter_scoring::metrics::{
+    BATCH_FAILURES, BATCH_SIZE, BATCH_TOKENS, DROPPED, INFERENCE_SECONDS, ITEMS, QUEUE_DEPTH, QUEUE_SECONDS,
+    TOKENIZE_SECONDS, TOKENS,
+};
 /// Requests by RPC and final status code (`rpc`, `code` labels).
 pub const REQUESTS: &str = "arbiter_requests_total";
-/// Items (sequences) scored.
-pub const ITEMS: &str = "arbiter_items_scored_total";
-/// Tokens scored.
-pub const TOKENS: &str = "arbiter_tokens_scored_total";
-/// Items dropped before compute (`reason`: cancelled, deadline).
-pub const DROPPED: &str = "arbiter_dropped_total";
-/// Seconds an item waited for its batch.
-pub const QUEUE_SECONDS: &str = "arbiter_queue_seconds";
-/// Seconds spent templating and tokenizing a request.
-pub const TOKENIZE_SECONDS: &str = "arbiter_tokenize_seconds";
-/// Seconds of one batch's forward pass.
-pub const INFERENCE_SECONDS: &str = "arbiter_inference_seconds";
 /// Seconds from receipt to reply, by RPC.
 pub const REQUEST_SECONDS: &str = "arbiter_request_seconds";
-/// Sequences per batch.
-pub const BATCH_SIZE: &str = "arbiter_batch_size";
-/// Tokens per batch.
-pub const BATCH_TOKENS: &str = "arbiter_batch_tokens";
-/// Items waiting for a batch.
-pub const QUEUE_DEPTH: &str = "arbiter_queue_depth";
-/// Batches that failed (`code` label).
-pub const BATCH_FAILURES: &str = "arbiter_batch_failures_total";
 /// Seconds the model took to load.
 pub const MODEL_LOAD_SECONDS: &str = "arbiter_model_load_seconds";
 /// 1 while the server reports SERVING.
@@ -65,7 +50,7 @@ fn describe() {
     describe_counter!(ITEMS, "Items (sequences) scored.");
     describe_counter!(TOKENS, "Tokens scored.");
     describe_counter!(DROPPED, "Items dropped before compute: client gone or deadline passed.");
-    describe_counter!(BATCH_FAILURES, "Batches whose forward pass failed.");
+    describe_counter!(BATCH_FAILURES, "Batches whose forward pass failed, by reason.");
     describe_histogram!(QUEUE_SECONDS, Unit::Seconds, "Time an item waited for its batch.");
     describe_histogram!(TOKENIZE_SECONDS, Unit::Seconds, "Templating and tokenization time of a request.");
     describe_histogram!(INFERENCE_SECONDS, Unit::Seconds, "Forward pass time of a batch.");

@@ -1,4 +1,4 @@
-//! OpenRLHF's remote reward protocol over HTTP, through the same batcher as gRPC.
+//! OpenRLHF's remote reward protocol over HTTP, through the same gate and scoring core as gRPC.
 //!
 //! `POST /get_reward` (or `/`) with `{"query": [...], "prompts": [...], "labels": [...]}` answers
 //! `{"rewards": [...], "scores": [...], "extra_logs": {attribute: [...]}}`.
@@ -14,6 +14,7 @@
 use std::net::SocketAddr;
 
 use arbiter_engine::text::{Input, Message, Role};
+use arbiter_scoring::{Item, Options};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -23,7 +24,7 @@ use axum::Router;
 use serde_json::{json, Map, Value};
 
 use crate::error::ServiceError;
-use crate::service::Service;
+use crate::gate::Gate;
 
 /// How a query becomes an input of the reward model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -45,21 +46,21 @@ pub struct Settings {
 
 #[derive(Clone)]
 struct AppState {
-    service: Service,
+    gate: Gate,
     settings: Settings,
 }
 
 /// Serves the endpoint on `addr` until `shutdown` resolves.
 pub async fn serve(
     addr: SocketAddr,
-    service: Service,
+    gate: Gate,
     settings: Settings,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<SocketAddr> {
     let app = Router::new()
         .route("/get_reward", post(handle))
         .route("/", post(handle))
-        .with_state(AppState { service, settings });
+        .with_state(AppState { gate, settings });
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     tokio::spawn(async move {
@@ -94,8 +95,9 @@ fn strings(v: &Value, field: &str) -> Result<Vec<String>, String> {
         .collect()
 }
 
-/// Turns a request body into reward-model inputs, or says what is wrong with it.
-pub fn inputs(body: &[u8], settings: &Settings) -> Result<Vec<(String, Input)>, String> {
+/// Turns a request body into reward-model inputs (one per query, in order), or says what is
+/// wrong with it.
+pub fn inputs(body: &[u8], settings: &Settings) -> Result<Vec<Input>, String> {
     let v: Value = serde_json::from_slice(body).map_err(|e| format!("the body is not valid JSON: {e}"))?;
     let obj = v.as_object().ok_or("the body must be a JSON object with \"query\" and \"prompts\"")?;
     let query = strings(obj.get("query").ok_or("missing \"query\"")?, "query")?;
@@ -109,7 +111,7 @@ pub fn inputs(body: &[u8], settings: &Settings) -> Result<Vec<(String, Input)>, 
         }
     }
     match settings.mode {
-        Mode::Raw => Ok(query.into_iter().enumerate().map(|(i, q)| (format!("query[{i}]"), Input::Text(q))).collect()),
+        Mode::Raw => Ok(query.into_iter().map(Input::Text).collect()),
         Mode::Split => {
             let prompts =
                 strings(obj.get("prompts").ok_or("missing \"prompts\" (needed to split queries)")?, "prompts")?;
@@ -128,7 +130,7 @@ pub fn inputs(body: &[u8], settings: &Settings) -> Result<Vec<(String, Input)>, 
                         response = r.trim_end();
                     }
                     let conv = vec![Message::new(Role::User, p), Message::new(Role::Assistant, response)];
-                    Ok((format!("query[{i}]"), Input::Messages(conv)))
+                    Ok(Input::Messages(conv))
                 })
                 .collect()
         }
@@ -140,17 +142,45 @@ async fn handle(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
         Ok(i) => i,
         Err(m) => return reject(StatusCode::BAD_REQUEST, m),
     };
-    match state.service.score_http(&headers, inputs).await {
-        Ok((rewards, attributes, warning)) => {
-            let logs: Map<String, Value> = attributes.into_iter().map(|(k, v)| (k, json!(v))).collect();
-            let mut body = json!({"rewards": rewards, "scores": rewards, "extra_logs": logs});
-            if !warning.is_empty() {
-                body["warning"] = json!(warning); // the demo model's scores are meaningless
-            }
-            axum::Json(body).into_response()
-        }
+    let metadata = tonic::metadata::MetadataMap::from_headers(headers);
+    let answer = state
+        .gate
+        .run("OpenRLHF", &metadata, None, |ready| async move {
+            ready.check_count(inputs.len(), "queries")?;
+            let truncation = ready.limits.default_truncation;
+            let items = inputs.into_iter().map(|input| Item::new(input, truncation)).collect();
+            let scored = ready
+                .scorer
+                .score(items, Options::default())
+                .await
+                .map_err(|e| ServiceError::from_request(e, "query"))?;
+            Ok(body_json(&ready, scored))
+        })
+        .await;
+    match answer {
+        Ok(body) => axum::Json(body).into_response(),
         Err(e) => reject(http_status(&e), e.to_string()),
     }
+}
+
+/// `{"rewards", "scores", "extra_logs": {attribute: [...]}}` (and the demo model's warning).
+fn body_json(ready: &crate::gate::Ready, scored: arbiter_scoring::Scored) -> Value {
+    let rewards: Vec<f32> = scored.items.iter().map(|s| s.score.reward).collect();
+    let head = &ready.scorer.model().spec().head;
+    let logs: Map<String, Value> = head
+        .exposed
+        .iter()
+        .enumerate()
+        .map(|(k, &i)| {
+            (head.labels[i].clone(), json!(scored.items.iter().map(|s| s.score.attributes[k].1).collect::<Vec<_>>()))
+        })
+        .collect();
+    let mut body = json!({"rewards": rewards, "scores": rewards, "extra_logs": logs});
+    let warning = ready.warning();
+    if !warning.is_empty() {
+        body["warning"] = json!(warning); // the demo model's scores are meaningless
+    }
+    body
 }
 
 #[cfg(test)]
@@ -166,7 +196,7 @@ mod tests {
         let body = json!({"query": ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n"],
                           "prompts": ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"], "labels": ["x"]});
         let got = inputs(body.to_string().as_bytes(), &split()).unwrap();
-        let Input::Messages(m) = &got[0].1 else { panic!("messages") };
+        let Input::Messages(m) = &got[0] else { panic!("messages") };
         assert_eq!(m[0].content, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
         assert_eq!(m[1].content, "hello");
     }
@@ -192,6 +222,6 @@ mod tests {
     fn raw_mode_scores_the_query_as_text() {
         let s = Settings { mode: Mode::Raw, eot: vec![] };
         let got = inputs(br#"{"query": ["<x>text"]}"#, &s).unwrap();
-        assert_eq!(got[0].1, Input::Text("<x>text".into()));
+        assert_eq!(got[0], Input::Text("<x>text".into()));
     }
 }

@@ -14,10 +14,11 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 use crate::auth::BearerAuth;
-use crate::batcher::{BatchConfig, Batcher};
+use crate::gate::{Gate, Lifecycle, Ready, RequestLimits};
 use crate::metrics as m;
 use crate::model_args::ModelArgs;
-use crate::service::{Lifecycle, Ready, RequestLimits, Service};
+use crate::service::Service;
+use arbiter_scoring::{BatchConfig, Scorer, ScorerConfig};
 
 /// Flags of `arbiter serve`; each also reads an environment variable.
 #[derive(Debug, Clone, clap::Args)]
@@ -148,12 +149,12 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
         .build_v1alpha()?;
 
     let lifecycle = Arc::new(Lifecycle::default());
-    let service = Service::new(lifecycle.clone(), BearerAuth::new(args.auth_token.as_deref()));
-    let reward = RewardServiceServer::new(service.clone())
+    let gate = Gate::new(lifecycle.clone(), BearerAuth::new(args.auth_token.as_deref()));
+    let reward = RewardServiceServer::new(Service::new(gate.clone()))
         .max_decoding_message_size(args.max_message_bytes)
         .max_encoding_message_size(args.max_message_bytes);
 
-    let mut builder = Server::builder();
+    let mut builder = Server::builder().layer(crate::refusals::RefusalLayer);
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         let cert = std::fs::read(cert).with_context(|| format!("reading --tls-cert {}", cert.display()))?;
         let key = std::fs::read(key).with_context(|| format!("reading --tls-key {}", key.display()))?;
@@ -174,7 +175,7 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
         Some(a) => {
             let settings = crate::openrlhf::Settings { mode: args.openrlhf_mode, eot: args.openrlhf_eot.clone() };
             let mut rx = grpc_stop_tx.subscribe();
-            let bound = crate::openrlhf::serve(a, service.clone(), settings, async move {
+            let bound = crate::openrlhf::serve(a, gate.clone(), settings, async move {
                 rx.wait_for(|s| *s).await.ok();
             })
             .await
@@ -188,7 +189,7 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
     // A model-parallel rank that fails breaks the engine for good: report NOT_SERVING (by
     // draining), answer what can be answered, and exit with the reason instead of hanging.
     let fatal: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
-    let on_fatal: crate::batcher::OnFatal = {
+    let on_fatal: arbiter_scoring::queue::OnFatal = {
         let (fatal, stop) = (fatal.clone(), stop_tx.clone());
         Arc::new(move |why: String| {
             tracing::error!(error = %why, "the engine failed; stopping (NOT_SERVING)");
@@ -232,14 +233,14 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
                 return Ok(());
             }
         };
-        service.set_ready(ready.clone());
+        gate.set_ready(ready.clone());
         health.set_service_status("", ServingStatus::Serving).await;
         health.set_service_status(SERVICE_NAME, ServingStatus::Serving).await;
         metrics::gauge!(m::READY).set(1.0);
         tracing::info!(%addr, "SERVING");
         {
             // A node lost while idle must stop the server too, not only one found by a batch.
-            let (engine, mut stop) = (ready.model.engine.clone(), stop_rx.clone());
+            let (engine, mut stop) = (ready.scorer.model().engine.clone(), stop_rx.clone());
             tokio::spawn(async move {
                 loop {
                     tokio::select! {
@@ -276,8 +277,8 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
         if tokio::time::timeout(left, grpc).await.is_err() {
             tracing::warn!("connections still open after the grace period; closing them");
         }
-        let batcher_done = tokio::task::spawn_blocking(move || ready.batcher.shutdown());
-        batcher_done.await.ok();
+        let scorer_done = tokio::task::spawn_blocking(move || ready.scorer.shutdown());
+        scorer_done.await.ok();
         if let Some(why) = fatal.lock().unwrap_or_else(|e| e.into_inner()).take() {
             anyhow::bail!("stopped because the engine failed: {why}");
         }
@@ -306,11 +307,11 @@ async fn load_model(args: &ServeArgs) -> anyhow::Result<arbiter_engine::runtime:
     Ok(model)
 }
 
-/// Starts the batcher and runs the warm-up batch.
+/// Runs the warm-up batch and starts the scoring core.
 async fn prepare(
     args: &ServeArgs,
     model: arbiter_engine::runtime::LoadedModel,
-    on_fatal: crate::batcher::OnFatal,
+    on_fatal: arbiter_scoring::queue::OnFatal,
 ) -> anyhow::Result<Arc<Ready>> {
     use anyhow::Context;
     let cfg = BatchConfig {
@@ -330,17 +331,14 @@ async fn prepare(
         })?;
         tracing::info!(tokens, seconds = t.elapsed().as_secs_f64(), "warm-up batch done");
     }
-    let batcher = Batcher::start(model.engine.clone(), cfg, on_fatal).context("starting the engine threads")?;
-    let tokenizers = rayon::ThreadPoolBuilder::new()
-        .num_threads(args.tokenization_workers.max(1))
-        .thread_name(|i| format!("arbiter-tokenize-{i}"))
-        .build()?;
+    let scorer_cfg = ScorerConfig { batch: cfg, tokenization_workers: args.tokenization_workers.max(1) };
+    let scorer = Scorer::start(model, scorer_cfg, Some(on_fatal)).context("starting the engine threads")?;
     let limits = RequestLimits {
         max_items_per_request: args.max_items_per_request.max(1),
         max_message_bytes: args.max_message_bytes,
         default_truncation: args.truncation,
     };
-    Ok(Arc::new(Ready { model, batcher, tokenizers, limits }))
+    Ok(Arc::new(Ready { scorer, limits }))
 }
 
 /// One batch as large as the limits allow: full-length sequences up to the token budget.

@@ -1,211 +1,73 @@
-//! The `arbiter.v1.RewardService` implementation: validation, tokenization on worker threads,
-//! the batcher, and results back in request order.
+//! The `arbiter.v1.RewardService`: translates proto messages into the scoring core's items and
+//! its results back into proto messages. Admission, auth, deadlines and outcome metrics come
+//! from the [`Gate`]; queueing, batching and scoring from the core ([`arbiter_scoring`]).
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
-use arbiter_engine::demo::DEMO_WARNING;
-use arbiter_engine::runtime::LoadedModel;
-use arbiter_engine::text::{validate_roles, ChatTemplate, Input, Message, Prepared, Role, TruncationPolicy};
-use arbiter_engine::{RewardWeights, Score};
+use arbiter_engine::text::{ChatTemplate, Input, Message, Role, Truncation, TruncationPolicy};
+use arbiter_engine::RewardWeights;
 use arbiter_proto::v1 as pb;
+use arbiter_scoring::{Item, ItemScore, Options, Scored};
 use pb::reward_service_server::RewardService;
 use tokio_stream::{Stream, StreamExt};
-use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::auth::BearerAuth;
-use crate::batcher::{Batcher, WorkItem};
 use crate::error::ServiceError;
+use crate::gate::{Gate, Ready};
 use crate::metrics as m;
 
-/// Request limits that are not the batcher's.
-#[derive(Debug, Clone, Copy)]
-pub struct RequestLimits {
-    /// Items per Score request, candidates per Rank request.
-    pub max_items_per_request: usize,
-    /// Largest request message in bytes.
-    pub max_message_bytes: usize,
-    /// Policy for requests that leave truncation unspecified.
-    pub default_truncation: TruncationPolicy,
-}
-
-/// Everything a ready server needs to answer requests.
-pub struct Ready {
-    /// The model.
-    pub model: LoadedModel,
-    /// The queue and engine thread.
-    pub batcher: Batcher,
-    /// Tokenization workers.
-    pub tokenizers: rayon::ThreadPool,
-    /// Limits.
-    pub limits: RequestLimits,
-}
-
-/// Whether the server takes requests, and how many it is answering.
-#[derive(Debug, Default)]
-pub struct Lifecycle {
-    draining: AtomicBool,
-    in_flight: AtomicUsize,
-}
-
-impl Lifecycle {
-    /// Stops admitting requests; those already admitted are still answered.
-    pub fn start_draining(&self) {
-        self.draining.store(true, Ordering::SeqCst);
-    }
-
-    /// Whether the server is draining.
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::SeqCst)
-    }
-
-    /// Requests admitted and not yet answered.
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::SeqCst)
-    }
-
-    fn admit(self: &Arc<Self>) -> Result<InFlight, ServiceError> {
-        // Count first, then check: a request either sees the drain flag or is counted before
-        // the drain loop reads the count.
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
-        let guard = InFlight(self.clone());
-        if self.is_draining() {
-            return Err(ServiceError::Unavailable("the server is shutting down; retry on another replica".into()));
-        }
-        Ok(guard)
-    }
-}
-
-/// Decrements the in-flight count when a request is answered (or dropped).
-struct InFlight(Arc<Lifecycle>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// The gRPC service. It exists before the model is loaded so that health and reflection answer
-/// during loading; until then every RPC gets UNAVAILABLE.
+/// The gRPC service.
 #[derive(Clone)]
 pub struct Service {
-    ready: Arc<OnceLock<Arc<Ready>>>,
-    lifecycle: Arc<Lifecycle>,
-    auth: BearerAuth,
-    next_id: Arc<AtomicU64>,
-}
-
-/// Records a request's outcome exactly once: when it finishes, or as CANCELLED (DEADLINE_EXCEEDED
-/// past its deadline) if its future is dropped first, as tonic does when the client goes away.
-struct Outcome {
-    rpc: &'static str,
-    start: Instant,
-    deadline: Option<Instant>,
-    done: bool,
-}
-
-impl Outcome {
-    fn finish(&mut self, code: tonic::Code) {
-        self.done = true;
-        m::record_request(self.rpc, code, self.start.elapsed().as_secs_f64());
-    }
-}
-
-impl Drop for Outcome {
-    fn drop(&mut self) {
-        if !self.done {
-            let code = match self.deadline {
-                Some(d) if Instant::now() >= d => tonic::Code::DeadlineExceeded,
-                _ => tonic::Code::Cancelled,
-            };
-            tracing::info!(rpc = self.rpc, code = crate::error::code_name(code), "abandoned by the client");
-            self.finish(code);
-        }
-    }
+    gate: Gate,
 }
 
 impl Service {
-    /// A service that answers UNAVAILABLE until [`Service::set_ready`]; with a token in `auth`,
-    /// every RPC needs it (health, reflection and metrics are separate and stay open).
-    pub fn new(lifecycle: Arc<Lifecycle>, auth: BearerAuth) -> Self {
-        Service { ready: Arc::new(OnceLock::new()), lifecycle, auth, next_id: Arc::new(AtomicU64::new(1)) }
+    /// The gRPC front end behind `gate`.
+    pub fn new(gate: Gate) -> Self {
+        Service { gate }
     }
 
-    /// Makes the service answer with `ready`.
-    pub fn set_ready(&self, ready: Arc<Ready>) {
-        self.ready.set(ready).ok();
-    }
-
-    fn ready(&self) -> Result<Arc<Ready>, ServiceError> {
-        self.ready.get().cloned().ok_or_else(|| ServiceError::Unavailable("the model is still loading".into()))
-    }
-
-    fn request_id<T>(&self, req: &Request<T>) -> String {
-        req.metadata()
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .map(|s| s.chars().take(64).collect())
-            .unwrap_or_else(|| format!("r{}", self.next_id.fetch_add(1, Ordering::Relaxed)))
-    }
-
-    /// Runs `f` as one request: auth, admission, the deadline, the outcome metric and a log line.
-    /// Every way in (unary RPCs, stream messages, HTTP) goes through here.
-    async fn run<R, F, Fut>(
-        &self,
-        rpc: &'static str,
-        metadata: &MetadataMap,
-        deadline: Option<Instant>,
-        f: F,
-    ) -> Result<R, ServiceError>
-    where
-        F: FnOnce(Arc<Ready>) -> Fut,
-        Fut: std::future::Future<Output = Result<R, ServiceError>>,
-    {
-        let start = Instant::now();
-        let mut outcome = Outcome { rpc, start, deadline, done: false };
-        let result = async {
-            self.auth.check(metadata)?;
-            let _guard = self.lifecycle.admit()?;
-            let work = f(self.ready()?);
-            match deadline {
-                // tonic's own grpc-timeout layer answers CANCELLED when it fires; answer
-                // DEADLINE_EXCEEDED first, as the gRPC spec has it.
-                Some(d) => tokio::time::timeout_at(d.checked_sub(DEADLINE_MARGIN).unwrap_or(d).into(), work)
-                    .await
-                    .unwrap_or(Err(ServiceError::DeadlineExceeded)),
-                None => work.await,
-            }
-        }
-        .await;
-        let code = result.as_ref().map_or_else(|e| e.code(), |_| tonic::Code::Ok);
-        outcome.finish(code);
-        match &result {
-            Ok(_) => tracing::info!(ms = start.elapsed().as_secs_f64() * 1e3, "ok"),
-            Err(e) => tracing::info!(code = crate::error::code_name(code), error = %e, "failed"),
-        }
-        result
-    }
-
-    /// A unary RPC: [`Service::run`] inside a span carrying the request id.
+    /// A unary RPC: [`Gate::run`] inside a span carrying the request id.
     async fn handle<T, F, Fut>(&self, rpc: &'static str, req: Request<T>, f: F) -> Result<Response<T::Out>, Status>
     where
         T: Payload,
         F: FnOnce(Arc<Ready>, T, Option<Instant>) -> Fut,
         Fut: std::future::Future<Output = Result<T::Out, ServiceError>>,
     {
-        let span = tracing::info_span!("request", request_id = %self.request_id(&req), rpc);
+        mark_handled(&req);
+        let span = tracing::info_span!("request", request_id = %self.gate.request_id(req.metadata()), rpc);
         let deadline = grpc_deadline(&req, Instant::now());
         let (metadata, _, msg) = req.into_parts();
-        self.run(rpc, &metadata, deadline, |ready| f(ready, msg, deadline))
+        self.gate
+            .run(rpc, &metadata, deadline, |ready| f(ready, msg, deadline))
             .instrument(span)
             .await
             .map(Response::new)
             .map_err(Status::from)
+    }
+}
+
+/// Tells the refusal layer that this request reached its handler, which records its outcome.
+fn mark_handled<T>(req: &Request<T>) {
+    if let Some(h) = req.extensions().get::<crate::refusals::Handled>() {
+        h.mark();
+    }
+}
+
+/// The status that ends a stream whose next message could not be read, if the client sent
+/// something wrong (too large, undecodable) rather than going away.
+fn stream_refusal(status: &Status) -> Option<Status> {
+    match status.code() {
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => {
+            Some(Status::resource_exhausted(status.message().to_string()))
+        }
+        tonic::Code::InvalidArgument => Some(Status::invalid_argument(status.message().to_string())),
+        _ => None,
     }
 }
 
@@ -226,12 +88,9 @@ impl Payload for pb::TokenizeRequest {
     type Out = pb::TokenizeResponse;
 }
 
-/// How much before a client's deadline the service gives up, so that its DEADLINE_EXCEEDED
-/// beats tonic's timeout layer (which started counting when the request arrived).
-const DEADLINE_MARGIN: Duration = Duration::from_millis(5);
-
 /// The deadline a client set with `grpc-timeout`, if any.
 fn grpc_deadline<T>(req: &Request<T>, start: Instant) -> Option<Instant> {
+    use std::time::Duration;
     let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
     let (num, unit) = v.split_at(v.len().checked_sub(1)?);
     let n: u64 = num.parse().ok()?;
@@ -282,98 +141,42 @@ fn policy(ready: &Ready, t: i32) -> Result<TruncationPolicy, ServiceError> {
 fn weights(ready: &Ready, overrides: &HashMap<String, f32>) -> Result<RewardWeights, ServiceError> {
     let mut sorted: Vec<(&String, &f32)> = overrides.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(b.0)); // deterministic error messages
-    RewardWeights::with_overrides(&ready.model.spec().head, sorted.into_iter().map(|(k, v)| (k.as_str(), *v)))
+    RewardWeights::with_overrides(&ready.scorer.model().spec().head, sorted.into_iter().map(|(k, v)| (k.as_str(), *v)))
         .map_err(|e| ServiceError::InvalidArgument(format!("reward_weights: {e}")))
 }
 
-fn check_count(ready: &Ready, n: usize, what: &str) -> Result<(), ServiceError> {
-    if n == 0 {
-        return Err(ServiceError::InvalidArgument(format!("the request has no {what}")));
-    }
-    if n > ready.limits.max_items_per_request {
-        return Err(ServiceError::InvalidArgument(format!(
-            "the request has {n} {what}; the limit is {} (split it into several requests)",
-            ready.limits.max_items_per_request
-        )));
-    }
-    Ok(())
-}
-
-fn truncation_info(p: &Prepared) -> pb::TruncationInfo {
+fn truncation_info(t: &Truncation) -> pb::TruncationInfo {
     pb::TruncationInfo {
-        truncated: p.truncation.truncated(),
-        original_tokens: p.truncation.original_tokens as u32,
-        dropped_messages: p.truncation.dropped_messages as u32,
-        dropped_tokens: p.truncation.dropped_tokens as u32,
+        truncated: t.truncated(),
+        original_tokens: t.original_tokens as u32,
+        dropped_messages: t.dropped_messages as u32,
+        dropped_tokens: t.dropped_tokens as u32,
     }
 }
 
-fn warning(ready: &Ready) -> String {
-    if ready.model.spec().demo {
-        DEMO_WARNING.to_string()
-    } else {
-        String::new()
+fn proto_result(s: ItemScore) -> pb::Result {
+    pb::Result {
+        attributes: s.score.attributes.into_iter().collect(),
+        reward: s.score.reward,
+        tokens: s.tokens as u32,
+        truncation: Some(truncation_info(&s.truncation)),
     }
 }
 
-/// Scored items with the request's timing.
-struct Scored {
-    results: Vec<pb::Result>,
-    rewards: Vec<f32>,
-    timing: pb::Timing,
-}
-
-/// The one scoring path of Score, Rank and ScoreStream: tokenize on the workers, enqueue every
-/// item, wait for all of them, combine with the request's weights.
-async fn score_inputs(
-    ready: Arc<Ready>,
-    inputs: Vec<(String, Input)>,
-    policy: TruncationPolicy,
-    weights: RewardWeights,
-    deadline: Option<Instant>,
-) -> Result<Scored, ServiceError> {
-    let start = Instant::now();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let r = ready.clone();
-    ready.tokenizers.spawn(move || {
-        use rayon::prelude::*;
-        let prepared: Vec<Result<Prepared, ServiceError>> = inputs
-            .into_par_iter()
-            .map(|(place, input)| {
-                r.model.preprocessor.prepare(&input, policy).map_err(|e| ServiceError::from(e).at(place))
-            })
-            .collect();
-        tx.send(prepared).ok();
-    });
-    let prepared = rx.await.map_err(|_| ServiceError::Internal("a tokenization worker failed".into()))?;
-    let prepared: Vec<Prepared> = prepared.into_iter().collect::<Result<_, _>>()?;
-    let tokenize = start.elapsed();
-    metrics::histogram!(m::TOKENIZE_SECONDS).record(tokenize.as_secs_f64());
-
-    let (work, receivers): (Vec<_>, Vec<_>) = prepared.iter().map(|p| WorkItem::new(p.ids.clone(), deadline)).unzip();
-    ready.batcher.submit(work)?;
-    let mut outputs = Vec::with_capacity(receivers.len());
-    for rx in receivers {
-        outputs.push(rx.await.map_err(|_| ServiceError::Internal("the engine thread stopped".into()))??);
+/// The results and the request's timing (the slowest item's queue and inference times).
+fn proto_results(scored: Scored, start: Instant) -> (Vec<pb::Result>, pb::Timing) {
+    let mut timing = pb::Timing { tokenize_ms: scored.tokenize.as_secs_f64() * 1e3, ..Default::default() };
+    for s in &scored.items {
+        timing.queue_ms = timing.queue_ms.max(s.queue.as_secs_f64() * 1e3);
+        timing.inference_ms = timing.inference_ms.max(s.inference.as_secs_f64() * 1e3);
     }
-    let head = &ready.model.spec().head;
-    let mut timing = pb::Timing { tokenize_ms: tokenize.as_secs_f64() * 1e3, ..Default::default() };
-    let mut results = Vec::with_capacity(outputs.len());
-    let mut rewards = Vec::with_capacity(outputs.len());
-    for (p, out) in prepared.iter().zip(outputs) {
-        timing.queue_ms = timing.queue_ms.max(out.queue.as_secs_f64() * 1e3);
-        timing.inference_ms = timing.inference_ms.max(out.inference.as_secs_f64() * 1e3);
-        let score = Score::from_raw(head, out.raw, &weights);
-        rewards.push(score.reward);
-        results.push(pb::Result {
-            attributes: score.attributes.into_iter().collect(),
-            reward: score.reward,
-            tokens: p.ids.len() as u32,
-            truncation: Some(truncation_info(p)),
-        });
-    }
+    let results = scored.items.into_iter().map(proto_result).collect();
     timing.total_ms = start.elapsed().as_secs_f64() * 1e3;
-    Ok(Scored { results, rewards, timing })
+    (results, timing)
+}
+
+fn options(deadline: Option<Instant>) -> Options {
+    Options { deadline, wait_for_space: false }
 }
 
 async fn score(
@@ -381,24 +184,27 @@ async fn score(
     req: pb::ScoreRequest,
     deadline: Option<Instant>,
 ) -> Result<pb::ScoreResponse, ServiceError> {
-    check_count(&ready, req.items.len(), "items")?;
-    let policy = policy(&ready, req.truncation)?;
+    ready.check_count(req.items.len(), "items")?;
+    let truncation = policy(&ready, req.truncation)?;
     let weights = weights(&ready, &req.reward_weights)?;
-    let inputs = req
+    let items = req
         .items
         .into_iter()
         .enumerate()
         .map(|(i, item)| {
-            let place = format!("items[{i}]");
-            proto_input(item, &place).map(|inp| (place, inp))
+            let input = proto_input(item, &format!("items[{i}]"))?;
+            Ok(Item { input, truncation, weights: Some(weights.clone()) })
         })
-        .collect::<Result<Vec<_>, _>>()?;
-    let scored = score_inputs(ready.clone(), inputs, policy, weights, deadline).await?;
+        .collect::<Result<Vec<_>, ServiceError>>()?;
+    let start = Instant::now();
+    let scored =
+        ready.scorer.score(items, options(deadline)).await.map_err(|e| ServiceError::from_request(e, "items"))?;
+    let (results, timing) = proto_results(scored, start);
     Ok(pb::ScoreResponse {
-        results: scored.results,
-        model_fingerprint: ready.model.fingerprint.clone(),
-        timing: Some(scored.timing),
-        warning: warning(&ready),
+        results,
+        model_fingerprint: ready.scorer.model().fingerprint.clone(),
+        timing: Some(timing),
+        warning: ready.warning(),
     })
 }
 
@@ -407,48 +213,31 @@ async fn rank(
     req: pb::RankRequest,
     deadline: Option<Instant>,
 ) -> Result<pb::RankResponse, ServiceError> {
-    check_count(&ready, req.candidates.len(), "candidates")?;
-    let policy = policy(&ready, req.truncation)?;
+    ready.check_count(req.candidates.len(), "candidates")?;
+    let truncation = policy(&ready, req.truncation)?;
     let weights = weights(&ready, &req.reward_weights)?;
     let prompt = proto_messages(&req.prompt.map(|p| p.messages).unwrap_or_default(), "prompt")?;
-    // The prompt must be a conversation waiting for an assistant turn.
-    if let Some(last) = prompt.last().filter(|m| m.role != Role::User) {
-        return Err(ServiceError::InvalidArgument(format!(
-            "prompt: messages[{}] is a {} turn; the prompt must end with a user turn (each candidate is the assistant's reply)",
-            prompt.len() - 1,
-            last.role.as_str()
-        )));
-    }
-    let mut probe = prompt.clone();
-    probe.push(Message::new(Role::Assistant, ""));
-    validate_roles(&probe).map_err(|e| ServiceError::InvalidArgument(format!("prompt: {e}")))?;
-    let inputs = req
-        .candidates
-        .into_iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let mut conv = prompt.clone();
-            conv.push(Message::new(Role::Assistant, c));
-            (format!("candidates[{i}]"), Input::Messages(conv))
-        })
-        .collect();
-    let scored = score_inputs(ready.clone(), inputs, policy, weights, deadline).await?;
-    let mut order: Vec<u32> = (0..scored.rewards.len() as u32).collect();
-    // Stable sort: equal rewards keep input order.
-    order.sort_by(|&a, &b| scored.rewards[b as usize].total_cmp(&scored.rewards[a as usize]));
+    let start = Instant::now();
+    let ranked = ready
+        .scorer
+        .rank(prompt, req.candidates, truncation, Some(weights), options(deadline))
+        .await
+        .map_err(|e| ServiceError::from_request(e, "candidates"))?;
+    let (results, timing) = proto_results(ranked.scored, start);
     Ok(pb::RankResponse {
-        results: scored.results,
-        order,
-        model_fingerprint: ready.model.fingerprint.clone(),
-        timing: Some(scored.timing),
-        warning: warning(&ready),
+        results,
+        order: ranked.order.into_iter().map(|i| i as u32).collect(),
+        model_fingerprint: ready.scorer.model().fingerprint.clone(),
+        timing: Some(timing),
+        warning: ready.warning(),
     })
 }
 
 fn model_info(ready: &Ready) -> pb::ModelInfo {
-    let spec = ready.model.spec();
+    let model = ready.scorer.model();
+    let spec = model.spec();
     let head = &spec.head;
-    let b = ready.batcher.config();
+    let b = ready.scorer.batch_config();
     pb::ModelInfo {
         architecture: spec.architecture.clone(),
         attributes: head.exposed.iter().map(|&i| head.labels[i].clone()).collect(),
@@ -458,10 +247,10 @@ fn model_info(ready: &Ready) -> pb::ModelInfo {
             .zip(&head.reward_weights)
             .map(|(&i, &w)| (head.labels[i].clone(), w))
             .collect(),
-        max_input_tokens: ready.model.preprocessor.max_tokens() as u32,
-        model_fingerprint: ready.model.fingerprint.clone(),
-        backend: ready.model.engine.backend_name(),
-        chat_template: match ready.model.preprocessor.template() {
+        max_input_tokens: model.preprocessor.max_tokens() as u32,
+        model_fingerprint: model.fingerprint.clone(),
+        backend: model.engine.backend_name(),
+        chat_template: match model.preprocessor.template() {
             ChatTemplate::NemotronReward { .. } => "nemotron-reward",
             ChatTemplate::Jinja(_) => "jinja",
             ChatTemplate::None => "none",
@@ -477,7 +266,7 @@ fn model_info(ready: &Ready) -> pb::ModelInfo {
             max_message_bytes: ready.limits.max_message_bytes as u64,
             default_truncation: ready.limits.default_truncation.as_str().into(),
         }),
-        warning: warning(ready),
+        warning: ready.warning(),
     }
 }
 
@@ -485,47 +274,16 @@ async fn tokenize(ready: Arc<Ready>, req: pb::TokenizeRequest) -> Result<pb::Tok
     let policy = policy(&ready, req.truncation)?;
     let input = proto_input(req.item.unwrap_or_default(), "item")?;
     let r = ready.clone();
-    let p = tokio::task::spawn_blocking(move || r.model.preprocessor.prepare(&input, policy))
+    let p = tokio::task::spawn_blocking(move || r.scorer.model().preprocessor.prepare(&input, policy))
         .await
         .map_err(|e| ServiceError::Internal(format!("tokenization failed: {e}")))?
         .map_err(|e| ServiceError::from(e).at("item"))?;
     Ok(pb::TokenizeResponse {
         text: p.text.clone().unwrap_or_default(),
         token_ids: p.ids.clone(),
-        truncation: Some(truncation_info(&p)),
-        model_fingerprint: ready.model.fingerprint.clone(),
+        truncation: Some(truncation_info(&p.truncation)),
+        model_fingerprint: ready.scorer.model().fingerprint.clone(),
     })
-}
-
-impl Service {
-    /// Scores inputs for the HTTP endpoints: same admission, auth, batcher and default weights
-    /// as gRPC. Returns the rewards, per exposed attribute its values, and the model's warning
-    /// (empty unless it is the demo model).
-    pub async fn score_http(
-        &self,
-        headers: &axum::http::HeaderMap,
-        inputs: Vec<(String, Input)>,
-    ) -> Result<(Vec<f32>, Vec<(String, Vec<f32>)>, String), ServiceError> {
-        let metadata = MetadataMap::from_headers(headers.clone());
-        self.run("OpenRLHF", &metadata, None, |ready| async move {
-            check_count(&ready, inputs.len(), "queries")?;
-            let weights = RewardWeights::defaults(&ready.model.spec().head);
-            let policy = ready.limits.default_truncation;
-            let scored = score_inputs(ready.clone(), inputs, policy, weights, None).await?;
-            let head = &ready.model.spec().head;
-            let attributes = head
-                .exposed
-                .iter()
-                .map(|&i| {
-                    let name = head.labels[i].clone();
-                    let values = scored.results.iter().map(|r| r.attributes[&name]).collect();
-                    (name, values)
-                })
-                .collect();
-            Ok((scored.rewards, attributes, warning(&ready)))
-        })
-        .await
-    }
 }
 
 type StreamOut = Pin<Box<dyn Stream<Item = Result<pb::ScoreStreamResponse, Status>> + Send>>;
@@ -546,31 +304,46 @@ impl RewardService for Service {
         &self,
         req: Request<Streaming<pb::ScoreStreamRequest>>,
     ) -> Result<Response<Self::ScoreStreamStream>, Status> {
+        mark_handled(&req);
         // Refuse the whole stream up front when no message of it could be answered.
-        if let Err(e) = self.auth.check(req.metadata()).and_then(|()| self.ready().map(|_| ())) {
+        if let Err(e) = self.gate.authenticate(req.metadata()).and_then(|()| self.gate.ready().map(|_| ())) {
             m::record_request("ScoreStream", e.code(), 0.0);
             return Err(e.into());
         }
         let deadline = grpc_deadline(&req, Instant::now());
-        let stream_id = self.request_id(&req);
+        let stream_id = self.gate.request_id(req.metadata());
         let (metadata, _, mut inbound) = req.into_parts();
         let metadata = Arc::new(metadata);
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::ScoreStreamResponse, Status>>(64);
         let service = self.clone();
         tokio::spawn(async move {
+            let mut answering = Vec::new();
             while let Some(msg) = inbound.next().await {
                 let msg = match msg {
                     Ok(m) => m,
                     Err(status) => {
-                        tracing::info!(stream = %stream_id, %status, "stream closed by the client");
+                        if let Some(refusal) = stream_refusal(&status) {
+                            // Deliver the answers already being computed, then end the stream
+                            // with the refusal (tonic ends it at the first error).
+                            tracing::info!(stream = %stream_id, %status, "stream message refused");
+                            for task in answering.drain(..) {
+                                let _: Result<(), _> = task.await;
+                            }
+                            m::record_request("ScoreStream", refusal.code(), 0.0);
+                            tx.send(Err(refusal)).await.ok();
+                        } else {
+                            tracing::info!(stream = %stream_id, %status, "stream closed by the client");
+                        }
                         break;
                     }
                 };
+                answering.retain(|t: &tokio::task::JoinHandle<()>| !t.is_finished());
                 let (service, metadata, tx) = (service.clone(), metadata.clone(), tx.clone());
                 let span = tracing::info_span!("request", request_id = %msg.request_id, stream = %stream_id, rpc = "ScoreStream");
-                tokio::spawn(
+                answering.push(tokio::spawn(
                     async move {
                         let result = service
+                            .gate
                             .run("ScoreStream", &metadata, deadline, |ready| async move {
                                 let req = msg.request.ok_or_else(|| {
                                     ServiceError::InvalidArgument("the stream message has no request".into())
@@ -590,7 +363,7 @@ impl RewardService for Service {
                             .ok();
                     }
                     .instrument(span),
-                );
+                ));
             }
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))

@@ -382,12 +382,12 @@ async fn a_20_mb_request_works_under_a_raised_limit_and_is_refused_clearly_above
     assert!(r.results[0].truncation.unwrap().truncated);
     running.stop();
     running.wait().await.unwrap();
-    // A 16 MiB limit refuses it with a message that says so (tonic's code for an oversized
-    // message is OUT_OF_RANGE).
+    // A 16 MiB limit refuses it with a message that says so, as RESOURCE_EXHAUSTED (the code
+    // the API promises; tonic's own is OUT_OF_RANGE).
     let (addr, running) = serve(&["--max-message-bytes", "16777216"]).await;
     let mut c = client(addr).await.max_encoding_message_size(64 << 20);
     let e = c.score(score_req(vec![item()])).await.unwrap_err();
-    assert_eq!(e.code(), Code::OutOfRange, "{}", e.message());
+    assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
     assert!(
         e.message().contains("message length too large: found 20971530 bytes, the limit is: 16777216 bytes"),
         "{}",
@@ -420,4 +420,74 @@ async fn a_request_past_its_deadline_gets_deadline_exceeded() {
     assert_eq!(long.await.unwrap().unwrap().into_inner().results.len(), 24, "the long request is unaffected");
     running.stop();
     running.wait().await.unwrap();
+}
+
+/// A message that is not a ScoreRequest on the wire: field 1 (items) holds the byte 0x05,
+/// which is no valid Item (field number 0).
+fn undecodable() -> pb::TokenIds {
+    pb::TokenIds { ids: vec![5] }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_request_is_invalid_argument_not_internal() {
+    let (addr, running) = serve(&[]).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let codec = arbiter_proto::codec::ArbiterCodec::<pb::TokenIds, pb::ScoreResponse>::default();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/arbiter.v1.RewardService/Score");
+    let e = grpc.unary(tonic::Request::new(undecodable()), path, codec).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().starts_with(arbiter_proto::codec::UNDECODABLE), "{}", e.message());
+    running.stop();
+    running.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ends_with_resource_exhausted_or_invalid_argument_after_the_answers_it_had() {
+    let (addr, running) = serve(&["--max-message-bytes", "1048576"]).await;
+    let small = |id: &str| pb::ScoreStreamRequest {
+        request_id: id.into(),
+        request: Some(score_req(vec![ids_item(&[5, 6, 7])])),
+    };
+    let big = pb::ScoreStreamRequest {
+        request_id: "big".into(),
+        request: Some(score_req(vec![text_item(&"x".repeat(2 << 20))])),
+    };
+    // Oversized: the first answer arrives, then the stream ends with RESOURCE_EXHAUSTED.
+    let mut c = client(addr).await.max_encoding_message_size(64 << 20);
+    let mut s = c.score_stream(tokio_stream::iter(vec![small("a"), big, small("b")])).await.unwrap().into_inner();
+    let first = s.message().await.unwrap().expect("the answer to the first message");
+    assert_eq!(first.request_id, "a");
+    let e = s.message().await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+    assert!(e.message().contains("too large"), "{}", e.message());
+    // Undecodable: INVALID_ARGUMENT, also after the answer to the message before it (which has
+    // no request, so its answer is an in-stream error).
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/arbiter.v1.RewardService/ScoreStream");
+    let codec = arbiter_proto::codec::ArbiterCodec::<RawStreamRequest, pb::ScoreStreamResponse>::default();
+    let reqs = tokio_stream::iter(vec![
+        RawStreamRequest { request_id: "c".into(), request: None },
+        RawStreamRequest { request_id: "bad".into(), request: Some(undecodable()) },
+    ]);
+    let mut s = grpc.streaming(tonic::Request::new(reqs), path, codec).await.unwrap().into_inner();
+    let first = s.message().await.unwrap().expect("the answer to the first message");
+    assert_eq!(first.request_id, "c");
+    let e = s.message().await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    running.stop();
+    running.wait().await.unwrap();
+}
+
+/// ScoreStreamRequest's wire layout with TokenIds where the request goes, so a test can send a
+/// stream message whose request does not decode.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawStreamRequest {
+    #[prost(string, tag = "1")]
+    request_id: String,
+    #[prost(message, optional, tag = "2")]
+    request: Option<pb::TokenIds>,
 }

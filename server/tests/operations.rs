@@ -136,7 +136,16 @@ async fn health_reflection_and_sigterm_under_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_scrape_agrees_exactly_with_the_requests_sent() {
-    let server = ServerProcess::spawn(&["--auth-token", "tok", "--queue-capacity", "40", "--max-batch-tokens", "1024"]);
+    let server = ServerProcess::spawn(&[
+        "--auth-token",
+        "tok",
+        "--queue-capacity",
+        "40",
+        "--max-batch-tokens",
+        "1024",
+        "--max-message-bytes",
+        "1048576",
+    ]);
     server.wait_serving().await;
     let ch =
         tonic::transport::Channel::from_shared(format!("http://{}", server.addr)).unwrap().connect().await.unwrap();
@@ -173,6 +182,10 @@ async fn metrics_scrape_agrees_exactly_with_the_requests_sent() {
     assert_eq!(c.score(score_req(vec![ids_item(&[999_999])])).await.unwrap_err().code(), Code::InvalidArgument);
     assert_eq!(wrong.score(score_req(vec![good()])).await.unwrap_err().code(), Code::Unauthenticated);
     assert_eq!(c.score(score_req(vec![good(); 41])).await.unwrap_err().code(), Code::ResourceExhausted);
+    // Refused by the codec before any handler runs, and still counted.
+    let mut c_big = c.clone().max_encoding_message_size(4 << 20);
+    let big = score_req(vec![text_item(&"x".repeat(2 << 20))]);
+    assert_eq!(c_big.score(big).await.unwrap_err().code(), Code::ResourceExhausted);
     let reqs: Vec<pb::ScoreStreamRequest> = (0..2)
         .map(|i| pb::ScoreStreamRequest { request_id: i.to_string(), request: Some(score_req(vec![good()])) })
         .collect();
@@ -206,10 +219,10 @@ async fn metrics_scrape_agrees_exactly_with_the_requests_sent() {
     assert_eq!(req("ScoreStream", "OK"), 2.0);
     assert_eq!(req("Score", "INVALID_ARGUMENT"), 2.0);
     assert_eq!(req("Score", "UNAUTHENTICATED"), 1.0);
-    assert_eq!(req("Score", "RESOURCE_EXHAUSTED"), 1.0);
+    assert_eq!(req("Score", "RESOURCE_EXHAUSTED"), 2.0, "queue full, and the oversized message");
     assert_eq!(req("Score", "CANCELLED"), 1.0);
     let total: f64 = samples.iter().filter(|s| s.name == "arbiter_requests_total").map(|s| s.value).sum();
-    assert_eq!(total, 14.0, "nothing else was counted:\n{text}");
+    assert_eq!(total, 15.0, "nothing else was counted:\n{text}");
     assert_eq!(value(&samples, "arbiter_dropped_total", &[("reason", "cancelled")]), 1.0);
     assert_eq!(value(&samples, "arbiter_items_scored_total", &[]), items as f64);
     assert_eq!(value(&samples, "arbiter_tokens_scored_total", &[]), tokens as f64);
@@ -233,7 +246,7 @@ async fn metrics_scrape_agrees_exactly_with_the_requests_sent() {
         assert_eq!(inf, value(&samples, &format!("{h}_count"), &[]), "{h}");
     }
     let score_ok_count = value(&samples, "arbiter_request_seconds_count", &[("rpc", "Score")]);
-    assert_eq!(score_ok_count, 4.0 + 2.0 + 1.0 + 1.0 + 1.0, "every Score outcome is timed");
+    assert_eq!(score_ok_count, 4.0 + 2.0 + 1.0 + 2.0 + 1.0, "every Score outcome is timed");
     assert_eq!(value(&samples, "arbiter_batch_size_sum", &[]), items as f64, "every scored item was in one batch");
 }
 

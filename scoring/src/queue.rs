@@ -1,0 +1,486 @@
+//! The queue and its batching policy: a bounded queue of jobs and engine threads that pack them
+//! into batches by a token budget and a request cap.
+//!
+//! An engine thread takes whatever is waiting when it becomes free (continuous batching), so the
+//! next batch accumulates while the current one computes. There is one engine thread per pipeline
+//! stage of the model, so a split model has a batch in every stage at once. Jobs whose caller went
+//! away or whose deadline passed are dropped before compute and counted. A failing batch fails
+//! only its own jobs; a panic inside the engine is caught and reported as [`ScoreError::Panicked`].
+//! When the engine reports itself broken (a model-parallel rank failed), `on_fatal` is called
+//! once so that the owner stops serving instead of failing every request.
+//!
+//! A [`Job`] is the unit the queue packs: today one sequence whose score is read at its last
+//! token. Packing jobs into an engine batch happens in one function ([`pack`]), and outputs go
+//! back by read row, so a job that later carries a shared prefix with branches, or several read
+//! positions, changes the job and that function, not the front ends.
+
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use arbiter_engine::runtime::Engine;
+use arbiter_engine::PackedBatch;
+use metrics::{counter, gauge, histogram};
+use tokio::sync::{oneshot, Notify};
+
+use crate::error::{QueueError, ScoreError};
+use crate::metrics as m;
+
+/// Batching limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchConfig {
+    /// Token budget of one batch (a job longer than this runs alone).
+    pub max_batch_tokens: usize,
+    /// Sequences in one batch.
+    pub max_batch_requests: usize,
+    /// Jobs waiting before new work is refused (or, for callers that wait, held back).
+    pub queue_capacity: usize,
+}
+
+impl Default for BatchConfig {
+    /// `arbiter serve`'s defaults.
+    fn default() -> Self {
+        BatchConfig { max_batch_tokens: 8192, max_batch_requests: 256, queue_capacity: 4096 }
+    }
+}
+
+/// What the engine computed for one job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobOutput {
+    /// Raw head outputs at the job's read row.
+    pub raw: Vec<f32>,
+    /// Time spent in the queue.
+    pub queue: Duration,
+    /// Forward time of the batch that held it.
+    pub inference: Duration,
+}
+
+/// Where a job's result goes; a dropped receiver means its caller went away.
+pub type Reply = oneshot::Receiver<Result<JobOutput, ScoreError>>;
+
+/// One sequence waiting to be scored.
+#[derive(Debug)]
+pub struct Job {
+    ids: Vec<u32>,
+    reply: oneshot::Sender<Result<JobOutput, ScoreError>>,
+    deadline: Option<Instant>,
+    enqueued: Instant,
+}
+
+impl Job {
+    /// A job for the (validated) token ids `ids`, and the receiver of its result.
+    pub fn new(ids: Vec<u32>, deadline: Option<Instant>) -> (Self, Reply) {
+        let (tx, rx) = oneshot::channel();
+        (Job { ids, reply: tx, deadline, enqueued: Instant::now() }, rx)
+    }
+
+    /// Tokens the job adds to a batch.
+    pub fn tokens(&self) -> usize {
+        self.ids.len()
+    }
+}
+
+/// Packs jobs into one engine batch, in order: output `i` of the engine belongs to job `i`.
+pub fn pack(jobs: &[Job]) -> arbiter_engine::Result<PackedBatch> {
+    PackedBatch::from_sequences(&jobs.iter().map(|j| j.ids.as_slice()).collect::<Vec<_>>())
+}
+
+struct State {
+    jobs: VecDeque<Job>,
+    closed: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+    /// Notified when jobs leave the queue or it closes, for callers waiting for space.
+    space: Notify,
+    cfg: BatchConfig,
+    fatal: std::sync::Once,
+    on_fatal: Option<OnFatal>,
+}
+
+impl Shared {
+    /// The state, even after a panic elsewhere held the lock: every update of it is a single
+    /// push, pop or flag, so it is never left half-done.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Called once with the reason when the engine can no longer compute.
+pub type OnFatal = Arc<dyn Fn(String) + Send + Sync>;
+
+/// Handle to the queue and its engine threads.
+pub struct Queue {
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue").field("cfg", &self.shared.cfg).finish()
+    }
+}
+
+impl Queue {
+    /// Starts one engine thread per pipeline stage of `engine`.
+    pub fn start(engine: Arc<dyn Engine>, cfg: BatchConfig, on_fatal: Option<OnFatal>) -> std::io::Result<Self> {
+        let cfg = BatchConfig {
+            max_batch_tokens: cfg.max_batch_tokens.max(1),
+            max_batch_requests: cfg.max_batch_requests.max(1),
+            queue_capacity: cfg.queue_capacity.max(1),
+        };
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State { jobs: VecDeque::new(), closed: false }),
+            wake: Condvar::new(),
+            space: Notify::new(),
+            cfg,
+            fatal: std::sync::Once::new(),
+            on_fatal,
+        });
+        let threads = (0..engine.pipeline_depth().max(1))
+            .map(|i| {
+                let (s, engine) = (shared.clone(), engine.clone());
+                std::thread::Builder::new()
+                    .name(format!("arbiter-engine-{i}"))
+                    .spawn(move || engine_loop(&s, engine.as_ref()))
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(Queue { shared, threads: Mutex::new(threads) })
+    }
+
+    /// The limits in force.
+    pub fn config(&self) -> BatchConfig {
+        self.shared.cfg
+    }
+
+    /// Enqueues all jobs or none: when they do not all fit, nothing is enqueued.
+    pub fn submit(&self, jobs: Vec<Job>) -> Result<(), QueueError> {
+        let mut st = self.shared.lock();
+        self.admit(&mut st, jobs).map_err(|(e, _)| e)
+    }
+
+    /// Enqueues all jobs, waiting for space while the queue is too full to take them together.
+    /// Refused only when the queue closes or could never hold them all at once.
+    pub async fn submit_waiting(&self, mut jobs: Vec<Job>) -> Result<(), QueueError> {
+        loop {
+            let notified = self.shared.space.notified();
+            tokio::pin!(notified);
+            {
+                let mut st = self.shared.lock();
+                // Registered before the lock is released, so a wake-up in between is not lost.
+                notified.as_mut().enable();
+                match self.admit(&mut st, jobs) {
+                    Err((QueueError::Full { .. }, back)) if back.len() <= self.shared.cfg.queue_capacity => jobs = back,
+                    other => return other.map_err(|(e, _)| e),
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Enqueues `jobs` if they fit; otherwise hands them back with the reason.
+    fn admit(&self, st: &mut State, jobs: Vec<Job>) -> Result<(), (QueueError, Vec<Job>)> {
+        if st.closed {
+            return Err((QueueError::Closed, jobs));
+        }
+        let depth = st.jobs.len();
+        if depth + jobs.len() > self.shared.cfg.queue_capacity {
+            return Err((QueueError::Full { depth, capacity: self.shared.cfg.queue_capacity }, jobs));
+        }
+        st.jobs.extend(jobs);
+        gauge!(m::QUEUE_DEPTH).set(st.jobs.len() as f64);
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+
+    /// Jobs waiting.
+    pub fn depth(&self) -> usize {
+        self.shared.lock().jobs.len()
+    }
+
+    /// Refuses new work, lets the engine threads finish what is queued, and waits for them.
+    pub fn shutdown(&self) {
+        self.shared.lock().closed = true;
+        self.shared.wake.notify_all();
+        self.shared.space.notify_waiters();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in threads {
+            t.join().ok();
+        }
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn engine_loop(shared: &Shared, engine: &dyn Engine) {
+    loop {
+        let batch = {
+            let mut st = shared.lock();
+            while st.jobs.is_empty() && !st.closed {
+                st = shared.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+            if st.jobs.is_empty() {
+                return; // closed and drained
+            }
+            let batch = take_batch(&mut st.jobs, &shared.cfg);
+            gauge!(m::QUEUE_DEPTH).set(st.jobs.len() as f64);
+            batch
+        };
+        shared.space.notify_waiters();
+        if !batch.is_empty() {
+            run_batch(engine, batch);
+            if let Err(e) = engine.health() {
+                if let Some(on_fatal) = &shared.on_fatal {
+                    shared.fatal.call_once(|| on_fatal(e.to_string()));
+                }
+            }
+        }
+    }
+}
+
+/// Pops the next batch: jobs in arrival order while the token budget and request cap allow
+/// (always at least one), skipping jobs nobody waits for anymore.
+fn take_batch(queue: &mut VecDeque<Job>, cfg: &BatchConfig) -> Vec<Job> {
+    let now = Instant::now();
+    let (mut batch, mut tokens) = (Vec::new(), 0usize);
+    while let Some(front) = queue.front() {
+        // Deadline first: a caller that gave up at its deadline also closed its receiver.
+        if front.deadline.is_some_and(|d| d <= now) {
+            let job = queue.pop_front().expect("front exists");
+            counter!(m::DROPPED, "reason" => "deadline").increment(1);
+            job.reply.send(Err(QueueError::DeadlineExceeded.into())).ok();
+            continue;
+        }
+        if front.reply.is_closed() {
+            queue.pop_front();
+            counter!(m::DROPPED, "reason" => "cancelled").increment(1);
+            continue;
+        }
+        let n = front.tokens();
+        if !batch.is_empty() && (tokens + n > cfg.max_batch_tokens || batch.len() >= cfg.max_batch_requests) {
+            break;
+        }
+        tokens += n;
+        batch.push(queue.pop_front().expect("front exists"));
+    }
+    batch
+}
+
+/// The message a panic carried, if it was a string.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
+}
+
+fn run_batch(engine: &dyn Engine, batch: Vec<Job>) {
+    let start = Instant::now();
+    let tokens: usize = batch.iter().map(Job::tokens).sum();
+    let result = pack(&batch).map_err(ScoreError::from_engine).and_then(|p| {
+        match catch_unwind(AssertUnwindSafe(|| engine.forward(&p))) {
+            Ok(r) => r.map_err(ScoreError::from_engine),
+            Err(panic) => Err(ScoreError::Panicked(panic_message(panic.as_ref()))),
+        }
+    });
+    let inference = start.elapsed();
+    histogram!(m::INFERENCE_SECONDS).record(inference.as_secs_f64());
+    histogram!(m::BATCH_SIZE).record(batch.len() as f64);
+    histogram!(m::BATCH_TOKENS).record(tokens as f64);
+    match result {
+        Ok(raws) if raws.len() == batch.len() => {
+            counter!(m::ITEMS).increment(batch.len() as u64);
+            counter!(m::TOKENS).increment(tokens as u64);
+            for (job, raw) in batch.into_iter().zip(raws) {
+                let queue = start.saturating_duration_since(job.enqueued);
+                histogram!(m::QUEUE_SECONDS).record(queue.as_secs_f64());
+                job.reply.send(Ok(JobOutput { raw, queue, inference })).ok();
+            }
+        }
+        other => {
+            let e = other.err().unwrap_or_else(|| {
+                ScoreError::Engine(format!("the engine returned the wrong number of outputs for {} jobs", batch.len()))
+            });
+            tracing::error!(sequences = batch.len(), tokens, error = %e, "batch failed");
+            counter!(m::BATCH_FAILURES, "reason" => e.reason()).increment(1);
+            for job in batch {
+                job.reply.send(Err(e.clone())).ok();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use arbiter_engine::spec::ModelSpec;
+
+    /// An engine that fails batches holding token 13, panics on batches holding token 66, and
+    /// breaks for good (as a model-parallel group whose rank died) on token 99. Its output for a
+    /// sequence is its length.
+    pub(crate) struct Flaky(ModelSpec, std::sync::atomic::AtomicBool);
+
+    impl Engine for Flaky {
+        fn spec(&self) -> &ModelSpec {
+            &self.0
+        }
+        fn pipeline_depth(&self) -> usize {
+            2
+        }
+        fn health(&self) -> arbiter_engine::Result<()> {
+            if self.1.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(arbiter_engine::EngineError::Parallel("stage 1 rank 0: peer lost".into()));
+            }
+            Ok(())
+        }
+        fn forward(&self, batch: &PackedBatch) -> arbiter_engine::Result<Vec<Vec<f32>>> {
+            self.health()?;
+            if batch.tokens().contains(&99) {
+                self.1.store(true, std::sync::atomic::Ordering::SeqCst);
+                return self.health().map(|_| Vec::new());
+            }
+            if batch.tokens().contains(&66) {
+                panic!("kernel bug");
+            }
+            if batch.tokens().contains(&13) {
+                return Err(arbiter_engine::EngineError::Backend("CUDA error: out of memory".into()));
+            }
+            Ok((0..batch.len()).map(|i| vec![batch.range(i).len() as f32]).collect())
+        }
+        fn backend_name(&self) -> String {
+            "flaky".into()
+        }
+    }
+
+    pub(crate) fn flaky() -> Arc<dyn Engine> {
+        let config = serde_json::json!({
+            "architectures": ["LlamaForSequenceClassification"], "hidden_size": 8, "intermediate_size": 8,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 100
+        });
+        let spec = arbiter_engine::config::parse_config(&config.to_string(), "config.json".as_ref()).unwrap();
+        Arc::new(Flaky(spec, false.into()))
+    }
+
+    fn no_fatal() -> Option<OnFatal> {
+        Some(Arc::new(|why| panic!("unexpected fatal engine error: {why}")))
+    }
+
+    fn one_per_batch(queue_capacity: usize) -> BatchConfig {
+        BatchConfig { max_batch_tokens: 1, max_batch_requests: 1, queue_capacity }
+    }
+
+    #[test]
+    fn a_broken_engine_is_reported_once_and_its_items_fail() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let seen = calls.clone();
+        let on_fatal: OnFatal = Arc::new(move |why| seen.lock().unwrap().push(why));
+        let q = Queue::start(flaky(), one_per_batch(10), Some(on_fatal)).unwrap();
+        let (jobs, rxs): (Vec<_>, Vec<_>) =
+            [vec![99], vec![1], vec![2]].into_iter().map(|ids| Job::new(ids, None)).unzip();
+        q.submit(jobs).unwrap();
+        for rx in rxs {
+            // The batch that broke it may be raced by the second engine thread; none succeeds after.
+            if let Err(e) = rx.blocking_recv().unwrap() {
+                assert!(e.to_string().contains("peer lost"), "{e}");
+            }
+        }
+        q.shutdown();
+        let calls = calls.lock().unwrap();
+        assert_eq!(calls.len(), 1, "{calls:?}");
+        assert!(calls[0].contains("stage 1 rank 0: peer lost"), "{calls:?}");
+    }
+
+    #[test]
+    fn a_failing_or_panicking_batch_fails_only_its_own_items_and_serving_goes_on() {
+        // One sequence per batch, so each job is its own batch.
+        let q = Queue::start(flaky(), one_per_batch(10), no_fatal()).unwrap();
+        let (jobs, rxs): (Vec<_>, Vec<_>) =
+            [vec![1, 2], vec![13], vec![66, 1], vec![4, 5, 6]].into_iter().map(|ids| Job::new(ids, None)).unzip();
+        q.submit(jobs).unwrap();
+        let out: Vec<_> = rxs.into_iter().map(|rx| rx.blocking_recv().unwrap()).collect();
+        assert_eq!(out[0].as_ref().unwrap().raw, vec![2.0]);
+        let e = out[1].as_ref().unwrap_err();
+        assert!(matches!(e, ScoreError::OutOfMemory(m) if m.contains("out of memory")), "{e}");
+        let e = out[2].as_ref().unwrap_err();
+        assert!(matches!(e, ScoreError::Panicked(m) if m == "kernel bug"), "{e}");
+        assert!(e.to_string().contains("panicked"), "{e}");
+        assert_eq!(out[3].as_ref().unwrap().raw, vec![3.0], "later batches still run");
+        q.shutdown();
+        assert_eq!(q.submit(vec![Job::new(vec![1], None).0]).unwrap_err(), QueueError::Closed);
+    }
+
+    #[test]
+    fn batches_respect_the_token_budget_and_request_cap_but_always_take_one() {
+        let cfg = BatchConfig { max_batch_tokens: 10, max_batch_requests: 3, queue_capacity: 100 };
+        let (mut q, mut rxs) = (VecDeque::new(), Vec::new());
+        for n in [4, 4, 4, 20, 1, 1, 1, 1] {
+            let (j, rx) = Job::new(vec![1; n], None);
+            q.push_back(j);
+            rxs.push(rx);
+        }
+        let sizes = |b: Vec<Job>| b.iter().map(Job::tokens).collect::<Vec<_>>();
+        assert_eq!(sizes(take_batch(&mut q, &cfg)), [4, 4]);
+        assert_eq!(sizes(take_batch(&mut q, &cfg)), [4]);
+        assert_eq!(sizes(take_batch(&mut q, &cfg)), [20], "an oversized item runs alone");
+        assert_eq!(sizes(take_batch(&mut q, &cfg)), [1, 1, 1], "request cap");
+        assert_eq!(sizes(take_batch(&mut q, &cfg)), [1]);
+    }
+
+    #[test]
+    fn cancelled_and_expired_items_are_dropped_before_compute() {
+        let cfg = BatchConfig { max_batch_tokens: 100, max_batch_requests: 100, queue_capacity: 100 };
+        let mut q = VecDeque::new();
+        let (gone, rx_gone) = Job::new(vec![1], None);
+        drop(rx_gone);
+        let (late, rx_late) = Job::new(vec![2], Some(Instant::now() - Duration::from_millis(1)));
+        q.push_back(gone);
+        q.push_back(late);
+        let (live, _rx_live) = Job::new(vec![3; 3], None);
+        q.push_back(live);
+        let b = take_batch(&mut q, &cfg);
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0].tokens(), 3);
+        assert_eq!(rx_late.blocking_recv().unwrap().unwrap_err(), ScoreError::Queue(QueueError::DeadlineExceeded));
+    }
+
+    #[test]
+    fn a_full_queue_refuses_all_or_nothing_and_waiting_callers_get_in_when_space_frees() {
+        // Capacity 2: three jobs are refused whole; a waiting caller gets in once the engine
+        // takes the first ones; more jobs than the capacity can never fit and are refused.
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let q = Arc::new(Queue::start(flaky(), one_per_batch(2), no_fatal()).unwrap());
+        let three = || (0..3).map(|i| Job::new(vec![i + 1], None)).unzip::<_, _, Vec<_>, Vec<_>>();
+        let (jobs, _rxs) = three();
+        assert!(matches!(q.submit(jobs), Err(QueueError::Full { capacity: 2, .. })));
+        let (jobs, _rxs) = three();
+        assert!(matches!(rt.block_on(q.submit_waiting(jobs)), Err(QueueError::Full { capacity: 2, .. })));
+        let results = rt.block_on(async {
+            let mut all = Vec::new();
+            for round in 0..5u32 {
+                let (jobs, rxs): (Vec<_>, Vec<_>) =
+                    (0..2).map(|i| Job::new(vec![1; (round + i + 1) as usize], None)).unzip();
+                q.submit_waiting(jobs).await.unwrap();
+                all.extend(rxs);
+            }
+            let mut out = Vec::new();
+            for rx in all {
+                out.push(rx.await.unwrap().unwrap().raw[0]);
+            }
+            out
+        });
+        assert_eq!(results, [1.0, 2.0, 2.0, 3.0, 3.0, 4.0, 4.0, 5.0, 5.0, 6.0]);
+        q.shutdown();
+        let (mut jobs, _rxs) = three();
+        jobs.truncate(1);
+        assert_eq!(rt.block_on(q.submit_waiting(jobs)), Err(QueueError::Closed));
+    }
+}
