@@ -40,7 +40,9 @@ cargo build --release --locked -p arbiter-engine --features cuda --example gpu_c
 
 rm -rf "$BUNDLE"
 mkdir -p "$BUNDLE/bin" "$BUNDLE/fixtures" "$BUNDLE/kernels"
-cp target/release/arbiter target/release/examples/gpu_check "$BUNDLE/bin/"
+# Where cargo put them: $CARGO_TARGET_DIR when set (shared build folders), else target/.
+release=${CARGO_TARGET_DIR:-target}/release
+cp "$release/arbiter" "$release/examples/gpu_check" "$BUNDLE/bin/"
 strip "$BUNDLE/bin/"*
 cp -r tests/fixtures/golden "$BUNDLE/fixtures/golden"
 cp kernels/*.cu "$BUNDLE/kernels/"

@@ -13,7 +13,7 @@ folder into transformers' NemotronForSequenceClassification and:
 The head is applied in fp32 to the last real token's hidden state, as arbiter does (HF's own
 classification pooling needs a pad id and computes the head in the model dtype).
 
-Prints the final tables, appends them to OUT/gpu-check.md, exits 1 when an accuracy check fails.
+Prints the final tables, appends them to the report (--report, default OUT/gpu-check.md), exits 1 when an accuracy check fails.
 The performance targets (>= 60% of the GEMM ceiling at 8k-16k tokens, >= 1.5x HF) are reported
 as met or missed; they do not change the exit code.
 """
@@ -88,7 +88,8 @@ def scores(model, torch, seqs):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True, help="folder with rust-results.json; gpu-check.md is appended to")
+    ap.add_argument("--out", required=True, help="folder with rust-results.json; hf-results.json is written there")
+    ap.add_argument("--report", help="markdown file the tables are appended to (default OUT/gpu-check.md)")
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
     with open(os.path.join(args.out, "rust-results.json")) as f:
@@ -185,7 +186,7 @@ def main():
             out(f"  - {f_}")
     else:
         out("\nRESULT (transformers side): accuracy checks passed")
-    with open(os.path.join(args.out, "gpu-check.md"), "a") as f:
+    with open(args.report or os.path.join(args.out, "gpu-check.md"), "a") as f:
         f.write("\n".join(lines) + "\n")
     return 1 if failures else 0
 

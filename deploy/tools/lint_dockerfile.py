@@ -7,7 +7,8 @@
 - the cargo build names workspace packages, their binaries and features (a pending feature from
   deploy/pending.txt counts until the package has it); the binaries copied out are those built;
 - RUST_VERSION is at least the workspace's rust-version;
-- the final stage runs as a numeric non-root USER and its exec-form ENTRYPOINT was copied in.
+- the final stage runs as a numeric non-root USER and its exec-form ENTRYPOINT was copied in;
+- the final stage links libnccl.so (cudarc 0.19 never looks for the image's libnccl.so.2).
     lint_dockerfile.py deploy/Dockerfile
 """
 from __future__ import annotations
@@ -149,6 +150,11 @@ def problems(dockerfile: Path) -> list[str]:
             bad(f"ENTRYPOINT must be in exec form (a JSON array) so signals reach arbiter, got {entry[-1]}")
         elif not any(w == "COPY" and r.split()[-1] == argv[0] for _, w, r in final):
             bad(f"ENTRYPOINT {argv[0]} is not copied into the final stage")
+    # cudarc 0.19 dlopens libnccl.so, .so.13, .12, .11, .10, .9 or .1; the CUDA images ship only
+    # libnccl.so.2, so without a link named libnccl.so tensor parallelism cannot start.
+    runs = " ".join(r for _, w, r in final if w == "RUN")
+    if not re.search(r"\bln\s+-\w*s\w*\s+\S+\s+\S*/libnccl\.so(?![.\w])", runs):
+        bad("the final stage makes no libnccl.so link (ln -s ... DIR/libnccl.so): cudarc never loads libnccl.so.2")
     return out
 
 

@@ -1,27 +1,34 @@
-//! The GPU check (run by scripts/gpu-check.sh on a GPU machine; built by scripts/gpu-prepare.sh):
+//! The GPU check (run by scripts/gpu-check.sh on a GPU machine; built by scripts/gpu-prepare.sh).
+//! It first prints the NVRTC in use (version, library, headers) and the CUDA version the driver
+//! supports, then runs, in this order:
 //!
 //! 1. every kernel against the CPU backend's op, through the `Backend` trait, on fresh random
 //!    inputs (the CPU side gets the same bf16-rounded values); error printed, NaN fails;
-//! 2. NCCL on one GPU: a one-rank all-reduce, and a two-rank join whose peer never comes, which
-//!    must fail after its timeout instead of hanging;
-//! 3. whole-model scores on the golden fixtures against transformers' fp32 outputs and the CPU
+//! 2. whole-model scores on the golden fixtures against transformers' fp32 outputs and the CPU
 //!    backend: error max|got-ref| / max(max|ref|, 1e-3) per sequence within 2e-2, identical
 //!    rankings, and whether packing changes any bit (batch invariance, reported);
 //!    bench-small's tokens/s (8 x 256 tokens, as engine/examples/bench_small.rs on the CPU);
-//! 4. gpu-1b (random weights written here with `synth`): scores of a few sequences, written for
+//! 3. gpu-1b (random weights written here with `synth`): scores of a few sequences, written for
 //!    scripts/gpu_hf.py to compare with transformers;
-//! 5. throughput on gpu-1b for 2k, 8k and 16k-token batches of lengths drawn with seed 0 from
+//! 4. throughput on gpu-1b for 2k, 8k and 16k-token batches of lengths drawn with seed 0 from
 //!    32..=2048, with the cuBLASLt bf16 GEMM ceiling measured in the same run; the batches are
 //!    written for the transformers side;
-//! 6. model parallelism on one GPU (section `parallel`): TP=2 and TP=2 x PP=2 through the
+//! 5. model parallelism on one GPU (section `parallel`): TP=2 and TP=2 x PP=2 through the
 //!    in-process communicator against TP=1 on a golden fixture; 4 layers of the 340B model cut to
 //!    one TP=8 rank's shape at 8k and 16k tokens, with the fraction of the GEMM ceiling and a
-//!    projection of the full model's tokens/s on 8 GPUs.
+//!    projection of the full model's tokens/s on 8 GPUs;
+//! 6. NCCL on one GPU, last (its join without a peer leaves a thread blocked in NCCL): a one-rank
+//!    all-reduce, and a two-rank join whose peer never comes, which must fail after its timeout
+//!    instead of hanging.
+//!
+//! A section that stops on an error or a panic is a FAIL and the next one runs; `rust-results.json`
+//! and `rust-report.md` under `--out` are rewritten after every section.
 //!
 //! cargo run --release -p arbiter-engine --features cuda --example gpu_check -- \
-//!     --out DIR [--fixtures tests/fixtures/golden] [--work DIR] [--sections ops,nccl,golden,bench-small,gpu1b,throughput,parallel]
+//!     --out DIR [--fixtures tests/fixtures/golden] [--work DIR] [--sections ops,golden,bench-small,gpu1b,throughput,parallel,nccl]
 //!
-//! Exits 1 when a check fails, 2 when the check cannot run.
+//! Exits 1 when a check fails, 2 when the check cannot run (the backend does not start; the
+//! results JSON still says why).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -60,6 +67,12 @@ impl Report {
         self.text.push('\n');
     }
 
+    /// Records a failure that is not a comparison (a step that could not run).
+    fn fail(&mut self, what: String) {
+        self.line(format!("FAIL: {what}"));
+        self.failures.push(what);
+    }
+
     /// Records one comparison: fails on NaN, on a length mismatch, or above `tol`.
     fn check(&mut self, what: &str, got: &[f32], reference: &[f32], tol: f64) -> f64 {
         let nan = got.iter().any(|v| !v.is_finite());
@@ -91,76 +104,171 @@ fn main() {
     }
 }
 
+/// The report, the results JSON and where both go. Both files are rewritten after every section,
+/// so whatever stops the run later (a failed section, a hang killed by the script's timeout)
+/// leaves what was measured up to there.
+struct Check {
+    r: Report,
+    results: serde_json::Map<String, serde_json::Value>,
+    out: PathBuf,
+}
+
+impl Check {
+    /// Runs one section. An error or a panic in it is recorded as a FAIL naming the section, and
+    /// the check goes on with the next one: one broken part must not cost the others' results.
+    fn section<T>(&mut self, name: &str, f: impl FnOnce(&mut Report) -> Res<T>) -> Option<T> {
+        let got = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut self.r)));
+        let got = match got {
+            Ok(Ok(v)) => Some(v),
+            Ok(Err(e)) => {
+                self.r.fail(format!("section {name} stopped: {e}"));
+                None
+            }
+            Err(panic) => {
+                self.r.fail(format!("section {name} panicked: {}", panic_message(panic.as_ref())));
+                None
+            }
+        };
+        if let Err(e) = self.save() {
+            eprintln!("gpu_check: cannot write the results to {}: {e}", self.out.display());
+        }
+        got
+    }
+
+    /// Keeps `value` under `key` in the results JSON.
+    fn keep(&mut self, key: &str, value: serde_json::Value) {
+        self.results.insert(key.into(), value);
+    }
+
+    /// Writes rust-results.json (with the failures so far) and rust-report.md.
+    fn save(&mut self) -> Res<()> {
+        self.results.insert("failures".into(), json!(self.r.failures));
+        std::fs::write(self.out.join("rust-results.json"), serde_json::to_string_pretty(&self.results)?)?;
+        std::fs::write(self.out.join("rust-report.md"), &self.r.text)?;
+        Ok(())
+    }
+}
+
+/// A panic's message, when it carries one.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "no message".into())
+}
+
 fn run() -> Res<bool> {
     let out = PathBuf::from(arg("--out").unwrap_or_else(|| "gpu-check-out".into()));
     let fixtures = PathBuf::from(arg("--fixtures").unwrap_or_else(|| "tests/fixtures/golden".into()));
     let work = PathBuf::from(
         arg("--work").unwrap_or_else(|| std::env::temp_dir().join("arbiter-gpu-check").display().to_string()),
     );
-    let sections = arg("--sections").unwrap_or_else(|| "ops,nccl,golden,bench-small,gpu1b,throughput,parallel".into());
+    let sections = arg("--sections").unwrap_or_else(|| "ops,golden,bench-small,gpu1b,throughput,parallel,nccl".into());
     let want = |s: &str| sections.split(',').any(|x| x.trim() == s);
     std::fs::create_dir_all(&out)?;
     std::fs::create_dir_all(&work)?;
 
-    let mut r = Report::default();
+    let mut ck = Check { r: Report::default(), results: serde_json::Map::new(), out };
     let t0 = Instant::now();
-    let gpu = CudaBackend::new(0)?;
-    r.line(format!("# arbiter GPU check: {} ({}), kernels for {}", gpu.device_name(), gpu.name(), gpu.arch()));
-    r.line(format!("backend start (NVRTC compile or disk cache): {:.1} s", t0.elapsed().as_secs_f64()));
+    ck.r.line("# arbiter GPU check");
+    // NVRTC first and on its own: its version decides whether the driver can load the kernels
+    // (driver 580 runs CUDA 13.0 and cannot JIT the PTX of NVRTC 13.1 or later).
+    match arbiter_kernels::Compiler::discover() {
+        Ok(c) => {
+            let (major, minor) = c.nvrtc_version();
+            ck.r.line(format!("NVRTC {major}.{minor}, library {}, headers {}", c.library(), c.include_dir().display()));
+            ck.keep(
+                "nvrtc",
+                json!({ "version": format!("{major}.{minor}"), "library": c.library(), "include": c.include_dir() }),
+            );
+        }
+        Err(e) => ck.r.line(format!("NVRTC: not usable: {e}")),
+    }
+    let gpu = match CudaBackend::new(0) {
+        Ok(g) => g,
+        Err(e) => {
+            ck.r.fail(format!("backend start: {e}"));
+            ck.save()?;
+            return Err(e.into());
+        }
+    };
+    ck.r.line(format!("GPU: {} ({}), kernels for {}", gpu.device_name(), gpu.name(), gpu.arch()));
+    match gpu.driver_cuda_version() {
+        Ok((major, minor)) => ck.r.line(format!("driver supports CUDA {major}.{minor}")),
+        Err(e) => ck.r.line(format!("driver CUDA version unknown: {e}")),
+    }
+    ck.r.line(format!("backend start (NVRTC compile or disk cache): {:.1} s", t0.elapsed().as_secs_f64()));
     let cpu = CpuBackend::new();
-    let mut results = serde_json::Map::new();
-    results.insert("device".into(), json!(gpu.device_name()));
-    results.insert("arch".into(), json!(gpu.arch()));
+    ck.keep("device", json!(gpu.device_name()));
+    ck.keep("arch", json!(gpu.arch()));
 
     if want("ops") {
-        ops(&mut r, &gpu, &cpu)?;
-    }
-    if want("nccl") {
-        nccl(&mut r, &gpu)?;
+        ck.section("ops", |r| ops(r, &gpu, &cpu));
     }
     if want("golden") {
-        golden(&mut r, &fixtures)?;
+        ck.section("golden", |r| golden(r, &fixtures));
     }
     if want("bench-small") {
-        results.insert("bench_small".into(), bench_small(&mut r, &work)?);
+        if let Some(v) = ck.section("bench-small", |r| bench_small(r, &work)) {
+            ck.keep("bench_small", v);
+        }
     }
     let model_dir = work.join("gpu-1b");
     if want("gpu1b") || want("throughput") {
-        let t = Instant::now();
-        if !model_dir.join("model.safetensors").exists() {
-            write_random_model(&model_dir, &gpu_1b_config(), Dtype::BF16, 1, false)?;
+        if let Some(model) = ck.section("gpu-1b load", |r| load_gpu_1b(r, &model_dir)) {
+            ck.keep("model_dir", json!(model_dir));
+            if want("gpu1b") {
+                if let Some(v) = ck.section("gpu1b", |r| gpu1b_scores(r, &model)) {
+                    ck.keep("gpu1b", v);
+                }
+            }
+            if want("throughput") {
+                if let Some(v) = ck.section("throughput", |r| throughput(r, &model)) {
+                    ck.keep("throughput", v);
+                }
+            }
         }
-        r.line(format!("\ngpu-1b written to {} in {:.1} s", model_dir.display(), t.elapsed().as_secs_f64()));
-        let t = Instant::now();
-        let model = Model::load(&model_dir, CudaBackend::new(0)?)?;
-        model.backend().prepare_attention(model.spec().head_dim)?;
-        r.line(format!("gpu-1b loaded on the GPU in {:.1} s", t.elapsed().as_secs_f64()));
-        if want("gpu1b") {
-            results.insert("gpu1b".into(), gpu1b_scores(&mut r, &model)?);
-        }
-        if want("throughput") {
-            results.insert("throughput".into(), throughput(&mut r, &model)?);
-        }
-        results.insert("model_dir".into(), json!(model_dir));
     }
-
     if want("parallel") {
-        results.insert("parallel".into(), parallel(&mut r, &fixtures, &work)?);
-    }
-
-    results.insert("failures".into(), json!(r.failures));
-    std::fs::write(out.join("rust-results.json"), serde_json::to_string_pretty(&results)?)?;
-    r.line(format!("\ntotal {:.1} s", t0.elapsed().as_secs_f64()));
-    if r.failures.is_empty() {
-        r.line("RESULT: all Rust-side GPU checks passed");
-    } else {
-        r.line(format!("RESULT: {} FAILED", r.failures.len()));
-        for f in r.failures.clone() {
-            r.line(format!("  - {f}"));
+        if let Some(v) = ck.section("parallel", |r| parallel(r, &fixtures, &work)) {
+            ck.keep("parallel", v);
         }
     }
-    std::fs::write(out.join("rust-report.md"), &r.text)?;
-    Ok(r.failures.is_empty())
+    // Last: the join without a peer leaves its init thread blocked inside NCCL for good (by
+    // design, docs/cuda.md), which nothing after it should have to live with.
+    if want("nccl") {
+        ck.section("nccl", |r| {
+            nccl(r, &gpu);
+            Ok(())
+        });
+    }
+
+    ck.r.line(format!("\ntotal {:.1} s", t0.elapsed().as_secs_f64()));
+    if ck.r.failures.is_empty() {
+        ck.r.line("RESULT: all Rust-side GPU checks passed");
+    } else {
+        ck.r.line(format!("RESULT: {} FAILED", ck.r.failures.len()));
+        for f in ck.r.failures.clone() {
+            ck.r.line(format!("  - {f}"));
+        }
+    }
+    ck.save()?;
+    Ok(ck.r.failures.is_empty())
+}
+
+/// Writes gpu-1b (random bf16 weights) unless it is there, and loads it on the GPU.
+fn load_gpu_1b(r: &mut Report, model_dir: &Path) -> Res<Model<CudaBackend>> {
+    let t = Instant::now();
+    if !model_dir.join("model.safetensors").exists() {
+        write_random_model(model_dir, &gpu_1b_config(), Dtype::BF16, 1, false)?;
+    }
+    r.line(format!("\ngpu-1b written to {} in {:.1} s", model_dir.display(), t.elapsed().as_secs_f64()));
+    let t = Instant::now();
+    let model = Model::load(model_dir, CudaBackend::new(0)?)?;
+    model.backend().prepare_attention(model.spec().head_dim)?;
+    r.line(format!("gpu-1b loaded on the GPU in {:.1} s", t.elapsed().as_secs_f64()));
+    Ok(model)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -336,31 +444,32 @@ fn ops(r: &mut Report, gpu: &CudaBackend, cpu: &CpuBackend) -> Res<()> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 2. NCCL.
+// 6. NCCL.
 
-fn nccl(r: &mut Report, gpu: &CudaBackend) -> Res<()> {
-    use arbiter_engine::backend::Communicator;
+/// Never stops the check: every NCCL error is a FAIL of its own step (a missing or mismatched
+/// libnccl must not cost the other sections' results).
+fn nccl(r: &mut Report, gpu: &CudaBackend) {
     use arbiter_engine::cuda::nccl::{unique_id, NcclComm};
     use arbiter_engine::cuda::probe::CudaLibrary;
-    use std::time::Duration;
     r.line("\n## NCCL on one GPU");
     if !CudaLibrary::Nccl.is_present() {
         r.line("SKIPPED: libnccl.so not found by the loader (not counted as passed)");
-        return Ok(());
+        return;
     }
     r.line("| check | error | tolerance | |");
     r.line("|---|---|---|---|");
-    let comms = NcclComm::local_group(&[gpu], Duration::from_secs(30))?;
-    let mut rng = SplitMix::new(5);
-    let v = random_bf16(&mut rng, 3 * 1000, 1.0);
-    let mut tb = gpu.upload_bf16(&v, 3, 1000)?;
-    let mut tf = gpu.upload(&v, 3, 1000)?;
-    comms[0].all_reduce(&mut tb)?;
-    comms[0].all_reduce(&mut tf)?;
-    r.check("one-rank all-reduce, bf16 (identity)", &tb.read_host()?, &v, 0.0);
-    r.check("one-rank all-reduce, f32 (identity)", &tf.read_host()?, &v, 0.0);
+    if let Err(e) = nccl_one_rank(r, gpu) {
+        r.fail(format!("NCCL one-rank all-reduce: {e}"));
+    }
+    let id = match unique_id() {
+        Ok(id) => id,
+        Err(e) => {
+            r.fail(format!("NCCL unique id for the join without peer: {e}"));
+            return;
+        }
+    };
     let t = Instant::now();
-    let lonely = NcclComm::new(gpu, &unique_id()?, 0, 2, Duration::from_secs(3));
+    let lonely = NcclComm::new(gpu, &id, 0, 2, Duration::from_secs(3));
     let waited = t.elapsed().as_secs_f64();
     let ok = matches!(&lonely, Err(e) if e.to_string().contains("waited")) && waited < 10.0;
     r.line(format!(
@@ -370,11 +479,27 @@ fn nccl(r: &mut Report, gpu: &CudaBackend) -> Res<()> {
     if !ok {
         r.failures.push(format!("NCCL join without peer: {:?} after {waited:.1} s", lonely.map(|_| ())));
     }
+}
+
+/// A one-rank all-reduce in bf16 and f32: the identity.
+fn nccl_one_rank(r: &mut Report, gpu: &CudaBackend) -> Res<()> {
+    use arbiter_engine::backend::Communicator;
+    use arbiter_engine::cuda::nccl::NcclComm;
+    let comms = NcclComm::local_group(&[gpu], Duration::from_secs(30))?;
+    let comm = comms.first().ok_or("NCCL local_group of one GPU returned no communicator")?;
+    let mut rng = SplitMix::new(5);
+    let v = random_bf16(&mut rng, 3 * 1000, 1.0);
+    let mut tb = gpu.upload_bf16(&v, 3, 1000)?;
+    let mut tf = gpu.upload(&v, 3, 1000)?;
+    comm.all_reduce(&mut tb)?;
+    comm.all_reduce(&mut tf)?;
+    r.check("one-rank all-reduce, bf16 (identity)", &tb.read_host()?, &v, 0.0);
+    r.check("one-rank all-reduce, f32 (identity)", &tf.read_host()?, &v, 0.0);
     Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
-// 3. Golden fixtures.
+// 2. Golden fixtures.
 
 struct Golden {
     sequences: Vec<Vec<u32>>,
@@ -498,7 +623,7 @@ fn bench_small(r: &mut Report, work: &Path) -> Res<serde_json::Value> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 4. gpu-1b scores for the transformers comparison.
+// 3. gpu-1b scores for the transformers comparison.
 
 /// Lengths of the sequences scored for the accuracy comparison.
 const GPU1B_LENGTHS: [usize; 8] = [5, 37, 128, 300, 511, 1024, 1500, 2048];
@@ -520,7 +645,7 @@ fn gpu1b_scores(r: &mut Report, model: &Model<CudaBackend>) -> Res<serde_json::V
 }
 
 // ---------------------------------------------------------------------------------------------
-// 5. Throughput.
+// 4. Throughput.
 
 /// Sequence lengths uniform in 32..=2048 drawn with `seed` until `tokens` are reached; the last
 /// sequence is cut to land exactly on `tokens`.
@@ -627,7 +752,7 @@ fn throughput(r: &mut Report, model: &Model<CudaBackend>) -> Res<serde_json::Val
 }
 
 // ---------------------------------------------------------------------------------------------
-// 6. Model parallelism on one GPU.
+// 5. Model parallelism on one GPU.
 
 /// Assumed NVLink bandwidth per GPU and direction for the 8-GPU projection (H100/H200 SXM:
 /// NVLink 4, 900 GB/s bidirectional).
@@ -733,6 +858,32 @@ mod tests {
             assert!(lens[..lens.len() - 1].iter().all(|&n| (32..=2048).contains(&n)), "{lens:?}");
             assert_eq!(lens, draw_lengths(tokens, 0), "seeded");
         }
+    }
+
+    #[test]
+    fn a_failed_or_panicking_section_is_a_fail_and_the_results_are_still_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut ck = Check { r: Report::default(), results: serde_json::Map::new(), out: tmp.path().into() };
+        let got: Option<()> = ck.section("nccl", |_| Err("libnccl.so: undefined symbol".into()));
+        assert!(got.is_none());
+        let read = || -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(tmp.path().join("rust-results.json")).unwrap()).unwrap()
+        };
+        assert_eq!(read()["failures"], json!(["section nccl stopped: libnccl.so: undefined symbol"]));
+
+        let got: Option<u32> = ck.section("golden", |_| panic!("index out of bounds"));
+        assert!(got.is_none());
+        assert_eq!(read()["failures"][1], json!("section golden panicked: index out of bounds"));
+
+        let got = ck.section("bench-small", |r| {
+            r.line("bench-small ran");
+            Ok(json!({ "tokens_per_s": 1.0 }))
+        });
+        ck.keep("bench_small", got.unwrap());
+        ck.save().unwrap();
+        assert_eq!(read()["bench_small"]["tokens_per_s"], json!(1.0));
+        let report = std::fs::read_to_string(tmp.path().join("rust-report.md")).unwrap();
+        assert!(report.contains("FAIL: section nccl stopped") && report.contains("bench-small ran"), "{report}");
     }
 
     #[test]

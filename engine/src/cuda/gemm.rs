@@ -2,8 +2,12 @@
 //!
 //! cudarc's safe `Matmul` builds descriptors and asks the heuristic on every call (tens of
 //! microseconds, 80 times per forward of a 20-layer model); here each (t, n, k) gets its plan
-//! (descriptors + chosen algorithm) once and keeps it.
+//! (descriptors + chosen algorithm) once and keeps it while it is among the [`PLAN_CAPACITY`]
+//! most recently used. A server sees a new token count with nearly every batch, so an unbounded
+//! cache would grow for as long as the process lives; rounding the token count up to buckets
+//! would bound it too, but would run GEMMs over padding rows, so the key stays exact.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::mem::size_of_val;
@@ -51,7 +55,68 @@ pub(crate) struct Gemm {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
     stream: Arc<CudaStream>,
-    plans: Mutex<HashMap<(usize, usize, usize), Plan>>,
+    plans: Mutex<Lru<(usize, usize, usize), Plan>>,
+}
+
+/// Plans kept per handle. A forward uses about four GEMM shapes per token count (QKV, output
+/// projection, MLP up and down), so this keeps the plans of the last ~64 batch sizes; a plan is
+/// a few hundred bytes of host memory, and a miss costs one heuristic query (tens of
+/// microseconds), small next to the forward it belongs to.
+const PLAN_CAPACITY: usize = 256;
+
+/// A map of at most `capacity` entries that drops the least recently used one to make room.
+/// Eviction scans the entries (at most `capacity`), which only happens on a miss, where building
+/// the new value costs far more.
+struct Lru<K, V> {
+    capacity: usize,
+    clock: u64,
+    entries: HashMap<K, (V, u64)>,
+}
+
+impl<K: std::hash::Hash + Eq + Copy, V> Lru<K, V> {
+    /// An empty map holding at most `capacity` entries (at least one).
+    fn new(capacity: usize) -> Self {
+        Lru { capacity: capacity.max(1), clock: 0, entries: HashMap::new() }
+    }
+
+    /// The value of `key`, made by `make` on a miss, after evicting the least recently used
+    /// entry when the map is full (so a failed `make` may have cost that entry: it is only a
+    /// cache).
+    fn get_or_try_insert<E>(&mut self, key: K, make: impl FnOnce() -> Result<V, E>) -> Result<&mut V, E> {
+        self.clock += 1;
+        if self.entries.len() >= self.capacity && !self.entries.contains_key(&key) {
+            let oldest = self.entries.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| *k);
+            if let Some(k) = oldest {
+                // Dropping a plan whose GEMM may still run on the stream is fine: cuBLASLt reads
+                // descriptors during the host-side call only (PyTorch destroys its descriptors
+                // right after cublasLtMatmul returns, unsynchronized, on every call).
+                self.entries.remove(&k);
+            }
+        }
+        let slot = match self.entries.entry(key) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(v) => v.insert((make()?, 0)),
+        };
+        slot.1 = self.clock;
+        Ok(&mut slot.0)
+    }
+
+    /// Entries held.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether `key` is held (does not count as a use).
+    #[cfg(test)]
+    fn contains(&self, key: &K) -> bool {
+        self.entries.contains_key(key)
+    }
+
+    /// Drops every entry.
+    fn clear(&mut self) {
+        self.entries.clear();
+    }
 }
 
 // SAFETY: the handle and descriptors are plain heap objects of cuBLASLt; cuBLASLt allows a handle
@@ -87,7 +152,7 @@ impl Gemm {
                 return Err(driver_err("allocate the cuBLASLt workspace")(e));
             }
         };
-        Ok(Gemm { handle, workspace, stream, plans: Mutex::new(HashMap::new()) })
+        Ok(Gemm { handle, workspace, stream, plans: Mutex::new(Lru::new(PLAN_CAPACITY)) })
     }
 
     fn plan(&self, t: usize, n: usize, k: usize) -> Result<Plan> {
@@ -165,10 +230,7 @@ impl Gemm {
         // whichever thread calls.
         self.stream.context().bind_to_thread().map_err(driver_err("bind the GPU for cuBLASLt"))?;
         let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
-        let plan = match plans.entry((t, n, k)) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => v.insert(self.plan(t, n, k)?),
-        };
+        let plan = plans.get_or_try_insert((t, n, k), || self.plan(t, n, k))?;
         let (alpha, beta) = (1.0f32, 0.0f32);
         let s = &self.stream;
         let (xp, _gx) = x.device_ptr(s);
@@ -198,5 +260,75 @@ impl Gemm {
             )
         }
         .map_err(lt_err("matmul"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plan_cache_never_holds_more_than_its_capacity() {
+        let mut lru: Lru<(usize, usize, usize), usize> = Lru::new(PLAN_CAPACITY);
+        let mut made = 0;
+        // Every token count of a long-running server, four shapes each.
+        for t in 1..=1000 {
+            for (n, k) in [(3072, 2048), (2048, 2048), (8192, 2048), (2048, 8192)] {
+                let v = *lru
+                    .get_or_try_insert((t, n, k), || {
+                        made += 1;
+                        Ok::<_, ()>(t * n + k)
+                    })
+                    .unwrap();
+                assert_eq!(v, t * n + k);
+                assert!(lru.len() <= PLAN_CAPACITY, "{} plans after t = {t}", lru.len());
+            }
+        }
+        assert_eq!(lru.len(), PLAN_CAPACITY);
+        assert_eq!(made, 4000, "each new shape is planned once");
+    }
+
+    #[test]
+    fn the_least_recently_used_entry_goes_and_hits_keep_theirs() {
+        let mut lru: Lru<u32, u32> = Lru::new(3);
+        let mut made = Vec::new();
+        let mut get = |lru: &mut Lru<u32, u32>, k: u32| {
+            *lru.get_or_try_insert(k, || {
+                made.push(k);
+                Ok::<_, ()>(k * 10)
+            })
+            .unwrap()
+        };
+        for k in [1, 2, 3] {
+            get(&mut lru, k);
+        }
+        // 1 is used again, so 2 is now the oldest and makes room for 4.
+        assert_eq!(get(&mut lru, 1), 10);
+        assert_eq!(get(&mut lru, 4), 40);
+        assert!(lru.contains(&1) && lru.contains(&3) && lru.contains(&4) && !lru.contains(&2));
+        // 2 comes back (made again), evicting 3, the oldest now.
+        assert_eq!(get(&mut lru, 2), 20);
+        assert!(!lru.contains(&3));
+        assert_eq!(lru.len(), 3);
+        assert_eq!(made, vec![1, 2, 3, 4, 2]);
+    }
+
+    #[test]
+    fn a_failed_plan_is_not_cached() {
+        let mut lru: Lru<u32, u32> = Lru::new(2);
+        assert_eq!(lru.get_or_try_insert(7, || Err("no algorithm")).err(), Some("no algorithm"));
+        assert!(!lru.contains(&7));
+        assert_eq!(lru.len(), 0);
+        assert_eq!(*lru.get_or_try_insert(7, || Ok::<_, &str>(70)).unwrap(), 70);
+        let mut called = false;
+        assert_eq!(
+            *lru.get_or_try_insert(7, || {
+                called = true;
+                Ok::<_, &str>(0)
+            })
+            .unwrap(),
+            70
+        );
+        assert!(!called, "a hit does not plan again");
     }
 }

@@ -36,6 +36,47 @@ pub(crate) fn driver_err(what: &'static str) -> impl FnOnce(cudarc::driver::Driv
     move |e| EngineError::Backend(format!("CUDA: cannot {what}: {e}"))
 }
 
+/// The newest CUDA version the loaded driver supports, `(major, minor)`: (13, 0) for driver 580.
+fn driver_cuda_version() -> Result<(i32, i32)> {
+    let mut v = 0;
+    // SAFETY: only called once the driver is loaded (the backend has a context); `v` is a valid
+    // out-pointer.
+    unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) }
+        .result()
+        .map_err(driver_err("read the driver's CUDA version"))?;
+    Ok((v / 1000, (v % 1000) / 10))
+}
+
+/// Why the driver may refuse NVRTC's PTX: each NVRTC writes the PTX ISA of its own CUDA
+/// version, which a driver of an older CUDA version cannot JIT (driver 580, CUDA 13.0, rejects
+/// the PTX of NVRTC 13.1). `None` when NVRTC is not newer than the driver.
+fn ptx_version_hint(nvrtc: (i32, i32), driver: (i32, i32)) -> Option<String> {
+    (nvrtc > driver).then(|| {
+        format!(
+            "NVRTC {}.{} is newer than the driver's CUDA {}.{}, whose JIT cannot read the PTX it writes: \
+             use an NVRTC of CUDA {}.{} or older (e.g. the nvidia-cuda-nvrtc wheel of that version), or update the driver",
+            nvrtc.0, nvrtc.1, driver.0, driver.1, driver.0, driver.1
+        )
+    })
+}
+
+/// Loads NVRTC's PTX for `what`; a refusal says whether the driver is older than NVRTC.
+fn load_ptx(
+    ctx: &Arc<CudaContext>,
+    ptx: cudarc::nvrtc::Ptx,
+    what: &str,
+    compiler: &Compiler,
+) -> Result<Arc<cudarc::driver::CudaModule>> {
+    ctx.load_module(ptx).map_err(|e| {
+        let hint = driver_cuda_version()
+            .ok()
+            .and_then(|driver| ptx_version_hint(compiler.nvrtc_version(), driver))
+            .map(|h| format!(" ({h})"))
+            .unwrap_or_default();
+        EngineError::Backend(format!("CUDA: cannot load the compiled {what}: {e}{hint}"))
+    })
+}
+
 /// A weight matrix `[n, k]` in bf16 on the device.
 #[derive(Debug)]
 pub struct CudaMatrix {
@@ -195,7 +236,7 @@ impl CudaBackend {
             let ptx = compiler
                 .compile(m, &arch, defines)
                 .map_err(|e| EngineError::Backend(format!("cannot compile the {} kernels for {arch}: {e}", m.name)))?;
-            ctx.load_module(ptx).map_err(driver_err("load a compiled kernel module"))
+            load_ptx(&ctx, ptx, &format!("{} kernels", m.name), &compiler)
         };
         let norm = load(&arbiter_kernels::NORM, &[])?;
         let ew = load(&arbiter_kernels::ELEMENTWISE, &[])?;
@@ -236,6 +277,11 @@ impl CudaBackend {
     /// The architecture the kernels were compiled for ("sm_90").
     pub fn arch(&self) -> &str {
         &self.arch
+    }
+
+    /// The newest CUDA version the driver supports, `(major, minor)`.
+    pub fn driver_cuda_version(&self) -> Result<(i32, i32)> {
+        driver_cuda_version()
     }
 
     /// The device ordinal.
@@ -279,7 +325,7 @@ impl CudaBackend {
                 self.arch
             ))
         })?;
-        let module = self.ctx.load_module(ptx).map_err(driver_err("load the attention module"))?;
+        let module = load_ptx(&self.ctx, ptx, &format!("attention kernel (head_dim {head_dim})"), &self.compiler)?;
         let func = module
             .load_function("flash_attn_varlen")
             .map_err(|e| EngineError::Backend(format!("CUDA: no kernel \"flash_attn_varlen\" in the module: {e}")))?;
@@ -766,6 +812,15 @@ mod tests {
         assert_eq!(int(5, "x").unwrap(), 5);
         assert!(int(1 << 31, "tokens").unwrap_err().to_string().contains("tokens = 2147483648"));
         assert!(grid(1 << 32, "rows").is_err());
+    }
+
+    #[test]
+    fn a_driver_older_than_nvrtc_is_named_as_the_reason() {
+        assert_eq!(ptx_version_hint((13, 0), (13, 0)), None);
+        assert_eq!(ptx_version_hint((12, 8), (13, 0)), None);
+        let hint = ptx_version_hint((13, 1), (13, 0)).unwrap();
+        assert!(hint.contains("NVRTC 13.1 is newer than the driver's CUDA 13.0"), "{hint}");
+        assert!(ptx_version_hint((14, 0), (13, 2)).unwrap().contains("CUDA 13.2 or older"));
     }
 
     #[test]
