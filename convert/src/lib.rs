@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 pub mod error;
 pub mod layout;
 pub mod nemo_config;
+pub mod sentencepiece;
 pub mod tokenizer;
 pub mod writer;
 pub mod zarr;
