@@ -281,6 +281,9 @@ mod tests {
         let c = builtin_corpus();
         let all: String = c.texts.iter().map(|t| t.text.as_str()).collect();
         assert!(!all.is_ascii(), "unicode");
+        let cjk_emoji_marks = ['\u{65e5}', '\u{1f642}', '\u{301}'];
+        assert!(cjk_emoji_marks.iter().all(|&c| all.contains(c)), "CJK, emoji, combining marks");
+        assert!(all.contains('\u{10fffd}') && all.contains("<extra_id_1>"), "byte-fallback only, markers");
         assert!(
             all.contains("1234") && all.contains("  ") && all.contains("\t") && all.contains("def "),
             "digits, runs, code"
