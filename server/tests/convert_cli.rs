@@ -10,6 +10,16 @@ fn arbiter(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_arbiter")).args(args).env_remove("ARBITER_MODEL").output().expect("arbiter runs")
 }
 
+/// `arbiter` with nothing on PATH but `path` (where convert looks for python3).
+fn arbiter_with_path(path: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_arbiter"))
+        .args(args)
+        .env("PATH", path)
+        .env_remove("ARBITER_MODEL")
+        .output()
+        .expect("arbiter runs")
+}
+
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
@@ -96,15 +106,26 @@ fn convert_with_no_python_on_path_scores_like_the_script_made_tokenizer() {
     let empty = tmp.path().join("empty-path");
     std::fs::create_dir(&empty).unwrap();
     let rust = tmp.path().join("rust");
-    let out = Command::new(env!("CARGO_BIN_EXE_arbiter"))
-        .args(["convert", "--input", s(&released), "--output", s(&rust)])
-        .env("PATH", &empty)
-        .env_remove("ARBITER_MODEL")
-        .output()
-        .expect("arbiter runs");
+    let out = arbiter_with_path(&empty, &["convert", "--input", s(&released), "--output", s(&rust)]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("tokenizer not verified against SentencePiece: cannot run python3"), "{stderr}");
+
+    // A python3 without the sentencepiece module (here: one that fails every import) is no check either.
+    let fake = tmp.path().join("fake-python");
+    std::fs::create_dir(&fake).unwrap();
+    let python3 = fake.join("python3");
+    std::fs::write(&python3, "#!/bin/sh\nexit 1\n").unwrap();
+    let mut perms = std::fs::metadata(&python3).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&python3, perms).unwrap();
+    let out = arbiter_with_path(&fake, &["convert", "--input", s(&released), "--output", s(&tmp.path().join("fake"))]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("tokenizer not verified against SentencePiece: python3 has no `sentencepiece` module"),
+        "{stderr}"
+    );
 
     // Today's folder: the tokenizer.json scripts/spm_to_tokenizer_json.py made, checked against SentencePiece.
     let script = tmp.path().join("script");
