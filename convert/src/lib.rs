@@ -259,6 +259,12 @@ fn convert_tokenizer(
         Verification::Python(p) => p.clone(),
         Verification::IfAvailable => match tokenizer::probe_sentencepiece(Path::new(tokenizer::DEFAULT_PYTHON)) {
             Ok(()) => PathBuf::from(tokenizer::DEFAULT_PYTHON),
+            Err(why) if sp.has_charsmap() => {
+                return Ok(TokenizerOutcome::NotVerified(format!(
+                    "{why}; this model's normalizer has a character map, where tokenizers and SentencePiece \
+                     are known to differ on some inputs (docs/convert.md)"
+                )))
+            }
             Err(why) => return Ok(TokenizerOutcome::NotVerified(why)),
         },
     };

@@ -93,6 +93,13 @@ impl SentencePieceModel {
         self.normalizer().add_dummy_prefix()
     }
 
+    /// Whether the normalizer has a precompiled character map (e.g. `nmt_nfkc`; none with
+    /// `identity`): the one part where `tokenizers` is known to differ from SentencePiece on some
+    /// inputs (docs/convert.md).
+    pub fn has_charsmap(&self) -> bool {
+        !self.normalizer().precompiled_charsmap().is_empty()
+    }
+
     fn trainer(&self) -> proto::TrainerSpec {
         self.proto.trainer_spec.clone().unwrap_or_default()
     }
@@ -324,7 +331,7 @@ mod tests {
         // tests/fixtures/make_released.py: BPE, 400 pieces, byte fallback, dummy prefix, pad 0 /
         // unk 1 / BOS 2 / EOS 3, then the ten <extra_id_N> markers as user-defined pieces.
         let m = SentencePieceModel::read(&fixture()).unwrap();
-        assert_eq!((m.pieces(), m.kind(), m.add_dummy_prefix()), (400, "BPE", true));
+        assert_eq!((m.pieces(), m.kind(), m.add_dummy_prefix(), m.has_charsmap()), (400, "BPE", true, false));
         let tok = m.to_tokenizer().unwrap();
         let added = tok.get_added_tokens_decoder();
         for i in 0..10u32 {

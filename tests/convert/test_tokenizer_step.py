@@ -99,6 +99,17 @@ def test_sentencepiece_models_convert_to_sentencepiece_ids(tmp_path, name, kw):
     assert load(out / "tokenizer.json") == python_converter(tmp_path, model)
 
 
+def test_unverified_with_a_character_map_says_where_it_may_differ(tmp_path):
+    model = train(tmp_path, "nfkc", model_type="bpe", normalization_rule_name="nmt_nfkc")
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    r, out = convert(tmp_path, "--tokenizer-model", model, python=False, env=dict(os.environ, PATH=str(empty)))
+    assert r.returncode == 0, r.stderr
+    assert "tokenizer not verified against SentencePiece: cannot run python3" in r.stderr, r.stderr
+    assert "normalizer has a character map" in r.stderr
+    assert (out / "tokenizer.json").exists()
+
+
 def test_a_mismatching_tokenizer_is_refused_with_the_first_difference(tmp_path):
     # nmt_nfkc with whitespace runs kept: tokenizers' Precompiled normalizer treats "\r\n" as one
     # grapheme, SentencePiece as two characters. The check of arbiter's own tokenizer.json must
