@@ -5,9 +5,11 @@ a fidelity corpus so that `arbiter convert` can check the two agree id for id.
 
     python3 scripts/spm_to_tokenizer_json.py --model X.model --corpus convert/src/fidelity_corpus.json --out DIR
 
-writes DIR/tokenizer.json and DIR/sentencepiece_reference.json. `arbiter convert` runs this script
-itself (see docs/convert.md); running it by hand is for machines where the conversion has no Python.
-Needs the PyPI packages `sentencepiece`, `protobuf` and `tokenizers`.
+writes DIR/tokenizer.json and DIR/sentencepiece_reference.json; with --reference-only, only the
+reference, which needs just the PyPI package `sentencepiece` (tokenizer.json also needs `protobuf`
+and `tokenizers`). `arbiter convert` builds tokenizer.json itself, in Rust, the same way
+(convert/src/sentencepiece.rs; the tests compare the two files), and runs this script with
+--reference-only to check it against SentencePiece (see docs/convert.md).
 
 Why not transformers' LlamaConverter (what NeMo's Nemotron-to-HF script uses): NeMo-Aligner feeds
 the reward model `SentencePieceProcessor.encode(whole templated string)`. SentencePiece adds its
@@ -26,8 +28,6 @@ import os
 import sys
 
 import sentencepiece as spm
-from sentencepiece import sentencepiece_model_pb2 as sp_pb2
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 BPE_TYPE, UNIGRAM_TYPE = 2, 1
@@ -73,6 +73,10 @@ def bpe_merges(proto):
 
 
 def convert(model_path):
+    # Imported here: --reference-only needs SentencePiece alone.
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
+
     proto = sp_pb2.ModelProto()
     with open(model_path, "rb") as f:
         proto.ParseFromString(f.read())
@@ -123,13 +127,17 @@ def main():
     ap.add_argument("--model", required=True, help="the SentencePiece .model file")
     ap.add_argument("--corpus", required=True, help="the fidelity corpus (convert/src/fidelity_corpus.json)")
     ap.add_argument("--out", required=True, help="folder for tokenizer.json and sentencepiece_reference.json")
+    ap.add_argument("--reference-only", action="store_true",
+                    help="write only sentencepiece_reference.json (arbiter convert builds tokenizer.json itself)")
     args = ap.parse_args()
 
-    tok, proto = convert(args.model)
     sp = spm.SentencePieceProcessor(model_file=args.model)
-    for i, p in enumerate(proto.pieces):
-        if p.type == USER_DEFINED and tok.token_to_id(p.piece) != i:
-            sys.exit(f"{args.model}: user-defined piece {p.piece!r} would get id {tok.token_to_id(p.piece)}, not {i}")
+    if not args.reference_only:
+        tok, proto = convert(args.model)
+        for i, p in enumerate(proto.pieces):
+            if p.type == USER_DEFINED and tok.token_to_id(p.piece) != i:
+                sys.exit(f"{args.model}: user-defined piece {p.piece!r} would get id {tok.token_to_id(p.piece)}, "
+                         f"not {i}")
 
     with open(args.corpus, encoding="utf-8") as f:
         corpus = json.load(f)
@@ -139,7 +147,7 @@ def main():
         "generator": "scripts/spm_to_tokenizer_json.py",
         "sentencepiece": spm.__version__,
         "model_sha256": sha256,
-        "pieces": len(proto.pieces),
+        "pieces": sp.get_piece_size(),
         "texts": [{"name": t["name"], "text": t["text"], "ids": sp.encode(t["text"])} for t in corpus["texts"]],
         "chats": [],
     }
@@ -148,10 +156,13 @@ def main():
         reference["chats"].append({"name": c["name"], "messages": c["messages"], "text": text, "ids": sp.encode(text)})
 
     os.makedirs(args.out, exist_ok=True)
-    tok.save(os.path.join(args.out, "tokenizer.json"))
     with open(os.path.join(args.out, "sentencepiece_reference.json"), "w", encoding="utf-8") as f:
         json.dump(reference, f, ensure_ascii=False, indent=1)
         f.write("\n")
+    if args.reference_only:
+        print(f"wrote {args.out}/sentencepiece_reference.json ({sp.get_piece_size()} pieces)")
+        return
+    tok.save(os.path.join(args.out, "tokenizer.json"))
     print(f"wrote {args.out}/tokenizer.json ({len(proto.pieces)} pieces, "
           f"{'BPE' if proto.trainer_spec.model_type == BPE_TYPE else 'Unigram'}, "
           f"add_dummy_prefix={proto.normalizer_spec.add_dummy_prefix}) and sentencepiece_reference.json")

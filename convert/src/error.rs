@@ -94,7 +94,15 @@ pub enum ConvertError {
         /// Actual size in bytes.
         found: u64,
     },
-    /// The tokenizer step failed (the Python converter, or its output).
+    /// The SentencePiece model file is unreadable, or uses something the converter cannot express.
+    #[error("SentencePiece model {}: {message}", path.display())]
+    SentencePiece {
+        /// The `.model` file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The tokenizer step failed (the Python verification, or its output).
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     /// The converted tokenizer does not encode like SentencePiece (or arbiter's template does not

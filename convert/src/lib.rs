@@ -4,8 +4,9 @@
 //! `tokenizer.json`. See docs/convert.md.
 //!
 //! Everything is checked before any weight byte is copied: every array's `.zarray` against
-//! `model_config.yaml`, every chunk file's presence and size, and the tokenizer against
-//! SentencePiece on a built-in corpus. The weights are then streamed layer by layer and chunk by
+//! `model_config.yaml`, every chunk file's presence and size, and the tokenizer (built from the
+//! SentencePiece model in Rust) against SentencePiece itself on a built-in corpus, when a Python
+//! with `sentencepiece` is at hand. The weights are then streamed layer by layer and chunk by
 //! chunk, so memory stays at a few rows and write buffers whatever the model's size.
 #![deny(missing_docs)]
 
@@ -20,6 +21,7 @@ use serde_json::{json, Value};
 pub mod error;
 pub mod layout;
 pub mod nemo_config;
+pub mod sentencepiece;
 pub mod tokenizer;
 pub mod writer;
 pub mod zarr;
@@ -46,12 +48,35 @@ pub const DEFAULT_REWARD_WEIGHTS: [(&str, f64); 5] =
 /// How the tokenizer is produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenizerSource {
-    /// Run `scripts/spm_to_tokenizer_json.py` (embedded) with this Python interpreter.
-    Python(PathBuf),
+    /// Build tokenizer.json from the SentencePiece model (in Rust), then check it against
+    /// SentencePiece itself as [`Verification`] says.
+    Build(Verification),
     /// Use tokenizer.json and sentencepiece_reference.json the script already wrote into this folder.
     Dir(PathBuf),
     /// Write no tokenizer: the folder then accepts token ids only.
     None,
+}
+
+/// Whether and how a built tokenizer is checked against SentencePiece (Python's `sentencepiece`,
+/// through `scripts/spm_to_tokenizer_json.py --reference-only`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verification {
+    /// This interpreter must run SentencePiece: any failure, a mismatch included, refuses the conversion.
+    Python(PathBuf),
+    /// `python3` on PATH, if it has the `sentencepiece` module; otherwise the tokenizer is written
+    /// unverified. A mismatch still refuses the conversion.
+    IfAvailable,
+}
+
+/// What became of the tokenizer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenizerOutcome {
+    /// No tokenizer was written (`--weights-only`).
+    None,
+    /// tokenizer.json encodes the fidelity corpus as SentencePiece does, on this many entries.
+    Verified(usize),
+    /// tokenizer.json was built but not checked against SentencePiece, for this reason.
+    NotVerified(String),
 }
 
 /// What to convert, and how.
@@ -80,8 +105,8 @@ pub struct ConvertReport {
     pub shards: usize,
     /// Weight bytes written.
     pub bytes: u64,
-    /// Corpus entries the tokenizer was checked on (0 without a tokenizer).
-    pub fidelity_checked: usize,
+    /// Whether tokenizer.json was written and checked against SentencePiece.
+    pub tokenizer: TokenizerOutcome,
     /// Seconds the whole conversion took.
     pub seconds: f64,
 }
@@ -124,8 +149,8 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
     let config_path = opts.output.join("config.json");
     std::fs::write(&config_path, serde_json::to_string_pretty(&config).expect("JSON serializes"))
         .map_err(error::io(&config_path))?;
-    let fidelity_checked = match &opts.tokenizer {
-        TokenizerSource::None => 0,
+    let tokenizer = match &opts.tokenizer {
+        TokenizerSource::None => TokenizerOutcome::None,
         source => {
             let result = convert_tokenizer(opts, &cfg, &layout, source);
             if result.is_err() {
@@ -170,7 +195,7 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
         tensors: layout.outputs.len(),
         shards: shards.files.len(),
         bytes: total,
-        fidelity_checked,
+        tokenizer,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -193,48 +218,64 @@ fn convert_tokenizer(
     cfg: &nemo_config::NemoConfig,
     layout: &layout::Layout,
     source: &TokenizerSource,
-) -> Result<usize> {
+) -> Result<TokenizerOutcome> {
     let model = tokenizer::find_model(&opts.input, cfg.tokenizer_model.as_deref(), opts.tokenizer_model.as_deref())?;
-    let work = opts.output.join(".tokenizer-work");
-    let dir = match source {
-        TokenizerSource::Python(python) => {
-            tokenizer::run_script(python, &model, &work)?;
-            work.clone()
+    let sp = sentencepiece::SentencePieceModel::read(&model)?;
+    // Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by x TP.
+    let multiple = cfg.vocab_divisible_by * cfg.tensor_parallel;
+    let padded = sp.pieces().div_ceil(multiple) * multiple;
+    if padded != layout.vocab {
+        return Err(ConvertError::ShapeMismatch {
+            name: "model.embedding.word_embeddings.weight".into(),
+            expected: vec![padded, cfg.hidden],
+            found: vec![layout.vocab, cfg.hidden],
+            why: format!(
+                "the tokenizer's {} pieces padded to a multiple of make_vocab_size_divisible_by {} x tensor_model_parallel_size {}",
+                sp.pieces(),
+                cfg.vocab_divisible_by,
+                cfg.tensor_parallel
+            ),
+        });
+    }
+    let dst = opts.output.join("tokenizer.json");
+    let verification = match source {
+        TokenizerSource::Build(v) => v,
+        TokenizerSource::Dir(dir) => {
+            let reference = tokenizer::load_reference(dir, &model)?;
+            let src = dir.join("tokenizer.json");
+            std::fs::copy(&src, &dst).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => ConvertError::MissingFile {
+                    path: src.clone(),
+                    why: "scripts/spm_to_tokenizer_json.py writes it".into(),
+                },
+                _ => error::io(&src)(e),
+            })?;
+            return Ok(TokenizerOutcome::Verified(tokenizer::check_fidelity(&opts.output, &reference)?));
         }
-        TokenizerSource::Dir(d) => d.clone(),
         TokenizerSource::None => unreachable!("handled by the caller"),
     };
-    let result = (|| {
-        let reference = tokenizer::load_reference(&dir, &model)?;
-        // Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by x TP.
-        let multiple = cfg.vocab_divisible_by * cfg.tensor_parallel;
-        let padded = reference.pieces.div_ceil(multiple) * multiple;
-        if padded != layout.vocab {
-            return Err(ConvertError::ShapeMismatch {
-                name: "model.embedding.word_embeddings.weight".into(),
-                expected: vec![padded, cfg.hidden],
-                found: vec![layout.vocab, cfg.hidden],
-                why: format!(
-                    "the tokenizer's {} pieces padded to a multiple of make_vocab_size_divisible_by {} x tensor_model_parallel_size {}",
-                    reference.pieces, cfg.vocab_divisible_by, cfg.tensor_parallel
-                ),
-            });
-        }
-        let src = dir.join("tokenizer.json");
-        let dst = opts.output.join("tokenizer.json");
-        std::fs::copy(&src, &dst).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => ConvertError::MissingFile {
-                path: src.clone(),
-                why: "scripts/spm_to_tokenizer_json.py writes it".into(),
-            },
-            _ => error::io(&src)(e),
-        })?;
-        tokenizer::check_fidelity(&opts.output, &reference)
-    })();
+    sp.write_tokenizer_json(&dst)?;
+    let python = match verification {
+        Verification::Python(p) => p.clone(),
+        Verification::IfAvailable => match tokenizer::probe_sentencepiece(Path::new(tokenizer::DEFAULT_PYTHON)) {
+            Ok(()) => PathBuf::from(tokenizer::DEFAULT_PYTHON),
+            Err(why) if sp.has_charsmap() => {
+                return Ok(TokenizerOutcome::NotVerified(format!(
+                    "{why}; this model's normalizer has a character map, where tokenizers and SentencePiece \
+                     are known to differ on some inputs (docs/convert.md)"
+                )))
+            }
+            Err(why) => return Ok(TokenizerOutcome::NotVerified(why)),
+        },
+    };
+    let work = opts.output.join(".tokenizer-work");
+    let result = tokenizer::run_script(&python, &model, &work)
+        .and_then(|()| tokenizer::load_reference(&work, &model))
+        .and_then(|reference| tokenizer::check_fidelity(&opts.output, &reference));
     if work.exists() {
         let _ = std::fs::remove_dir_all(&work);
     }
-    result
+    Ok(TokenizerOutcome::Verified(result?))
 }
 
 /// The config.json of the converted folder (see engine/src/config.rs and docs/model-folder.md).

@@ -1,7 +1,8 @@
-//! The tokenizer step: SentencePiece model -> `tokenizer.json` (by the Python script
-//! `scripts/spm_to_tokenizer_json.py`, embedded here), then the fidelity check: the built-in
-//! corpus encoded by SentencePiece itself (the script's reference) and by arbiter, with the
-//! tokenizer.json and the same template code the server uses, must agree id for id.
+//! The tokenizer's fidelity check: the built-in corpus encoded by SentencePiece itself (the
+//! reference that the Python script `scripts/spm_to_tokenizer_json.py`, embedded here, writes)
+//! and by arbiter, with the tokenizer.json and the same template code the server uses, must agree
+//! id for id. tokenizer.json itself is built in Rust (`crate::sentencepiece`); the script's own
+//! tokenizer.json is only read with `--tokenizer-dir`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -76,7 +77,21 @@ pub fn builtin_corpus() -> Corpus {
     serde_json::from_str(CORPUS).expect("the embedded corpus is valid JSON (checked by a test)")
 }
 
-/// Runs the embedded script with `python` on `model`, writing tokenizer.json and the reference into `out`.
+/// The interpreter tried when `--python` is not given.
+pub const DEFAULT_PYTHON: &str = "python3";
+
+/// Checks that `python` runs and imports `sentencepiece`; the error says why not, for the
+/// "tokenizer not verified" message.
+pub fn probe_sentencepiece(python: &Path) -> std::result::Result<(), String> {
+    match Command::new(python).args(["-c", "import sentencepiece"]).output() {
+        Err(e) => Err(format!("cannot run {} ({e})", python.display())),
+        Ok(o) if !o.status.success() => Err(format!("{} has no `sentencepiece` module", python.display())),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// Runs the embedded script with `python` on `model`, writing SentencePiece's encodings of the
+/// corpus (the reference) into `out`. Needs only the `sentencepiece` package.
 pub fn run_script(python: &Path, model: &Path, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).map_err(io(out))?;
     let script = out.join("spm_to_tokenizer_json.py");
@@ -91,11 +106,12 @@ pub fn run_script(python: &Path, model: &Path, out: &Path) -> Result<()> {
         .arg(&corpus)
         .arg("--out")
         .arg(out)
+        .arg("--reference-only")
         .output()
         .map_err(|e| {
             ConvertError::Tokenizer(format!(
-                "cannot run {} ({e}); the tokenizer step needs Python with `pip install sentencepiece protobuf tokenizers` \
-                 (choose the interpreter with --python), or a folder made by scripts/spm_to_tokenizer_json.py (--tokenizer-dir)",
+                "cannot run {} ({e}); checking the tokenizer against SentencePiece needs Python with `pip install sentencepiece` \
+                 (choose the interpreter with --python)",
                 python.display()
             ))
         })?;
@@ -104,7 +120,7 @@ pub fn run_script(python: &Path, model: &Path, out: &Path) -> Result<()> {
         let tail: Vec<&str> = stderr.lines().rev().take(12).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
         let hint = if stderr.contains("ModuleNotFoundError") {
-            "\n(install the packages: pip install sentencepiece protobuf tokenizers)"
+            "\n(install the package: pip install sentencepiece)"
         } else {
             ""
         };
@@ -265,6 +281,9 @@ mod tests {
         let c = builtin_corpus();
         let all: String = c.texts.iter().map(|t| t.text.as_str()).collect();
         assert!(!all.is_ascii(), "unicode");
+        let cjk_emoji_marks = ['\u{65e5}', '\u{1f642}', '\u{301}'];
+        assert!(cjk_emoji_marks.iter().all(|&c| all.contains(c)), "CJK, emoji, combining marks");
+        assert!(all.contains('\u{10fffd}') && all.contains("<extra_id_1>"), "byte-fallback only, markers");
         assert!(
             all.contains("1234") && all.contains("  ") && all.contains("\t") && all.contains("def "),
             "digits, runs, code"

@@ -5,7 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
-use arbiter_convert::{convert, ConvertOptions, ConvertReport, TokenizerSource};
+use arbiter_convert::{
+    convert, tokenizer, ConvertOptions, ConvertReport, TokenizerOutcome, TokenizerSource, Verification,
+};
 use arbiter_engine::cpu::CpuBackend;
 use arbiter_engine::weights::WeightStore;
 use arbiter_engine::{Model, PackedBatch};
@@ -76,7 +78,7 @@ fn the_converted_model_reproduces_transformers() {
     let out = tempfile::tempdir().unwrap();
     let dir = out.path().join("model");
     let report = run(&released(), &dir).unwrap();
-    assert_eq!((report.shards, report.fidelity_checked), (1, 28));
+    assert_eq!((report.shards, report.tokenizer), (1, TokenizerOutcome::Verified(29)));
     // Every tensor is bit for bit the one transformers saved (the head exactly widened to fp32):
     // q/k/v unfused per group, TP chunks joined, layers unstacked.
     let ours = WeightStore::open(&dir).unwrap();
@@ -285,7 +287,8 @@ fn a_reference_made_from_another_model_is_refused() {
     let e = refused(|i| {
         let p = i.join("tiny_nemotron.model");
         let mut bytes = std::fs::read(&p).unwrap();
-        bytes.push(0);
+        // Field 200 (SentencePiece's extension range), varint 1: still a valid model, another sha256.
+        bytes.extend([0xc0, 0x0c, 0x01]);
         std::fs::write(&p, bytes).unwrap();
     });
     assert!(e.contains("was made from a SentencePiece model with sha256"), "{e}");
@@ -298,4 +301,39 @@ fn the_output_folder_must_be_new_or_empty() {
     let e = run(&released(), dir.path()).unwrap_err().to_string();
     assert!(e.contains("not empty"), "{e}");
     assert!(std::fs::read_to_string(dir.path().join("keep.txt")).unwrap() == "x");
+}
+
+#[test]
+fn the_tokenizer_built_in_rust_encodes_like_sentencepiece() {
+    // The tokenizer step without the script: tokenizer.json from the .model file, in Rust. Whether
+    // it was verified depends on this machine's python3; the check against the committed
+    // reference (SentencePiece's own ids, written by scripts/spm_to_tokenizer_json.py) does not.
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("model");
+    let mut opts = options(&released(), &dir);
+    opts.tokenizer = TokenizerSource::Build(Verification::IfAvailable);
+    let report = convert(&opts).unwrap();
+    assert!(
+        matches!(report.tokenizer, TokenizerOutcome::Verified(29) | TokenizerOutcome::NotVerified(_)),
+        "{:?}",
+        report.tokenizer
+    );
+    let model = released().join("tiny_nemotron.model");
+    let reference = tokenizer::load_reference(&released().join("tokenizer"), &model).unwrap();
+    assert_eq!(tokenizer::check_fidelity(&dir, &reference).unwrap(), 29);
+    // And it is the very file the Python converter writes.
+    let read =
+        |p: PathBuf| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
+    assert_eq!(read(dir.join("tokenizer.json")), read(released().join("tokenizer/tokenizer.json")));
+}
+
+#[test]
+fn an_interpreter_that_cannot_run_sentencepiece_refuses_the_conversion() {
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("model");
+    let mut opts = options(&released(), &dir);
+    opts.tokenizer = TokenizerSource::Build(Verification::Python(out.path().join("no-such-python")));
+    let e = convert(&opts).unwrap_err().to_string();
+    assert!(e.contains("no-such-python") && e.contains("pip install sentencepiece"), "{e}");
+    assert!(!dir.join("config.json").exists() && !dir.join("tokenizer.json").exists());
 }

@@ -85,12 +85,13 @@ struct ConvertArgs {
     /// The SentencePiece model (default: the file model_config.yaml's tokenizer.model names, in --input).
     #[arg(long)]
     tokenizer_model: Option<PathBuf>,
-    /// Python interpreter with the PyPI packages sentencepiece, protobuf and tokenizers, used to
-    /// turn the SentencePiece model into tokenizer.json.
-    #[arg(long, default_value = "python3", conflicts_with_all = ["tokenizer_dir", "weights_only"])]
-    python: PathBuf,
+    /// Python interpreter with the PyPI package sentencepiece, which checks the tokenizer.json
+    /// arbiter builds against SentencePiece (default: python3 if it has sentencepiece, else the
+    /// tokenizer is written unverified).
+    #[arg(long, conflicts_with_all = ["tokenizer_dir", "weights_only"])]
+    python: Option<PathBuf>,
     /// Folder where scripts/spm_to_tokenizer_json.py already wrote tokenizer.json and
-    /// sentencepiece_reference.json (for machines where the conversion cannot run Python).
+    /// sentencepiece_reference.json (a tokenizer checked against SentencePiece on another machine).
     #[arg(long, conflicts_with = "weights_only")]
     tokenizer_dir: Option<PathBuf>,
     /// Write no tokenizer: the folder then scores token ids only.
@@ -130,11 +131,12 @@ fn main() -> ExitCode {
 }
 
 fn convert(args: ConvertArgs) -> Result<ExitCode> {
-    use arbiter_convert::{ConvertOptions, TokenizerSource};
-    let tokenizer = match (args.weights_only, args.tokenizer_dir) {
-        (true, _) => TokenizerSource::None,
-        (false, Some(d)) => TokenizerSource::Dir(d),
-        (false, None) => TokenizerSource::Python(args.python),
+    use arbiter_convert::{ConvertOptions, TokenizerOutcome, TokenizerSource, Verification};
+    let tokenizer = match (args.weights_only, args.tokenizer_dir, args.python) {
+        (true, _, _) => TokenizerSource::None,
+        (false, Some(d), _) => TokenizerSource::Dir(d),
+        (false, None, Some(p)) => TokenizerSource::Build(Verification::Python(p)),
+        (false, None, None) => TokenizerSource::Build(Verification::IfAvailable),
     };
     let opts = ConvertOptions {
         input: args.input,
@@ -146,9 +148,13 @@ fn convert(args: ConvertArgs) -> Result<ExitCode> {
     };
     let report = arbiter_convert::convert(&opts)
         .with_context(|| format!("converting {} into {}", opts.input.display(), opts.output.display()))?;
-    let tokenizer = match report.fidelity_checked {
-        0 => "no tokenizer (token ids only)".to_string(),
-        n => format!("tokenizer.json matches SentencePiece on all {n} corpus entries"),
+    let tokenizer = match report.tokenizer {
+        TokenizerOutcome::None => "no tokenizer (token ids only)".to_string(),
+        TokenizerOutcome::Verified(n) => format!("tokenizer.json matches SentencePiece on all {n} corpus entries"),
+        TokenizerOutcome::NotVerified(why) => format!(
+            "tokenizer not verified against SentencePiece: {why}; pass --python with an interpreter that has \
+             `pip install sentencepiece` to check it id for id"
+        ),
     };
     eprintln!(
         "arbiter: wrote {} ({} tensors, {:.2} GB in {} shard(s); {tokenizer}) in {:.1}s",

@@ -1,6 +1,9 @@
 """arbiter convert's tokenizer step with real SentencePiece: the script reproduces the committed
-fixture files, `arbiter convert` runs it itself, and SentencePiece models of other kinds
-(Unigram, no dummy prefix, NFKC normalization) convert and pass the fidelity check.
+fixture files; `arbiter convert` builds tokenizer.json in Rust and checks it with SentencePiece
+(through the script, --reference-only); BPE and Unigram models, with and without the dummy prefix,
+with and without a character map, convert to the ids SentencePiece gives on the fidelity corpus
+(whitespace runs, leading spaces, digits, CJK, emoji, combining marks, byte-fallback-only
+characters, the <extra_id_N> markers) and to the same tokenizer.json as the Python converter.
 
 Run by scripts/test.sh: ARBITER_BIN=target/debug/arbiter .venv/bin/python -m pytest tests/convert
 """
@@ -24,10 +27,20 @@ def load(path):
         return json.load(f)
 
 
-def convert(tmp_path, *extra):
+def convert(tmp_path, *extra, python=True, env=None):
     out = tmp_path / "model"
-    return subprocess.run([ARBITER, "convert", "--input", RELEASED, "--output", str(out), "--python", sys.executable,
-                           *extra], capture_output=True, text=True), out
+    args = [ARBITER, "convert", "--input", RELEASED, "--output", str(out), *extra]
+    if python:
+        args += ["--python", sys.executable]
+    return subprocess.run(args, capture_output=True, text=True, env=env), out
+
+
+def python_converter(tmp_path, model):
+    """tokenizer.json as scripts/spm_to_tokenizer_json.py writes it."""
+    out = tmp_path / "script"
+    subprocess.run([sys.executable, SCRIPT, "--model", model, "--corpus", CORPUS, "--out", str(out)], check=True,
+                   capture_output=True)
+    return load(out / "tokenizer.json")
 
 
 def test_the_script_reproduces_the_committed_fixture(tmp_path):
@@ -40,12 +53,20 @@ def test_the_script_reproduces_the_committed_fixture(tmp_path):
         assert ours[key] == theirs[key], key
 
 
-def test_arbiter_convert_runs_the_script_itself(tmp_path):
+def test_arbiter_convert_checks_its_tokenizer_with_sentencepiece(tmp_path):
     r, out = convert(tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "tokenizer.json matches SentencePiece on all 28 corpus entries" in r.stderr
+    assert "tokenizer.json matches SentencePiece on all 29 corpus entries" in r.stderr
     assert load(out / "tokenizer.json") == load(os.path.join(RELEASED, "tokenizer", "tokenizer.json"))
     assert not (out / ".tokenizer-work").exists()
+
+
+def test_without_python_flag_a_python3_with_sentencepiece_on_path_checks_it(tmp_path):
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    assert os.path.exists(os.path.join(os.path.dirname(sys.executable), "python3"))
+    r, _ = convert(tmp_path, python=False, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "tokenizer.json matches SentencePiece on all 29 corpus entries" in r.stderr
 
 
 def train(tmp_path, name, **kw):
@@ -57,22 +78,42 @@ def train(tmp_path, name, **kw):
     return str(tmp_path / f"{name}.model")
 
 
+IDENTITY = dict(normalization_rule_name="identity", remove_extra_whitespaces=False)
+
+
 @pytest.mark.parametrize("name,kw", [
-    ("unigram", dict(model_type="unigram", normalization_rule_name="identity", remove_extra_whitespaces=False)),
-    ("bpe-no-dummy-prefix", dict(model_type="bpe", add_dummy_prefix=False, normalization_rule_name="identity",
-                                 remove_extra_whitespaces=False)),
+    ("bpe", dict(model_type="bpe", **IDENTITY)),
+    ("bpe-no-dummy-prefix", dict(model_type="bpe", add_dummy_prefix=False, **IDENTITY)),
+    ("unigram", dict(model_type="unigram", **IDENTITY)),
+    ("unigram-no-dummy-prefix", dict(model_type="unigram", add_dummy_prefix=False, **IDENTITY)),
     ("bpe-nfkc", dict(model_type="bpe", normalization_rule_name="nmt_nfkc")),
+    ("unigram-nfkc-no-dummy-prefix", dict(model_type="unigram", normalization_rule_name="nmt_nfkc",
+                                          add_dummy_prefix=False)),
+    ("unigram-split-digits", dict(model_type="unigram", split_digits=True)),
 ])
-def test_other_sentencepiece_models_pass_the_fidelity_check(tmp_path, name, kw):
+def test_sentencepiece_models_convert_to_sentencepiece_ids(tmp_path, name, kw):
     model = train(tmp_path, name, **kw)
-    r, _ = convert(tmp_path, "--tokenizer-model", model)
+    r, out = convert(tmp_path, "--tokenizer-model", model)
     assert r.returncode == 0, r.stderr
-    assert "matches SentencePiece on all 28 corpus entries" in r.stderr
+    assert "matches SentencePiece on all 29 corpus entries" in r.stderr
+    assert load(out / "tokenizer.json") == python_converter(tmp_path, model)
+
+
+def test_unverified_with_a_character_map_says_where_it_may_differ(tmp_path):
+    model = train(tmp_path, "nfkc", model_type="bpe", normalization_rule_name="nmt_nfkc")
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    r, out = convert(tmp_path, "--tokenizer-model", model, python=False, env=dict(os.environ, PATH=str(empty)))
+    assert r.returncode == 0, r.stderr
+    assert "tokenizer not verified against SentencePiece: cannot run python3" in r.stderr, r.stderr
+    assert "normalizer has a character map" in r.stderr
+    assert (out / "tokenizer.json").exists()
 
 
 def test_a_mismatching_tokenizer_is_refused_with_the_first_difference(tmp_path):
     # nmt_nfkc with whitespace runs kept: tokenizers' Precompiled normalizer treats "\r\n" as one
-    # grapheme, SentencePiece as two characters. The check must catch it and say where.
+    # grapheme, SentencePiece as two characters. The check of arbiter's own tokenizer.json must
+    # catch it and say where.
     model = train(tmp_path, "nfkc-keep-ws", model_type="bpe", normalization_rule_name="nmt_nfkc",
                   remove_extra_whitespaces=False)
     r, out = convert(tmp_path, "--tokenizer-model", model)
