@@ -39,14 +39,6 @@ pub struct Shards {
     pub places: Vec<Place>,
 }
 
-fn dtype_name(d: Dtype) -> &'static str {
-    match d {
-        Dtype::BF16 => "BF16",
-        Dtype::F16 => "F16",
-        Dtype::F32 => "F32",
-    }
-}
-
 /// Groups tensors, in order, into shards of at most `max_bytes` of data.
 pub fn group(tensors: &[OutTensor], max_bytes: u64) -> Vec<Vec<usize>> {
     let mut groups: Vec<Vec<usize>> = Vec::new();
@@ -85,7 +77,7 @@ pub fn create(dir: &Path, tensors: &[OutTensor], max_bytes: u64) -> Result<Shard
             let tensor = &tensors[t];
             header.insert(
                 tensor.name.clone(),
-                json!({"dtype": dtype_name(tensor.dtype), "shape": tensor.shape, "data_offsets": [offset, offset + tensor.bytes()]}),
+                json!({"dtype": tensor.dtype.safetensors_name(), "shape": tensor.shape, "data_offsets": [offset, offset + tensor.bytes()]}),
             );
             weight_map.insert(tensor.name.clone(), Value::String(name.clone()));
             offset += tensor.bytes();
