@@ -19,6 +19,7 @@ pub mod demo;
 pub mod error;
 pub mod fp8;
 pub mod graph;
+pub mod memory;
 pub mod parallel;
 pub mod rope;
 pub mod runtime;

@@ -148,6 +148,47 @@ pub fn gpu_1b_config() -> serde_json::Value {
     c
 }
 
+/// Nemotron-4-340B-Reward as `arbiter convert` writes its config.json (DESIGN.md's table: 96
+/// layers, hidden 18432, FFN 73728, 96 heads and 8 KV heads of 192, vocab 256000, the
+/// nine-output head with the HelpSteer2 reward weights).
+pub fn nemotron_340b_config() -> serde_json::Value {
+    let mut c = bench_small_config();
+    for (key, value) in [
+        ("hidden_size", 18432),
+        ("intermediate_size", 73728),
+        ("num_hidden_layers", 96),
+        ("num_attention_heads", 96),
+        ("num_key_value_heads", 8),
+        ("head_dim", 192),
+        ("vocab_size", 256000),
+        ("num_labels", 9),
+    ] {
+        c[key] = serde_json::json!(value);
+    }
+    c["id2label"] = HELPSTEER_LABELS.iter().enumerate().map(|(i, l)| (i.to_string(), serde_json::json!(l))).collect();
+    let weights: serde_json::Map<String, serde_json::Value> =
+        DEFAULT_REWARD_WEIGHTS.iter().map(|(n, w)| (n.to_string(), serde_json::json!(w))).collect();
+    c["arbiter"] = serde_json::json!({"exposed_attributes": HELPSTEER_LABELS[4..], "reward_weights": weights});
+    c
+}
+
+/// Output names of Nemotron-4-340B-Reward's head, in order (NeMo-Aligner's ALL_STEERLM_ATTRIBUTES).
+pub const HELPSTEER_LABELS: [&str; 9] = [
+    "quality",
+    "toxicity",
+    "humor",
+    "creativity",
+    "helpfulness",
+    "correctness",
+    "coherence",
+    "complexity",
+    "verbosity",
+];
+
+/// The default reward: the RewardBench weighting of the five HelpSteer2 attributes (the first four outputs are untrained).
+pub const DEFAULT_REWARD_WEIGHTS: [(&str, f64); 5] =
+    [("helpfulness", 0.3), ("correctness", 0.74), ("coherence", 0.46), ("complexity", 0.47), ("verbosity", -0.33)];
+
 /// One tensor-parallel rank's share of Nemotron-4-340B at TP=8 as a model of its own: hidden
 /// 18432, 12 query heads and 1 KV head of dim 192, FFN 9216 (73728 / 8), `layers` layers, and a
 /// token vocabulary of 256 (the embedding is not what is measured).

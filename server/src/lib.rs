@@ -5,6 +5,7 @@ pub mod auth;
 pub mod batcher;
 pub mod error;
 pub mod jsonl;
+pub mod memory_plan;
 pub mod metrics;
 pub mod model_args;
 pub mod openrlhf;
