@@ -146,11 +146,10 @@ fn tensor_parallel_fp8_matches_one_rank_within_tolerance() {
         let moved = one.iter().zip(&plain).map(|(g, e)| rel_error(g, e)).fold(0.0, f64::max);
         assert!(moved > 0.2, "llama={llama}: the row scales must matter ({moved:.2e})");
         for tp in [2, 4] {
-            let engine =
-                ParallelEngine::load(quant.path(), Parallelism { tp, pp: 1 }, Duration::from_secs(60), |_| {
-                    CpuBackend::with_threads(1)
-                })
-                .unwrap();
+            let engine = ParallelEngine::load(quant.path(), Parallelism { tp, pp: 1 }, Duration::from_secs(60), |_| {
+                CpuBackend::with_threads(1)
+            })
+            .unwrap();
             let got = engine.forward(&batch).unwrap();
             let worst = got.iter().zip(&one).map(|(g, e)| rel_error(g, e)).fold(0.0, f64::max);
             eprintln!("llama={llama} tp={tp}: vs tp=1 {worst:.3e}");
