@@ -37,6 +37,9 @@ pub struct OutTensor {
     pub dtype: Dtype,
     /// Shape.
     pub shape: Vec<usize>,
+    /// For an FP8 weight (`dtype` e4m3): the index of its scale tensor among the outputs; the
+    /// source rows are quantized on their way out (see [`crate::writer::RowSink`]).
+    pub scale: Option<usize>,
 }
 
 impl OutTensor {
@@ -99,6 +102,26 @@ impl Layout {
     /// Bytes the jobs read (the converted weights' size).
     pub fn total_bytes(&self) -> u64 {
         self.outputs.iter().map(OutTensor::bytes).sum()
+    }
+
+    /// Stores the linear layers `scheme` quantizes as e4m3, each followed by its f32 `[out, 1]`
+    /// scale tensor; every other tensor keeps its dtype.
+    pub fn quantize(&mut self, scheme: &arbiter_engine::fp8::Fp8Scheme) {
+        let mut outputs = Vec::with_capacity(self.outputs.len() * 2);
+        let mut index = Vec::with_capacity(self.outputs.len());
+        for t in std::mem::take(&mut self.outputs) {
+            index.push(outputs.len());
+            outputs.extend(crate::writer::fp8_outputs(t, scheme, outputs.len()));
+        }
+        for job in &mut self.jobs {
+            job.route = match job.route {
+                Route::Copy(t) => Route::Copy(index[t]),
+                Route::Qkv { q, k, v, heads_per_group, head_dim } => {
+                    Route::Qkv { q: index[q], k: index[k], v: index[v], heads_per_group, head_dim }
+                }
+            };
+        }
+        self.outputs = outputs;
     }
 }
 
@@ -174,7 +197,7 @@ pub fn plan(weights_dir: &Path, cfg: &NemoConfig) -> Result<Layout> {
     let mut outputs = Vec::new();
     let mut jobs = Vec::new();
     let mut out = |name: String, dtype: Dtype, shape: Vec<usize>| -> usize {
-        outputs.push(OutTensor { name, dtype, shape });
+        outputs.push(OutTensor { name, dtype, shape, scale: None });
         outputs.len() - 1
     };
 

@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 pub mod error;
 pub mod layout;
 pub mod nemo_config;
+pub mod quantize;
 pub mod sentencepiece;
 pub mod tokenizer;
 pub mod writer;
@@ -28,22 +29,8 @@ pub mod zarr;
 
 pub use error::{ConvertError, Result};
 
-/// Output names of Nemotron-4-340B-Reward's head, in order (NeMo-Aligner's ALL_STEERLM_ATTRIBUTES).
-pub const HELPSTEER_LABELS: [&str; 9] = [
-    "quality",
-    "toxicity",
-    "humor",
-    "creativity",
-    "helpfulness",
-    "correctness",
-    "coherence",
-    "complexity",
-    "verbosity",
-];
-
-/// The default reward: the RewardBench weighting of the five HelpSteer2 attributes (the first four outputs are untrained).
-pub const DEFAULT_REWARD_WEIGHTS: [(&str, f64); 5] =
-    [("helpfulness", 0.3), ("correctness", 0.74), ("coherence", 0.46), ("complexity", 0.47), ("verbosity", -0.33)];
+/// The head's names and the default reward, shared with the engine's 340B config (one list).
+pub use arbiter_engine::synth::{DEFAULT_REWARD_WEIGHTS, HELPSTEER_LABELS};
 
 /// How the tokenizer is produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +81,9 @@ pub struct ConvertOptions {
     pub max_shard_bytes: u64,
     /// Draw a progress bar on standard error (when it is a terminal).
     pub progress: bool,
+    /// Store the linear layers as FP8 (e4m3, per-channel scales) instead of the checkpoint's
+    /// bf16: the 340B model then fits 8 x 80 GB (docs/fp8.md).
+    pub fp8: bool,
 }
 
 /// What a conversion did.
@@ -128,7 +118,13 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
             why: "the released checkpoint keeps its weights there (a Megatron zarr checkpoint)".into(),
         });
     }
-    let layout = layout::plan(&weights_dir, &cfg)?;
+    let mut layout = layout::plan(&weights_dir, &cfg)?;
+    // Progress counts bytes read, which quantizing does not change.
+    let total = layout.total_bytes();
+    let scheme = opts.fp8.then(arbiter_engine::fp8::Fp8Scheme::default);
+    if let Some(scheme) = &scheme {
+        layout.quantize(scheme);
+    }
     let labels: Vec<String> = match layout.num_outputs {
         9 => HELPSTEER_LABELS.iter().map(|s| s.to_string()).collect(),
         1 => vec!["reward".to_string()],
@@ -145,7 +141,10 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
 
     // The tokenizer first: a tokenizer that does not match SentencePiece refuses the conversion
     // before hours of copying.
-    let config = hf_config(&cfg, &layout, &labels, opts.tokenizer != TokenizerSource::None);
+    let mut config = hf_config(&cfg, &layout, &labels, opts.tokenizer != TokenizerSource::None);
+    if let Some(scheme) = &scheme {
+        config["quantization_config"] = scheme.to_config();
+    }
     let config_path = opts.output.join("config.json");
     std::fs::write(&config_path, serde_json::to_string_pretty(&config).expect("JSON serializes"))
         .map_err(error::io(&config_path))?;
@@ -165,14 +164,7 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
     // config.json comes back last: a conversion stopped half-way leaves no folder the engine would load.
     std::fs::remove_file(&config_path).map_err(error::io(&config_path))?;
     let shards = writer::create(&opts.output, &layout.outputs, opts.max_shard_bytes)?;
-    let total = layout.total_bytes();
-    let bar = if opts.progress { indicatif::ProgressBar::new(total) } else { indicatif::ProgressBar::hidden() };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
-        )
-        .expect("a valid template"),
-    );
+    let bar = progress_bar(opts.progress, total);
     for job in &layout.jobs {
         let array = &layout.arrays[job.array];
         match job.prefix.first() {
@@ -185,19 +177,40 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
     std::fs::write(&config_path, serde_json::to_string_pretty(&config).expect("JSON serializes"))
         .map_err(error::io(&config_path))?;
 
-    // The folder must load as the engine reads it: every tensor by name with the shape config.json implies.
-    let spec = load_config(&config_path)?;
-    let store = WeightStore::open(&opts.output)?;
-    for (name, shape) in tensor_shapes(&spec) {
-        store.get_shaped(&name, &shape)?;
-    }
+    check_output(&opts.output)?;
     Ok(ConvertReport {
         tensors: layout.outputs.len(),
         shards: shards.files.len(),
-        bytes: total,
+        bytes: layout.total_bytes(),
         tokenizer,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// A progress bar over `total` bytes on standard error, or a hidden one.
+fn progress_bar(show: bool, total: u64) -> indicatif::ProgressBar {
+    let bar = if show { indicatif::ProgressBar::new(total) } else { indicatif::ProgressBar::hidden() };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
+        )
+        .expect("a valid template"),
+    );
+    bar
+}
+
+/// Checks that a written folder loads as the engine reads it: every tensor by name with the
+/// shape config.json implies, and for FP8 folders every scale with its `[out, 1]` shape.
+fn check_output(dir: &Path) -> Result<()> {
+    let spec = load_config(&dir.join("config.json"))?;
+    let store = WeightStore::open(dir)?;
+    for (name, shape) in tensor_shapes(&spec) {
+        store.get_shaped(&name, &shape)?;
+        if spec.fp8.as_ref().is_some_and(|q| q.quantizes(&name)) {
+            store.get_shaped(&arbiter_engine::fp8::scale_name(&name), &[shape[0], 1])?;
+        }
+    }
+    Ok(())
 }
 
 fn prepare_output(dir: &Path) -> Result<()> {

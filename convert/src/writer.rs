@@ -7,7 +7,8 @@ use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use arbiter_engine::weights::{Dtype, INDEX_FILE, SINGLE_FILE};
+use arbiter_engine::fp8::{self, Fp8Scheme};
+use arbiter_engine::weights::{widen, Dtype, INDEX_FILE, SINGLE_FILE};
 use serde_json::{json, Map, Value};
 
 use crate::error::{io, ConvertError, Result};
@@ -37,14 +38,6 @@ pub struct Shards {
     pub files: Vec<PathBuf>,
     /// One place per output tensor.
     pub places: Vec<Place>,
-}
-
-fn dtype_name(d: Dtype) -> &'static str {
-    match d {
-        Dtype::BF16 => "BF16",
-        Dtype::F16 => "F16",
-        Dtype::F32 => "F32",
-    }
 }
 
 /// Groups tensors, in order, into shards of at most `max_bytes` of data.
@@ -85,7 +78,7 @@ pub fn create(dir: &Path, tensors: &[OutTensor], max_bytes: u64) -> Result<Shard
             let tensor = &tensors[t];
             header.insert(
                 tensor.name.clone(),
-                json!({"dtype": dtype_name(tensor.dtype), "shape": tensor.shape, "data_offsets": [offset, offset + tensor.bytes()]}),
+                json!({"dtype": tensor.dtype.safetensors_name(), "shape": tensor.shape, "data_offsets": [offset, offset + tensor.bytes()]}),
             );
             weight_map.insert(tensor.name.clone(), Value::String(name.clone()));
             offset += tensor.bytes();
@@ -115,6 +108,68 @@ pub fn create(dir: &Path, tensors: &[OutTensor], max_bytes: u64) -> Result<Shard
         std::fs::write(&path, serde_json::to_string_pretty(&index).expect("JSON serializes")).map_err(io(&path))?;
     }
     Ok(Shards { files, places })
+}
+
+/// `t` as the output tensors of an FP8 folder (it would sit at index `at`): the tensor itself
+/// when `scheme` leaves it alone, else the e4m3 weight followed by its f32 `[out, 1]` scale.
+pub fn fp8_outputs(t: OutTensor, scheme: &Fp8Scheme, at: usize) -> Vec<OutTensor> {
+    if !scheme.quantizes(&t.name) {
+        return vec![t];
+    }
+    let scale =
+        OutTensor { name: fp8::scale_name(&t.name), dtype: Dtype::F32, shape: vec![t.shape[0], 1], scale: None };
+    vec![OutTensor { dtype: Dtype::F8E4M3, scale: Some(at + 1), ..t }, scale]
+}
+
+/// Where the rows of one output tensor go: copied as they come, or, for an FP8 weight,
+/// quantized row by row into its codes and its scale tensor. Rows arrive whole (every input
+/// column), which is what a per-output-channel scale needs.
+pub struct RowSink {
+    out: Cursor,
+    fp8: Option<(Dtype, Cursor)>,
+    row: Vec<f32>,
+    codes: Vec<u8>,
+}
+
+impl RowSink {
+    /// Opens output tensor `t`; `source` is the dtype of the rows that will be written (they are
+    /// converted only when `t` is quantized, so they must be `t`'s own dtype otherwise).
+    pub fn open(shards: &Shards, tensors: &[OutTensor], t: usize, source: Dtype) -> Result<Self> {
+        let out = Cursor::open(shards, tensors, t)?;
+        let fp8 = match tensors[t].scale {
+            Some(s) => Some((source, Cursor::open(shards, tensors, s)?)),
+            None if source != tensors[t].dtype => {
+                return Err(ConvertError::Output {
+                    path: out.path.clone(),
+                    message: format!(
+                        "tensor {:?} is {:?} but its rows come as {source:?} (a routing bug)",
+                        tensors[t].name, tensors[t].dtype
+                    ),
+                })
+            }
+            None => None,
+        };
+        Ok(RowSink { out, fp8, row: Vec::new(), codes: Vec::new() })
+    }
+
+    /// Writes one whole row of the source dtype.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        let Some((source, scales)) = &mut self.fp8 else { return self.out.write(bytes) };
+        self.row.clear();
+        widen(*source, bytes, &mut self.row);
+        self.codes.clear();
+        let s = fp8::quantize_row(&self.row, &mut self.codes);
+        scales.write(&s.to_le_bytes())?;
+        self.out.write(&self.codes)
+    }
+
+    /// Checks that every byte of the tensor (and its scales) was written, and flushes.
+    pub fn finish(self) -> Result<()> {
+        if let Some((_, scales)) = self.fp8 {
+            scales.finish()?;
+        }
+        self.out.finish()
+    }
 }
 
 /// A sequential writer into one output tensor's byte range.
@@ -162,7 +217,7 @@ pub fn run_job(layout: &Layout, shards: &Shards, job: &Job, progress: &mut dyn F
     let array = &layout.arrays[job.array];
     match job.route {
         Route::Copy(t) => {
-            let mut c = Cursor::open(shards, &layout.outputs, t)?;
+            let mut c = RowSink::open(shards, &layout.outputs, t, array.dtype)?;
             array.stream_rows(&job.prefix, &mut |_, row| {
                 progress(row.len() as u64);
                 c.write(row)
@@ -170,9 +225,9 @@ pub fn run_job(layout: &Layout, shards: &Shards, job: &Job, progress: &mut dyn F
             c.finish()
         }
         Route::Qkv { q, k, v, heads_per_group, head_dim } => {
-            let mut cq = Cursor::open(shards, &layout.outputs, q)?;
-            let mut ck = Cursor::open(shards, &layout.outputs, k)?;
-            let mut cv = Cursor::open(shards, &layout.outputs, v)?;
+            let mut cq = RowSink::open(shards, &layout.outputs, q, array.dtype)?;
+            let mut ck = RowSink::open(shards, &layout.outputs, k, array.dtype)?;
+            let mut cv = RowSink::open(shards, &layout.outputs, v, array.dtype)?;
             let group_rows = (heads_per_group + 2) * head_dim;
             array.stream_rows(&job.prefix, &mut |r, row| {
                 progress(row.len() as u64);
@@ -199,7 +254,7 @@ mod tests {
     use super::*;
 
     fn t(name: &str, rows: usize) -> OutTensor {
-        OutTensor { name: name.into(), dtype: Dtype::BF16, shape: vec![rows, 50] }
+        OutTensor { name: name.into(), dtype: Dtype::BF16, shape: vec![rows, 50], scale: None }
     }
 
     #[test]

@@ -28,6 +28,7 @@ fn options(input: &Path, output: &Path) -> ConvertOptions {
         tokenizer: TokenizerSource::Dir(released().join("tokenizer")),
         max_shard_bytes: arbiter_convert::writer::DEFAULT_MAX_SHARD_BYTES,
         progress: false,
+        fp8: false,
     }
 }
 
@@ -128,6 +129,41 @@ fn small_shards_get_an_index_and_load_the_same() {
         }
     }
     assert_eq!(outputs(&one), outputs(&many));
+}
+
+#[test]
+fn converting_to_fp8_equals_quantizing_the_converted_folder() {
+    // Two routes to the same bytes: the zarr rows (q/k/v unfused on the fly) quantized as they
+    // stream, and `arbiter quantize` over the bf16 folder.
+    let out = tempfile::tempdir().unwrap();
+    let (bf16, direct, two_step) = (out.path().join("bf16"), out.path().join("direct"), out.path().join("two"));
+    run(&released(), &bf16).unwrap();
+    let mut opts = options(&released(), &direct);
+    opts.fp8 = true;
+    let report = convert(&opts).unwrap();
+    arbiter_convert::quantize::quantize(&arbiter_convert::quantize::QuantizeOptions {
+        input: bf16.clone(),
+        output: two_step.clone(),
+        max_shard_bytes: u64::MAX,
+        progress: false,
+    })
+    .unwrap();
+    let (a, b) = (WeightStore::open(&direct).unwrap(), WeightStore::open(&two_step).unwrap());
+    assert_eq!(a.names(), b.names());
+    assert_eq!(report.tensors, a.names().len());
+    for name in a.names() {
+        let (x, y) = (a.get(name).unwrap(), b.get(name).unwrap());
+        assert_eq!((x.dtype, x.shape, x.bytes), (y.dtype, y.shape, y.bytes), "{name}");
+    }
+    assert_eq!(a.get("model.layers.0.self_attn.k_proj.weight").unwrap().dtype, arbiter_engine::weights::Dtype::F8E4M3);
+    let config = |d: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap()
+    };
+    assert_eq!(config(&direct), config(&two_step));
+    // And it scores like the golden outputs, within FP8's error (convert/tests/quantize.rs).
+    let g = golden();
+    let worst = outputs(&direct).iter().zip(&g.outputs).map(|(o, r)| rel_error(o, r)).fold(0.0, f64::max);
+    assert!(worst > 1e-3 && worst < 0.25, "FP8 error {worst:.3e}");
 }
 
 /// A writable copy of the fixture.

@@ -37,6 +37,9 @@ impl AttnLayout {
 /// One block of a weight matrix to load: rows `rows` and columns `cols` of `view` (rows are
 /// output features, columns input features). Column-parallel ranks take a row range, row-parallel
 /// ranks a column range; the backend reads only that block from the mapped file.
+///
+/// An FP8 weight (`view` is e4m3) comes with the scales of its `rows`: a column-parallel rank's
+/// scales are its own rows', a row-parallel rank holds every row and so the whole scale vector.
 #[derive(Debug, Clone)]
 pub struct MatrixPart<'a> {
     /// The stored tensor, shape `[out, in]`.
@@ -45,6 +48,9 @@ pub struct MatrixPart<'a> {
     pub rows: Range<usize>,
     /// The input columns this rank takes.
     pub cols: Range<usize>,
+    /// For an e4m3 `view`: the per-output-channel scale of each row in `rows` (checked finite
+    /// and positive, see [`crate::fp8::load_scales`]).
+    pub scales: Option<Vec<f32>>,
 }
 
 impl<'a> MatrixPart<'a> {
@@ -55,7 +61,13 @@ impl<'a> MatrixPart<'a> {
 
     /// Rows `rows` and columns `cols` of `view`.
     pub fn block(view: TensorView<'a>, rows: Range<usize>, cols: Range<usize>) -> Self {
-        MatrixPart { view, rows, cols }
+        MatrixPart { view, rows, cols, scales: None }
+    }
+
+    /// Whether this part is e4m3 with scales: the matrix it goes into rounds its input to e4m3
+    /// per token before multiplying.
+    pub fn is_fp8(&self) -> bool {
+        self.scales.is_some()
     }
 }
 
@@ -70,6 +82,19 @@ pub fn check_parts(parts: &[MatrixPart<'_>]) -> Result<usize> {
             return Err(EngineError::Backend(format!(
                 "rows {:?} x columns {:?} of {:?} (shape {shape:?}) is not a block of a matrix",
                 p.rows, p.cols, p.view.name
+            )));
+        }
+        let scales_fit = p.scales.as_ref().map(Vec::len) == Some(p.rows.len());
+        if (p.view.dtype == crate::weights::Dtype::F8E4M3) != scales_fit {
+            return Err(EngineError::Backend(format!(
+                "{:?}: an e4m3 weight needs one scale per row, and only an e4m3 weight takes scales",
+                p.view.name
+            )));
+        }
+        if p.is_fp8() != first.is_fp8() {
+            return Err(EngineError::Backend(format!(
+                "cannot stack {:?} and {:?} into one matrix: one is FP8 and the other is not",
+                first.view.name, p.view.name
             )));
         }
         if p.cols.len() != k {

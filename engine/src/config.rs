@@ -164,6 +164,10 @@ impl Fields<'_> {
             }
         };
         let demo = arbiter.and_then(|a| a.get("demo")).and_then(Value::as_bool).unwrap_or(false);
+        let fp8 = match self.obj.get("quantization_config") {
+            None | Some(Value::Null) => None,
+            Some(q) => Some(crate::fp8::parse_quantization_config(q, &|m| self.err(m))?),
+        };
         Ok(ModelSpec {
             architecture,
             hidden,
@@ -181,6 +185,7 @@ impl Fields<'_> {
             head,
             chat_template,
             demo,
+            fp8,
         })
     }
 

@@ -67,12 +67,31 @@ pub enum EngineError {
         found: Vec<usize>,
     },
     /// A tensor is stored in a dtype the engine does not read.
-    #[error("tensor {name:?} has unsupported dtype {dtype}; supported: BF16, F16, F32")]
+    #[error("tensor {name:?} has unsupported dtype {dtype}; supported: BF16, F16, F32, and F8_E4M3 for quantized linear weights")]
     UnsupportedDtype {
         /// The tensor name.
         name: String,
         /// The dtype found.
         dtype: String,
+    },
+    /// A quantized weight's scale is not a finite positive number.
+    #[error("tensor {name:?} row {row}: scale {value} is not a finite positive number")]
+    BadScale {
+        /// The scale tensor.
+        name: String,
+        /// The output row whose scale is wrong.
+        row: usize,
+        /// The value found.
+        value: f32,
+    },
+    /// A tensor's storage disagrees with the folder's quantization scheme (an e4m3 tensor where
+    /// the scheme keeps full precision, or the reverse).
+    #[error("tensor {name:?}: {message}")]
+    Quantization {
+        /// The tensor at fault.
+        name: String,
+        /// What the scheme expects and what was found.
+        message: String,
     },
     /// A batch handed to the engine is malformed (empty sequence, token outside the vocabulary...).
     #[error("invalid batch: {0}")]

@@ -13,10 +13,11 @@ use crate::backend::{AttnLayout, Backend, Communicator, MatrixPart, SingleRank};
 use crate::batch::PackedBatch;
 use crate::config::load_config;
 use crate::error::{EngineError, Result};
+use crate::fp8;
 use crate::parallel::RankPlan;
 use crate::rope;
 use crate::spec::{MlpKind, ModelSpec};
-use crate::weights::WeightStore;
+use crate::weights::{Dtype, TensorView, WeightStore};
 
 /// Weights of one transformer block.
 struct Block<B: Backend> {
@@ -109,23 +110,22 @@ impl<B: Backend> Model<B> {
         let h = spec.hidden;
         let d = spec.head_dim;
         let norm = |prefix: &str| -> Result<B::Norm> {
-            let w = store.get_shaped(&format!("{prefix}.weight"), &[h])?;
-            let b = if spec.norm_has_bias() { Some(store.get_shaped(&format!("{prefix}.bias"), &[h])?) } else { None };
+            let w = dense(store, &format!("{prefix}.weight"), &[h])?;
+            let b = if spec.norm_has_bias() { Some(dense(store, &format!("{prefix}.bias"), &[h])?) } else { None };
             backend.norm_params(spec.norm, spec.norm_eps, w, b)
         };
+        let linear = |name: String, shape: [usize; 2], rows: Range<usize>, cols: Range<usize>| {
+            linear_part(&spec, store, &name, shape, rows, cols)
+        };
         // Column-parallel: this rank's output rows, all input columns.
-        let rows = |name: String, shape: [usize; 2], rows: Range<usize>| -> Result<MatrixPart<'_>> {
-            Ok(MatrixPart::block(store.get_shaped(&name, &shape)?, rows, 0..shape[1]))
-        };
-        // Row-parallel: all output rows, this rank's input columns.
-        let cols = |name: String, shape: [usize; 2], cols: Range<usize>| -> Result<MatrixPart<'_>> {
-            Ok(MatrixPart::block(store.get_shaped(&name, &shape)?, 0..shape[0], cols))
-        };
+        let rows = |name: String, shape: [usize; 2], rows: Range<usize>| linear(name, shape, rows, 0..shape[1]);
+        // Row-parallel: all output rows (and so every scale), this rank's input columns.
+        let cols = |name: String, shape: [usize; 2], cols: Range<usize>| linear(name, shape, 0..shape[0], cols);
         let q_rows = rank.share_scaled(spec.heads, d);
         let kv_rows = rank.share_scaled(spec.kv_heads, d);
         let ffn_rows = rank.share(spec.ffn);
         let embedding = if rank.is_first_stage() {
-            Some(backend.embedding(store.get_shaped("model.embed_tokens.weight", &[spec.vocab, h])?)?)
+            Some(backend.embedding(dense(store, "model.embed_tokens.weight", &[spec.vocab, h])?)?)
         } else {
             None
         };
@@ -159,9 +159,9 @@ impl<B: Backend> Model<B> {
         let (final_norm, head) = if rank.is_last_stage() {
             let n_out = spec.num_outputs();
             let head = Head {
-                weight: store.get_shaped("score.weight", &[n_out, h])?.to_f32(),
+                weight: dense(store, "score.weight", &[n_out, h])?.to_f32(),
                 bias: if store.contains("score.bias") {
-                    Some(store.get_shaped("score.bias", &[n_out])?.to_f32())
+                    Some(dense(store, "score.bias", &[n_out])?.to_f32())
                 } else {
                     None
                 },
@@ -259,6 +259,53 @@ impl<B: Backend> Model<B> {
         let last = b.gather_rows(&x, &batch.last_rows())?;
         let normed = b.to_host(&b.final_norm(&last, final_norm)?)?;
         Ok(StageOutput::Outputs(normed.chunks_exact(self.spec.hidden).map(|row| head.forward(row)).collect()))
+    }
+}
+
+/// A tensor that is never quantized (embedding, norms, head), checked to have `shape`.
+fn dense<'a>(store: &'a WeightStore, name: &str, shape: &[usize]) -> Result<TensorView<'a>> {
+    let t = store.get_shaped(name, shape)?;
+    if t.dtype == Dtype::F8E4M3 {
+        return Err(EngineError::Quantization {
+            name: name.to_string(),
+            message: "is F8_E4M3, but only the linear layers of the blocks may be quantized; \
+                      embeddings, norms and the reward head stay BF16/F16/F32"
+                .into(),
+        });
+    }
+    Ok(t)
+}
+
+/// Rows `rows` x columns `cols` of the linear weight `name` (shape `[out, in]`), with its scales
+/// when the folder's scheme quantizes it. The stored dtype must agree with the scheme: an e4m3
+/// tensor in a full-precision folder (or one the scheme ignores) would be read without its scale,
+/// and a full-precision one where the scheme expects e4m3 means a half-converted folder.
+fn linear_part<'a>(
+    spec: &ModelSpec,
+    store: &'a WeightStore,
+    name: &str,
+    shape: [usize; 2],
+    rows: Range<usize>,
+    cols: Range<usize>,
+) -> Result<MatrixPart<'a>> {
+    let view = store.get_shaped(name, &shape)?;
+    let quantized = spec.fp8.as_ref().is_some_and(|q| q.quantizes(name));
+    let wrong = |message: String| Err(EngineError::Quantization { name: name.to_string(), message });
+    match (view.dtype == Dtype::F8E4M3, quantized) {
+        (true, true) => {
+            let scales = fp8::load_scales(store, &view, rows.clone())?;
+            Ok(MatrixPart { scales: Some(scales), ..MatrixPart::block(view, rows, cols) })
+        }
+        (false, false) => Ok(MatrixPart::block(view, rows, cols)),
+        (true, false) if spec.fp8.is_none() => {
+            wrong("is F8_E4M3 but config.json has no quantization_config to say how to scale it".into())
+        }
+        (true, false) => wrong(format!("is F8_E4M3 but quantization_config.ignore lists {:?}", fp8::module_of(name))),
+        (false, true) => wrong(format!(
+            "is {} but quantization_config quantizes it: expected F8_E4M3 with {:?}",
+            view.dtype.safetensors_name(),
+            fp8::scale_name(name)
+        )),
     }
 }
 

@@ -3,6 +3,8 @@
 //! Nemotron and Llama differ at three points (norm, MLP, how much of each head is rotated) plus
 //! the head's bias; all of that lives here so that the graph is written once.
 
+pub use crate::fp8::Fp8Scheme;
+
 /// Which normalization the blocks and the final norm use.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum NormKind {
@@ -96,6 +98,9 @@ pub struct ModelSpec {
     pub chat_template: Option<String>,
     /// `arbiter.demo`: random weights; every score shown must say it is meaningless.
     pub demo: bool,
+    /// `quantization_config`: the linear layers are e4m3 with per-channel scales (see
+    /// [`crate::fp8`]); `None` for a full-precision folder.
+    pub fp8: Option<Fp8Scheme>,
 }
 
 impl ModelSpec {

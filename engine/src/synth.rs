@@ -6,8 +6,9 @@ use std::path::Path;
 
 use crate::config::parse_config;
 use crate::error::{EngineError, Result};
+use crate::fp8;
 use crate::spec::{MlpKind, ModelSpec};
-use crate::weights::Dtype;
+use crate::weights::{narrow, Dtype};
 
 /// A small, fast, deterministic generator (SplitMix64); no dependency, same stream everywhere.
 #[derive(Debug, Clone)]
@@ -67,7 +68,9 @@ pub fn tensor_shapes(spec: &ModelSpec) -> Vec<(String, Vec<usize>)> {
 ///
 /// Matrices are uniform with scale `1/sqrt(fan_in)` so activations stay O(1) through many
 /// layers; norm weights and biases are random too (all-ones defaults would hide LayerNorm1P
-/// bugs); the head gets a bias when `head_bias` is set.
+/// bugs); the head gets a bias when `head_bias` is set. When `config` has a
+/// `quantization_config`, the linear layers it quantizes are stored as e4m3 with their scales
+/// (from the same random values, so the folder is the FP8 version of the unquantized one).
 pub fn write_random_model(
     dir: &Path,
     config: &serde_json::Value,
@@ -85,42 +88,36 @@ pub fn write_random_model(
         shapes.push(("score.bias".to_string(), vec![spec.num_outputs()]));
     }
     let mut rng = SplitMix::new(seed);
-    let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)> = BTreeMap::new();
+    let mut tensors: BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> = BTreeMap::new();
     for (name, shape) in shapes {
         let n: usize = shape.iter().product();
         let scale = if shape.len() == 2 && !name.contains("embed") { 1.0 / (shape[1] as f32).sqrt() } else { 0.5 };
-        let bytes = encode((0..n).map(|_| rng.uniform() * scale), dtype, n);
-        tensors.insert(name, (shape, bytes));
+        let values: Vec<f32> = (0..n).map(|_| rng.uniform() * scale).collect();
+        if spec.fp8.as_ref().is_some_and(|q| q.quantizes(&name)) {
+            let (codes, scales) = fp8::quantize_matrix(&values, shape[1]);
+            tensors.insert(fp8::scale_name(&name), (Dtype::F32, vec![shape[0], 1], narrow(&scales, Dtype::F32)));
+            tensors.insert(name, (Dtype::F8E4M3, shape, codes));
+        } else {
+            tensors.insert(name, (dtype, shape, narrow(&values, dtype)));
+        }
     }
-    let st_dtype = match dtype {
-        Dtype::BF16 => safetensors::Dtype::BF16,
-        Dtype::F16 => safetensors::Dtype::F16,
-        Dtype::F32 => safetensors::Dtype::F32,
-    };
+    let path = dir.join(crate::weights::SINGLE_FILE);
+    write_safetensors(&path, &tensors)?;
+    Ok(spec)
+}
+
+/// Writes `tensors` (name -> dtype, shape, little-endian bytes) as one safetensors file.
+pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>) -> Result<()> {
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
-        .map(|(k, (shape, bytes))| {
-            let v = safetensors::tensor::TensorView::new(st_dtype, shape.clone(), bytes)
+        .map(|(k, (dtype, shape, bytes))| {
+            let v = safetensors::tensor::TensorView::new(dtype.to_safetensors(), shape.clone(), bytes)
                 .expect("sizes match by construction");
             (k.clone(), v)
         })
         .collect();
-    let path = dir.join(crate::weights::SINGLE_FILE);
-    safetensors::serialize_to_file(views, None, &path)
-        .map_err(|e| EngineError::BadWeightsFile { path: path.clone(), message: format!("cannot write: {e}") })?;
-    Ok(spec)
-}
-
-fn encode(values: impl Iterator<Item = f32>, dtype: Dtype, n: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(n * dtype.size());
-    for v in values {
-        match dtype {
-            Dtype::F32 => out.extend_from_slice(&v.to_le_bytes()),
-            Dtype::BF16 => out.extend_from_slice(&half::bf16::from_f32(v).to_bits().to_le_bytes()),
-            Dtype::F16 => out.extend_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes()),
-        }
-    }
-    out
+    safetensors::serialize_to_file(views, None, path)
+        .map_err(|e| EngineError::BadWeightsFile { path: path.to_path_buf(), message: format!("cannot write: {e}") })
 }
 
 /// The "bench-small" config of the benchmark: Nemotron architecture, hidden 1024, 8 layers,
@@ -150,6 +147,47 @@ pub fn gpu_1b_config() -> serde_json::Value {
     }
     c
 }
+
+/// Nemotron-4-340B-Reward as `arbiter convert` writes its config.json (DESIGN.md's table: 96
+/// layers, hidden 18432, FFN 73728, 96 heads and 8 KV heads of 192, vocab 256000, the
+/// nine-output head with the HelpSteer2 reward weights).
+pub fn nemotron_340b_config() -> serde_json::Value {
+    let mut c = bench_small_config();
+    for (key, value) in [
+        ("hidden_size", 18432),
+        ("intermediate_size", 73728),
+        ("num_hidden_layers", 96),
+        ("num_attention_heads", 96),
+        ("num_key_value_heads", 8),
+        ("head_dim", 192),
+        ("vocab_size", 256000),
+        ("num_labels", 9),
+    ] {
+        c[key] = serde_json::json!(value);
+    }
+    c["id2label"] = HELPSTEER_LABELS.iter().enumerate().map(|(i, l)| (i.to_string(), serde_json::json!(l))).collect();
+    let weights: serde_json::Map<String, serde_json::Value> =
+        DEFAULT_REWARD_WEIGHTS.iter().map(|(n, w)| (n.to_string(), serde_json::json!(w))).collect();
+    c["arbiter"] = serde_json::json!({"exposed_attributes": HELPSTEER_LABELS[4..], "reward_weights": weights});
+    c
+}
+
+/// Output names of Nemotron-4-340B-Reward's head, in order (NeMo-Aligner's ALL_STEERLM_ATTRIBUTES).
+pub const HELPSTEER_LABELS: [&str; 9] = [
+    "quality",
+    "toxicity",
+    "humor",
+    "creativity",
+    "helpfulness",
+    "correctness",
+    "coherence",
+    "complexity",
+    "verbosity",
+];
+
+/// The default reward: the RewardBench weighting of the five HelpSteer2 attributes (the first four outputs are untrained).
+pub const DEFAULT_REWARD_WEIGHTS: [(&str, f64); 5] =
+    [("helpfulness", 0.3), ("correctness", 0.74), ("coherence", 0.46), ("complexity", 0.47), ("verbosity", -0.33)];
 
 /// One tensor-parallel rank's share of Nemotron-4-340B at TP=8 as a model of its own: hidden
 /// 18432, 12 query heads and 1 KV head of dim 192, FFN 9216 (73728 / 8), `layers` layers, and a

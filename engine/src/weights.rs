@@ -21,6 +21,9 @@ pub enum Dtype {
     F16,
     /// IEEE single.
     F32,
+    /// OCP float8 e4m3 (`F8_E4M3` in safetensors): quantized linear weights only, always with a
+    /// scale tensor (see [`crate::fp8`]). Widening gives the unscaled code values.
+    F8E4M3,
 }
 
 impl Dtype {
@@ -29,6 +32,27 @@ impl Dtype {
         match self {
             Dtype::BF16 | Dtype::F16 => 2,
             Dtype::F32 => 4,
+            Dtype::F8E4M3 => 1,
+        }
+    }
+
+    /// The name safetensors headers use ("BF16", "F8_E4M3", ...).
+    pub fn safetensors_name(self) -> &'static str {
+        match self {
+            Dtype::BF16 => "BF16",
+            Dtype::F16 => "F16",
+            Dtype::F32 => "F32",
+            Dtype::F8E4M3 => "F8_E4M3",
+        }
+    }
+
+    /// The safetensors crate's dtype.
+    pub fn to_safetensors(self) -> safetensors::Dtype {
+        match self {
+            Dtype::BF16 => safetensors::Dtype::BF16,
+            Dtype::F16 => safetensors::Dtype::F16,
+            Dtype::F32 => safetensors::Dtype::F32,
+            Dtype::F8E4M3 => safetensors::Dtype::F8_E4M3,
         }
     }
 }
@@ -137,8 +161,9 @@ impl<'a> TensorView<'a> {
     }
 }
 
-/// Appends the little-endian elements of `bytes` to `out` as f32 (exact for every dtype).
-fn widen(dtype: Dtype, bytes: &[u8], out: &mut Vec<f32>) {
+/// Appends the little-endian elements of `bytes` to `out` as f32 (exact for every dtype; e4m3
+/// gives the unscaled code values).
+pub fn widen(dtype: Dtype, bytes: &[u8], out: &mut Vec<f32>) {
     match dtype {
         Dtype::F32 => out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
         Dtype::BF16 => {
@@ -147,7 +172,23 @@ fn widen(dtype: Dtype, bytes: &[u8], out: &mut Vec<f32>) {
         Dtype::F16 => {
             out.extend(bytes.chunks_exact(2).map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()))
         }
+        Dtype::F8E4M3 => out.extend(bytes.iter().map(|&b| crate::fp8::decode(b))),
     }
+}
+
+/// `values` stored as `dtype`, little-endian: the inverse of reading a tensor as f32 (round to
+/// nearest even; e4m3 saturates at ±448).
+pub fn narrow(values: &[f32], dtype: Dtype) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * dtype.size());
+    for &v in values {
+        match dtype {
+            Dtype::F32 => out.extend_from_slice(&v.to_le_bytes()),
+            Dtype::BF16 => out.extend_from_slice(&half::bf16::from_f32(v).to_bits().to_le_bytes()),
+            Dtype::F16 => out.extend_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes()),
+            Dtype::F8E4M3 => out.push(crate::fp8::encode(v)),
+        }
+    }
+    out
 }
 
 /// The byte ranges read from a store's tensors, for showing that a tensor-parallel rank reads only
@@ -273,6 +314,7 @@ impl WeightStore {
                 safetensors::Dtype::BF16 => Dtype::BF16,
                 safetensors::Dtype::F16 => Dtype::F16,
                 safetensors::Dtype::F32 => Dtype::F32,
+                safetensors::Dtype::F8_E4M3 => Dtype::F8E4M3,
                 other => return Err(EngineError::UnsupportedDtype { name: name.clone(), dtype: format!("{other:?}") }),
             };
             let (s, e) = info.data_offsets;

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod error;
 pub mod gate;
 pub mod jsonl;
+pub mod memory_plan;
 pub mod metrics;
 pub mod model_args;
 pub mod openrlhf;

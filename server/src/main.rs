@@ -16,6 +16,8 @@ use arbiter_server::jsonl::{error_json, item_weights, parse_item, result_json};
 use arbiter_server::model_args::ModelArgs;
 use arbiter_server::serve::{start, ServeArgs};
 use clap::{Parser, Subcommand, ValueEnum};
+
+mod quantize_cmd;
 use serde_json::Value;
 
 #[derive(Parser)]
@@ -43,6 +45,8 @@ enum Command {
     Score(ScoreArgs),
     /// Convert the released Nemotron-4-340B-Reward checkpoint (NeMo/Megatron zarr) into a model folder.
     Convert(ConvertArgs),
+    /// Write the FP8 version of a model folder (e4m3 linear layers, per-channel scales).
+    Quantize(quantize_cmd::QuantizeArgs),
     /// Write the demo model (random weights, real tokenizer) to a folder.
     DemoModel {
         /// Folder to write (created if needed).
@@ -100,6 +104,16 @@ struct ConvertArgs {
     /// Largest safetensors shard in bytes (a single larger tensor gets a shard of its own).
     #[arg(long, default_value_t = arbiter_convert::writer::DEFAULT_MAX_SHARD_BYTES)]
     max_shard_bytes: u64,
+    /// Weight format of the linear layers: "bf16" (as released) or "fp8" (e4m3 with
+    /// per-channel scales, half the size: the 340B model on 8 x 80 GB; docs/fp8.md).
+    #[arg(long, default_value = "bf16")]
+    weights: WeightsFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum WeightsFormat {
+    Bf16,
+    Fp8,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -114,6 +128,7 @@ fn main() -> ExitCode {
         Command::Serve { args, log_format } => serve(*args, log_format),
         Command::Score(args) => score(args),
         Command::Convert(args) => convert(args),
+        Command::Quantize(args) => quantize_cmd::run(args),
         Command::DemoModel { out, preset } => write_demo_preset(&out, preset)
             .map(|()| {
                 eprintln!("wrote the demo model to {} ({DEMO_WARNING})", out.display());
@@ -145,6 +160,7 @@ fn convert(args: ConvertArgs) -> Result<ExitCode> {
         tokenizer,
         max_shard_bytes: args.max_shard_bytes.max(1),
         progress: true,
+        fp8: args.weights == WeightsFormat::Fp8,
     };
     let report = arbiter_convert::convert(&opts)
         .with_context(|| format!("converting {} into {}", opts.input.display(), opts.output.display()))?;

@@ -292,7 +292,11 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
 async fn load_model(args: &ServeArgs) -> anyhow::Result<arbiter_engine::runtime::LoadedModel> {
     use anyhow::Context;
     let a = args.clone();
-    let model = tokio::task::spawn_blocking(move || a.model.load()).await?.context("loading the model")?;
+    let model = tokio::task::spawn_blocking(move || {
+        crate::memory_plan::check(&a)?;
+        a.model.load().context("loading the model")
+    })
+    .await??;
     tracing::info!(
         dir = %model.dir.display(),
         fingerprint = %model.fingerprint,

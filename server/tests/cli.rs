@@ -1,4 +1,4 @@
-//! `arbiter score` and `arbiter demo-model` end to end, as a user runs them.
+//! `arbiter score`, `arbiter demo-model`, `arbiter quantize` and the memory plan of `arbiter serve`, end to end, as a user runs them.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -205,4 +205,59 @@ fn tensor_and_pipeline_parallel_scoring_matches_the_unsplit_model() {
     let out = arbiter(&["score", "--demo", "--pp", "0", "--input", input.to_str().unwrap()], tmp.path());
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--pp"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+// ---- arbiter quantize and the memory plan of arbiter serve ----
+
+fn reward(model: &Path, input: &Path, cache: &Path) -> f64 {
+    let out = arbiter(&["score", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap()], cache);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    v["reward"].as_f64().unwrap()
+}
+
+#[test]
+fn quantize_writes_an_fp8_folder_that_scores_close_to_the_original() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dense, fp8) = (tmp.path().join("demo"), tmp.path().join("demo-fp8"));
+    assert!(arbiter(&["demo-model", "--out", dense.to_str().unwrap()], tmp.path()).status.success());
+    let out = arbiter(&["quantize", "--input", dense.to_str().unwrap(), "--output", fp8.to_str().unwrap()], tmp.path());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && e.contains("matrices in FP8"), "{e}");
+    assert!(fp8.join("tokenizer.json").exists(), "the tokenizer comes along");
+    let input = tmp.path().join("in.jsonl");
+    let messages = json!([{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]);
+    std::fs::write(&input, json!({ "messages": messages }).to_string()).unwrap();
+    let (a, b) = (reward(&dense, &input, tmp.path()), reward(&fp8, &input, tmp.path()));
+    assert!(a != b && (a - b).abs() <= 0.25 * a.abs().max(1.0), "unquantized {a}, FP8 {b}");
+    // Quantizing twice is refused.
+    let out = arbiter(&["quantize", "--input", fp8.to_str().unwrap(), "--output", "/tmp/never"], tmp.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already quantized"));
+}
+
+#[test]
+fn serve_refuses_a_memory_plan_that_does_not_fit_before_loading() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 10^11 tokens per batch: terabytes of activations on any machine.
+    let out = arbiter(
+        &[
+            "serve",
+            "--demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "none",
+            "--max-batch-tokens",
+            "100000000000",
+        ],
+        tmp.path(),
+    );
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{e}");
+    assert!(
+        e.contains("available host memory") && e.contains("--max-batch-tokens") && e.contains("stage 0 rank 0"),
+        "{e}"
+    );
+    assert!(!e.contains("model loaded"), "refused before loading: {e}");
 }

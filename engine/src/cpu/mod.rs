@@ -9,11 +9,13 @@ mod simd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use rayon::prelude::*;
 use rayon::ThreadPool;
 
 use crate::backend::{check_parts, check_same_shape, AttnLayout, Backend, HostTensor, MatrixPart};
 use crate::batch::PackedBatch;
 use crate::error::{EngineError, Result};
+use crate::fp8;
 use crate::rope;
 use crate::spec::{MlpKind, NormKind};
 use crate::weights::TensorView;
@@ -48,6 +50,16 @@ impl HostTensor for CpuTensor {
         self.data.copy_from_slice(data);
         Ok(())
     }
+}
+
+/// A weight matrix on the CPU: packed f32 (an FP8 weight dequantized at load), and whether its
+/// input is rounded to e4m3 per token first, as the FP8 scheme computes it.
+#[derive(Debug, Clone)]
+pub struct CpuMatrix {
+    /// The packed weights.
+    pub packed: PackedMatrix,
+    /// Round each input row to e4m3 with its own scale before multiplying (FP8 weights).
+    pub fp8_input: bool,
 }
 
 /// Per-forward batch data: offsets, positions and the rotary tables up to the longest sequence.
@@ -114,7 +126,7 @@ fn same_shape(a: &CpuTensor, b: &CpuTensor, what: &str) -> Result<()> {
 
 impl Backend for CpuBackend {
     type Tensor = CpuTensor;
-    type Matrix = PackedMatrix;
+    type Matrix = CpuMatrix;
     type Norm = NormParams;
     type Embedding = CpuTensor;
     type BatchCtx = CpuBatch;
@@ -123,15 +135,23 @@ impl Backend for CpuBackend {
         "cpu".into()
     }
 
-    fn matrix(&self, parts: &[MatrixPart<'_>]) -> Result<PackedMatrix> {
+    fn matrix(&self, parts: &[MatrixPart<'_>]) -> Result<CpuMatrix> {
         let k = check_parts(parts)?;
         let mut rows = Vec::new();
         let mut n = 0;
         for p in parts {
+            let start = rows.len();
             p.view.block_to_f32(p.rows.clone(), p.cols.clone(), &mut rows);
+            if let Some(scales) = &p.scales {
+                // Dequantize: e4m3 code value times its row's scale, exact in f32 up to one rounding.
+                for (row, s) in rows[start..].chunks_exact_mut(k.max(1)).zip(scales) {
+                    row.iter_mut().for_each(|v| *v *= s);
+                }
+            }
             n += p.rows.len();
         }
-        Ok(self.pool.install(|| PackedMatrix::pack(&rows, n, k)))
+        let packed = self.pool.install(|| PackedMatrix::pack(&rows, n, k));
+        Ok(CpuMatrix { packed, fp8_input: parts[0].is_fp8() })
     }
 
     fn norm_params(
@@ -192,13 +212,23 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn matmul(&self, x: &CpuTensor, w: &PackedMatrix) -> Result<CpuTensor> {
-        if x.cols != w.k() {
-            return Err(EngineError::Backend(format!("matmul: input has {} columns, matrix takes {}", x.cols, w.k())));
+    fn matmul(&self, x: &CpuTensor, w: &CpuMatrix) -> Result<CpuTensor> {
+        let (k, n) = (w.packed.k(), w.packed.n());
+        if x.cols != k {
+            return Err(EngineError::Backend(format!("matmul: input has {} columns, matrix takes {k}", x.cols)));
         }
         self.matmuls.fetch_add(1, Ordering::Relaxed);
-        let mut out = Self::zeros(x.rows, w.n());
-        self.pool.install(|| gemm::matmul(&x.data, x.rows, w, &mut out.data));
+        let mut out = Self::zeros(x.rows, n);
+        let rounded;
+        let input = if w.fp8_input {
+            let mut r = x.data.clone();
+            self.pool.install(|| r.par_chunks_mut(k.max(1)).for_each(|row| fp8::round_per_token(row, k)));
+            rounded = r;
+            &rounded
+        } else {
+            &x.data
+        };
+        self.pool.install(|| gemm::matmul(input, x.rows, &w.packed, &mut out.data));
         Ok(out)
     }
 

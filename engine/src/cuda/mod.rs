@@ -532,6 +532,15 @@ impl Backend for CudaBackend {
 
     fn matrix(&self, parts: &[MatrixPart<'_>]) -> Result<CudaMatrix> {
         let k = check_parts(parts)?;
+        if parts[0].is_fp8() {
+            // FP8 GEMMs on the GPU are "FP8 weights, part 2"; until then the CPU backend serves
+            // FP8 folders, and the bf16 folder serves on the GPU.
+            return Err(EngineError::Backend(format!(
+                "{:?} is FP8 (e4m3): the CUDA backend does not run FP8 folders yet; \
+                 serve this folder with --device cpu, or serve the unquantized folder on the GPU",
+                parts[0].view.name
+            )));
+        }
         let n: usize = parts.iter().map(|p| p.rows.len()).sum();
         let mut bits = Vec::with_capacity(n * k);
         for p in parts {
