@@ -9,11 +9,18 @@ use std::time::Duration;
 async fn waits_for_serving_then_sends_every_kind_of_the_mix_at_concurrency_3() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr = format!("127.0.0.1:{port}");
-    let load = Command::new(env!("CARGO_BIN_EXE_arbiter-load"))
-        .args(["--addr", &format!("http://{addr}"), "--demo", "--concurrency", "3", "--requests", "60"])
-        .args(["--items", "2", "--lengths", "16..48", "--batch-tokens", "2048", "--ready-timeout", "120"])
-        .output();
-    let load = tokio::task::spawn_blocking(move || load);
+    let mut load = Command::new(env!("CARGO_BIN_EXE_arbiter-load"));
+    load.args(["--addr", &format!("http://{addr}"), "--demo", "--concurrency", "3", "--requests", "60"]).args([
+        "--items",
+        "2",
+        "--lengths",
+        "16..48",
+        "--batch-tokens",
+        "2048",
+        "--ready-timeout",
+        "120",
+    ]);
+    let load = tokio::task::spawn_blocking(move || load.output());
     // Nothing listens yet: the load generator must wait rather than count errors.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let log = tempfile::NamedTempFile::new().unwrap();
