@@ -185,6 +185,81 @@ fn text_and_token_ids_keep_their_end() {
     assert!(!t.truncation.truncated());
 }
 
+/// The system text and each turn's content of a Nemotron-templated text.
+fn nemotron_parts(text: &str) -> (String, Vec<String>) {
+    let body = text.strip_suffix("<extra_id_2>").expect("ends at the score marker");
+    let mut turns = body.split("<extra_id_1>");
+    let system = turns.next().unwrap().strip_prefix("<extra_id_0>System\n").unwrap().strip_suffix('\n').unwrap();
+    let contents = turns
+        .map(|t| {
+            let t = t.strip_prefix("User\n").or_else(|| t.strip_prefix("Assistant\n")).unwrap();
+            t.strip_suffix('\n').unwrap().to_string()
+        })
+        .collect();
+    (system.to_string(), contents)
+}
+
+#[test]
+fn truncate_content_cuts_the_prompts_start_then_the_responses_and_keeps_every_marker() {
+    use Role::*;
+    let (dir, p) = demo();
+    let long = "the beginning of a long question that goes on and on ".repeat(10);
+    let cases = [
+        // Two turns, the default system prompt: only the user's text can give.
+        msgs(&[(User, &format!("{long}so what is the end?")), (Assistant, "The end.")]),
+        // Six turns: the oldest content goes first.
+        msgs(&[
+            (System, "Be brief."),
+            (User, &format!("{long}first")),
+            (Assistant, &format!("{long}one")),
+            (User, "second"),
+            (Assistant, "two"),
+            (User, "third"),
+            (Assistant, "three"),
+        ]),
+        // Only the response is long: the prompt's text goes, then the response's start.
+        msgs(&[(User, "short"), (Assistant, &format!("{long}the very end."))]),
+    ];
+    for conv in cases {
+        let full = p.prepare(&Input::Messages(conv.clone()), TruncationPolicy::Error).unwrap();
+        let max = full.ids.len() * 2 / 3;
+        let q = small_limit(&dir, max);
+        let t = q.prepare(&Input::Messages(conv.clone()), TruncationPolicy::TruncateContent).unwrap();
+        assert!(t.ids.len() <= max && t.ids.len() + 4 >= max, "{} tokens for a limit of {max}", t.ids.len());
+        assert_eq!(*t.ids.last().unwrap(), 6, "the score position is kept");
+        let tr = t.truncation;
+        assert!(tr.truncated() && tr.dropped_tokens > 0 && tr.dropped_messages == 0, "{tr:?}");
+        assert_eq!(tr.original_tokens, full.ids.len());
+        let (system, kept) = nemotron_parts(t.text.as_deref().unwrap());
+        let head = usize::from(conv[0].role == System);
+        assert_eq!(system, if head == 1 { conv[0].content.as_str() } else { SYS });
+        let originals: Vec<&str> = conv[head..].iter().map(|m| m.content.as_str()).collect();
+        assert_eq!(kept.len(), originals.len(), "every turn is still there");
+        // Contents are cut from their start in order: emptied ones, one cut one, then whole ones.
+        let first_kept = kept.iter().position(|k| !k.is_empty()).unwrap();
+        for (i, (k, o)) in kept.iter().zip(&originals).enumerate() {
+            assert!(o.ends_with(k.as_str()), "turn {i}: {k:?} is not the end of {o:?}");
+            if i > first_kept {
+                assert_eq!(k, o, "turn {i} is cut though an earlier one is not empty");
+            }
+        }
+        assert_ne!(kept[first_kept], originals[first_kept], "something was cut");
+        // The ids are the re-rendered conversation's.
+        let mut again = conv[..head].to_vec();
+        again.extend(conv[head..].iter().zip(&kept).map(|(m, k)| Message::new(m.role, k.clone())));
+        assert_eq!(p.prepare(&Input::Messages(again), TruncationPolicy::Error).unwrap().ids, t.ids);
+    }
+    // The template and the system message alone over the limit: refused, not cut.
+    let conv = msgs(&[(User, "hi"), (Assistant, "hello")]);
+    let e = small_limit(&dir, 10).prepare(&Input::Messages(conv), TruncationPolicy::TruncateContent).unwrap_err();
+    assert!(e.to_string().contains("the template's markers and the system message alone"), "{e}");
+    // Text keeps its end, as under "truncate".
+    let ids: Vec<u32> = (10..30).collect();
+    let t = small_limit(&dir, 5).prepare(&Input::TokenIds(ids.clone()), TruncationPolicy::TruncateContent).unwrap();
+    assert_eq!(t.ids, ids[15..].to_vec());
+    assert_eq!("truncate_content".parse::<TruncationPolicy>().unwrap(), TruncationPolicy::TruncateContent);
+}
+
 fn template_fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/templates").join(name)
 }

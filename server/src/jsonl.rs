@@ -1,7 +1,7 @@
 //! Items as JSON objects (the input lines of `arbiter score`) and results as JSON objects.
 //!
 //! An item has exactly one of `messages` (a list of `{"role", "content"}`), `text` or
-//! `token_ids`, and optionally `id` (echoed back), `truncation` (`"error"` or `"truncate"`)
+//! `token_ids`, and optionally `id` (echoed back), `truncation` (`"error"`, `"truncate"` or `"truncate_content"`)
 //! and `reward_weights` (`{attribute: weight}` overriding the model's defaults).
 
 use arbiter_engine::demo::DEMO_WARNING;
@@ -59,7 +59,11 @@ pub fn parse_item(line: &str) -> Result<Item, EngineError> {
     let truncation = match obj.get("truncation") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.parse()?),
-        Some(v) => return Err(invalid(format!("\"truncation\" must be \"error\" or \"truncate\", found {v}"))),
+        Some(v) => {
+            return Err(invalid(format!(
+                "\"truncation\" must be \"error\", \"truncate\" or \"truncate_content\", found {v}"
+            )))
+        }
     };
     let weights = match obj.get("reward_weights") {
         None | Some(Value::Null) => Vec::new(),

@@ -69,7 +69,7 @@ struct ScoreArgs {
     /// Output file (default: standard output).
     #[arg(long)]
     output: Option<PathBuf>,
-    /// Truncation policy for lines that do not set one: "error" or "truncate".
+    /// Truncation policy for lines that do not set one: "error", "truncate" or "truncate_content".
     #[arg(long, env = "ARBITER_TRUNCATION", default_value = "error")]
     truncation: TruncationPolicy,
     /// Tokens per packed batch.

@@ -44,7 +44,7 @@ pub struct ServeArgs {
     /// Items per Score request and candidates per Rank request.
     #[arg(long, env = "ARBITER_MAX_ITEMS_PER_REQUEST", default_value_t = 1024)]
     pub max_items_per_request: usize,
-    /// Truncation policy when a request leaves it unspecified: "error" or "truncate".
+    /// Truncation policy when a request leaves it unspecified: "error", "truncate" or "truncate_content".
     #[arg(long, env = "ARBITER_TRUNCATION", default_value = "error")]
     pub truncation: TruncationPolicy,
     /// Threads that template and tokenize requests.
@@ -78,7 +78,7 @@ pub struct ServeArgs {
     /// OpenRLHF: the policy's end-of-turn marker, stripped from the end of responses (repeatable).
     #[arg(long, env = "ARBITER_OPENRLHF_EOT", value_delimiter = ',')]
     pub openrlhf_eot: Vec<String>,
-    /// Skip the warm-up batch (it checks that --max-batch-tokens fits before reporting SERVING).
+    /// Skip the warm-up batch (on a GPU it checks that --max-batch-tokens fits before SERVING).
     #[arg(long, env = "ARBITER_NO_WARMUP")]
     pub no_warmup: bool,
 }
@@ -311,7 +311,11 @@ async fn load_model(args: &ServeArgs) -> anyhow::Result<arbiter_engine::runtime:
     Ok(model)
 }
 
-/// Runs the warm-up batch and starts the scoring core.
+/// Tokens of the CPU warm-up: enough to run every layer and read every weight once.
+const CPU_WARM_UP_TOKENS: usize = 64;
+
+/// Runs the warm-up batch (on a GPU the largest the limits allow, its memory check; on the CPU
+/// one short sequence) and starts the scoring core.
 async fn prepare(
     args: &ServeArgs,
     model: arbiter_engine::runtime::LoadedModel,
@@ -326,7 +330,13 @@ async fn prepare(
     if !args.no_warmup {
         let engine = model.engine.clone();
         let max_len = model.preprocessor.max_tokens();
-        let (tokens, requests) = (cfg.max_batch_tokens, cfg.max_batch_requests);
+        // The CPU allocates as it goes, so a full batch would check nothing and only delay SERVING
+        // (seconds even for the demo model); one short sequence still reads every weight once.
+        // A GPU must prove the largest batch fits in its memory before it takes traffic.
+        let (tokens, requests) = match args.model.device {
+            arbiter_engine::runtime::Device::Cpu => (cfg.max_batch_tokens.min(CPU_WARM_UP_TOKENS), 1),
+            arbiter_engine::runtime::Device::Cuda(_) => (cfg.max_batch_tokens, cfg.max_batch_requests),
+        };
         let t = Instant::now();
         tokio::task::spawn_blocking(move || warm_up(engine.as_ref(), tokens, requests, max_len)).await?.map_err(|e| {
             anyhow::anyhow!(

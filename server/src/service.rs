@@ -134,6 +134,7 @@ fn policy(ready: &Ready, t: i32) -> Result<TruncationPolicy, ServiceError> {
         Ok(pb::Truncation::Unspecified) => Ok(ready.limits.default_truncation),
         Ok(pb::Truncation::Error) => Ok(TruncationPolicy::Error),
         Ok(pb::Truncation::Truncate) => Ok(TruncationPolicy::Truncate),
+        Ok(pb::Truncation::TruncateContent) => Ok(TruncationPolicy::TruncateContent),
         Err(_) => Err(ServiceError::InvalidArgument(format!("truncation {t} is not a known value"))),
     }
 }

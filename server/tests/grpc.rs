@@ -491,3 +491,86 @@ struct RawStreamRequest {
     #[prost(message, optional, tag = "2")]
     request: Option<pb::TokenIds>,
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_content_cuts_prompt_then_response_text_for_score_and_rank_alike() {
+    // The default system prompt and the markers of six turns are 95 demo tokens: room for some text.
+    let (addr, running) = serve(&["--max-input-tokens", "160"]).await;
+    let mut c = client(addr).await;
+    let long = "the start of a very long question that goes on ".repeat(20);
+    let two = vec![("user", format!("{long}what is the end?")), ("assistant", "It ends here.".to_string())];
+    let six = vec![
+        ("user", format!("{long}first")),
+        ("assistant", "first answer".to_string()),
+        ("user", "second question".to_string()),
+        ("assistant", "second answer".to_string()),
+        ("user", "last question".to_string()),
+        ("assistant", "last answer".to_string()),
+    ];
+    // Over the limit only through the response: the prompt's text goes first, then the
+    // response's start.
+    let long_response = vec![("user", "short".to_string()), ("assistant", format!("{long}the end."))];
+    let request = |convs: &[&Vec<(&'static str, String)>], t: pb::Truncation| pb::ScoreRequest {
+        items: convs.iter().map(|c| conv_item(&as_pairs(c))).collect(),
+        truncation: t as i32,
+        ..Default::default()
+    };
+
+    // Dropping whole turns cannot help a single-turn conversation; cutting text can.
+    expect_err(
+        c.score(request(&[&two], pb::Truncation::Truncate)).await,
+        Code::InvalidArgument,
+        "last user turn and final assistant turn alone",
+    )
+    .await;
+    let scored =
+        c.score(request(&[&two, &six, &long_response], pb::Truncation::TruncateContent)).await.unwrap().into_inner();
+    for r in &scored.results {
+        let t = r.truncation.unwrap();
+        assert!(t.truncated && t.dropped_tokens > 0 && t.dropped_messages == 0, "{t:?}");
+        assert!(r.tokens <= 160 && t.original_tokens > 160, "{r:?}");
+    }
+
+    // What was kept: the ends of the cut contents, every marker, and the score position.
+    let tokenize = |conv: &Vec<(&'static str, String)>| pb::TokenizeRequest {
+        item: Some(conv_item(&as_pairs(conv))),
+        truncation: pb::Truncation::TruncateContent as i32,
+    };
+    let t = c.tokenize(tokenize(&six)).await.unwrap().into_inner();
+    assert!(t.text.ends_with("first\n<extra_id_1>Assistant\nfirst answer\n<extra_id_1>User\nsecond question\n<extra_id_1>Assistant\nsecond answer\n<extra_id_1>User\nlast question\n<extra_id_1>Assistant\nlast answer\n<extra_id_2>"), "{}", t.text);
+    assert!(t.text.starts_with("<extra_id_0>System\n") && t.text.matches("<extra_id_1>").count() == 6, "{}", t.text);
+    let t = c.tokenize(tokenize(&long_response)).await.unwrap().into_inner();
+    assert!(t.text.contains("<extra_id_1>User\n\n<extra_id_1>Assistant\n"), "the prompt's text went first: {}", t.text);
+    assert!(t.text.ends_with("the end.\n<extra_id_2>"), "{}", t.text);
+
+    // Rank cuts each candidate's conversation exactly as Score cuts it.
+    for conv in [&two, &six] {
+        let (prompt, response) = conv.split_at(conv.len() - 1);
+        let mut other = prompt.to_vec();
+        other.push(("assistant", "A different, longer answer to compare.".to_string()));
+        let ranked = c
+            .rank(pb::RankRequest {
+                prompt: Some(pb::Conversation {
+                    messages: prompt
+                        .iter()
+                        .map(|(r, s)| pb::Message { role: r.to_string(), content: s.clone() })
+                        .collect(),
+                }),
+                candidates: vec![response[0].1.clone(), other[other.len() - 1].1.clone()],
+                truncation: pb::Truncation::TruncateContent as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let scored = c.score(request(&[conv, &other], pb::Truncation::TruncateContent)).await.unwrap().into_inner();
+        assert_eq!(ranked.results.len(), 2);
+        for (r, s) in ranked.results.iter().zip(&scored.results) {
+            assert_eq!(bits(r), bits(s), "{} turns", conv.len());
+            assert_eq!((r.tokens, r.truncation), (s.tokens, s.truncation));
+            assert!(r.truncation.unwrap().truncated);
+        }
+    }
+    running.stop();
+    running.wait().await.unwrap();
+}

@@ -70,11 +70,22 @@ pub fn read(path: &Path) -> Result<(Version, Vec<Example>), DatasetError> {
         Some(Value::Array(_)) => Version::V2,
         _ => return Err(err("row 0: \"chosen\" must be a string (v1) or a list of strings (v2)".into())),
     };
-    let examples = rows
+    let examples: Vec<Example> = rows
         .iter()
         .enumerate()
         .map(|(i, r)| example(r, version).map_err(|m| err(format!("row {i}: {m}"))))
         .collect::<Result<_, _>>()?;
+    // Saved scores are keyed by (subset, id): a repeated key would let one saved result stand
+    // for two examples, and the report would count it twice.
+    let mut first = std::collections::HashMap::new();
+    for (i, e) in examples.iter().enumerate() {
+        if let Some(j) = first.insert((&e.subset, &e.id), i) {
+            return Err(err(format!(
+                "row {i}: id {:?} of subset {:?} is also row {j}; examples are told apart by (subset, id)",
+                e.id, e.subset
+            )));
+        }
+    }
     Ok((version, examples))
 }
 

@@ -2,4 +2,5 @@
 #![deny(missing_docs)]
 
 pub mod dataset;
+pub mod saved;
 pub mod scoring;

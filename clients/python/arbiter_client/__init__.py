@@ -2,7 +2,8 @@
 
 - `Client`: blocking gRPC client (score, rank, stream, model_info, tokenize).
 - `AsyncClient`: the same on asyncio.
-- `arbiter_client.trl.ArbiterReward`: a TRL reward function.
+- `arbiter_client.trl.ArbiterReward`, `arbiter_client.trl.async_arbiter_reward`: TRL reward
+  functions, blocking and async.
 """
 from .aio import AsyncClient
 from .client import Client

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import sys
 import time
 import warnings
 from typing import Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -48,7 +49,19 @@ class _Base:
         """Says once per client that the server's scores are meaningless (the demo model)."""
         if getattr(reply, "warning", "") and not self._warned:
             self._warned = True
-            warnings.warn(f"arbiter: {reply.warning}", UserWarning, stacklevel=3)
+            warnings.warn(f"arbiter: {reply.warning}", UserWarning, stacklevel=_outside_this_package())
+
+
+def _outside_this_package() -> int:
+    """The `stacklevel` of the first frame outside arbiter_client, for `warnings.warn` called by
+    the function that calls this: the warning then names the user's line, whether they called
+    `Client.score` directly or through `ArbiterReward` or a stream."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("arbiter_client"):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 class Client(_Base):

@@ -11,7 +11,8 @@ Conversation = Sequence[Mapping[str, str]]
 #: What can be scored: a conversation, {"messages": conv}, {"text": str} or {"token_ids": [int]}.
 ItemLike = Union[Conversation, Mapping[str, Any]]
 
-_TRUNCATION = {None: pb.TRUNCATION_UNSPECIFIED, "error": pb.TRUNCATION_ERROR, "truncate": pb.TRUNCATION_TRUNCATE}
+_TRUNCATION = {None: pb.TRUNCATION_UNSPECIFIED, "error": pb.TRUNCATION_ERROR, "truncate": pb.TRUNCATION_TRUNCATE,
+               "truncate_content": pb.TRUNCATION_TRUNCATE_CONTENT}
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def truncation_value(t: Optional[str]) -> int:
     try:
         return _TRUNCATION[t]
     except KeyError:
-        raise ValueError(f"truncation must be None, 'error' or 'truncate', not {t!r}") from None
+        raise ValueError(f"truncation must be None, 'error', 'truncate' or 'truncate_content', not {t!r}") from None
 
 
 def _messages(conv: Conversation) -> "pb.Conversation":

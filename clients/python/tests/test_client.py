@@ -29,6 +29,11 @@ def test_item_kinds_and_weights(server):
         text, ids = c.tokenize(CONVERSATIONS[0])
         a, b, d = c.score([{"messages": CONVERSATIONS[0]}, {"text": text}, {"token_ids": ids}])
         assert a == b == d
+        # Every truncation policy by name; an input under the limit is scored the same under each.
+        for policy in ("error", "truncate", "truncate_content"):
+            assert c.score([CONVERSATIONS[0]], truncation=policy)[0] == a
+        with pytest.raises(ValueError, match="'truncate_content'"):
+            c.score([CONVERSATIONS[0]], truncation="cut")
         w = c.score([CONVERSATIONS[0]], reward_weights={"verbosity": 1.0})[0]
         info = c.model_info()
         weights = dict(info.default_reward_weights, verbosity=1.0)

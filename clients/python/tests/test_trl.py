@@ -1,8 +1,13 @@
-"""The TRL reward function on conversational and plain-text datasets."""
+"""The TRL reward functions on conversational and plain-text datasets, called as TRL calls them."""
+import asyncio
 import inspect
+import threading
+import warnings
+
+import pytest
 
 from arbiter_client import Client
-from arbiter_client.trl import ArbiterReward
+from arbiter_client.trl import ArbiterReward, async_arbiter_reward
 
 from conftest import CONVERSATIONS, arbiter_score
 
@@ -27,3 +32,51 @@ def test_plain_text_dataset_and_weights(server):
     expected = arbiter_score(convs, ("reward_weights", {"verbosity": 0.0}))
     f = ArbiterReward(server.addr, reward_weights={"verbosity": 0.0})
     assert f(prompts, completions) == [r for r, _ in expected]
+
+
+def test_the_demo_warning_names_the_callers_line(server):
+    prompts, completions = ["What is 2+2?"], ["4."]
+    f = ArbiterReward(server.addr)
+    with pytest.warns(UserWarning, match="meaningless") as seen:
+        f(prompts, completions)
+    assert seen[0].filename == __file__, seen[0].filename
+    with Client(server.addr) as c, pytest.warns(UserWarning, match="meaningless") as seen:
+        list(c.stream([("a", [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]])]))
+    assert seen[0].filename == __file__, seen[0].filename
+
+
+def test_async_reward_on_trls_background_event_loop(server, reference):
+    # Built where TRL builds it: in the main thread, outside any event loop.
+    f = async_arbiter_reward(server.addr, batch_size=3)
+    # What TRL 1.x checks to tell async reward functions from blocking ones, and logs them under.
+    assert asyncio.iscoroutinefunction(f) and f.__name__ == "arbiter_reward"
+    # TRL's start_event_loop_in_daemon: a new loop running forever in a daemon thread.
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+
+    def run():
+        asyncio.set_event_loop(loop)
+        loop.call_soon(ready.set)
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, name="GRPOTrainer-AsyncRewardLoop", daemon=True)
+    thread.start()
+    ready.wait()
+    prompts = [c[:-1] for c in CONVERSATIONS]
+    completions = [[c[-1]] for c in CONVERSATIONS]
+
+    async def all_async_rewards():
+        # TRL gathers every async reward function's coroutine on that loop.
+        return await asyncio.gather(f(prompts=prompts, completions=completions, ground_truth=["x"] * 4))
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(2):  # each training step calls again on the same loop
+                [rewards] = asyncio.run_coroutine_threadsafe(all_async_rewards(), loop).result(timeout=60)
+                assert rewards == [r for r, _ in reference]
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+    # A later call from another loop opens its own channel rather than reusing a dead loop's.
+    assert asyncio.run(f(["What is 2+2?"], ["4."])) == [reference[0][0]]

@@ -55,6 +55,23 @@ pub enum ClientError {
     },
 }
 
+/// An error and its causes as one line ("transport error: tcp connect error: Connection refused
+/// (os error 111)"): tonic's own Display says only "transport error", and its Debug form is a
+/// nested struct dump no user should have to read.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        // hyper repeats its inner error in its own message; print each text once.
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = cause.source();
+    }
+    parts.join(": ")
+}
+
 impl ClientError {
     /// The gRPC code, for server errors.
     pub fn code(&self) -> Option<Code> {
@@ -180,7 +197,7 @@ impl Client {
         let channel = ep
             .connect()
             .await
-            .map_err(|e| ClientError::Connect { endpoint: cfg.endpoint.clone(), message: format!("{e:?}") })?;
+            .map_err(|e| ClientError::Connect { endpoint: cfg.endpoint.clone(), message: causes(&e) })?;
         let token = match &cfg.token {
             Some(t) => Some(
                 format!("Bearer {t}")

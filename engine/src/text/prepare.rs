@@ -56,6 +56,12 @@ pub enum TruncationPolicy {
     /// last user turn, the final assistant turn or the score marker. Text and token ids: keep
     /// the end, so the score position is never cut off.
     Truncate,
+    /// Messages: cut contents by tokens and re-render: the start of the prompt's contents first
+    /// (oldest turn first), then the start of the response; never the template's markers, the
+    /// system message or the score position. Every conversation whose template and system
+    /// message fit gets scored, which benchmarks need (a single-turn example has no whole turn
+    /// to drop). Text and token ids: keep the end, as [`TruncationPolicy::Truncate`].
+    TruncateContent,
 }
 
 impl FromStr for TruncationPolicy {
@@ -64,8 +70,9 @@ impl FromStr for TruncationPolicy {
         match s {
             "error" => Ok(TruncationPolicy::Error),
             "truncate" => Ok(TruncationPolicy::Truncate),
+            "truncate_content" => Ok(TruncationPolicy::TruncateContent),
             other => Err(EngineError::InvalidInput(format!(
-                "unknown truncation policy {other:?}; expected \"error\" or \"truncate\""
+                "unknown truncation policy {other:?}; expected \"error\", \"truncate\" or \"truncate_content\""
             ))),
         }
     }
@@ -77,6 +84,7 @@ impl TruncationPolicy {
         match self {
             TruncationPolicy::Error => "error",
             TruncationPolicy::Truncate => "truncate",
+            TruncationPolicy::TruncateContent => "truncate_content",
         }
     }
 }
@@ -88,7 +96,8 @@ pub struct Truncation {
     pub original_tokens: usize,
     /// Messages dropped from the start of the conversation (after the system message).
     pub dropped_messages: usize,
-    /// Tokens dropped from the start of text or token-id inputs.
+    /// Tokens dropped from the start of text or token-id inputs, or cut from message contents
+    /// ([`TruncationPolicy::TruncateContent`], counted as each content tokenizes on its own).
     pub dropped_tokens: usize,
 }
 
@@ -275,7 +284,7 @@ impl Preprocessor {
                 max: self.max_tokens,
                 hint: " (truncation policy \"error\"; \"truncate\" keeps the last tokens)".into(),
             }),
-            TruncationPolicy::Truncate => {
+            TruncationPolicy::Truncate | TruncationPolicy::TruncateContent => {
                 truncation.dropped_tokens = n - self.max_tokens;
                 Ok(Prepared { ids: ids[n - self.max_tokens..].to_vec(), text: None, truncation })
             }
@@ -292,13 +301,17 @@ impl Preprocessor {
         if ids.len() <= self.max_tokens {
             return Ok(Prepared { ids, text: Some(text), truncation });
         }
-        if policy == TruncationPolicy::Error {
-            return Err(EngineError::TooLong {
-                what: "the conversation".into(),
-                tokens: ids.len(),
-                max: self.max_tokens,
-                hint: " (truncation policy \"error\"; \"truncate\" drops the oldest turns)".into(),
-            });
+        match policy {
+            TruncationPolicy::Error => {
+                return Err(EngineError::TooLong {
+                    what: "the conversation".into(),
+                    tokens: ids.len(),
+                    max: self.max_tokens,
+                    hint: " (truncation policy \"error\"; \"truncate\" drops the oldest turns, \"truncate_content\" cuts message text)".into(),
+                })
+            }
+            TruncationPolicy::TruncateContent => return self.cut_contents(messages, ids.len(), truncation),
+            TruncationPolicy::Truncate => {}
         }
         // Droppable: whole user+assistant pairs before the last user turn; dropping more never
         // makes the rendering longer, so the fewest pairs that fit are found by bisection.
@@ -336,5 +349,50 @@ impl Preprocessor {
         }
         truncation.dropped_messages = 2 * best_k;
         Ok(Prepared { ids: best.1, text: Some(best.0), truncation })
+    }
+
+    /// [`TruncationPolicy::TruncateContent`] for a conversation of `rendered` tokens, over the
+    /// limit: cuts the fewest leading content tokens (the prompt's messages in order, then the
+    /// response) it can find that make the re-rendered conversation fit.
+    fn cut_contents(&self, messages: &[Message], rendered: usize, mut truncation: Truncation) -> Result<Prepared> {
+        let tok = self.need_tokenizer("messages")?;
+        let head = usize::from(messages[0].role == Role::System);
+        // Every place a content can be cut, in cutting order: (message, byte where its kept
+        // text starts). A message's first place is its start, so cutting exactly the messages
+        // before it leaves it whole.
+        let mut places = Vec::new();
+        for (i, m) in messages.iter().enumerate().skip(head) {
+            let starts = tok.token_starts(&m.content)?;
+            places.extend(starts.iter().enumerate().map(|(j, &at)| (i, if j == 0 { 0 } else { at })));
+        }
+        let cut = |k: usize| -> Result<(String, Vec<u32>)> {
+            let mut kept = messages.to_vec();
+            for &(i, _) in &places[..k] {
+                kept[i].content.clear();
+            }
+            if let Some(&(i, at)) = places.get(k) {
+                kept[i].content = messages[i].content[at..].to_string();
+            }
+            self.render(&kept)
+        };
+        // Each content token cut removes about one rendered token: start at the excess and add
+        // what is still over until it fits (a handful of renders; k only grows, so it ends).
+        let mut k = (rendered - self.max_tokens).min(places.len());
+        loop {
+            let (text, ids) = cut(k)?;
+            if ids.len() <= self.max_tokens {
+                truncation.dropped_tokens = k;
+                return Ok(Prepared { ids, text: Some(text), truncation });
+            }
+            if k == places.len() {
+                return Err(EngineError::TooLong {
+                    what: "the template's markers and the system message alone".into(),
+                    tokens: ids.len(),
+                    max: self.max_tokens,
+                    hint: " (these are never truncated)".into(),
+                });
+            }
+            k = (k + ids.len() - self.max_tokens).min(places.len());
+        }
     }
 }

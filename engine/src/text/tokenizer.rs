@@ -154,6 +154,29 @@ impl TextTokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// Where each token of `text` starts, in bytes of `text`, ascending: the places text can be
+    /// cut at a token boundary. Byte-level tokens that split a character start at that character.
+    pub fn token_starts(&self, text: &str) -> Result<Vec<usize>> {
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| EngineError::InvalidInput(format!("cannot tokenize the text: {e}")))?;
+        let mut starts: Vec<usize> = encoding
+            .get_offsets()
+            .iter()
+            .map(|&(start, _)| {
+                let mut at = start.min(text.len());
+                while !text.is_char_boundary(at) {
+                    at -= 1;
+                }
+                at
+            })
+            .collect();
+        starts.sort_unstable();
+        starts.dedup();
+        Ok(starts)
+    }
+
     /// The id of a token, if the vocabulary has it.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)

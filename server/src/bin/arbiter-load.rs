@@ -4,6 +4,11 @@
 //! duration or a request count, then the same sequences are run through the engine offline (in
 //! this process, with the server idle) to give the ratio of served to offline tokens/s.
 //!
+//! Each request's kind is drawn by the mix weights (seeded per client), so every kind is sent
+//! at any concurrency. Timing starts once the server's health says SERVING; a client that gets
+//! UNAVAILABLE backs off before its next request, so a server still warming up or draining is
+//! not flooded and its refusals do not dominate the run.
+//!
 //! arbiter-load --addr http://127.0.0.1:50051 --demo --concurrency 32 --duration 20
 
 use std::collections::BTreeMap;
@@ -57,9 +62,12 @@ struct Args {
     /// Bearer token, if the server requires one.
     #[arg(long, env = "ARBITER_AUTH_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// Random seed of the inputs.
+    /// Random seed of the inputs and of the request kinds.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Seconds to wait for the server to be reachable and SERVING before giving up.
+    #[arg(long, default_value_t = 600.0)]
+    ready_timeout: f64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -246,40 +254,79 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// Draws a request kind by the mix weights.
+fn draw(mix: &[(Kind, usize)], total_weight: usize, rng: &mut SplitMix) -> Kind {
+    let mut slot = (rng.next_u64() % total_weight as u64) as usize;
+    for &(kind, w) in mix {
+        if slot < w {
+            return kind;
+        }
+        slot -= w;
+    }
+    unreachable!("slot is below the sum of the weights")
+}
+
+/// Connects and waits until the health service says SERVING, so that the load's clock does not
+/// count a server still loading or warming up.
+async fn wait_until_serving(addr: &str, timeout: Duration) -> Result<Channel> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let start = Instant::now();
+    let mut said = false;
+    loop {
+        let last = match Channel::from_shared(addr.to_string())?.connect().await {
+            Ok(channel) => {
+                let service = arbiter_server::serve::SERVICE_NAME.to_string();
+                match HealthClient::new(channel.clone()).check(HealthCheckRequest { service }).await {
+                    Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => return Ok(channel),
+                    Ok(r) => format!("health says {:?}", ServingStatus::try_from(r.get_ref().status)),
+                    Err(e) => format!("health check failed: {}", e.message()),
+                }
+            }
+            Err(e) => {
+                // tonic's Display is only "transport error"; the cause says what went wrong.
+                let cause = std::error::Error::source(&e).map(|c| format!(": {c}")).unwrap_or_default();
+                format!("cannot connect: {e}{cause}")
+            }
+        };
+        if start.elapsed() > timeout {
+            bail!("{addr} was not SERVING after {:.0} s ({last})", timeout.as_secs_f64());
+        }
+        if !said {
+            eprintln!("arbiter-load: waiting for {addr} to be SERVING ({last})");
+            said = true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Backoff after UNAVAILABLE: doubling from 10 ms to 1 s, reset by a success.
+fn backoff(unavailable_in_a_row: u32) -> Duration {
+    Duration::from_millis(10u64 << unavailable_in_a_row.min(7)).min(Duration::from_secs(1))
+}
+
 async fn run_load(
     args: &Args,
     mix: &[(Kind, usize)],
     templates: Arc<Vec<Template>>,
     tally: Arc<Mutex<Tally>>,
 ) -> Result<f64> {
-    let channel = Channel::from_shared(args.addr.clone())?
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {}", args.addr))?;
+    let channel = wait_until_serving(&args.addr, Duration::from_secs_f64(args.ready_timeout)).await?;
     let token = args.token.clone().map(|t| format!("Bearer {t}"));
     let stop = Arc::new(AtomicBool::new(false));
     let budget = args.requests.map(|n| Arc::new(std::sync::atomic::AtomicUsize::new(n)));
     let total_weight: usize = mix.iter().map(|(_, w)| w).sum();
+    let by_kind: Arc<BTreeMap<Kind, Vec<usize>>> =
+        Arc::new(templates.iter().enumerate().fold(BTreeMap::new(), |mut m, (i, t)| {
+            m.entry(t.kind).or_insert_with(Vec::new).push(i);
+            m
+        }));
     let start = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..args.concurrency {
-        // Client c gets a kind by weighted round robin.
-        let mut slot = c % total_weight;
-        let kind = mix
-            .iter()
-            .find(|(_, w)| {
-                if slot < *w {
-                    true
-                } else {
-                    slot -= w;
-                    false
-                }
-            })
-            .map(|(k, _)| *k)
-            .expect("weights");
-        let mine: Vec<usize> = (0..templates.len()).filter(|&i| templates[i].kind == kind).collect();
-        let (templates, tally, stop, budget, token) =
-            (templates.clone(), tally.clone(), stop.clone(), budget.clone(), token.clone());
+        let mix = mix.to_vec();
+        let (templates, by_kind, tally, stop, budget, token) =
+            (templates.clone(), by_kind.clone(), tally.clone(), stop.clone(), budget.clone(), token.clone());
         let mut client = RewardServiceClient::with_interceptor(channel.clone(), move |mut r: tonic::Request<()>| {
             if let Some(t) = &token {
                 r.metadata_mut().insert("authorization", t.parse().expect("ASCII token"));
@@ -287,72 +334,93 @@ async fn run_load(
             Ok(r)
         })
         .max_decoding_message_size(256 << 20);
+        // Each client its own stream of draws, reproducible from --seed.
+        let mut rng = SplitMix::new(args.seed ^ (c as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         tasks.push(tokio::spawn(async move {
-            let (tx, rx) = tokio::sync::mpsc::channel::<pb::ScoreStreamRequest>(1);
-            let mut stream = if kind == Kind::Stream {
-                Some(client.score_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.map(|r| r.into_inner()))
-            } else {
-                None
-            };
-            let mut k = c;
+            // A client's ScoreStream, opened on its first stream request and reopened after one ends.
+            let mut stream: Option<(tokio::sync::mpsc::Sender<pb::ScoreStreamRequest>, tonic::Streaming<_>)> = None;
+            let mut unavailable = 0u32;
+            let mut k = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 if let Some(b) = &budget {
                     if b.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_err() {
                         break;
                     }
                 }
-                let ti = mine[k % mine.len()];
+                let kind = draw(&mix, total_weight, &mut rng);
+                let mine = &by_kind[&kind];
+                let ti = mine[(rng.next_u64() % mine.len() as u64) as usize];
                 k += 1;
                 let t = &templates[ti];
                 let sent = Instant::now();
-                let result: Result<Vec<pb::Result>, String> = match kind {
+                let result: Result<Vec<pb::Result>, tonic::Code> = match kind {
                     Kind::Score => client
                         .score(t.score.clone().expect("score template"))
                         .await
                         .map(|r| r.into_inner().results)
-                        .map_err(|e| format!("{:?}", e.code())),
+                        .map_err(|e| e.code()),
                     Kind::Rank => client
                         .rank(t.rank.clone().expect("rank template"))
                         .await
                         .map(|r| r.into_inner().results)
-                        .map_err(|e| format!("{:?}", e.code())),
-                    Kind::Stream => match stream.as_mut() {
-                        Some(Ok(s)) => {
-                            tx.send(pb::ScoreStreamRequest { request_id: k.to_string(), request: t.score.clone() })
+                        .map_err(|e| e.code()),
+                    Kind::Stream => {
+                        if stream.is_none() {
+                            let (tx, rx) = tokio::sync::mpsc::channel::<pb::ScoreStreamRequest>(1);
+                            let opened = client.score_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+                            stream = opened.ok().map(|r| (tx, r.into_inner()));
+                        }
+                        let reply = match stream.as_mut() {
+                            Some((tx, s)) => {
+                                tx.send(pb::ScoreStreamRequest {
+                                    request_id: format!("{c}-{k}"),
+                                    request: t.score.clone(),
+                                })
                                 .await
                                 .ok();
-                            match s.message().await {
-                                Ok(Some(m)) => match m.outcome {
-                                    Some(pb::score_stream_response::Outcome::Response(r)) => Ok(r.results),
-                                    Some(pb::score_stream_response::Outcome::Error(e)) => {
-                                        Err(format!("{:?}", tonic::Code::from(e.code)))
-                                    }
-                                    None => Err("empty stream response".into()),
-                                },
-                                Ok(None) => Err("stream ended".into()),
-                                Err(e) => Err(format!("{:?}", e.code())),
+                                match s.message().await {
+                                    Ok(Some(m)) => match m.outcome {
+                                        Some(pb::score_stream_response::Outcome::Response(r)) => Ok(r.results),
+                                        Some(pb::score_stream_response::Outcome::Error(e)) => {
+                                            Err(tonic::Code::from(e.code))
+                                        }
+                                        None => Err(tonic::Code::Internal),
+                                    },
+                                    Ok(None) => Err(tonic::Code::Aborted),
+                                    Err(e) => Err(e.code()),
+                                }
                             }
+                            None => Err(tonic::Code::Unavailable),
+                        };
+                        if reply.is_err() {
+                            stream = None;
                         }
-                        Some(Err(e)) => Err(format!("{:?}", e.code())),
-                        None => unreachable!("stream clients open a stream"),
-                    },
+                        reply
+                    }
                 };
                 let ms = sent.elapsed().as_secs_f64() * 1e3;
-                let mut tl = tally.lock().expect("tally");
-                match result {
-                    Ok(results) => {
-                        tl.latencies_ms.push(ms);
-                        tl.items += results.len() as u64;
-                        tl.tokens += results.iter().map(|r| r.tokens as u64).sum::<u64>();
-                        *tl.by_kind.entry(format!("{kind:?}")).or_default() += 1;
-                        tl.sent_sequences.push(ti);
-                    }
-                    Err(code) => {
-                        *tl.errors.entry(code).or_default() += 1;
-                        if kind == Kind::Stream {
-                            break;
+                let code = {
+                    let mut tl = tally.lock().expect("tally");
+                    match result {
+                        Ok(results) => {
+                            tl.latencies_ms.push(ms);
+                            tl.items += results.len() as u64;
+                            tl.tokens += results.iter().map(|r| r.tokens as u64).sum::<u64>();
+                            *tl.by_kind.entry(format!("{kind:?}")).or_default() += 1;
+                            tl.sent_sequences.push(ti);
+                            None
+                        }
+                        Err(code) => {
+                            *tl.errors.entry(format!("{code:?}")).or_default() += 1;
+                            Some(code)
                         }
                     }
+                };
+                if code == Some(tonic::Code::Unavailable) {
+                    tokio::time::sleep(backoff(unavailable)).await;
+                    unavailable += 1;
+                } else {
+                    unavailable = 0;
                 }
             }
         }));

@@ -12,9 +12,11 @@ class Truncation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRUNCATION_UNSPECIFIED: _ClassVar[Truncation]
     TRUNCATION_ERROR: _ClassVar[Truncation]
     TRUNCATION_TRUNCATE: _ClassVar[Truncation]
+    TRUNCATION_TRUNCATE_CONTENT: _ClassVar[Truncation]
 TRUNCATION_UNSPECIFIED: Truncation
 TRUNCATION_ERROR: Truncation
 TRUNCATION_TRUNCATE: Truncation
+TRUNCATION_TRUNCATE_CONTENT: Truncation
 
 class Message(_message.Message):
     __slots__ = ("role", "content")
