@@ -15,7 +15,7 @@
 //! use arbiter_scoring::{Item, Options, Scorer, ScorerConfig};
 //! let model = LoadedModel::load("models/demo".as_ref(), &LoadOptions::default())?;
 //! let scorer = Scorer::start(model, ScorerConfig::default(), None)?;
-//! let item = Item::new(scorer.model(), Input::Text("Hello".into()), TruncationPolicy::Error);
+//! let item = Item::new(Input::Text("Hello".into()), TruncationPolicy::Error);
 //! let scored = scorer.score(vec![item], Options::default()).await?;
 //! println!("reward {}", scored.items[0].score.reward);
 //! # Ok(()) }
