@@ -34,15 +34,20 @@ def test_plain_text_dataset_and_weights(server):
     assert f(prompts, completions) == [r for r, _ in expected]
 
 
+def _demo_warning(seen):
+    """The demo-model warning among those recorded (gRPC's threads may record others first)."""
+    return next(w for w in seen if "meaningless" in str(w.message))
+
+
 def test_the_demo_warning_names_the_callers_line(server):
     prompts, completions = ["What is 2+2?"], ["4."]
     f = ArbiterReward(server.addr)
     with pytest.warns(UserWarning, match="meaningless") as seen:
         f(prompts, completions)
-    assert seen[0].filename == __file__, seen[0].filename
+    assert _demo_warning(seen).filename == __file__, _demo_warning(seen).filename
     with Client(server.addr) as c, pytest.warns(UserWarning, match="meaningless") as seen:
         list(c.stream([("a", [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]])]))
-    assert seen[0].filename == __file__, seen[0].filename
+    assert _demo_warning(seen).filename == __file__, [(str(w.message), w.filename) for w in seen]
 
 
 def test_async_reward_on_trls_background_event_loop(server, reference):
