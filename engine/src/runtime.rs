@@ -16,9 +16,8 @@ use crate::parallel::cluster::{join, ClusterConfig};
 use crate::parallel::local::DEFAULT_COLLECTIVE_TIMEOUT;
 use crate::parallel::runner::{MakeComm, NodeWiring, ParallelEngine};
 use crate::parallel::{Parallelism, RankPlan};
-use crate::scores::{RewardWeights, Score};
 use crate::spec::ModelSpec;
-use crate::text::{Prepared, Preprocessor};
+use crate::text::Preprocessor;
 use crate::weights::WeightStore;
 
 /// A model that scores packed batches, whatever backend it runs on.
@@ -202,14 +201,6 @@ impl LoadedModel {
     /// The model's spec.
     pub fn spec(&self) -> &ModelSpec {
         self.engine.spec()
-    }
-
-    /// Scores prepared inputs in one packed batch; `weights[i]` combines item `i`'s attributes.
-    pub fn score(&self, items: &[&Prepared], weights: &[&RewardWeights]) -> Result<Vec<Score>> {
-        let batch = PackedBatch::from_sequences(&items.iter().map(|p| p.ids.as_slice()).collect::<Vec<_>>())?;
-        let raw = self.engine.forward(&batch)?;
-        let head = &self.spec().head;
-        Ok(raw.into_iter().zip(weights).map(|(r, w)| Score::from_raw(head, r, w)).collect())
     }
 }
 
