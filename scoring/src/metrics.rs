@@ -20,5 +20,5 @@ pub const BATCH_SIZE: &str = "arbiter_batch_size";
 pub const BATCH_TOKENS: &str = "arbiter_batch_tokens";
 /// Items waiting for a batch.
 pub const QUEUE_DEPTH: &str = "arbiter_queue_depth";
-/// Batches that failed (`reason`: out_of_memory, engine, panic).
+/// Batches that failed (`reason`: out_of_memory, engine, panic, or invalid for a batch the engine refused).
 pub const BATCH_FAILURES: &str = "arbiter_batch_failures_total";
