@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use arbiter_engine::tensors::{self, module};
 use arbiter_engine::weights::Dtype;
 
 use crate::error::{io, ConvertError, Result};
@@ -17,15 +18,16 @@ const HEAD_WEIGHT: &str = "model.rm_head.weight";
 const HEAD_BIAS: &str = "model.rm_head.bias";
 
 /// Per-layer arrays (stacked on axis 0) and the HF tensor each becomes; `None` marks the fused QKV.
-const PER_LAYER: [(&str, Option<&str>); 8] = [
-    ("self_attention.linear_qkv.layer_norm_weight", Some("input_layernorm.weight")),
-    ("self_attention.linear_qkv.layer_norm_bias", Some("input_layernorm.bias")),
+/// The HF side is (module, tensor) in [`arbiter_engine::tensors`]'s names.
+const PER_LAYER: [(&str, Option<(&str, &str)>); 8] = [
+    ("self_attention.linear_qkv.layer_norm_weight", Some((module::INPUT_NORM, "weight"))),
+    ("self_attention.linear_qkv.layer_norm_bias", Some((module::INPUT_NORM, "bias"))),
     ("self_attention.linear_qkv.weight", None),
-    ("self_attention.linear_proj.weight", Some("self_attn.o_proj.weight")),
-    ("mlp.linear_fc1.layer_norm_weight", Some("post_attention_layernorm.weight")),
-    ("mlp.linear_fc1.layer_norm_bias", Some("post_attention_layernorm.bias")),
-    ("mlp.linear_fc1.weight", Some("mlp.up_proj.weight")),
-    ("mlp.linear_fc2.weight", Some("mlp.down_proj.weight")),
+    ("self_attention.linear_proj.weight", Some((module::O, "weight"))),
+    ("mlp.linear_fc1.layer_norm_weight", Some((module::POST_NORM, "weight"))),
+    ("mlp.linear_fc1.layer_norm_bias", Some((module::POST_NORM, "bias"))),
+    ("mlp.linear_fc1.weight", Some((module::UP, "weight"))),
+    ("mlp.linear_fc2.weight", Some((module::DOWN, "weight"))),
 ];
 
 /// One tensor of the output folder.
@@ -202,7 +204,7 @@ pub fn plan(weights_dir: &Path, cfg: &NemoConfig) -> Result<Layout> {
     };
 
     let emb = open(&mut arrays, EMBEDDING, vec![vocab, h], "vocab x hidden_size".into())?;
-    let o = out("model.embed_tokens.weight".into(), arrays[emb].dtype, vec![vocab, h]);
+    let o = out(tensors::EMBEDDING.into(), arrays[emb].dtype, vec![vocab, h]);
     jobs.push(Job { array: emb, prefix: vec![], route: Route::Copy(o) });
 
     let mut per_layer = Vec::new();
@@ -236,13 +238,13 @@ pub fn plan(weights_dir: &Path, cfg: &NemoConfig) -> Result<Layout> {
     for layer in 0..l {
         for ((_, hf), &a) in PER_LAYER.iter().zip(&per_layer) {
             let dtype = arrays[a].dtype;
-            let p = format!("model.layers.{layer}");
+            let name = |m: &str, t: &str| tensors::layer_tensor(layer, m, t);
             let route = match hf {
-                Some(hf) => Route::Copy(out(format!("{p}.{hf}"), dtype, arrays[a].shape[1..].to_vec())),
+                Some((m, t)) => Route::Copy(out(name(m, t), dtype, arrays[a].shape[1..].to_vec())),
                 None => Route::Qkv {
-                    q: out(format!("{p}.self_attn.q_proj.weight"), dtype, vec![cfg.heads * d, h]),
-                    k: out(format!("{p}.self_attn.k_proj.weight"), dtype, vec![cfg.groups * d, h]),
-                    v: out(format!("{p}.self_attn.v_proj.weight"), dtype, vec![cfg.groups * d, h]),
+                    q: out(name(module::Q, "weight"), dtype, vec![cfg.heads * d, h]),
+                    k: out(name(module::K, "weight"), dtype, vec![cfg.groups * d, h]),
+                    v: out(name(module::V, "weight"), dtype, vec![cfg.groups * d, h]),
                     heads_per_group: cfg.heads / cfg.groups,
                     head_dim: d,
                 },
@@ -250,21 +252,20 @@ pub fn plan(weights_dir: &Path, cfg: &NemoConfig) -> Result<Layout> {
             jobs.push(Job { array: a, prefix: vec![layer], route });
         }
     }
-    for (src, hf) in [
-        ("model.decoder.final_layernorm.weight", "model.norm.weight"),
-        ("model.decoder.final_layernorm.bias", "model.norm.bias"),
-    ] {
+    for (src, tensor) in
+        [("model.decoder.final_layernorm.weight", "weight"), ("model.decoder.final_layernorm.bias", "bias")]
+    {
         let a = open(&mut arrays, src, vec![h], "hidden_size".into())?;
-        let o = out(hf.into(), arrays[a].dtype, vec![h]);
+        let o = out(format!("{}.{tensor}", tensors::FINAL_NORM), arrays[a].dtype, vec![h]);
         jobs.push(Job { array: a, prefix: vec![], route: Route::Copy(o) });
     }
     let a = open(&mut arrays, HEAD_WEIGHT, vec![num_outputs, h], "outputs x hidden_size".into())?;
-    let o = out("score.weight".into(), arrays[a].dtype, vec![num_outputs, h]);
+    let o = out(tensors::HEAD.into(), arrays[a].dtype, vec![num_outputs, h]);
     jobs.push(Job { array: a, prefix: vec![], route: Route::Copy(o) });
     let head_bias = found.contains_key(HEAD_BIAS);
     if head_bias {
         let a = open(&mut arrays, HEAD_BIAS, vec![num_outputs], "outputs".into())?;
-        let o = out("score.bias".into(), arrays[a].dtype, vec![num_outputs]);
+        let o = out(tensors::HEAD_BIAS.into(), arrays[a].dtype, vec![num_outputs]);
         jobs.push(Job { array: a, prefix: vec![], route: Route::Copy(o) });
     }
     // The LM head is not used by a reward model, but a wrong one means a wrong checkpoint.

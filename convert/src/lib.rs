@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use arbiter_engine::config::load_config;
-use arbiter_engine::synth::tensor_shapes;
+use arbiter_engine::tensors::tensor_shapes;
 use arbiter_engine::weights::WeightStore;
 use serde_json::{json, Value};
 
@@ -30,7 +30,7 @@ pub mod zarr;
 pub use error::{ConvertError, Result};
 
 /// The head's names and the default reward, shared with the engine's 340B config (one list).
-pub use arbiter_engine::synth::{DEFAULT_REWARD_WEIGHTS, HELPSTEER_LABELS};
+pub use arbiter_engine::scores::{DEFAULT_REWARD_WEIGHTS, HELPSTEER_LABELS};
 
 /// How the tokenizer is produced.
 #[derive(Debug, Clone, PartialEq, Eq)]

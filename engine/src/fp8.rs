@@ -116,15 +116,7 @@ pub fn round_per_token(x: &mut [f32], cols: usize) {
 
 /// The linear layers (module name suffixes inside `model.layers.{i}.`) the FP8 scheme quantizes.
 /// Everything else (embeddings, norms, the reward head) is never quantized.
-pub const LINEAR_MODULES: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
+pub const LINEAR_MODULES: [&str; 7] = crate::tensors::module::LINEAR;
 
 /// The module of a weight tensor name (`"...q_proj.weight"` -> `"...q_proj"`).
 pub fn module_of(weight: &str) -> &str {

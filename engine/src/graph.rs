@@ -14,9 +14,10 @@ use crate::batch::PackedBatch;
 use crate::config::load_config;
 use crate::error::{EngineError, Result};
 use crate::fp8;
-use crate::parallel::RankPlan;
+use crate::plan::RankPlan;
 use crate::rope;
-use crate::spec::{MlpKind, ModelSpec};
+use crate::spec::ModelSpec;
+use crate::tensors::{NormTensors, TensorInfo, TensorTable, HEAD_BIAS};
 use crate::weights::{Dtype, TensorView, WeightStore};
 
 /// Weights of one transformer block.
@@ -97,7 +98,7 @@ impl<B: Backend> Model<B> {
     }
 
     /// Builds one rank's slice of the model: the layers of its stage, and of each of them only the
-    /// heads, KV groups and FFN channels it owns (see [`crate::parallel::plan`]). Only those
+    /// heads, KV groups and FFN channels it owns (see [`crate::plan`]). Only those
     /// blocks are read from the mapped weights. `comm` is the rank's tensor-parallel group.
     pub fn load_rank(
         spec: ModelSpec,
@@ -107,75 +108,56 @@ impl<B: Backend> Model<B> {
         comm: Box<dyn Communicator<B::Tensor>>,
     ) -> Result<Self> {
         rank.par.validate(&spec)?;
-        let h = spec.hidden;
-        let d = spec.head_dim;
-        let norm = |prefix: &str| -> Result<B::Norm> {
-            let w = dense(store, &format!("{prefix}.weight"), &[h])?;
-            let b = if spec.norm_has_bias() { Some(dense(store, &format!("{prefix}.bias"), &[h])?) } else { None };
+        let table = TensorTable::new(&spec);
+        let norm = |n: &NormTensors| -> Result<B::Norm> {
+            let w = dense(store, &n.weight)?;
+            let b = n.bias.as_ref().map(|b| dense(store, b)).transpose()?;
             backend.norm_params(spec.norm, spec.norm_eps, w, b)
         };
-        let linear = |name: String, shape: [usize; 2], rows: Range<usize>, cols: Range<usize>| {
-            linear_part(&spec, store, &name, shape, rows, cols)
+        // Only the block of each matrix this rank owns (its rows for column-parallel matrices,
+        // its columns for row-parallel ones) is read.
+        let part = |t: &TensorInfo| -> Result<MatrixPart<'_>> {
+            let (rows, cols) = t.slice(&spec, &rank);
+            linear_part(&spec, store, t, rows, cols)
         };
-        // Column-parallel: this rank's output rows, all input columns.
-        let rows = |name: String, shape: [usize; 2], rows: Range<usize>| linear(name, shape, rows, 0..shape[1]);
-        // Row-parallel: all output rows (and so every scale), this rank's input columns.
-        let cols = |name: String, shape: [usize; 2], cols: Range<usize>| linear(name, shape, 0..shape[0], cols);
-        let q_rows = rank.share_scaled(spec.heads, d);
-        let kv_rows = rank.share_scaled(spec.kv_heads, d);
-        let ffn_rows = rank.share(spec.ffn);
-        let embedding = if rank.is_first_stage() {
-            Some(backend.embedding(dense(store, "model.embed_tokens.weight", &[spec.vocab, h])?)?)
-        } else {
-            None
-        };
+        let embedding =
+            if rank.is_first_stage() { Some(backend.embedding(dense(store, &table.embedding)?)?) } else { None };
         let layers = rank.layers(spec.layers);
         let mut blocks = Vec::with_capacity(layers.len());
-        for l in layers {
-            let p = format!("model.layers.{l}");
-            let attn = format!("{p}.self_attn");
-            let qkv = backend.matrix(&[
-                rows(format!("{attn}.q_proj.weight"), [spec.heads * d, h], q_rows.clone())?,
-                rows(format!("{attn}.k_proj.weight"), [spec.kv_heads * d, h], kv_rows.clone())?,
-                rows(format!("{attn}.v_proj.weight"), [spec.kv_heads * d, h], kv_rows.clone())?,
-            ])?;
-            let o = backend.matrix(&[cols(format!("{attn}.o_proj.weight"), [h, spec.heads * d], q_rows.clone())?])?;
-            let up_part = |name: &str| rows(format!("{p}.mlp.{name}.weight"), [spec.ffn, h], ffn_rows.clone());
-            let up = match spec.mlp {
-                MlpKind::Relu2 => backend.matrix(&[up_part("up_proj")?])?,
-                MlpKind::SwiGlu => backend.matrix(&[up_part("gate_proj")?, up_part("up_proj")?])?,
+        for t in &table.layers[layers] {
+            let up = match &t.gate {
+                None => backend.matrix(&[part(&t.up)?])?,
+                Some(gate) => backend.matrix(&[part(gate)?, part(&t.up)?])?,
             };
-            let down =
-                backend.matrix(&[cols(format!("{p}.mlp.down_proj.weight"), [h, spec.ffn], ffn_rows.clone())?])?;
             blocks.push(Block {
-                attn_norm: norm(&format!("{p}.input_layernorm"))?,
-                qkv,
-                o,
-                mlp_norm: norm(&format!("{p}.post_attention_layernorm"))?,
+                attn_norm: norm(&t.input_norm)?,
+                qkv: backend.matrix(&[part(&t.q)?, part(&t.k)?, part(&t.v)?])?,
+                o: backend.matrix(&[part(&t.o)?])?,
+                mlp_norm: norm(&t.post_norm)?,
                 up,
-                down,
+                down: backend.matrix(&[part(&t.down)?])?,
             });
         }
         let (final_norm, head) = if rank.is_last_stage() {
             let n_out = spec.num_outputs();
             let head = Head {
-                weight: dense(store, "score.weight", &[n_out, h])?.to_f32(),
-                bias: if store.contains("score.bias") {
-                    Some(dense(store, "score.bias", &[n_out])?.to_f32())
+                weight: dense(store, &table.head)?.to_f32(),
+                bias: if store.contains(HEAD_BIAS) {
+                    Some(dense_named(store, HEAD_BIAS, &[n_out])?.to_f32())
                 } else {
                     None
                 },
             };
-            (Some(norm("model.norm")?), Some(head))
+            (Some(norm(&table.final_norm)?), Some(head))
         } else {
             (None, None)
         };
         let layout = AttnLayout {
             heads: spec.heads / rank.par.tp,
             kv_heads: spec.kv_heads / rank.par.tp,
-            head_dim: d,
+            head_dim: spec.head_dim,
             rotary_dim: spec.rope.rotary_dim,
-            scale: 1.0 / (d as f32).sqrt(),
+            scale: 1.0 / (spec.head_dim as f32).sqrt(),
         };
         let inv_freq = rope::inv_freq(&spec.rope);
         Ok(Model { spec, backend, rank, comm, embedding, blocks, final_norm, head, inv_freq, layout })
@@ -262,8 +244,13 @@ impl<B: Backend> Model<B> {
     }
 }
 
-/// A tensor that is never quantized (embedding, norms, head), checked to have `shape`.
-fn dense<'a>(store: &'a WeightStore, name: &str, shape: &[usize]) -> Result<TensorView<'a>> {
+/// A tensor of the table that is never quantized (embedding, norms, head), checked to have its shape.
+fn dense<'a>(store: &'a WeightStore, t: &TensorInfo) -> Result<TensorView<'a>> {
+    dense_named(store, &t.name, &t.shape)
+}
+
+/// A never-quantized tensor by name, checked to have `shape`.
+fn dense_named<'a>(store: &'a WeightStore, name: &str, shape: &[usize]) -> Result<TensorView<'a>> {
     let t = store.get_shaped(name, shape)?;
     if t.dtype == Dtype::F8E4M3 {
         return Err(EngineError::Quantization {
@@ -283,12 +270,12 @@ fn dense<'a>(store: &'a WeightStore, name: &str, shape: &[usize]) -> Result<Tens
 fn linear_part<'a>(
     spec: &ModelSpec,
     store: &'a WeightStore,
-    name: &str,
-    shape: [usize; 2],
+    t: &TensorInfo,
     rows: Range<usize>,
     cols: Range<usize>,
 ) -> Result<MatrixPart<'a>> {
-    let view = store.get_shaped(name, &shape)?;
+    let name = t.name.as_str();
+    let view = store.get_shaped(name, &t.shape)?;
     let quantized = spec.fp8.as_ref().is_some_and(|q| q.quantizes(name));
     let wrong = |message: String| Err(EngineError::Quantization { name: name.to_string(), message });
     match (view.dtype == Dtype::F8E4M3, quantized) {

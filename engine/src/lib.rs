@@ -21,11 +21,13 @@ pub mod fp8;
 pub mod graph;
 pub mod memory;
 pub mod parallel;
+pub mod plan;
 pub mod rope;
 pub mod runtime;
 pub mod scores;
 pub mod spec;
 pub mod synth;
+pub mod tensors;
 pub mod text;
 pub mod weights;
 

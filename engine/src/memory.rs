@@ -4,9 +4,9 @@
 //! 340 GB load.
 
 use crate::error::{EngineError, Result};
-use crate::parallel::{Parallelism, RankPlan};
+use crate::plan::{Parallelism, RankPlan};
 use crate::spec::ModelSpec;
-use crate::synth::tensor_shapes;
+use crate::tensors::{Place, Split, TensorTable};
 
 /// Bytes per stored element, as a backend keeps them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,32 +29,6 @@ impl Storage {
     /// The CUDA backend: bf16 weights and activations; FP8 weights kept as e4m3 (the layout of
     /// "FP8 weights, part 2"); 1 GiB for the context, cuBLASLt and NCCL.
     pub const CUDA: Storage = Storage { dense: 2, fp8: 1, activation: 2, overhead: 1 << 30 };
-}
-
-/// How a tensor is cut across the tensor-parallel ranks of a stage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Split {
-    /// Every rank holds all of it (norms, embedding, head).
-    Replicated,
-    /// Column-parallel: output rows divided (q, k, v, gate, up).
-    Rows,
-    /// Row-parallel: input columns divided (o, down).
-    Cols,
-}
-
-fn split_of(name: &str) -> Split {
-    const ROWS: [&str; 5] = ["q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight"];
-    if ROWS.iter().any(|s| name.ends_with(s)) {
-        Split::Rows
-    } else if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") {
-        Split::Cols
-    } else {
-        Split::Replicated
-    }
-}
-
-fn layer_of(name: &str) -> Option<usize> {
-    name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
 }
 
 /// One rank's share of memory, in bytes.
@@ -92,34 +66,26 @@ pub struct MemoryPlan {
 /// Plans `spec` split as `par`, stored as `storage` says, for batches of `batch_tokens` tokens.
 pub fn plan(spec: &ModelSpec, par: Parallelism, storage: Storage, batch_tokens: usize) -> Result<MemoryPlan> {
     par.validate(spec)?;
-    let tensors = tensor_shapes(spec);
+    let table = TensorTable::new(spec);
     let t = batch_tokens as u64;
     let tp = par.tp as u64;
     let ranks = par
         .ranks()
         .into_iter()
         .map(|rank| {
-            let layers = rank.layers(spec.layers);
             let (mut embedding, mut weights) = (0u64, 0u64);
-            for (name, shape) in &tensors {
-                let elements: u64 = shape.iter().product::<usize>() as u64;
-                let mine = match layer_of(name) {
-                    Some(l) => layers.contains(&l),
-                    None if name == "model.embed_tokens.weight" => rank.is_first_stage(),
-                    None => rank.is_last_stage(),
-                };
-                if !mine {
-                    continue;
-                }
-                let fp8 = spec.fp8.as_ref().is_some_and(|q| q.quantizes(name));
+            for tensor in table.iter().filter(|x| x.held_by(&rank, spec.layers)) {
+                let fp8 = spec.fp8.as_ref().is_some_and(|q| q.quantizes(&tensor.name));
                 let per = if fp8 { storage.fp8 } else { storage.dense } as u64;
-                let (elements, scales) = match split_of(name) {
-                    Split::Replicated => (elements, 0),
-                    Split::Rows => (elements / tp, shape[0] as u64 / tp),
-                    Split::Cols => (elements / tp, shape[0] as u64),
+                let (rows, cols) = tensor.slice(spec, &rank);
+                let elements = (rows.len() * cols.len()) as u64;
+                // One f32 scale per output row the rank holds.
+                let scales = match tensor.split {
+                    Split::Replicated => 0,
+                    Split::Rows(_) | Split::Cols(_) => rows.len() as u64,
                 };
                 let bytes = elements * per + if fp8 { scales * 4 } else { 0 };
-                if name == "model.embed_tokens.weight" {
+                if tensor.place == Place::Embedding {
                     embedding += bytes;
                 } else {
                     weights += bytes;
@@ -285,7 +251,8 @@ mod tests {
         let spec = parse_config(&crate::synth::bench_small_config().to_string(), "c.json".as_ref()).unwrap();
         let one = plan(&spec, Parallelism::default(), Storage::CPU, 1000).unwrap();
         let two = plan(&spec, Parallelism { tp: 2, pp: 2 }, Storage::CPU, 1000).unwrap();
-        let params: u64 = tensor_shapes(&spec).iter().map(|(_, s)| s.iter().product::<usize>() as u64).sum();
+        let params: u64 =
+            crate::tensors::tensor_shapes(&spec).iter().map(|(_, s)| s.iter().product::<usize>() as u64).sum();
         assert_eq!(one.ranks[0].embedding + one.ranks[0].weights, params * 4);
         assert_eq!(two.ranks[0].embedding, one.ranks[0].embedding);
         assert_eq!(two.ranks[3].embedding, 0);

@@ -15,7 +15,7 @@ use crate::graph::{open_folder, Model};
 use crate::parallel::cluster::{join, ClusterConfig};
 use crate::parallel::local::DEFAULT_COLLECTIVE_TIMEOUT;
 use crate::parallel::runner::{MakeComm, NodeWiring, ParallelEngine};
-use crate::parallel::{Parallelism, RankPlan};
+use crate::plan::{Parallelism, RankPlan};
 use crate::spec::ModelSpec;
 use crate::text::Preprocessor;
 use crate::weights::WeightStore;

@@ -55,6 +55,23 @@ impl Score {
     }
 }
 
+/// Output names of Nemotron-4-340B-Reward's head, in order (NeMo-Aligner's ALL_STEERLM_ATTRIBUTES).
+pub const HELPSTEER_LABELS: [&str; 9] = [
+    "quality",
+    "toxicity",
+    "humor",
+    "creativity",
+    "helpfulness",
+    "correctness",
+    "coherence",
+    "complexity",
+    "verbosity",
+];
+
+/// The default reward: the RewardBench weighting of the five HelpSteer2 attributes (the first four outputs are untrained).
+pub const DEFAULT_REWARD_WEIGHTS: [(&str, f64); 5] =
+    [("helpfulness", 0.3), ("correctness", 0.74), ("coherence", 0.46), ("complexity", 0.47), ("verbosity", -0.33)];
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,8 @@ use std::path::Path;
 use crate::config::parse_config;
 use crate::error::{EngineError, Result};
 use crate::fp8;
-use crate::spec::{MlpKind, ModelSpec};
+use crate::scores::{DEFAULT_REWARD_WEIGHTS, HELPSTEER_LABELS};
+use crate::spec::ModelSpec;
 use crate::weights::{narrow, Dtype};
 
 /// A small, fast, deterministic generator (SplitMix64); no dependency, same stream everywhere.
@@ -35,34 +36,8 @@ impl SplitMix {
     }
 }
 
-/// Names and shapes of every tensor a model with this spec reads, in a stable order.
-pub fn tensor_shapes(spec: &ModelSpec) -> Vec<(String, Vec<usize>)> {
-    let (h, d) = (spec.hidden, spec.head_dim);
-    let mut v = vec![("model.embed_tokens.weight".to_string(), vec![spec.vocab, h])];
-    let norm = |v: &mut Vec<(String, Vec<usize>)>, p: String| {
-        v.push((format!("{p}.weight"), vec![h]));
-        if spec.norm_has_bias() {
-            v.push((format!("{p}.bias"), vec![h]));
-        }
-    };
-    for l in 0..spec.layers {
-        let p = format!("model.layers.{l}");
-        norm(&mut v, format!("{p}.input_layernorm"));
-        v.push((format!("{p}.self_attn.q_proj.weight"), vec![spec.heads * d, h]));
-        v.push((format!("{p}.self_attn.k_proj.weight"), vec![spec.kv_heads * d, h]));
-        v.push((format!("{p}.self_attn.v_proj.weight"), vec![spec.kv_heads * d, h]));
-        v.push((format!("{p}.self_attn.o_proj.weight"), vec![h, spec.heads * d]));
-        norm(&mut v, format!("{p}.post_attention_layernorm"));
-        if spec.mlp == MlpKind::SwiGlu {
-            v.push((format!("{p}.mlp.gate_proj.weight"), vec![spec.ffn, h]));
-        }
-        v.push((format!("{p}.mlp.up_proj.weight"), vec![spec.ffn, h]));
-        v.push((format!("{p}.mlp.down_proj.weight"), vec![h, spec.ffn]));
-    }
-    norm(&mut v, "model.norm".to_string());
-    v.push(("score.weight".to_string(), vec![spec.num_outputs(), h]));
-    v
-}
+/// The tensor list synthetic folders are written from; it is [`crate::tensors`]'s table.
+pub use crate::tensors::tensor_shapes;
 
 /// Writes `config` (a config.json object) and random weights of `dtype` into `dir`.
 ///
@@ -85,7 +60,7 @@ pub fn write_random_model(
     std::fs::write(&config_path, text).map_err(|e| EngineError::Io { path: config_path.clone(), source: e })?;
     let mut shapes = tensor_shapes(&spec);
     if head_bias {
-        shapes.push(("score.bias".to_string(), vec![spec.num_outputs()]));
+        shapes.push((crate::tensors::HEAD_BIAS.to_string(), vec![spec.num_outputs()]));
     }
     let mut rng = SplitMix::new(seed);
     let mut tensors: BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> = BTreeMap::new();
@@ -172,23 +147,6 @@ pub fn nemotron_340b_config() -> serde_json::Value {
     c
 }
 
-/// Output names of Nemotron-4-340B-Reward's head, in order (NeMo-Aligner's ALL_STEERLM_ATTRIBUTES).
-pub const HELPSTEER_LABELS: [&str; 9] = [
-    "quality",
-    "toxicity",
-    "humor",
-    "creativity",
-    "helpfulness",
-    "correctness",
-    "coherence",
-    "complexity",
-    "verbosity",
-];
-
-/// The default reward: the RewardBench weighting of the five HelpSteer2 attributes (the first four outputs are untrained).
-pub const DEFAULT_REWARD_WEIGHTS: [(&str, f64); 5] =
-    [("helpfulness", 0.3), ("correctness", 0.74), ("coherence", 0.46), ("complexity", 0.47), ("verbosity", -0.33)];
-
 /// One tensor-parallel rank's share of Nemotron-4-340B at TP=8 as a model of its own: hidden
 /// 18432, 12 query heads and 1 KV head of dim 192, FFN 9216 (73728 / 8), `layers` layers, and a
 /// token vocabulary of 256 (the embedding is not what is measured).
@@ -225,7 +183,7 @@ mod tests {
         let spec = parse_config(&gpu_1b_config().to_string(), Path::new("gpu-1b/config.json")).unwrap();
         assert_eq!((spec.hidden, spec.ffn, spec.layers), (2048, 8192, 20));
         assert_eq!((spec.heads, spec.kv_heads, spec.head_dim, spec.vocab), (16, 4, 128, 32000));
-        assert_eq!((spec.mlp, spec.rope.rotary_dim), (MlpKind::Relu2, 64));
+        assert_eq!((spec.mlp, spec.rope.rotary_dim), (crate::spec::MlpKind::Relu2, 64));
         let params: usize = tensor_shapes(&spec).iter().map(|(_, s)| s.iter().product::<usize>()).sum();
         assert!((900_000_000..1_000_000_000).contains(&params), "{params} parameters");
     }

@@ -1,10 +1,10 @@
-//! Model parallelism: the layout ([`plan`]), the in-process communicator and stage links
-//! ([`local`]), and the engine that runs one model across ranks ([`runner`]).
+//! Model parallelism at run time: the in-process communicator and stage links ([`local`]), the
+//! engine that runs one model across ranks ([`runner`]) and the node protocol ([`cluster`],
+//! [`wire`]). The layout itself ([`crate::plan`]) lives beside the graph that reads it.
 
 pub mod cluster;
 pub mod local;
-pub mod plan;
 pub mod runner;
 pub mod wire;
 
-pub use plan::{Parallelism, RankPlan};
+pub use crate::plan::{Parallelism, RankPlan};

@@ -1,0 +1,304 @@
+//! The one table of a model's tensors: their Hugging Face names, their shapes, and how tensor
+//! parallelism splits them. The graph loads from it, the synthetic folders and the converter write
+//! and check against it, and the memory plan sizes from it; a second list anywhere would drift.
+
+use std::ops::Range;
+
+use crate::plan::RankPlan;
+use crate::spec::{MlpKind, ModelSpec};
+
+/// The token embedding.
+pub const EMBEDDING: &str = "model.embed_tokens.weight";
+/// The final norm's prefix (`.weight`, and `.bias` for LayerNorm1P).
+pub const FINAL_NORM: &str = "model.norm";
+/// The reward head's matrix, `[outputs, hidden]`.
+pub const HEAD: &str = "score.weight";
+/// The reward head's optional bias, `[outputs]`: Llama-family classifiers have none, some
+/// converted heads do; a folder may hold it or not.
+pub const HEAD_BIAS: &str = "score.bias";
+
+/// Module names inside a block (`model.layers.{i}.{module}`), for the table and for code that
+/// writes or matches block tensors by name (the converter, the FP8 scheme).
+pub mod module {
+    /// The norm before attention.
+    pub const INPUT_NORM: &str = "input_layernorm";
+    /// Query projection.
+    pub const Q: &str = "self_attn.q_proj";
+    /// Key projection.
+    pub const K: &str = "self_attn.k_proj";
+    /// Value projection.
+    pub const V: &str = "self_attn.v_proj";
+    /// Attention output projection.
+    pub const O: &str = "self_attn.o_proj";
+    /// The norm before the MLP.
+    pub const POST_NORM: &str = "post_attention_layernorm";
+    /// SwiGLU's gate projection.
+    pub const GATE: &str = "mlp.gate_proj";
+    /// MLP up projection.
+    pub const UP: &str = "mlp.up_proj";
+    /// MLP down projection.
+    pub const DOWN: &str = "mlp.down_proj";
+    /// The block's linear layers (the ones FP8 may quantize).
+    pub const LINEAR: [&str; 7] = [Q, K, V, O, GATE, UP, DOWN];
+}
+
+/// The full name of tensor `tensor` (`"weight"`, `"bias"`) of `module` in block `layer`.
+pub fn layer_tensor(layer: usize, module: &str, tensor: &str) -> String {
+    format!("model.layers.{layer}.{module}.{tensor}")
+}
+
+/// What a rank's share of a split tensor is counted in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Share {
+    /// Whole query heads (`head_dim` channels each).
+    Heads,
+    /// Whole key/value heads (`head_dim` channels each).
+    KvHeads,
+    /// FFN channels.
+    Ffn,
+}
+
+/// How tensor parallelism cuts a tensor (Megatron: column-parallel matrices split their output
+/// rows, row-parallel ones their input columns and sum partial products).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// Every rank of the stage holds all of it (embedding, norms, head).
+    Replicated,
+    /// Column-parallel: each rank holds its share of the output rows (q, k, v, gate, up).
+    Rows(Share),
+    /// Row-parallel: each rank holds its share of the input columns (o, down).
+    Cols(Share),
+}
+
+/// Which part of the network a tensor belongs to, for pipeline stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// The embedding: the first stage.
+    Embedding,
+    /// A transformer block: the stage that owns the layer.
+    Layer(usize),
+    /// The final norm and the head: the last stage.
+    Output,
+}
+
+/// One tensor of the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// Name in the safetensors files.
+    pub name: String,
+    /// Shape, row-major; matrices are `[out, in]`.
+    pub shape: Vec<usize>,
+    /// How tensor parallelism splits it.
+    pub split: Split,
+    /// Which pipeline stage holds it.
+    pub place: Place,
+}
+
+impl TensorInfo {
+    fn new(name: String, shape: Vec<usize>, split: Split, place: Place) -> Self {
+        TensorInfo { name, shape, split, place }
+    }
+
+    /// Whether `rank` holds (a slice of) this tensor.
+    pub fn held_by(&self, rank: &RankPlan, layers: usize) -> bool {
+        match self.place {
+            Place::Embedding => rank.is_first_stage(),
+            Place::Layer(l) => rank.layers(layers).contains(&l),
+            Place::Output => rank.is_last_stage(),
+        }
+    }
+
+    /// The block of a matrix `rank` holds: its rows and its columns. Replicated tensors (and
+    /// vectors) are whole.
+    pub fn slice(&self, spec: &ModelSpec, rank: &RankPlan) -> (Range<usize>, Range<usize>) {
+        let rows = self.shape[0];
+        let cols = self.shape.get(1).copied().unwrap_or(1);
+        match self.split {
+            Split::Replicated => (0..rows, 0..cols),
+            Split::Rows(share) => (share_of(share, spec, rank), 0..cols),
+            Split::Cols(share) => (0..rows, share_of(share, spec, rank)),
+        }
+    }
+
+    /// Number of elements.
+    pub fn elements(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+fn share_of(share: Share, spec: &ModelSpec, rank: &RankPlan) -> Range<usize> {
+    match share {
+        Share::Heads => rank.share_scaled(spec.heads, spec.head_dim),
+        Share::KvHeads => rank.share_scaled(spec.kv_heads, spec.head_dim),
+        Share::Ffn => rank.share(spec.ffn),
+    }
+}
+
+/// A norm's tensors: the weight, and the bias for LayerNorm1P.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NormTensors {
+    /// `{prefix}.weight`, `[hidden]`.
+    pub weight: TensorInfo,
+    /// `{prefix}.bias`, `[hidden]`, when the norm kind has one.
+    pub bias: Option<TensorInfo>,
+}
+
+/// One transformer block's tensors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerTensors {
+    /// The norm before attention.
+    pub input_norm: NormTensors,
+    /// Query projection, `[heads * head_dim, hidden]`.
+    pub q: TensorInfo,
+    /// Key projection, `[kv_heads * head_dim, hidden]`.
+    pub k: TensorInfo,
+    /// Value projection, `[kv_heads * head_dim, hidden]`.
+    pub v: TensorInfo,
+    /// Attention output projection, `[hidden, heads * head_dim]`.
+    pub o: TensorInfo,
+    /// The norm before the MLP.
+    pub post_norm: NormTensors,
+    /// SwiGLU's gate projection, `[ffn, hidden]`; none for relu2.
+    pub gate: Option<TensorInfo>,
+    /// MLP up projection, `[ffn, hidden]`.
+    pub up: TensorInfo,
+    /// MLP down projection, `[hidden, ffn]`.
+    pub down: TensorInfo,
+}
+
+/// Every tensor a model with a given spec reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorTable {
+    /// The token embedding, `[vocab, hidden]`.
+    pub embedding: TensorInfo,
+    /// The blocks, in order.
+    pub layers: Vec<LayerTensors>,
+    /// The final norm.
+    pub final_norm: NormTensors,
+    /// The head, `[outputs, hidden]` (its optional bias is [`HEAD_BIAS`]).
+    pub head: TensorInfo,
+}
+
+impl TensorTable {
+    /// The table for `spec`.
+    pub fn new(spec: &ModelSpec) -> Self {
+        let (h, d) = (spec.hidden, spec.head_dim);
+        let norm = |name: &dyn Fn(&str) -> String, place: Place| NormTensors {
+            weight: TensorInfo::new(name("weight"), vec![h], Split::Replicated, place),
+            bias: spec.norm_has_bias().then(|| TensorInfo::new(name("bias"), vec![h], Split::Replicated, place)),
+        };
+        let layers = (0..spec.layers)
+            .map(|l| {
+                let place = Place::Layer(l);
+                let t = |m: &str, shape: [usize; 2], split: Split| {
+                    TensorInfo::new(layer_tensor(l, m, "weight"), shape.to_vec(), split, place)
+                };
+                let layer_norm = |m: &'static str| norm(&move |t: &str| layer_tensor(l, m, t), place);
+                LayerTensors {
+                    input_norm: layer_norm(module::INPUT_NORM),
+                    q: t(module::Q, [spec.heads * d, h], Split::Rows(Share::Heads)),
+                    k: t(module::K, [spec.kv_heads * d, h], Split::Rows(Share::KvHeads)),
+                    v: t(module::V, [spec.kv_heads * d, h], Split::Rows(Share::KvHeads)),
+                    o: t(module::O, [h, spec.heads * d], Split::Cols(Share::Heads)),
+                    post_norm: layer_norm(module::POST_NORM),
+                    gate: (spec.mlp == MlpKind::SwiGlu)
+                        .then(|| t(module::GATE, [spec.ffn, h], Split::Rows(Share::Ffn))),
+                    up: t(module::UP, [spec.ffn, h], Split::Rows(Share::Ffn)),
+                    down: t(module::DOWN, [h, spec.ffn], Split::Cols(Share::Ffn)),
+                }
+            })
+            .collect();
+        TensorTable {
+            embedding: TensorInfo::new(EMBEDDING.into(), vec![spec.vocab, h], Split::Replicated, Place::Embedding),
+            layers,
+            final_norm: norm(&|t: &str| format!("{FINAL_NORM}.{t}"), Place::Output),
+            head: TensorInfo::new(HEAD.into(), vec![spec.num_outputs(), h], Split::Replicated, Place::Output),
+        }
+    }
+
+    /// Every tensor in a stable order: the embedding; per block its input norm, q, k, v, o,
+    /// post-attention norm, gate, up, down; the final norm; the head. Synthetic folders draw
+    /// their random values in this order, so it is part of their bytes.
+    pub fn iter(&self) -> impl Iterator<Item = &TensorInfo> {
+        fn norm(n: &NormTensors) -> impl Iterator<Item = &TensorInfo> {
+            std::iter::once(&n.weight).chain(n.bias.as_ref())
+        }
+        std::iter::once(&self.embedding)
+            .chain(self.layers.iter().flat_map(move |l| {
+                norm(&l.input_norm)
+                    .chain([&l.q, &l.k, &l.v, &l.o])
+                    .chain(norm(&l.post_norm))
+                    .chain(l.gate.as_ref())
+                    .chain([&l.up, &l.down])
+            }))
+            .chain(norm(&self.final_norm))
+            .chain(std::iter::once(&self.head))
+    }
+}
+
+/// Names and shapes of every tensor a model with this spec reads, in [`TensorTable::iter`]'s order.
+pub fn tensor_shapes(spec: &ModelSpec) -> Vec<(String, Vec<usize>)> {
+    TensorTable::new(spec).iter().map(|t| (t.name.clone(), t.shape.clone())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::Parallelism;
+
+    fn spec(config: serde_json::Value) -> ModelSpec {
+        crate::config::parse_config(&config.to_string(), "config.json".as_ref()).unwrap()
+    }
+
+    #[test]
+    fn the_table_lists_each_tensor_once_with_the_parameter_count_of_the_architecture() {
+        let s = spec(crate::synth::bench_small_config());
+        let table = TensorTable::new(&s);
+        let names: std::collections::BTreeSet<_> = table.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names.len(), table.iter().count());
+        // bench-small: relu2, LayerNorm1P (weight and bias), hidden 1024, 16 + 2*4 heads of 64,
+        // FFN 4096, 8 layers, vocab 32000, one output.
+        let per_layer = 2 * 2 * 1024 + (16 + 2 * 4) * 64 * 1024 + 1024 * 16 * 64 + 2 * 4096 * 1024;
+        let total = 32000 * 1024 + 8 * per_layer + 2 * 1024 + 1024;
+        assert_eq!(table.iter().map(TensorInfo::elements).sum::<usize>(), total);
+        assert_eq!(table.iter().next().unwrap().name, EMBEDDING);
+        assert_eq!(table.iter().last().unwrap().name, HEAD);
+    }
+
+    #[test]
+    fn ranks_slices_tile_every_split_matrix_exactly() {
+        let s = spec(crate::synth::bench_small_config());
+        let table = TensorTable::new(&s);
+        let par = Parallelism { tp: 4, pp: 2 };
+        for t in table.iter() {
+            let holders: Vec<RankPlan> = par.ranks().into_iter().filter(|r| t.held_by(r, s.layers)).collect();
+            // One stage holds each tensor, on all of its tensor-parallel ranks.
+            assert_eq!(holders.len(), 4, "{}", t.name);
+            let cells: usize = holders
+                .iter()
+                .map(|r| {
+                    let (rows, cols) = t.slice(&s, r);
+                    rows.len() * cols.len()
+                })
+                .sum();
+            let expected = if t.split == Split::Replicated { 4 * t.elements() } else { t.elements() };
+            assert_eq!(cells, expected, "{}", t.name);
+        }
+        let l = &table.layers[5];
+        assert_eq!(l.q.slice(&s, &par.ranks()[5]), (256..512, 0..1024));
+        assert_eq!(l.down.slice(&s, &par.ranks()[7]), (0..1024, 3072..4096));
+    }
+
+    #[test]
+    fn swiglu_models_have_a_gate_and_rmsnorm_models_no_norm_bias() {
+        let mut c = crate::synth::bench_small_config();
+        c["architectures"] = serde_json::json!(["LlamaForSequenceClassification"]);
+        c["model_type"] = serde_json::json!("llama");
+        c["hidden_act"] = serde_json::json!("silu");
+        c["rms_norm_eps"] = serde_json::json!(1e-5);
+        let s = spec(c);
+        let table = TensorTable::new(&s);
+        assert!(table.layers.iter().all(|l| l.gate.is_some() && l.input_norm.bias.is_none()));
+        assert!(table.iter().any(|t| t.name == "model.layers.0.mlp.gate_proj.weight"));
+    }
+}
