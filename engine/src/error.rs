@@ -127,7 +127,11 @@ pub enum EngineError {
     /// model-parallel group is unusable afterwards.
     #[error("model-parallel failure: {0}")]
     Parallel(String),
-    /// A backend could not run (no device, kernel failure, out of memory...).
+    /// The device had no memory left for this batch. Set where the driver reports it, so that
+    /// callers can tell "smaller batches may fit" from a broken backend without reading messages.
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
+    /// A backend could not run (no device, kernel failure...).
     #[error("backend error: {0}")]
     Backend(String),
 }

@@ -26,6 +26,7 @@ pub mod rope;
 pub mod runtime;
 pub mod scores;
 pub mod spec;
+pub mod sync;
 pub mod synth;
 pub mod tensors;
 pub mod text;

@@ -200,14 +200,14 @@ pub struct ReadLog {
 
 impl ReadLog {
     fn record(&self, tensor: &str, bytes: Range<usize>) {
-        let mut reads = self.reads.lock().unwrap_or_else(|e| e.into_inner());
+        let mut reads = crate::sync::lock(&self.reads);
         reads.entry(tensor.to_string()).or_default().push(bytes);
     }
 
     /// Per tensor, the byte ranges (relative to the tensor's data) read so far, sorted and with
     /// adjacent or overlapping ranges merged.
     pub fn merged(&self) -> BTreeMap<String, Vec<Range<usize>>> {
-        let reads = self.reads.lock().unwrap_or_else(|e| e.into_inner());
+        let reads = crate::sync::lock(&self.reads);
         reads
             .iter()
             .map(|(name, ranges)| {

@@ -54,7 +54,7 @@ impl ScoreError {
             EngineError::InvalidInput(_) | EngineError::TooLong { .. } | EngineError::InvalidBatch(_) => {
                 ScoreError::Invalid(e.to_string())
             }
-            EngineError::Backend(m) if m.contains("out of memory") => ScoreError::OutOfMemory(m),
+            EngineError::OutOfMemory(m) => ScoreError::OutOfMemory(m),
             other => ScoreError::Engine(other.to_string()),
         }
     }
@@ -108,9 +108,15 @@ mod tests {
         assert_eq!(ScoreError::from_engine(EngineError::InvalidInput("bad".into())), ScoreError::Invalid("bad".into()));
         let too_long = EngineError::TooLong { what: "the text".into(), tokens: 9, max: 4, hint: String::new() };
         assert!(matches!(ScoreError::from_engine(too_long), ScoreError::Invalid(m) if m.contains("9 tokens")));
-        let oom = ScoreError::from_engine(EngineError::Backend("CUDA error: out of memory".into()));
-        assert_eq!(oom, ScoreError::OutOfMemory("CUDA error: out of memory".into()));
-        assert_eq!(oom.to_string(), "the batch ran out of memory: CUDA error: out of memory; smaller batches may fit");
+        let oom = ScoreError::from_engine(EngineError::OutOfMemory("CUDA: cannot allocate 512 MiB".into()));
+        assert_eq!(oom, ScoreError::OutOfMemory("CUDA: cannot allocate 512 MiB".into()));
+        assert_eq!(
+            oom.to_string(),
+            "the batch ran out of memory: CUDA: cannot allocate 512 MiB; smaller batches may fit"
+        );
+        // Only the typed variant means out of memory: a message that mentions it is not one.
+        let said = ScoreError::from_engine(EngineError::Backend("kernel failed: out of memory?".into()));
+        assert_eq!(said.reason(), "engine");
         let failed = ScoreError::from_engine(EngineError::Backend("kernel failed".into()));
         assert_eq!(failed, ScoreError::Engine("backend error: kernel failed".into()));
         assert_eq!(failed.reason(), "engine");

@@ -21,6 +21,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use arbiter_engine::runtime::Engine;
+use arbiter_engine::sync::panic_message;
 use arbiter_engine::PackedBatch;
 use metrics::{counter, gauge, histogram};
 use tokio::sync::{oneshot, Notify};
@@ -106,7 +107,7 @@ impl Shared {
     /// The state, even after a panic elsewhere held the lock: every update of it is a single
     /// push, pop or flag, so it is never left half-done.
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        arbiter_engine::sync::lock(&self.state)
     }
 }
 
@@ -274,15 +275,6 @@ fn take_batch(queue: &mut VecDeque<Job>, cfg: &BatchConfig) -> Vec<Job> {
     batch
 }
 
-/// The message a panic carried, if it was a string.
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_default()
-}
-
 fn run_batch(engine: &dyn Engine, batch: Vec<Job>) {
     let start = Instant::now();
     let tokens: usize = batch.iter().map(Job::tokens).sum();
@@ -352,7 +344,7 @@ pub(crate) mod tests {
                 panic!("kernel bug");
             }
             if batch.tokens().contains(&13) {
-                return Err(arbiter_engine::EngineError::Backend("CUDA error: out of memory".into()));
+                return Err(arbiter_engine::EngineError::OutOfMemory("CUDA: cannot allocate 64 MiB".into()));
             }
             Ok((0..batch.len()).map(|i| vec![batch.range(i).len() as f32]).collect())
         }
@@ -409,7 +401,7 @@ pub(crate) mod tests {
         let out: Vec<_> = rxs.into_iter().map(|rx| rx.blocking_recv().unwrap()).collect();
         assert_eq!(out[0].as_ref().unwrap().raw, vec![2.0]);
         let e = out[1].as_ref().unwrap_err();
-        assert!(matches!(e, ScoreError::OutOfMemory(m) if m.contains("out of memory")), "{e}");
+        assert!(matches!(e, ScoreError::OutOfMemory(m) if m.contains("64 MiB")), "{e}");
         let e = out[2].as_ref().unwrap_err();
         assert!(matches!(e, ScoreError::Panicked(m) if m == "kernel bug"), "{e}");
         assert!(e.to_string().contains("panicked"), "{e}");

@@ -135,7 +135,7 @@ mod tests {
     fn engine_errors_map_to_codes() {
         let e: ServiceError = EngineError::InvalidInput("bad".into()).into();
         assert_eq!(e.code(), Code::InvalidArgument);
-        let e: ServiceError = EngineError::Backend("CUDA out of memory".into()).into();
+        let e: ServiceError = EngineError::OutOfMemory("CUDA: cannot allocate 64 MiB".into()).into();
         assert_eq!(e.code(), Code::ResourceExhausted);
         let e: ServiceError = EngineError::Backend("kernel failed".into()).into();
         assert_eq!(e.code(), Code::Internal);

@@ -31,9 +31,21 @@ use tensor::Data;
 pub use tensor::{bf16_bits, bf16_value, ActDtype, CudaTensor};
 use tiles::TileList;
 
-/// Wraps a driver error with what was being done.
+/// Wraps a driver error with what was being done; the driver's out-of-memory becomes
+/// [`EngineError::OutOfMemory`].
 pub(crate) fn driver_err(what: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> EngineError {
-    move |e| EngineError::Backend(format!("CUDA: cannot {what}: {e}"))
+    move |e| {
+        let message = format!("CUDA: cannot {what}: {e}");
+        if is_out_of_memory(&e) {
+            EngineError::OutOfMemory(message)
+        } else {
+            EngineError::Backend(message)
+        }
+    }
+}
+
+fn is_out_of_memory(e: &cudarc::driver::DriverError) -> bool {
+    e.0 == cudarc::driver::sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY
 }
 
 /// The newest CUDA version the loaded driver supports, `(major, minor)`: (13, 0) for driver 580.
@@ -202,11 +214,7 @@ impl CudaBackend {
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Self::start(ordinal))) {
             Ok(r) => r,
             Err(panic) => {
-                let msg = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "unknown panic".into());
+                let msg = crate::sync::panic_message(&*panic);
                 Err(EngineError::Backend(format!("the CUDA backend failed to start on cuda:{ordinal}: {msg}")))
             }
         }
@@ -483,10 +491,13 @@ pub(crate) fn alloc_on<T: DeviceRepr>(stream: &Arc<CudaStream>, len: usize) -> R
     // elements before anything reads them.
     unsafe { stream.alloc::<T>(len.max(1)) }.map_err(|e| {
         let free = stream.context().mem_get_info().map(|(free, _)| free >> 20).unwrap_or(0);
-        EngineError::Backend(format!(
-            "CUDA: cannot allocate {} MiB ({e}; {free} MiB free)",
-            (len * std::mem::size_of::<T>()) >> 20
-        ))
+        let message =
+            format!("CUDA: cannot allocate {} MiB ({e}; {free} MiB free)", (len * std::mem::size_of::<T>()) >> 20);
+        if is_out_of_memory(&e) {
+            EngineError::OutOfMemory(message)
+        } else {
+            EngineError::Backend(message)
+        }
     })
 }
 

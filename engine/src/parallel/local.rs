@@ -53,13 +53,13 @@ impl LocalGroup {
 
     /// Marks the group failed: every waiting and later collective returns an error with `why`.
     pub fn poison(&self, why: &str) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = crate::sync::lock(&self.state);
         st.poisoned.get_or_insert_with(|| why.to_string());
         self.cv.notify_all();
     }
 
     fn sum(&self, rank: usize, mine: Vec<f32>) -> Result<Arc<Vec<f32>>> {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = crate::sync::lock(&self.state);
         if let Some(why) = &st.poisoned {
             return Err(EngineError::Parallel(why.clone()));
         }
@@ -177,7 +177,7 @@ impl<T: HostTensor + Send> StageLink<T> for ChannelLink<T> {
     fn recv(&self, rows: usize, cols: usize) -> Result<T> {
         let rx =
             self.rx.as_ref().ok_or_else(|| EngineError::Parallel("receive on the sending end of a link".into()))?;
-        let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
+        let rx = crate::sync::lock(rx);
         let data = rx.recv_timeout(self.timeout).map_err(|e| match e {
             RecvTimeoutError::Timeout => EngineError::Parallel(format!(
                 "no activations from the previous pipeline stage within {:.0} s",
