@@ -178,11 +178,6 @@ impl<B: Backend> Model<B> {
         &self.backend
     }
 
-    /// Whether the head has a bias (false on ranks that do not hold the head).
-    pub fn head_has_bias(&self) -> bool {
-        self.head.as_ref().is_some_and(|h| h.bias.is_some())
-    }
-
     /// Runs the packed batch and returns, per sequence, the raw head outputs at its last token
     /// (all of them, exposed or not). Only for a model that is not split across stages.
     pub fn forward(&self, batch: &PackedBatch) -> Result<Vec<Vec<f32>>> {

@@ -123,13 +123,6 @@ impl ModelSpec {
         self.norm == NormKind::LayerNorm1P
     }
 
-    /// Number of matrix multiplications one forward pass issues for the blocks: q/k/v (fused),
-    /// o, up (fused with gate for SwiGLU) and down, per layer; independent of how many sequences
-    /// the packed batch holds.
-    pub fn matmuls_per_forward(&self) -> usize {
-        4 * self.layers
-    }
-
     /// Number of outputs of the head (rows of `score.weight`).
     pub fn num_outputs(&self) -> usize {
         self.head.labels.len()

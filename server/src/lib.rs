@@ -13,4 +13,3 @@ pub mod openrlhf;
 pub mod refusals;
 pub mod serve;
 pub mod service;
-pub mod testing;

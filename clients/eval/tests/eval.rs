@@ -61,7 +61,7 @@ async fn serve() -> Running {
 }
 
 async fn serve_with(extra: &[&str]) -> Running {
-    arbiter_server::testing::serve_demo(extra).await.unwrap()
+    arbiter_testkit::serve_demo(extra).await.unwrap()
 }
 
 /// A v1 file of `n` examples whose prompts repeat a sentence `repeats(i)` times.

@@ -7,7 +7,7 @@ use arbiter_server::serve::Running;
 use tonic::Code;
 
 async fn serve(extra: &[&str]) -> (String, Running) {
-    let running = arbiter_server::testing::serve_demo(extra).await.unwrap();
+    let running = arbiter_testkit::serve_demo(extra).await.unwrap();
     (format!("http://{}", running.addr), running)
 }
 

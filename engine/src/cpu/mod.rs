@@ -6,7 +6,6 @@ pub mod gemm;
 mod ops;
 mod simd;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use rayon::prelude::*;
@@ -74,7 +73,6 @@ pub struct CpuBatch {
 /// The CPU backend.
 pub struct CpuBackend {
     pool: Arc<ThreadPool>,
-    matmuls: AtomicUsize,
 }
 
 impl std::fmt::Debug for CpuBackend {
@@ -102,12 +100,7 @@ impl CpuBackend {
             .thread_name(|i| format!("arbiter-cpu-{i}"))
             .build()
             .map_err(|e| EngineError::Backend(format!("cannot start {threads} CPU threads: {e}")))?;
-        Ok(CpuBackend { pool: Arc::new(pool), matmuls: AtomicUsize::new(0) })
-    }
-
-    /// Matrix multiplications issued so far (lets tests check that packing is real).
-    pub fn matmul_count(&self) -> usize {
-        self.matmuls.load(Ordering::Relaxed)
+        Ok(CpuBackend { pool: Arc::new(pool) })
     }
 
     /// Threads in the pool.
@@ -217,7 +210,6 @@ impl Backend for CpuBackend {
         if x.cols != k {
             return Err(EngineError::Backend(format!("matmul: input has {} columns, matrix takes {k}", x.cols)));
         }
-        self.matmuls.fetch_add(1, Ordering::Relaxed);
         let mut out = Self::zeros(x.rows, n);
         let rounded;
         let input = if w.fp8_input {

@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+pub mod counting;
+
 /// A fixture's token sequences and the outputs HF transformers computed for them.
 pub struct Golden {
     pub sequences: Vec<Vec<u32>>,

@@ -10,7 +10,7 @@ use tonic::transport::Channel;
 
 /// Starts `arbiter serve --demo` in-process on 127.0.0.1:0 with `extra` flags; returns once SERVING.
 pub async fn serve(extra: &[&str]) -> (SocketAddr, Running) {
-    let running = arbiter_server::testing::serve_demo(extra).await.expect("server starts");
+    let running = arbiter_testkit::serve_demo(extra).await.expect("server starts");
     (running.addr, running)
 }
 
