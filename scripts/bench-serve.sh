@@ -25,7 +25,7 @@ for preset in demo bench-small; do
   "$bin/arbiter" serve --model "$dir" --listen "127.0.0.1:$port" --metrics-listen none \
     --max-batch-tokens 8192 --shutdown-linger-seconds 0 2>"$work/$preset.log" &
   pid=$!
-  for _ in $(seq 600); do grep -q "SERVING" "$work/$preset.log" 2>/dev/null && grep -q "addr=127" "$work/$preset.log" && \
+  for _ in $(seq 3000); do grep -q "SERVING" "$work/$preset.log" 2>/dev/null && grep -q "addr=127" "$work/$preset.log" && \
     grep -qv "NOT_SERVING until" <(grep "SERVING" "$work/$preset.log" | tail -1) && break; sleep 0.1; done
   out=$("$bin/arbiter-load" --addr "http://127.0.0.1:$port" --model "$dir" --label "$preset" \
     --duration "$secs" --concurrency "$conc" --batch-tokens 8192 2>/dev/null)

@@ -26,13 +26,19 @@ pub const SUPPORTED_ARCHITECTURES: [&str; 2] = ["NemotronForSequenceClassificati
 
 /// Parses `config.json` at `path`.
 pub fn load_config(path: &Path) -> Result<ModelSpec> {
+    read_config(path).map(|(_, spec)| spec)
+}
+
+/// Reads and parses `config.json` at `path`: its text (the model fingerprint hashes it) and spec.
+pub fn read_config(path: &Path) -> Result<(String, ModelSpec)> {
     let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => {
             EngineError::MissingFile { path: path.to_path_buf(), why: "every model folder needs a config.json".into() }
         }
         _ => EngineError::Io { path: path.to_path_buf(), source: e },
     })?;
-    parse_config(&text, path)
+    let spec = parse_config(&text, path)?;
+    Ok((text, spec))
 }
 
 /// Parses the text of a `config.json`; `path` is only used in error messages.

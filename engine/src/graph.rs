@@ -8,11 +8,12 @@
 
 use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::backend::{AttnLayout, Backend, Communicator, MatrixPart, SingleRank};
 use crate::batch::PackedBatch;
-use crate::config::load_config;
 use crate::error::{EngineError, Result};
+use crate::folder::ModelFolder;
 use crate::fp8;
 use crate::plan::RankPlan;
 use crate::rope;
@@ -74,15 +75,10 @@ impl<B: Backend> std::fmt::Debug for Model<B> {
     }
 }
 
-/// Parses a model folder's config.json and memory-maps its weights.
-pub fn open_folder(dir: &Path) -> Result<(ModelSpec, WeightStore)> {
-    if !dir.is_dir() {
-        return Err(EngineError::MissingFile {
-            path: dir.to_path_buf(),
-            why: "the model folder does not exist".into(),
-        });
-    }
-    Ok((load_config(&dir.join("config.json"))?, WeightStore::open(dir)?))
+/// Parses a model folder's config.json and memory-maps its weights (see [`ModelFolder`]).
+pub fn open_folder(dir: &Path) -> Result<(ModelSpec, Arc<WeightStore>)> {
+    let folder = ModelFolder::open(dir)?;
+    Ok((folder.spec, folder.store))
 }
 
 impl<B: Backend> Model<B> {

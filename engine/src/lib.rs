@@ -17,6 +17,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod demo;
 pub mod error;
+pub mod folder;
 pub mod fp8;
 pub mod graph;
 pub mod memory;

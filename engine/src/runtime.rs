@@ -5,20 +5,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
-
 use crate::backend::{Backend, HostTensor};
 use crate::batch::PackedBatch;
 use crate::cpu::CpuBackend;
-use crate::error::{EngineError, Result};
-use crate::graph::{open_folder, Model};
+use crate::error::Result;
+use crate::folder::ModelFolder;
+use crate::graph::Model;
 use crate::parallel::cluster::{join, ClusterConfig};
 use crate::parallel::local::DEFAULT_COLLECTIVE_TIMEOUT;
 use crate::parallel::runner::{MakeComm, NodeWiring, ParallelEngine};
 use crate::plan::{Parallelism, RankPlan};
 use crate::spec::ModelSpec;
 use crate::text::Preprocessor;
-use crate::weights::WeightStore;
 
 /// A model that scores packed batches, whatever backend it runs on.
 pub trait Engine: Send + Sync {
@@ -166,14 +164,15 @@ impl LoadedModel {
     /// `opts.parallel` says.
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         let t = Instant::now();
-        let (spec, store) = open_folder(dir)?;
-        let fingerprint = fingerprint(dir, &store)?;
-        let preprocessor = Preprocessor::from_model_dir(dir, &spec, opts.max_input_tokens)?;
+        let folder = ModelFolder::open(dir)?;
+        let fingerprint = folder.fingerprint()?;
+        let preprocessor = Preprocessor::from_model_dir(dir, &folder.spec, opts.max_input_tokens)?;
         let single = opts.parallel.is_single() && opts.cluster.is_none();
         let (engine, worker): (Arc<dyn Engine>, _) = match opts.device {
-            Device::Cuda(ordinal) => cuda_engine(dir, spec, &store, &fingerprint, ordinal, single, opts)?,
+            Device::Cuda(ordinal) => cuda_engine(&folder, &fingerprint, ordinal, single, opts)?,
             Device::Cpu if single => {
-                (Arc::new(Model::from_store(spec, &store, CpuBackend::with_threads(opts.threads)?)?), None)
+                let backend = CpuBackend::with_threads(opts.threads)?;
+                (Arc::new(Model::from_store(folder.spec.clone(), &folder.store, backend)?), None)
             }
             Device::Cpu => {
                 // CPU ranks share the cores: each gets an equal part of the thread budget.
@@ -185,7 +184,7 @@ impl LoadedModel {
                 let nodes = opts.cluster.as_ref().map_or(1, |c| c.nodes);
                 let per_rank = (total * nodes / opts.parallel.world_size()).max(1);
                 let make = move |_: &RankPlan| CpuBackend::with_threads(per_rank);
-                parallel_engine(dir, &spec, &fingerprint, opts, make, None)?
+                parallel_engine(&folder, &fingerprint, opts, make, None)?
             }
         };
         Ok(LoadedModel {
@@ -210,8 +209,7 @@ type Built = (Arc<dyn Engine>, Option<Arc<ParallelEngine>>);
 /// A model split across ranks of this process (and, with a cluster, across nodes); on a worker
 /// node the engine is also returned as the worker to drive.
 fn parallel_engine<B, F>(
-    dir: &Path,
-    spec: &ModelSpec,
+    folder: &ModelFolder,
     fingerprint: &str,
     opts: &LoadOptions,
     make_backend: F,
@@ -223,16 +221,18 @@ where
     F: Fn(&RankPlan) -> Result<B> + Send + Sync + 'static,
 {
     let par = opts.parallel;
-    par.validate(spec)?;
+    // Before the rendezvous: a layout that cannot work is refused without waiting for peers.
+    par.validate(&folder.spec)?;
     let Some(cfg) = &opts.cluster else {
-        let engine = ParallelEngine::load_node_with(dir, par, opts.collective_timeout, make_backend, make_comm, None)?;
+        let engine =
+            ParallelEngine::load_node_with(folder, par, opts.collective_timeout, make_backend, make_comm, None)?;
         return Ok((Arc::new(engine), None));
     };
     let joined = join(cfg, &par, fingerprint, None)?;
     let (from_prev, to_next) = joined.connect_data(par.tp, cfg.timeout)?;
     let wiring = NodeWiring { joined, from_prev, to_next };
     let engine = Arc::new(ParallelEngine::load_node_with(
-        dir,
+        folder,
         par,
         opts.collective_timeout,
         make_backend,
@@ -249,9 +249,7 @@ where
 /// the next node over its data connection.
 #[cfg(feature = "cuda")]
 fn cuda_engine(
-    dir: &Path,
-    spec: ModelSpec,
-    store: &WeightStore,
+    folder: &ModelFolder,
     fingerprint: &str,
     ordinal: usize,
     single: bool,
@@ -261,12 +259,12 @@ fn cuda_engine(
     use crate::cuda::CudaBackend;
     if single {
         let backend = CudaBackend::new(ordinal)?;
-        backend.prepare_attention(spec.head_dim)?;
-        return Ok((Arc::new(Model::from_store(spec, store, backend)?), None));
+        backend.prepare_attention(folder.spec.head_dim)?;
+        return Ok((Arc::new(Model::from_store(folder.spec.clone(), &folder.store, backend)?), None));
     }
     let par = opts.parallel;
     let first_local_stage = opts.cluster.as_ref().map_or(0, |c| c.stages_of(&par, c.node_rank).start);
-    let head_dim = spec.head_dim;
+    let head_dim = folder.spec.head_dim;
     let make_backend = move |r: &RankPlan| {
         let backend = CudaBackend::new(ordinal + (r.stage - first_local_stage) * par.tp + r.tp_rank)?;
         backend.prepare_attention(head_dim)?;
@@ -282,46 +280,21 @@ fn cuda_engine(
     } else {
         None
     };
-    parallel_engine(dir, &spec, fingerprint, opts, make_backend, make_comm)
+    parallel_engine(folder, fingerprint, opts, make_backend, make_comm)
 }
 
 /// Without the `cuda` feature there is no CUDA backend to build.
 #[cfg(not(feature = "cuda"))]
 fn cuda_engine(
-    _dir: &Path,
-    _spec: ModelSpec,
-    _store: &WeightStore,
+    _folder: &ModelFolder,
     _fingerprint: &str,
     ordinal: usize,
     _single: bool,
     _opts: &LoadOptions,
 ) -> Result<Built> {
-    Err(EngineError::Backend(format!(
+    Err(crate::error::EngineError::Backend(format!(
         "device cuda:{ordinal}: this arbiter was built without CUDA; rebuild with --features cuda (or use --device cpu)"
     )))
-}
-
-/// Fingerprint of a model: config.json's bytes and every tensor's name, dtype and shape, plus
-/// the tokenizer and template files when present (they change scores as much as weights do).
-pub fn fingerprint(dir: &Path, store: &WeightStore) -> Result<String> {
-    let mut h = Sha256::new();
-    for file in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
-        let path = dir.join(file);
-        match std::fs::read(&path) {
-            Ok(bytes) => {
-                h.update(file.as_bytes());
-                h.update((bytes.len() as u64).to_le_bytes());
-                h.update(&bytes);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(EngineError::Io { path, source: e }),
-        }
-    }
-    for name in store.names() {
-        let t = store.get(name)?;
-        h.update(format!("{name}:{:?}:{:?};", t.dtype, t.shape).as_bytes());
-    }
-    Ok(h.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect())
 }
 
 #[cfg(test)]

@@ -1,6 +1,10 @@
 //! Every way a model folder can be wrong gets an error that names the problem; nothing panics.
 //! Also: sharded folders load and give the same outputs as single-file ones.
 
+mod common;
+#[path = "common/shards.rs"]
+mod shards;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -190,27 +194,7 @@ fn sharded_folder_gives_the_same_outputs_as_one_file() {
         .unwrap()
         .forward(&PackedBatch::from_sequences(&seqs).unwrap())
         .unwrap();
-    // Split the tensors over two shards with an index, as transformers does for big models.
-    let bytes = std::fs::read(dir.path().join("model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut shards: [Vec<(String, safetensors::tensor::TensorView<'_>)>; 2] = [Vec::new(), Vec::new()];
-    let mut weight_map = serde_json::Map::new();
-    for (i, (name, view)) in st.tensors().into_iter().enumerate() {
-        let file = format!("model-0000{}-of-00002.safetensors", i % 2 + 1);
-        weight_map.insert(name.clone(), json!(file));
-        shards[i % 2].push((name, view));
-    }
-    for (i, shard) in shards.into_iter().enumerate() {
-        safetensors::serialize_to_file(
-            shard,
-            None,
-            &dir.path().join(format!("model-0000{}-of-00002.safetensors", i + 1)),
-        )
-        .unwrap();
-    }
-    std::fs::write(dir.path().join("model.safetensors.index.json"), json!({"weight_map": weight_map}).to_string())
-        .unwrap();
-    std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+    shards::split_into_two_shards(dir.path());
     let sharded = Model::load(dir.path(), CpuBackend::with_threads(1).unwrap())
         .unwrap()
         .forward(&PackedBatch::from_sequences(&seqs).unwrap())

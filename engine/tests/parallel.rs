@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use arbiter_engine::backend::SingleRank;
 use arbiter_engine::cpu::CpuBackend;
+use arbiter_engine::folder::ModelFolder;
 use arbiter_engine::graph::open_folder;
 use arbiter_engine::parallel::runner::ParallelEngine;
 use arbiter_engine::parallel::{Parallelism, RankPlan};
@@ -221,7 +222,14 @@ fn cluster(
                     let joined = join(&cfg, &par, "fixture", None)?;
                     let (from_prev, to_next) = joined.connect_data(par.tp, TIMEOUT)?;
                     let wiring = NodeWiring { joined, from_prev, to_next };
-                    ParallelEngine::load_node_with(dir, par, TIMEOUT, make_backend, None, Some(wiring))
+                    ParallelEngine::load_node_with(
+                        &ModelFolder::open(dir)?,
+                        par,
+                        TIMEOUT,
+                        make_backend,
+                        None,
+                        Some(wiring),
+                    )
                 })
             })
             .collect();
@@ -303,7 +311,7 @@ fn ranks_can_bring_their_own_communicator() {
         Arc::new(move |r, _backend| Ok(Box::new(Counting(group.communicators().swap_remove(r.tp_rank), c.clone()))));
     let par = Parallelism { tp: 2, pp: 1 };
     let engine = ParallelEngine::load_node_with(
-        &fixture(name),
+        &ModelFolder::open(&fixture(name)).unwrap(),
         par,
         TIMEOUT,
         |_| CpuBackend::with_threads(1),

@@ -21,6 +21,7 @@ use std::time::Duration;
 use crate::backend::{Backend, Communicator, HostTensor, StageLink};
 use crate::batch::PackedBatch;
 use crate::error::{EngineError, Result};
+use crate::folder::ModelFolder;
 use crate::graph::{check_batch, Model, StageOutput};
 use crate::parallel::cluster::Joined;
 use crate::parallel::local::{channel_link, rebuild, LocalGroup, MakeTensor};
@@ -29,7 +30,6 @@ use crate::parallel::wire::{
 };
 use crate::parallel::{Parallelism, RankPlan};
 use crate::spec::ModelSpec;
-use crate::weights::WeightStore;
 
 /// Builds a rank's tensor-parallel communicator from its backend.
 pub type MakeComm<B> =
@@ -166,7 +166,7 @@ impl ParallelEngine {
         B::Tensor: HostTensor + 'static,
         F: Fn(&RankPlan) -> Result<B> + Send + Sync + 'static,
     {
-        Self::load_node_with(dir, par, timeout, make_backend, None, None)
+        Self::load_node_with(&ModelFolder::open(dir)?, par, timeout, make_backend, None, None)
     }
 
     /// Like [`ParallelEngine::load`], with two additions. `make_comm`: each rank's
@@ -176,7 +176,7 @@ impl ParallelEngine {
     /// and last stage to the neighbouring nodes, and report to the leader (or, on the leader,
     /// wait until every worker has loaded).
     pub fn load_node_with<B, F>(
-        dir: &Path,
+        folder: &ModelFolder,
         par: Parallelism,
         timeout: Duration,
         make_backend: F,
@@ -188,7 +188,7 @@ impl ParallelEngine {
         B::Tensor: HostTensor + 'static,
         F: Fn(&RankPlan) -> Result<B> + Send + Sync + 'static,
     {
-        let (spec, _) = crate::graph::open_folder(dir)?;
+        let spec = folder.spec.clone();
         par.validate(&spec)?;
         let make_backend = Arc::new(make_backend);
         let failure = Arc::new(Failure::default());
@@ -247,8 +247,8 @@ impl ParallelEngine {
             let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<Job>(par.pp.max(1) * 2);
             jobs.push(job_tx);
             let comm = comms[i].take().expect("one communicator per rank");
-            let (dir, make_backend, failure, ready_tx, maker) =
-                (dir.to_path_buf(), make_backend.clone(), failure.clone(), ready_tx.clone(), makers[i].clone());
+            let (store, make_backend, failure, ready_tx, maker) =
+                (folder.store.clone(), make_backend.clone(), failure.clone(), ready_tx.clone(), makers[i].clone());
             let make_comm = make_comm.clone();
             let spec = spec.clone();
             let handle = std::thread::Builder::new()
@@ -256,7 +256,6 @@ impl ParallelEngine {
                 .spawn(move || {
                     let loaded = (|| -> Result<Model<B>> {
                         let backend = make_backend(&rank)?;
-                        let store = WeightStore::open(&dir)?;
                         let comm: Box<dyn Communicator<B::Tensor>> = match &make_comm {
                             Some(make) => make(&rank, &backend)?,
                             None => Box::new(comm),
