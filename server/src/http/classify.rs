@@ -385,9 +385,8 @@ pub(super) async fn handle(State(app): State<App>, headers: HeaderMap, body: Byt
                 ServiceError::InvalidArgument(b.to_string())
             })?;
             let names = req.names;
-            ready.check_count(req.inputs.len(), "inputs").map_err(|e| {
+            ready.check_count(req.inputs.len(), "inputs").inspect_err(|_| {
                 bad.set(names.field().to_string()).ok();
-                e
             })?;
             let truncation = req.truncation.unwrap_or(ready.limits.default_truncation);
             let items = req.inputs.into_iter().map(|input| Item::new(input, truncation)).collect();
