@@ -43,6 +43,7 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
+use tracing::Instrument;
 
 use super::{metadata, App};
 use crate::error::{code_name, ServiceError};
@@ -377,6 +378,7 @@ pub(super) async fn handle(State(app): State<App>, headers: HeaderMap, body: Byt
     let param = OnceLock::new();
     let (body, bad) = (&body, &param);
     let model = app.settings.served_model_name.as_str();
+    let span = tracing::info_span!("request", request_id = %fallback_id, rpc = "Classify");
     let answer = app
         .gate
         .run("Classify", &metadata, None, |ready| async move {
@@ -394,6 +396,7 @@ pub(super) async fn handle(State(app): State<App>, headers: HeaderMap, body: Byt
                 ready.scorer.score(items, Options::default()).await.map_err(|e| request_error(e, names, bad))?;
             Ok(response(&ready, model, req.request_id.as_deref().unwrap_or(&fallback_id), scored))
         })
+        .instrument(span)
         .await;
     match answer {
         Ok(body) => axum::Json(body).into_response(),

@@ -19,6 +19,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
+use tracing::Instrument;
 
 use super::{metadata, App};
 use crate::error::ServiceError;
@@ -95,13 +96,14 @@ pub fn inputs(body: &[u8], settings: &Settings) -> Result<Vec<Input>, String> {
 
 /// `POST /get_reward` (and `/`).
 pub(super) async fn handle(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
-    let inputs = match inputs(&body, &app.settings.openrlhf) {
-        Ok(i) => i,
-        Err(m) => return reject(StatusCode::BAD_REQUEST, m),
-    };
+    let metadata = metadata(headers);
+    let settings = &app.settings.openrlhf;
+    let span = tracing::info_span!("request", request_id = %app.gate.request_id(&metadata), rpc = "OpenRLHF");
     let answer = app
         .gate
-        .run("OpenRLHF", &metadata(headers), None, |ready| async move {
+        .run("OpenRLHF", &metadata, None, |ready| async move {
+            // Read inside the gate: the token is checked first, and refusals are counted.
+            let inputs = inputs(&body, settings).map_err(ServiceError::InvalidArgument)?;
             if inputs.is_empty() {
                 // OpenRLHF shards a batch over its servers with ceil(n / servers) queries each
                 // (openrlhf/utils/agent.py, SingleTurnAgentExecutor._fetch_rewards_via_http), so
@@ -120,6 +122,7 @@ pub(super) async fn handle(State(app): State<App>, headers: HeaderMap, body: Byt
                 .map_err(|e| ServiceError::from_request(e, "query"))?;
             Ok(body_json(&ready, scored))
         })
+        .instrument(span)
         .await;
     match answer {
         Ok(body) => axum::Json(body).into_response(),
