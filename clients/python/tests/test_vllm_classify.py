@@ -180,6 +180,8 @@ def test_the_bearer_token_applies_as_on_grpc():
         status, reply = http(s, "/classify", {"input": "x"})
         assert status == 401 and reply["error"]["type"] == "UNAUTHENTICATED", reply
         assert http(s, "/v1/models")[0] == 401
+        status, reply = http(s, "/get_reward", {"query": 3})
+        assert status == 401, "the token is checked before the body is read"
         status, reply = http(s, "/classify", {"input": "x"}, headers={"Authorization": "Bearer s3cret"})
         assert status == 200, reply
         assert http(s, "/health") == (200, None), "probes need no token"

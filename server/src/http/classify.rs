@@ -4,8 +4,10 @@
 //! Followed: vLLM's `vllm/entrypoints/pooling/classify/protocol.py` (`ClassificationCompletionRequest`,
 //! `ClassificationChatRequest`, `ClassificationData`, `ClassificationResponse`) and
 //! `vllm/entrypoints/pooling/base/protocol.py` (`PoolingBasicRequestMixin`, `CompletionRequestMixin`,
-//! `ChatRequestMixin`), vLLM main as of the v0.11-v0.12 releases (the version with the `softmax`
-//! / `activation` / `use_activation` trio and `add_special_tokens`).
+//! `ChatRequestMixin`), read from a copy of vLLM's main branch with no release tag recorded; its
+//! field set (the `softmax` / `activation` / `use_activation` trio, `add_special_tokens` on
+//! completion requests) is that of vLLM 0.11.2 and later, going by verl's note in
+//! `verl/experimental/reward_loop/reward_loop.py` that `add_special_tokens` arrived in 0.11.2.
 //!
 //! Request: `{"model", "input": str | [str] | [int] | [[int]], "use_activation", "add_special_tokens",
 //! "truncate_prompt_tokens", "request_id"}` or `{"model", "messages": [{"role", "content"}], ...}`.
