@@ -354,3 +354,61 @@ fn markers_written_in_messages_stay_text_with_a_sentencepiece_tokenizer() {
     assert_eq!((count(marker("<extra_id_1>")), count(marker("<extra_id_2>"))), (2, 1));
     assert_eq!(*forged.ids.last().unwrap(), marker("<extra_id_2>"));
 }
+
+/// The demo folder with a tokenizer whose post-processor puts BOS (`<s>`, id 2) in front, as
+/// Llama-family tokenizer.json files do ("TemplateProcessing", "<bos> $A").
+fn with_bos_post_processor() -> (tempfile::TempDir, Preprocessor) {
+    let (dir, _) = demo();
+    let path = dir.path().join("tokenizer.json");
+    let mut tok: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    tok["post_processor"] = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<s>": {"id": "<s>", "ids": [2], "tokens": ["<s>"]}}
+    });
+    std::fs::write(&path, tok.to_string()).unwrap();
+    let spec = load_config(&dir.path().join("config.json")).unwrap();
+    let p = Preprocessor::from_model_dir(dir.path(), &spec, None).unwrap();
+    (dir, p)
+}
+
+#[test]
+fn text_with_special_tokens_is_what_the_tokenizer_library_adds() {
+    // The reference is the tokenizers library's own `encode(text, add_special_tokens=true)`,
+    // which is what HF `tokenizer(text)` and so vLLM run for a text prompt.
+    let text = "<extra_id_1>User\nhello there\n<extra_id_2>";
+    for (_dir, p) in [demo(), with_bos_post_processor()] {
+        let tok = p.tokenizer().unwrap().inner();
+        let want = tok.encode(text, true).unwrap().get_ids().to_vec();
+        let got = p.prepare(&Input::TextWithSpecialTokens(text.into()), TruncationPolicy::Error).unwrap();
+        assert_eq!(got.ids, want);
+        let plain = p.prepare(&Input::Text(text.into()), TruncationPolicy::Error).unwrap();
+        assert_eq!(plain.ids, tok.encode(text, false).unwrap().get_ids().to_vec());
+    }
+    // The demo tokenizer's byte-level post-processor adds nothing; the Llama-style one adds BOS.
+    let (_d, p) = demo();
+    assert_eq!(p.tokenizer().unwrap().special_tokens_around().unwrap(), (vec![], vec![]));
+    let (_d, p) = with_bos_post_processor();
+    assert_eq!(p.tokenizer().unwrap().special_tokens_around().unwrap(), (vec![2], vec![]));
+    let with = p.prepare(&Input::TextWithSpecialTokens(text.into()), TruncationPolicy::Error).unwrap().ids;
+    let without = p.prepare(&Input::Text(text.into()), TruncationPolicy::Error).unwrap().ids;
+    assert_eq!(with, [vec![2], without].concat());
+}
+
+#[test]
+fn truncating_text_with_special_tokens_keeps_bos_and_the_end() {
+    let (dir, p) = with_bos_post_processor();
+    let text = "<extra_id_1>User\nsomething long enough to need cutting\n<extra_id_2>";
+    let full = p.prepare(&Input::Text(text.into()), TruncationPolicy::Error).unwrap().ids;
+    let q = {
+        let spec = load_config(&dir.path().join("config.json")).unwrap();
+        Preprocessor::from_model_dir(dir.path(), &spec, Some(5)).unwrap()
+    };
+    let t = q.prepare(&Input::TextWithSpecialTokens(text.into()), TruncationPolicy::Truncate).unwrap();
+    assert_eq!(t.ids, [vec![2], full[full.len() - 4..].to_vec()].concat());
+    assert_eq!((t.truncation.original_tokens, t.truncation.dropped_tokens), (full.len() + 1, full.len() - 4));
+    let e = q.prepare(&Input::TextWithSpecialTokens(text.into()), TruncationPolicy::Error).unwrap_err().to_string();
+    assert!(e.contains(&format!("the text is {} tokens; the limit is 5", full.len() + 1)), "{e}");
+}

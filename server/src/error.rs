@@ -53,6 +53,21 @@ impl ServiceError {
         }
     }
 
+    /// The HTTP status of this error, for the HTTP front ends (`server::http`).
+    pub fn http_status(&self) -> axum::http::StatusCode {
+        use axum::http::StatusCode;
+        match self {
+            ServiceError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
+            ServiceError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            ServiceError::QueueFull { .. } | ServiceError::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
+            ServiceError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ServiceError::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+            // The client went away; nobody reads the answer, but it must be one.
+            ServiceError::Cancelled => StatusCode::BAD_REQUEST,
+            ServiceError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
     /// Prefixes the message with where in the request the problem is (`items[3]`).
     pub fn at(self, place: impl std::fmt::Display) -> Self {
         match self {
@@ -140,6 +155,9 @@ mod tests {
         let e: ServiceError = EngineError::Backend("kernel failed".into()).into();
         assert_eq!(e.code(), Code::Internal);
         assert_eq!(ServiceError::QueueFull { depth: 1, capacity: 1 }.code(), Code::ResourceExhausted);
+        assert_eq!(ServiceError::QueueFull { depth: 1, capacity: 1 }.http_status().as_u16(), 429);
+        assert_eq!(ServiceError::Unauthenticated("x".into()).http_status().as_u16(), 401);
+        assert_eq!(ServiceError::Unavailable("x".into()).http_status().as_u16(), 503);
         let s: Status = ServiceError::InvalidArgument("x".into()).at("items[2]").into();
         assert_eq!((s.code(), s.message()), (Code::InvalidArgument, "items[2]: x"));
     }

@@ -162,6 +162,12 @@ impl Gate {
         self.ready.get().cloned().ok_or_else(|| ServiceError::Unavailable("the model is still loading".into()))
     }
 
+    /// Whether the server answers requests now: the model is ready and it is not draining (what
+    /// an HTTP health probe reports; gRPC health says the same through its own service).
+    pub fn serving(&self) -> bool {
+        self.ready.get().is_some() && !self.lifecycle.is_draining()
+    }
+
     /// Checks the bearer token in `metadata`.
     pub fn authenticate(&self, metadata: &MetadataMap) -> Result<(), ServiceError> {
         self.auth.check(metadata)

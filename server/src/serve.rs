@@ -69,12 +69,20 @@ pub struct ServeArgs {
     /// closing connections, so clients still sending learn to go elsewhere from a clean status.
     #[arg(long, env = "ARBITER_SHUTDOWN_LINGER_SECONDS", default_value_t = 1.0)]
     pub shutdown_linger_seconds: f64,
-    /// Also answer OpenRLHF's remote reward protocol (POST /get_reward) on this HTTP address.
-    #[arg(long, env = "ARBITER_OPENRLHF_LISTEN")]
+    /// Also serve the HTTP APIs on this address: OpenRLHF's remote reward (POST /get_reward),
+    /// vLLM's classify (POST /classify, /v1/classify), GET /v1/models and GET /health.
+    #[arg(long, env = "ARBITER_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// The old name of --http-listen (and its variable ARBITER_OPENRLHF_LISTEN), still accepted.
+    #[arg(long, env = "ARBITER_OPENRLHF_LISTEN", hide = true, conflicts_with = "http_listen")]
     pub openrlhf_listen: Option<SocketAddr>,
+    /// The model name GET /v1/models lists and classify answers carry (default: --model as given,
+    /// as vLLM names it; "arbiter-demo" for --demo). Requests' "model" fields are not checked.
+    #[arg(long, env = "ARBITER_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
     /// OpenRLHF: "split" scores [user: prompt, assistant: response]; "raw" scores the query text as is.
     #[arg(long, env = "ARBITER_OPENRLHF_MODE", value_enum, default_value = "split")]
-    pub openrlhf_mode: crate::openrlhf::Mode,
+    pub openrlhf_mode: crate::http::openrlhf::Mode,
     /// OpenRLHF: the policy's end-of-turn marker, stripped from the end of responses (repeatable).
     #[arg(long, env = "ARBITER_OPENRLHF_EOT", value_delimiter = ',')]
     pub openrlhf_eot: Vec<String>,
@@ -90,7 +98,7 @@ pub const SERVICE_NAME: &str = "arbiter.v1.RewardService";
 pub struct Running {
     /// The bound gRPC address (useful with port 0).
     pub addr: SocketAddr,
-    /// The bound OpenRLHF HTTP address, if enabled.
+    /// The bound HTTP address (--http-listen), if enabled.
     pub http_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     done: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -171,16 +179,20 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
         },
     ));
     tracing::info!(%addr, "listening (NOT_SERVING until the model is loaded)");
-    let http_addr = match args.openrlhf_listen {
+    let http_addr = match args.http_listen.or(args.openrlhf_listen) {
         Some(a) => {
-            let settings = crate::openrlhf::Settings { mode: args.openrlhf_mode, eot: args.openrlhf_eot.clone() };
+            let settings = crate::http::Settings {
+                openrlhf: crate::http::openrlhf::Settings { mode: args.openrlhf_mode, eot: args.openrlhf_eot.clone() },
+                served_model_name: served_model_name(&args),
+                max_body_bytes: args.max_message_bytes,
+            };
             let mut rx = grpc_stop_tx.subscribe();
-            let bound = crate::openrlhf::serve(a, gate.clone(), settings, async move {
+            let bound = crate::http::serve(a, gate.clone(), settings, async move {
                 rx.wait_for(|s| *s).await.ok();
             })
             .await
-            .with_context(|| format!("binding --openrlhf-listen {a}"))?;
-            tracing::info!(addr = %bound, "OpenRLHF reward endpoint on POST /get_reward");
+            .with_context(|| format!("binding --http-listen {a}"))?;
+            tracing::info!(addr = %bound, "HTTP: POST /get_reward (OpenRLHF), POST /classify (vLLM), GET /v1/models, GET /health");
             Some(bound)
         }
         None => None,
@@ -288,6 +300,16 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
     Ok(Running { addr, http_addr, stop: stop_tx, done })
 }
 
+/// The name the HTTP APIs give the model: --served-model-name, else --model as given (vLLM's
+/// default, so that a trainer configured with that path sees its own name back).
+fn served_model_name(args: &ServeArgs) -> String {
+    match (&args.served_model_name, &args.model.model) {
+        (Some(name), _) => name.clone(),
+        (None, Some(dir)) => dir.display().to_string(),
+        (None, None) => "arbiter-demo".into(),
+    }
+}
+
 /// Loads the model (on several nodes: after the rendezvous).
 async fn load_model(args: &ServeArgs) -> anyhow::Result<arbiter_engine::runtime::LoadedModel> {
     use anyhow::Context;
@@ -372,4 +394,38 @@ fn warm_up(
         left -= n;
     }
     engine.forward(&PackedBatch::from_sequences(&seqs)?).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Only {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    fn parse(extra: &[&str]) -> Result<ServeArgs, clap::Error> {
+        Only::try_parse_from([&["arbiter", "--demo"], extra].concat()).map(|o| o.args)
+    }
+
+    #[test]
+    fn the_http_port_keeps_its_old_flag_name() {
+        let a = parse(&["--http-listen", "127.0.0.1:5000"]).unwrap();
+        assert_eq!(a.http_listen, Some("127.0.0.1:5000".parse().unwrap()));
+        let a = parse(&["--openrlhf-listen", "127.0.0.1:5001"]).unwrap();
+        assert_eq!(a.http_listen.or(a.openrlhf_listen), Some("127.0.0.1:5001".parse().unwrap()));
+        assert!(parse(&["--http-listen", "127.0.0.1:1", "--openrlhf-listen", "127.0.0.1:2"]).is_err());
+    }
+
+    #[test]
+    fn the_served_name_defaults_to_the_model_argument() {
+        assert_eq!(served_model_name(&parse(&[]).unwrap()), "arbiter-demo");
+        assert_eq!(served_model_name(&parse(&["--served-model-name", "rm"]).unwrap()), "rm");
+        let a = Only::try_parse_from(["arbiter", "--model", "/models/skywork"]).unwrap().args;
+        assert_eq!(served_model_name(&a), "/models/skywork");
+    }
 }

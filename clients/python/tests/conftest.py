@@ -22,13 +22,14 @@ def free_port():
 
 
 class Server:
-    def __init__(self, *extra):
+    def __init__(self, *extra, model=None):
         self.port, self.http_port = free_port(), free_port()
+        which = ["--model", str(model)] if model else ["--demo"]
         self.addr = f"127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="arbiter-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
-            [BIN, "serve", "--demo", "--listen", self.addr, "--metrics-listen", "none",
-             "--openrlhf-listen", f"127.0.0.1:{self.http_port}", "--openrlhf-eot", "<|im_end|>",
+            [BIN, "serve", *which, "--listen", self.addr, "--metrics-listen", "none",
+             "--http-listen", f"127.0.0.1:{self.http_port}", "--openrlhf-eot", "<|im_end|>",
              "--max-batch-tokens", "2048", "--shutdown-linger-seconds", "0", *extra],
             stdout=subprocess.DEVNULL, stderr=self.log)
 

@@ -40,8 +40,13 @@ pub enum ChatTemplate {
 pub enum Input {
     /// A conversation; the model's template is applied.
     Messages(Vec<Message>),
-    /// Text already in the model's format; tokenized as is (special tokens recognized).
+    /// Text already in the model's format; tokenized as is (special tokens recognized, none added).
     Text(String),
+    /// Text tokenized as [`Input::Text`], with the special tokens the tokenizer's post-processor
+    /// adds placed around it (BOS in front for Llama-family tokenizers; see
+    /// [`TextTokenizer::special_tokens_around`]): what HF `tokenizer(text)` gives by default, and
+    /// what vLLM scores for a text prompt. Truncation keeps those tokens and the text's end.
+    TextWithSpecialTokens(String),
     /// Token ids, used as they are.
     TokenIds(Vec<u32>),
 }
@@ -253,6 +258,24 @@ impl Preprocessor {
                 let ids = self.need_tokenizer("text")?.encode(text)?;
                 self.keep_end(ids, "the text", policy)
             }
+            Input::TextWithSpecialTokens(text) => {
+                if text.is_empty() {
+                    return Err(EngineError::InvalidInput("the text is empty".into()));
+                }
+                let tok = self.need_tokenizer("text")?;
+                let (before, after) = tok.special_tokens_around()?;
+                let body = tok.encode(text)?;
+                let n = before.len() + body.len() + after.len();
+                let room = self.max_tokens.saturating_sub(before.len() + after.len());
+                if n > self.max_tokens && room > 0 && policy != TruncationPolicy::Error {
+                    // Cut the text's start only: the special tokens frame it as the model expects.
+                    let mut kept = self.keep_end_within(body, room, "the text", policy)?;
+                    kept.truncation.original_tokens = n;
+                    kept.ids = [before, kept.ids, after].concat();
+                    return Ok(kept);
+                }
+                self.keep_end([before, body, after].concat(), "the text", policy)
+            }
             Input::TokenIds(ids) => {
                 if ids.is_empty() {
                     return Err(EngineError::InvalidInput("token_ids is empty".into()));
@@ -269,12 +292,18 @@ impl Preprocessor {
     }
 
     fn keep_end(&self, ids: Vec<u32>, what: &str, policy: TruncationPolicy) -> Result<Prepared> {
+        self.keep_end_within(ids, self.max_tokens, what, policy)
+    }
+
+    /// [`Preprocessor::keep_end`] with room for `max` tokens (fewer than the model's limit when
+    /// special tokens are added around the ids).
+    fn keep_end_within(&self, ids: Vec<u32>, max: usize, what: &str, policy: TruncationPolicy) -> Result<Prepared> {
         let n = ids.len();
         if n == 0 {
             return Err(EngineError::InvalidInput(format!("{what} has no tokens")));
         }
         let mut truncation = Truncation { original_tokens: n, ..Default::default() };
-        if n <= self.max_tokens {
+        if n <= max {
             return Ok(Prepared { ids, text: None, truncation });
         }
         match policy {
@@ -285,8 +314,8 @@ impl Preprocessor {
                 hint: " (truncation policy \"error\"; \"truncate\" keeps the last tokens)".into(),
             }),
             TruncationPolicy::Truncate | TruncationPolicy::TruncateContent => {
-                truncation.dropped_tokens = n - self.max_tokens;
-                Ok(Prepared { ids: ids[n - self.max_tokens..].to_vec(), text: None, truncation })
+                truncation.dropped_tokens = n - max;
+                Ok(Prepared { ids: ids[n - max..].to_vec(), text: None, truncation })
             }
         }
     }

@@ -91,6 +91,26 @@ impl TextTokenizer {
         self.encode_segments(&segments)
     }
 
+    /// The tokens the tokenizer's post-processor places before and after a text's tokens when
+    /// special tokens are asked for: what HF `tokenizer(text)` (`add_special_tokens=True`, the
+    /// default) adds, and so what vLLM adds to a text prompt. BOS in front for Llama-family
+    /// tokenizers (`TemplateProcessing` "<bos> $A"); nothing for a byte-level or absent
+    /// post-processor. Found by post-processing a one-token placeholder and seeing what lands
+    /// around it, so any post-processor (templates, sequences of them) is read the same way.
+    pub fn special_tokens_around(&self) -> Result<(Vec<u32>, Vec<u32>)> {
+        const PLACEHOLDER: u32 = u32::MAX;
+        let one = tokenizers::Encoding::from_tokens(vec![Token::new(PLACEHOLDER, String::new(), (0, 0))], 0);
+        let processed = self
+            .inner
+            .post_process(one, None, true)
+            .map_err(|e| EngineError::InvalidInput(format!("the tokenizer's post-processor failed: {e}")))?;
+        let ids = processed.get_ids();
+        let at = ids.iter().position(|&id| id == PLACEHOLDER).ok_or_else(|| {
+            EngineError::InvalidInput("the tokenizer's post-processor dropped the text it was given".into())
+        })?;
+        Ok((ids[..at].to_vec(), ids[at + 1..].to_vec()))
+    }
+
     /// Token ids of segments encoded as one input: the text is normalized as a whole (with the
     /// tokens' own strings in place), then split at the tokens, pre-tokenized and modelled piece
     /// by piece. Special-token strings inside [`Segment::Text`] are not recognized.

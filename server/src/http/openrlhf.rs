@@ -9,9 +9,8 @@
 //! `<|im_end|>`) and trailing whitespace stripped from its end, and the reward model scores the
 //! conversation `[user: prompts[i], assistant: response]` in its own template: the prompt text,
 //! policy template and all, becomes the user turn. In `raw` mode `query[i]` is scored as
-//! pre-templated text, as is. `labels` are accepted and ignored.
-
-use std::net::SocketAddr;
+//! pre-templated text, as is. `labels` are accepted and ignored. An empty batch (all three lists
+//! empty) gets empty lists back: OpenRLHF's sharding over several servers sends those.
 
 use arbiter_engine::text::{Input, Message, Role};
 use arbiter_scoring::{Item, Options};
@@ -19,12 +18,11 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::Router;
 use serde_json::{json, Map, Value};
+use tracing::Instrument;
 
+use super::{metadata, App};
 use crate::error::ServiceError;
-use crate::gate::Gate;
 
 /// How a query becomes an input of the reward model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -44,47 +42,9 @@ pub struct Settings {
     pub eot: Vec<String>,
 }
 
-#[derive(Clone)]
-struct AppState {
-    gate: Gate,
-    settings: Settings,
-}
-
-/// Serves the endpoint on `addr` until `shutdown` resolves.
-pub async fn serve(
-    addr: SocketAddr,
-    gate: Gate,
-    settings: Settings,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<SocketAddr> {
-    let app = Router::new()
-        .route("/get_reward", post(handle))
-        .route("/", post(handle))
-        .with_state(AppState { gate, settings });
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
-            tracing::error!(error = %e, "OpenRLHF endpoint stopped");
-        }
-    });
-    Ok(bound)
-}
-
+/// OpenRLHF's own error body: `{"error": "..."}`.
 fn reject(status: StatusCode, message: impl Into<String>) -> Response {
     (status, axum::Json(json!({ "error": message.into() }))).into_response()
-}
-
-fn http_status(e: &ServiceError) -> StatusCode {
-    match e {
-        ServiceError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
-        ServiceError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
-        ServiceError::QueueFull { .. } | ServiceError::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
-        ServiceError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-        ServiceError::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-        ServiceError::Cancelled => StatusCode::BAD_REQUEST,
-        ServiceError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-    }
 }
 
 fn strings(v: &Value, field: &str) -> Result<Vec<String>, String> {
@@ -101,9 +61,6 @@ pub fn inputs(body: &[u8], settings: &Settings) -> Result<Vec<Input>, String> {
     let v: Value = serde_json::from_slice(body).map_err(|e| format!("the body is not valid JSON: {e}"))?;
     let obj = v.as_object().ok_or("the body must be a JSON object with \"query\" and \"prompts\"")?;
     let query = strings(obj.get("query").ok_or("missing \"query\"")?, "query")?;
-    if query.is_empty() {
-        return Err("empty batch: \"query\" has no entries".into());
-    }
     if let Some(labels) = obj.get("labels").filter(|l| !l.is_null()) {
         let n = labels.as_array().ok_or("\"labels\" must be a list")?.len();
         if n != query.len() {
@@ -137,15 +94,24 @@ pub fn inputs(body: &[u8], settings: &Settings) -> Result<Vec<Input>, String> {
     }
 }
 
-async fn handle(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let inputs = match inputs(&body, &state.settings) {
-        Ok(i) => i,
-        Err(m) => return reject(StatusCode::BAD_REQUEST, m),
-    };
-    let metadata = tonic::metadata::MetadataMap::from_headers(headers);
-    let answer = state
+/// `POST /get_reward` (and `/`).
+pub(super) async fn handle(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
+    let metadata = metadata(headers);
+    let settings = &app.settings.openrlhf;
+    let span = tracing::info_span!("request", request_id = %app.gate.request_id(&metadata), rpc = "OpenRLHF");
+    let answer = app
         .gate
         .run("OpenRLHF", &metadata, None, |ready| async move {
+            // Read inside the gate: the token is checked first, and refusals are counted.
+            let inputs = inputs(&body, settings).map_err(ServiceError::InvalidArgument)?;
+            if inputs.is_empty() {
+                // OpenRLHF shards a batch over its servers with ceil(n / servers) queries each
+                // (openrlhf/utils/agent.py, SingleTurnAgentExecutor._fetch_rewards_via_http), so
+                // with one query and two servers the second gets empty lists; refusing them
+                // would fail the whole sample after its retries.
+                let none = arbiter_scoring::Scored { items: Vec::new(), tokenize: std::time::Duration::ZERO };
+                return Ok(body_json(&ready, none));
+            }
             ready.check_count(inputs.len(), "queries")?;
             let truncation = ready.limits.default_truncation;
             let items = inputs.into_iter().map(|input| Item::new(input, truncation)).collect();
@@ -156,10 +122,11 @@ async fn handle(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
                 .map_err(|e| ServiceError::from_request(e, "query"))?;
             Ok(body_json(&ready, scored))
         })
+        .instrument(span)
         .await;
     match answer {
         Ok(body) => axum::Json(body).into_response(),
-        Err(e) => reject(http_status(&e), e.to_string()),
+        Err(e) => reject(e.http_status(), e.to_string()),
     }
 }
 
@@ -207,7 +174,6 @@ mod tests {
             ("{not json", "not valid JSON"),
             ("[1]", "must be a JSON object"),
             (r#"{"prompts": []}"#, "missing \"query\""),
-            (r#"{"query": [], "prompts": []}"#, "empty batch"),
             (r#"{"query": ["a", "b"], "prompts": ["a"]}"#, "\"prompts\" has 1 entries but \"query\" has 2"),
             (r#"{"query": ["ab"], "prompts": ["x"]}"#, "query[0] does not start with prompts[0]"),
             (r#"{"query": ["a"], "prompts": ["a"], "labels": [1, 2]}"#, "\"labels\" has 2 entries"),
@@ -216,6 +182,13 @@ mod tests {
             let e = inputs(body.as_bytes(), &split()).unwrap_err();
             assert!(e.contains(want), "{body}: {e}");
         }
+    }
+
+    #[test]
+    fn an_empty_batch_is_no_error() {
+        // OpenRLHF's sharding sends one: see `handle`.
+        let got = inputs(br#"{"query": [], "prompts": [], "labels": []}"#, &split()).unwrap();
+        assert!(got.is_empty());
     }
 
     #[test]
