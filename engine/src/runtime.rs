@@ -204,11 +204,11 @@ impl LoadedModel {
 }
 
 /// A built engine, and on a worker node the same engine as the worker to drive.
-type Built = (Arc<dyn Engine>, Option<Arc<ParallelEngine>>);
+pub(crate) type Built = (Arc<dyn Engine>, Option<Arc<ParallelEngine>>);
 
 /// A model split across ranks of this process (and, with a cluster, across nodes); on a worker
 /// node the engine is also returned as the worker to drive.
-fn parallel_engine<B, F>(
+pub(crate) fn parallel_engine<B, F>(
     folder: &ModelFolder,
     fingerprint: &str,
     opts: &LoadOptions,
@@ -228,7 +228,7 @@ where
             ParallelEngine::load_node_with(folder, par, opts.collective_timeout, make_backend, make_comm, None)?;
         return Ok((Arc::new(engine), None));
     };
-    let joined = join(cfg, &par, fingerprint, None)?;
+    let joined = join(cfg, &par, fingerprint)?;
     let (from_prev, to_next) = joined.connect_data(par.tp, cfg.timeout)?;
     let wiring = NodeWiring { joined, from_prev, to_next };
     let engine = Arc::new(ParallelEngine::load_node_with(
@@ -243,45 +243,8 @@ where
     Ok((engine, worker))
 }
 
-/// The model on the CUDA backend, the attention kernel compiled for its head size up front.
-/// Split across ranks, each rank gets its own GPU of this node (`cuda:N` is the first one) and
-/// the ranks of a stage all-reduce through NCCL; stages hand activations on in process, or to
-/// the next node over its data connection.
 #[cfg(feature = "cuda")]
-fn cuda_engine(
-    folder: &ModelFolder,
-    fingerprint: &str,
-    ordinal: usize,
-    single: bool,
-    opts: &LoadOptions,
-) -> Result<Built> {
-    use crate::cuda::nccl::{unique_id, NcclComm};
-    use crate::cuda::CudaBackend;
-    if single {
-        let backend = CudaBackend::new(ordinal)?;
-        backend.prepare_attention(folder.spec.head_dim)?;
-        return Ok((Arc::new(Model::from_store(folder.spec.clone(), &folder.store, backend)?), None));
-    }
-    let par = opts.parallel;
-    let first_local_stage = opts.cluster.as_ref().map_or(0, |c| c.stages_of(&par, c.node_rank).start);
-    let head_dim = folder.spec.head_dim;
-    let make_backend = move |r: &RankPlan| {
-        let backend = CudaBackend::new(ordinal + (r.stage - first_local_stage) * par.tp + r.tp_rank)?;
-        backend.prepare_attention(head_dim)?;
-        Ok(backend)
-    };
-    let make_comm: Option<MakeComm<CudaBackend>> = if par.tp > 1 {
-        // One NCCL clique per local stage; its id never leaves this process.
-        let ids = (0..par.pp).map(|_| unique_id()).collect::<Result<Vec<_>>>()?;
-        let timeout = opts.collective_timeout;
-        Some(Arc::new(move |r: &RankPlan, b: &CudaBackend| {
-            Ok(Box::new(NcclComm::new(b, &ids[r.stage], r.tp_rank, par.tp, timeout)?) as Box<_>)
-        }))
-    } else {
-        None
-    };
-    parallel_engine(folder, fingerprint, opts, make_backend, make_comm)
-}
+use crate::cuda::placement::cuda_engine;
 
 /// Without the `cuda` feature there is no CUDA backend to build.
 #[cfg(not(feature = "cuda"))]

@@ -219,7 +219,7 @@ fn cluster(
                 let addr = addr.clone();
                 s.spawn(move || {
                     let cfg = ClusterConfig { nodes, node_rank, leader_addr: addr, timeout: TIMEOUT };
-                    let joined = join(&cfg, &par, "fixture", None)?;
+                    let joined = join(&cfg, &par, "fixture")?;
                     let (from_prev, to_next) = joined.connect_data(par.tp, TIMEOUT)?;
                     let wiring = NodeWiring { joined, from_prev, to_next };
                     ParallelEngine::load_node_with(

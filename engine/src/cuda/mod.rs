@@ -8,6 +8,7 @@
 
 mod gemm;
 pub mod nccl;
+pub mod placement;
 pub mod probe;
 mod tensor;
 pub mod tiles;

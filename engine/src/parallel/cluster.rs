@@ -78,8 +78,6 @@ struct Hello {
 struct Welcome {
     /// Data listener address of every node, by node rank.
     peers: Vec<String>,
-    /// NCCL unique id bytes, when the leader made one.
-    nccl_id: Option<Vec<u8>>,
 }
 
 /// A node that found its peers.
@@ -92,8 +90,6 @@ pub struct Joined {
     pub control: Vec<Option<TcpStream>>,
     /// Data listener addresses by node rank.
     pub peers: Vec<String>,
-    /// The NCCL unique id the leader published, if any.
-    pub nccl_id: Option<Vec<u8>>,
     data: TcpListener,
 }
 
@@ -101,8 +97,9 @@ fn parallel(msg: String) -> EngineError {
     EngineError::Parallel(msg)
 }
 
-/// Meets the other nodes. The leader passes the NCCL unique id it created (GPU runs) to publish.
-pub fn join(cfg: &ClusterConfig, par: &Parallelism, fingerprint: &str, nccl_id: Option<Vec<u8>>) -> Result<Joined> {
+/// Meets the other nodes. Tensor parallelism stays inside a node (NCCL cliques are made per
+/// process), so nothing but addresses is exchanged.
+pub fn join(cfg: &ClusterConfig, par: &Parallelism, fingerprint: &str) -> Result<Joined> {
     cfg.validate(par)?;
     let data = TcpListener::bind("0.0.0.0:0").map_err(|e| parallel(format!("opening the data listener: {e}")))?;
     let data_port = data.local_addr().map_err(|e| parallel(e.to_string()))?.port();
@@ -117,19 +114,13 @@ pub fn join(cfg: &ClusterConfig, par: &Parallelism, fingerprint: &str, nccl_id: 
         data_port,
     };
     if cfg.node_rank == 0 {
-        lead(cfg, hello, nccl_id, data, deadline)
+        lead(cfg, hello, data, deadline)
     } else {
         follow(cfg, hello, data, deadline)
     }
 }
 
-fn lead(
-    cfg: &ClusterConfig,
-    me: Hello,
-    nccl_id: Option<Vec<u8>>,
-    data: TcpListener,
-    deadline: Instant,
-) -> Result<Joined> {
+fn lead(cfg: &ClusterConfig, me: Hello, data: TcpListener, deadline: Instant) -> Result<Joined> {
     let listener = TcpListener::bind(&cfg.leader_addr)
         .map_err(|e| parallel(format!("the leader cannot listen on --leader-addr {}: {e}", cfg.leader_addr)))?;
     listener.set_nonblocking(true).map_err(|e| parallel(e.to_string()))?;
@@ -200,13 +191,12 @@ fn lead(
         control[hello.node_rank] = Some(stream);
         joined += 1;
     }
-    let welcome = serde_json::to_vec(&Welcome { peers: peers.clone(), nccl_id: nccl_id.clone() })
-        .map_err(|e| parallel(e.to_string()))?;
+    let welcome = serde_json::to_vec(&Welcome { peers: peers.clone() }).map_err(|e| parallel(e.to_string()))?;
     for s in control.iter_mut().flatten() {
         write_frame(s, Kind::Welcome, &welcome)?;
         s.set_read_timeout(None).ok();
     }
-    Ok(Joined { config: cfg.clone(), control, peers, nccl_id, data })
+    Ok(Joined { config: cfg.clone(), control, peers, data })
 }
 
 fn follow(cfg: &ClusterConfig, me: Hello, data: TcpListener, deadline: Instant) -> Result<Joined> {
@@ -241,13 +231,7 @@ fn follow(cfg: &ClusterConfig, me: Hello, data: TcpListener, deadline: Instant) 
     if welcome.peers.len() != cfg.nodes {
         return Err(parallel(format!("the leader listed {} nodes, expected {}", welcome.peers.len(), cfg.nodes)));
     }
-    Ok(Joined {
-        config: cfg.clone(),
-        control: vec![Some(stream)],
-        peers: welcome.peers,
-        nccl_id: welcome.nccl_id,
-        data,
-    })
+    Ok(Joined { config: cfg.clone(), control: vec![Some(stream)], peers: welcome.peers, data })
 }
 
 impl Joined {
@@ -322,7 +306,7 @@ mod tests {
     }
 
     #[test]
-    fn three_nodes_meet_share_the_nccl_id_and_connect_in_a_chain() {
+    fn three_nodes_meet_and_connect_in_a_chain() {
         let addr = free_addr();
         let par = Parallelism { tp: 2, pp: 3 };
         let joined: Vec<Joined> = std::thread::scope(|s| {
@@ -334,15 +318,13 @@ mod tests {
                         if rank == 0 {
                             std::thread::sleep(Duration::from_millis(300));
                         }
-                        let id = (rank == 0).then(|| vec![7u8; 128]);
-                        join(&cfg(3, rank, &addr, 10_000), &par, "abc", id).unwrap()
+                        join(&cfg(3, rank, &addr, 10_000), &par, "abc").unwrap()
                     })
                 })
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
         for j in &joined {
-            assert_eq!(j.nccl_id.as_deref(), Some(&[7u8; 128][..]));
             assert_eq!(j.peers, joined[0].peers);
         }
         let links: Vec<_> = std::thread::scope(|s| {
@@ -360,8 +342,8 @@ mod tests {
         let par = Parallelism { tp: 1, pp: 2 };
         let (leader, worker) = std::thread::scope(|s| {
             let a = addr.clone();
-            let l = s.spawn(move || join(&cfg(2, 0, &a, 5_000), &par, "model-a", None));
-            let w = s.spawn(|| join(&cfg(2, 1, &addr, 5_000), &par, "model-b", None));
+            let l = s.spawn(move || join(&cfg(2, 0, &a, 5_000), &par, "model-a"));
+            let w = s.spawn(|| join(&cfg(2, 1, &addr, 5_000), &par, "model-b"));
             (l.join().unwrap(), w.join().unwrap())
         });
         let e = leader.unwrap_err().to_string();
@@ -373,9 +355,9 @@ mod tests {
     fn missing_nodes_time_out_with_their_ranks() {
         let addr = free_addr();
         let par = Parallelism { tp: 1, pp: 3 };
-        let e = join(&cfg(3, 0, &addr, 300), &par, "m", None).unwrap_err().to_string();
+        let e = join(&cfg(3, 0, &addr, 300), &par, "m").unwrap_err().to_string();
         assert!(e.contains("node(s) 1, 2 never joined"), "{e}");
-        let e = join(&cfg(3, 2, &free_addr(), 300), &par, "m", None).unwrap_err().to_string();
+        let e = join(&cfg(3, 2, &free_addr(), 300), &par, "m").unwrap_err().to_string();
         assert!(e.contains("cannot reach the leader"), "{e}");
         let e = cfg(2, 0, &addr, 1).validate(&par).unwrap_err().to_string();
         assert!(e.contains("--pp 3 must be a multiple of --nodes 2"), "{e}");

@@ -16,7 +16,7 @@ pub const MAX_FRAME: usize = 4 << 30;
 pub enum Kind {
     /// Worker to leader: who I am (JSON).
     Hello = 1,
-    /// Leader to worker: accepted, with the peer table and NCCL id (JSON).
+    /// Leader to worker: accepted, with the peer table (JSON).
     Welcome = 2,
     /// Either way: a refusal or failure, with the reason (JSON string).
     Error = 3,
