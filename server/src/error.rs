@@ -1,4 +1,6 @@
-//! The service's errors, and the one place where they become gRPC status codes.
+//! The server's errors: a request's ([`ServiceError`], and the one place where they become gRPC
+//! status codes and HTTP statuses), and a command's ([`CommandError`]: `serve`, `quantize`, the
+//! memory plan, model flags).
 
 use arbiter_engine::EngineError;
 use arbiter_scoring::error::Place;
@@ -139,6 +141,75 @@ pub fn code_name(code: Code) -> &'static str {
         Code::Unavailable => "UNAVAILABLE",
         Code::DataLoss => "DATA_LOSS",
         Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Why a command (`arbiter serve`, `quantize`, the memory plan, the model flags) could not run.
+/// Messages carry their cause in full: the binary prints them as they are.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// A flag's value is unusable.
+    #[error("{flag}: {message}")]
+    Flag {
+        /// The flag, as typed (`--metrics-listen`).
+        flag: &'static str,
+        /// What is wrong with its value.
+        message: String,
+    },
+    /// A file a flag names cannot be read.
+    #[error("reading {flag} {}: {source}", path.display())]
+    ReadFile {
+        /// The flag that names it.
+        flag: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// The operating system's reason.
+        source: std::io::Error,
+    },
+    /// An address cannot be listened on.
+    #[error("binding {flag} {addr}: {source}")]
+    Bind {
+        /// The flag that names it.
+        flag: &'static str,
+        /// The address.
+        addr: String,
+        /// The operating system's reason.
+        source: std::io::Error,
+    },
+    /// A part of the server cannot be set up (metrics exporter, TLS, reflection, threads).
+    #[error("{what}: {message}")]
+    Setup {
+        /// The part.
+        what: &'static str,
+        /// Why.
+        message: String,
+    },
+    /// The engine refused (the model folder, the layout, the backend, the memory plan).
+    #[error("{doing}: {source}")]
+    Engine {
+        /// What was being done ("loading the model").
+        doing: String,
+        /// The engine's reason.
+        source: EngineError,
+    },
+    /// The converter refused (`arbiter quantize`).
+    #[error("{doing}: {source}")]
+    Convert {
+        /// What was being done.
+        doing: String,
+        /// The converter's reason (boxed: it is large, and rare).
+        source: Box<arbiter_convert::ConvertError>,
+    },
+    /// The server stopped because it could not go on (a failed engine or pipeline worker).
+    #[error("{0}")]
+    Stopped(String),
+}
+
+impl CommandError {
+    /// An engine error met while `doing` something.
+    pub fn engine(doing: impl Into<String>) -> impl FnOnce(EngineError) -> CommandError {
+        let doing = doing.into();
+        move |source| CommandError::Engine { doing, source }
     }
 }
 

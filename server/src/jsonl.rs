@@ -7,7 +7,7 @@
 use arbiter_engine::demo::DEMO_WARNING;
 use arbiter_engine::spec::HeadSpec;
 use arbiter_engine::text::{Input, Message, Role, TruncationPolicy};
-use arbiter_engine::{EngineError, RewardWeights};
+use arbiter_engine::RewardWeights;
 use arbiter_scoring::ItemScore;
 use serde_json::{json, Map, Value};
 
@@ -24,45 +24,46 @@ pub struct Item {
     pub weights: Vec<(String, f32)>,
 }
 
-fn invalid(m: impl Into<String>) -> EngineError {
-    EngineError::InvalidInput(m.into())
-}
+use crate::field::BadField;
 
-/// Parses one JSON line into an item; the error says which field is wrong.
-pub fn parse_item(line: &str) -> Result<Item, EngineError> {
-    let v: Value = serde_json::from_str(line).map_err(|e| invalid(format!("not valid JSON: {e}")))?;
-    let obj = v.as_object().ok_or_else(|| invalid("expected a JSON object"))?;
+/// Parses one JSON line into an item; the error names the field that is wrong.
+pub fn parse_item(line: &str) -> Result<Item, BadField> {
+    let v: Value = serde_json::from_str(line).map_err(|e| BadField::whole(format!("not valid JSON: {e}")))?;
+    let obj = v.as_object().ok_or_else(|| BadField::whole("expected a JSON object"))?;
     const KNOWN: [&str; 6] = ["messages", "text", "token_ids", "id", "truncation", "reward_weights"];
     if let Some(k) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        return Err(invalid(format!("unknown field {k:?}; fields are {}", KNOWN.join(", "))));
+        return Err(BadField::new(k.as_str(), format!("unknown field; fields are {}", KNOWN.join(", "))));
     }
     let kinds: Vec<&str> = ["messages", "text", "token_ids"].into_iter().filter(|k| obj.contains_key(*k)).collect();
     let input = match kinds.as_slice() {
         ["messages"] => Input::Messages(parse_messages(&obj["messages"])?),
-        ["text"] => Input::Text(obj["text"].as_str().ok_or_else(|| invalid("\"text\" must be a string"))?.to_string()),
+        ["text"] => {
+            Input::Text(obj["text"].as_str().ok_or_else(|| BadField::new("text", "must be a string"))?.to_string())
+        }
         ["token_ids"] => Input::TokenIds(
             obj["token_ids"]
                 .as_array()
-                .ok_or_else(|| invalid("\"token_ids\" must be a list of integers"))?
+                .ok_or_else(|| BadField::new("token_ids", "must be a list of integers"))?
                 .iter()
                 .enumerate()
                 .map(|(i, t)| {
                     t.as_u64()
                         .and_then(|t| u32::try_from(t).ok())
-                        .ok_or_else(|| invalid(format!("token_ids[{i}] = {t} is not a token id")))
+                        .ok_or_else(|| BadField::new(format!("token_ids[{i}]"), format!("{t} is not a token id")))
                 })
                 .collect::<Result<_, _>>()?,
         ),
-        [] => return Err(invalid("the item needs one of \"messages\", \"text\" or \"token_ids\"")),
-        many => return Err(invalid(format!("the item has {}; give exactly one", many.join(" and ")))),
+        [] => return Err(BadField::whole("the item needs one of \"messages\", \"text\" or \"token_ids\"")),
+        many => return Err(BadField::whole(format!("the item has {}; give exactly one", many.join(" and ")))),
     };
     let truncation = match obj.get("truncation") {
         None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.parse()?),
+        Some(Value::String(s)) => Some(s.parse().map_err(|e| BadField::new("truncation", format!("{e}")))?),
         Some(v) => {
-            return Err(invalid(format!(
-                "\"truncation\" must be \"error\", \"truncate\" or \"truncate_content\", found {v}"
-            )))
+            return Err(BadField::new(
+                "truncation",
+                format!("must be \"error\", \"truncate\" or \"truncate_content\", found {v}"),
+            ))
         }
     };
     let weights = match obj.get("reward_weights") {
@@ -72,36 +73,38 @@ pub fn parse_item(line: &str) -> Result<Item, EngineError> {
             .map(|(k, v)| {
                 v.as_f64()
                     .map(|w| (k.clone(), w as f32))
-                    .ok_or_else(|| invalid(format!("reward_weights.{k} must be a number")))
+                    .ok_or_else(|| BadField::new(format!("reward_weights.{k}"), "must be a number"))
             })
             .collect::<Result<_, _>>()?,
-        Some(_) => return Err(invalid("\"reward_weights\" must be an object of attribute -> weight")),
+        Some(_) => return Err(BadField::new("reward_weights", "must be an object of attribute -> weight")),
     };
     Ok(Item { id: obj.get("id").cloned(), input, truncation, weights })
 }
 
-fn parse_messages(v: &Value) -> Result<Vec<Message>, EngineError> {
-    let list = v.as_array().ok_or_else(|| invalid("\"messages\" must be a list of {\"role\", \"content\"} objects"))?;
+fn parse_messages(v: &Value) -> Result<Vec<Message>, BadField> {
+    let list =
+        v.as_array().ok_or_else(|| BadField::new("messages", "must be a list of {\"role\", \"content\"} objects"))?;
     list.iter()
         .enumerate()
         .map(|(i, m)| {
             let role = m
                 .get("role")
                 .and_then(Value::as_str)
-                .ok_or_else(|| invalid(format!("messages[{i}] needs a string \"role\"")))?;
-            let role = Role::parse(role).map_err(|e| invalid(format!("messages[{i}]: {e}")))?;
+                .ok_or_else(|| BadField::new(format!("messages[{i}].role"), "must be a string"))?;
+            let role = Role::parse(role).map_err(|e| BadField::new(format!("messages[{i}].role"), e.to_string()))?;
             let content = m
                 .get("content")
                 .and_then(Value::as_str)
-                .ok_or_else(|| invalid(format!("messages[{i}] needs a string \"content\"")))?;
+                .ok_or_else(|| BadField::new(format!("messages[{i}].content"), "must be a string"))?;
             Ok(Message::new(role, content))
         })
         .collect()
 }
 
 /// Reward weights for an item: the model's defaults with the item's overrides.
-pub fn item_weights(head: &HeadSpec, item: &Item) -> Result<RewardWeights, EngineError> {
+pub fn item_weights(head: &HeadSpec, item: &Item) -> Result<RewardWeights, BadField> {
     RewardWeights::with_overrides(head, item.weights.iter().map(|(k, w)| (k.as_str(), *w)))
+        .map_err(|e| BadField::new("reward_weights", e.to_string()))
 }
 
 /// The JSON result of a scored item.
@@ -170,11 +173,11 @@ mod tests {
             ("[1]", "expected a JSON object"),
             ("{}", "needs one of"),
             (r#"{"text": "a", "token_ids": [1]}"#, "has text and token_ids"),
-            (r#"{"token_ids": [1, -3]}"#, "token_ids[1] = -3"),
-            (r#"{"messages": [{"role": "robot", "content": "x"}]}"#, "messages[0]: unknown role \"robot\""),
-            (r#"{"messages": [{"role": "user"}]}"#, "messages[0] needs a string \"content\""),
-            (r#"{"text": "a", "truncation": "cut"}"#, "unknown truncation policy \"cut\""),
-            (r#"{"text": "a", "colour": 1}"#, "unknown field \"colour\""),
+            (r#"{"token_ids": [1, -3]}"#, "token_ids[1]: -3 is not a token id"),
+            (r#"{"messages": [{"role": "robot", "content": "x"}]}"#, "messages[0].role: unknown role \"robot\""),
+            (r#"{"messages": [{"role": "user"}]}"#, "messages[0].content: must be a string"),
+            (r#"{"text": "a", "truncation": "cut"}"#, "truncation: unknown truncation policy \"cut\""),
+            (r#"{"text": "a", "colour": 1}"#, "colour: unknown field"),
         ] {
             let e = parse_item(line).unwrap_err().to_string();
             assert!(e.contains(want), "{line}: {e}");

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod field;
 pub mod gate;
 pub mod http;
 pub mod jsonl;

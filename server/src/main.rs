@@ -10,8 +10,8 @@ use anyhow::{Context, Result};
 use arbiter_engine::demo::{write_demo_preset, DemoPreset, DEMO_WARNING};
 use arbiter_engine::spec::HeadSpec;
 use arbiter_engine::text::TruncationPolicy;
-use arbiter_engine::EngineError;
 use arbiter_scoring::{BatchConfig, Item, ItemScore, Options, ScoreError, Scorer, ScorerConfig};
+use arbiter_server::field::BadField;
 use arbiter_server::jsonl::{error_json, item_weights, parse_item, result_json};
 use arbiter_server::model_args::ModelArgs;
 use arbiter_server::serve::{start, ServeArgs};
@@ -128,7 +128,7 @@ fn main() -> ExitCode {
         Command::Serve { args, log_format } => serve(*args, log_format),
         Command::Score(args) => score(args),
         Command::Convert(args) => convert(args),
-        Command::Quantize(args) => quantize_cmd::run(args),
+        Command::Quantize(args) => quantize_cmd::run(args).map_err(anyhow::Error::from),
         Command::DemoModel { out, preset } => write_demo_preset(&out, preset)
             .map(|()| {
                 eprintln!("wrote the demo model to {} ({DEMO_WARNING})", out.display());
@@ -227,7 +227,7 @@ async fn wait_for_signal() {
 struct Line {
     line: usize,
     id: Option<Value>,
-    item: Result<Item, EngineError>,
+    item: Result<Item, BadField>,
 }
 
 /// Lines handed to the scorer together. Several chunks are in flight at once, so the next ones
@@ -237,7 +237,7 @@ const CHUNK_LINES: usize = 64;
 const CHUNKS_IN_FLIGHT: usize = 8;
 
 fn score(args: ScoreArgs) -> Result<ExitCode> {
-    let model = args.model.load().context("loading the model")?;
+    let model = args.model.load()?;
     anyhow::ensure!(
         model.worker.is_none(),
         "--node-rank {} is a pipeline worker: workers run under `arbiter serve`; score on the leader (node 0)",

@@ -2,20 +2,20 @@
 //! weight slices, the activations of a full `--max-batch-tokens` batch, and workspace (see
 //! engine/src/memory.rs), against the memory of the device the ranks run on.
 
-use anyhow::{Context, Result};
 use arbiter_engine::config::load_config;
 use arbiter_engine::memory::{available_host_memory, gpu_memory, plan, Storage};
 use arbiter_engine::parallel::Parallelism;
 use arbiter_engine::runtime::Device;
 
+use crate::error::CommandError;
 use crate::serve::ServeArgs;
 
 /// Plans the model `args` serves, logs the table, and refuses a plan that needs more than the
 /// device has. Runs before loading, so a deployment that cannot fit fails in a second with
 /// numbers, not after copying hundreds of gigabytes.
-pub fn check(args: &ServeArgs) -> Result<()> {
+pub fn check(args: &ServeArgs) -> Result<(), CommandError> {
     let dir = args.model.dir()?;
-    let spec = load_config(&dir.join("config.json"))?;
+    let spec = load_config(&dir.join("config.json")).map_err(CommandError::engine("planning memory"))?;
     let par = Parallelism { tp: args.model.tp.into(), pp: args.model.pp.into() };
     let (storage, capacity, shared, what) = match args.model.device {
         // All CPU ranks of this process share its host memory.
@@ -27,7 +27,8 @@ pub fn check(args: &ServeArgs) -> Result<()> {
         ),
         Device::Cuda(ordinal) => (Storage::CUDA, gpu_memory(ordinal), 1, "GPU memory"),
     };
-    let plan = plan(&spec, par, storage, args.max_batch_tokens.max(1)).context("planning memory")?;
+    let plan =
+        plan(&spec, par, storage, args.max_batch_tokens.max(1)).map_err(CommandError::engine("planning memory"))?;
     tracing::info!(
         "memory plan ({} on {}, {}{}):\n{}",
         dir.display(),
@@ -37,7 +38,7 @@ pub fn check(args: &ServeArgs) -> Result<()> {
         plan.table()
     );
     if let Some(capacity) = capacity {
-        plan.check(capacity, shared.max(1), what)?;
+        plan.check(capacity, shared.max(1), what).map_err(CommandError::engine("checking the memory plan"))?;
     }
     Ok(())
 }

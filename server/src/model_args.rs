@@ -7,7 +7,10 @@ use arbiter_engine::demo::ensure_demo_model;
 use arbiter_engine::parallel::cluster::{ClusterConfig, DEFAULT_LEADER_PORT};
 use arbiter_engine::parallel::Parallelism;
 use arbiter_engine::runtime::{Device, LoadOptions, LoadedModel};
-use arbiter_engine::{EngineError, Result};
+
+use crate::error::CommandError;
+
+type Result<T, E = CommandError> = std::result::Result<T, E>;
 
 /// Model flags shared by every subcommand that loads a model.
 #[derive(Debug, Clone, clap::Args)]
@@ -52,9 +55,9 @@ pub struct ModelArgs {
     pub rendezvous_timeout_seconds: f64,
 }
 
-fn seconds(flag: &str, v: f64) -> Result<Duration> {
+fn seconds(flag: &'static str, v: f64) -> Result<Duration> {
     Duration::try_from_secs_f64(v)
-        .map_err(|_| EngineError::InvalidInput(format!("{flag} must be a positive number of seconds, got {v}")))
+        .map_err(|_| CommandError::Flag { flag, message: format!("must be a positive number of seconds, got {v}") })
 }
 
 impl ModelArgs {
@@ -62,7 +65,7 @@ impl ModelArgs {
     pub fn dir(&self) -> Result<PathBuf> {
         match &self.model {
             Some(d) => Ok(d.clone()),
-            None => ensure_demo_model(),
+            None => ensure_demo_model().map_err(CommandError::engine("writing the demo model")),
         }
     }
 
@@ -86,15 +89,15 @@ impl ModelArgs {
                     timeout: seconds("--rendezvous-timeout-seconds", self.rendezvous_timeout_seconds)?,
                 })
             } else if self.node_rank > 0 {
-                return Err(EngineError::InvalidInput(format!(
-                    "--node-rank {} needs --nodes greater than it",
-                    self.node_rank
-                )));
+                return Err(CommandError::Flag {
+                    flag: "--node-rank",
+                    message: format!("{} needs --nodes greater than it", self.node_rank),
+                });
             } else {
                 None
             },
         };
-        LoadedModel::load(&self.dir()?, &opts)
+        LoadedModel::load(&self.dir()?, &opts).map_err(CommandError::engine("loading the model"))
     }
 }
 

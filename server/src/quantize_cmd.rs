@@ -3,8 +3,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
 use arbiter_convert::quantize::{quantize, QuantizeOptions};
+
+use arbiter_server::error::CommandError;
 
 /// Flags of `arbiter quantize`.
 #[derive(clap::Args)]
@@ -21,15 +22,17 @@ pub struct QuantizeArgs {
 }
 
 /// Runs `arbiter quantize`.
-pub fn run(args: QuantizeArgs) -> Result<ExitCode> {
+pub fn run(args: QuantizeArgs) -> Result<ExitCode, CommandError> {
     let opts = QuantizeOptions {
         input: args.input,
         output: args.output,
         max_shard_bytes: args.max_shard_bytes.max(1),
         progress: true,
     };
-    let report = quantize(&opts)
-        .with_context(|| format!("quantizing {} into {}", opts.input.display(), opts.output.display()))?;
+    let report = quantize(&opts).map_err(|source| CommandError::Convert {
+        doing: format!("quantizing {} into {}", opts.input.display(), opts.output.display()),
+        source: Box::new(source),
+    })?;
     eprintln!(
         "arbiter: wrote {} ({} matrices in FP8, {} tensors copied; {:.2} GB -> {:.2} GB) in {:.1}s",
         opts.output.display(),

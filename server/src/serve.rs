@@ -14,6 +14,7 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 use crate::auth::BearerAuth;
+use crate::error::CommandError;
 use crate::gate::{Gate, Lifecycle, Ready, RequestLimits};
 use crate::metrics as m;
 use crate::model_args::ModelArgs;
@@ -101,7 +102,7 @@ pub struct Running {
     /// The bound HTTP address (--http-listen), if enabled.
     pub http_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
-    done: tokio::task::JoinHandle<anyhow::Result<()>>,
+    done: tokio::task::JoinHandle<Result<(), CommandError>>,
 }
 
 /// Starts a graceful shutdown of a [`Running`] server from anywhere.
@@ -127,21 +128,23 @@ impl Running {
     }
 
     /// Waits for the server to finish (after a stop, or a failed start).
-    pub async fn wait(self) -> anyhow::Result<()> {
-        self.done.await?
+    pub async fn wait(self) -> Result<(), CommandError> {
+        self.done.await.map_err(|e| CommandError::Stopped(format!("the server task failed: {e}")))?
     }
 }
 
 /// Binds, then loads and warms up the model in the background; health says NOT_SERVING until
 /// the model is ready, SERVING after, NOT_SERVING again once draining starts.
-pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
-    use anyhow::Context;
-    let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
-    let addr = listener.local_addr()?;
+pub async fn start(args: ServeArgs) -> Result<Running, CommandError> {
+    let bind = |source| CommandError::Bind { flag: "--listen", addr: args.listen.to_string(), source };
+    let listener = TcpListener::bind(args.listen).await.map_err(bind)?;
+    let addr = listener.local_addr().map_err(bind)?;
     if args.metrics_listen != "none" {
-        let maddr: SocketAddr =
-            args.metrics_listen.parse().with_context(|| format!("--metrics-listen {:?}", args.metrics_listen))?;
-        m::install(maddr).map_err(anyhow::Error::msg)?;
+        let maddr: SocketAddr = args.metrics_listen.parse().map_err(|e| CommandError::Flag {
+            flag: "--metrics-listen",
+            message: format!("{:?} is not HOST:PORT or \"none\": {e}", args.metrics_listen),
+        })?;
+        m::install(maddr).map_err(|message| CommandError::Setup { what: "the metrics exporter", message })?;
         tracing::info!(%maddr, "metrics on /metrics");
     }
     let (health, health_svc) = tonic_health::server::health_reporter();
@@ -150,11 +153,13 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(arbiter_proto::v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+        .build_v1()
+        .map_err(setup("gRPC reflection"))?;
     let reflection_alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(arbiter_proto::v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+        .build_v1alpha()
+        .map_err(setup("gRPC reflection"))?;
 
     let lifecycle = Arc::new(Lifecycle::default());
     let gate = Gate::new(lifecycle.clone(), BearerAuth::new(args.auth_token.as_deref()));
@@ -164,9 +169,13 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
 
     let mut builder = Server::builder().layer(crate::refusals::RefusalLayer);
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
-        let cert = std::fs::read(cert).with_context(|| format!("reading --tls-cert {}", cert.display()))?;
-        let key = std::fs::read(key).with_context(|| format!("reading --tls-key {}", key.display()))?;
-        builder = builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
+        let read = |flag, path: &std::path::PathBuf| {
+            std::fs::read(path).map_err(|source| CommandError::ReadFile { flag, path: path.clone(), source })
+        };
+        let (cert, key) = (read("--tls-cert", cert)?, read("--tls-key", key)?);
+        builder = builder
+            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+            .map_err(setup("TLS (--tls-cert, --tls-key)"))?;
     }
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let (grpc_stop_tx, mut grpc_stop_rx) = watch::channel(false);
@@ -191,7 +200,11 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
                 rx.wait_for(|s| *s).await.ok();
             })
             .await
-            .with_context(|| format!("binding --http-listen {a}"))?;
+            .map_err(|source| CommandError::Bind {
+                flag: "--http-listen",
+                addr: a.to_string(),
+                source,
+            })?;
             tracing::info!(addr = %bound, "HTTP: POST /get_reward (OpenRLHF), POST /classify (vLLM), GET /v1/models, GET /health");
             Some(bound)
         }
@@ -234,8 +247,8 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
             return match outcome {
                 None => Ok(()),
                 Some(Ok(Ok(()))) => Ok(()),
-                Some(Ok(Err(e))) => Err(anyhow::anyhow!("pipeline worker stopped: {e}")),
-                Some(Err(e)) => Err(anyhow::anyhow!("pipeline worker crashed: {e}")),
+                Some(Ok(Err(e))) => Err(CommandError::Stopped(format!("pipeline worker stopped: {e}"))),
+                Some(Err(e)) => Err(CommandError::Stopped(format!("pipeline worker crashed: {e}"))),
             };
         }
         let ready = tokio::select! {
@@ -292,12 +305,17 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Running> {
         let scorer_done = tokio::task::spawn_blocking(move || ready.scorer.shutdown());
         scorer_done.await.ok();
         if let Some(why) = fatal.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            anyhow::bail!("stopped because the engine failed: {why}");
+            return Err(CommandError::Stopped(format!("stopped because the engine failed: {why}")));
         }
         tracing::info!("stopped");
         Ok(())
     });
     Ok(Running { addr, http_addr, stop: stop_tx, done })
+}
+
+/// A setup step's error, as [`CommandError::Setup`].
+fn setup<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> CommandError {
+    move |e| CommandError::Setup { what, message: e.to_string() }
 }
 
 /// The name the HTTP APIs give the model: --served-model-name, else --model as given (vLLM's
@@ -311,14 +329,14 @@ fn served_model_name(args: &ServeArgs) -> String {
 }
 
 /// Loads the model (on several nodes: after the rendezvous).
-async fn load_model(args: &ServeArgs) -> anyhow::Result<arbiter_engine::runtime::LoadedModel> {
-    use anyhow::Context;
+async fn load_model(args: &ServeArgs) -> Result<arbiter_engine::runtime::LoadedModel, CommandError> {
     let a = args.clone();
     let model = tokio::task::spawn_blocking(move || {
         crate::memory_plan::check(&a)?;
-        a.model.load().context("loading the model")
+        a.model.load()
     })
-    .await??;
+    .await
+    .map_err(setup("the loading thread"))??;
     tracing::info!(
         dir = %model.dir.display(),
         fingerprint = %model.fingerprint,
@@ -342,8 +360,7 @@ async fn prepare(
     args: &ServeArgs,
     model: arbiter_engine::runtime::LoadedModel,
     on_fatal: arbiter_scoring::queue::OnFatal,
-) -> anyhow::Result<Arc<Ready>> {
-    use anyhow::Context;
+) -> Result<Arc<Ready>, CommandError> {
     let cfg = BatchConfig {
         max_batch_tokens: args.max_batch_tokens.max(1),
         max_batch_requests: args.max_batch_requests.max(1),
@@ -360,15 +377,19 @@ async fn prepare(
             arbiter_engine::runtime::Device::Cuda(_) => (cfg.max_batch_tokens, cfg.max_batch_requests),
         };
         let t = Instant::now();
-        tokio::task::spawn_blocking(move || warm_up(engine.as_ref(), tokens, requests, max_len)).await?.map_err(|e| {
-            anyhow::anyhow!(
-                "the warm-up batch of {tokens} tokens failed: {e}. Lower --max-batch-tokens (or ARBITER_MAX_BATCH_TOKENS) until it fits"
-            )
-        })?;
+        tokio::task::spawn_blocking(move || warm_up(engine.as_ref(), tokens, requests, max_len))
+            .await
+            .map_err(setup("the warm-up thread"))?
+            .map_err(|e| {
+                CommandError::engine(format!(
+                    "the warm-up batch of {tokens} tokens failed (lower --max-batch-tokens, or \
+                     ARBITER_MAX_BATCH_TOKENS, until it fits)"
+                ))(e)
+            })?;
         tracing::info!(tokens, seconds = t.elapsed().as_secs_f64(), "warm-up batch done");
     }
     let scorer_cfg = ScorerConfig { batch: cfg, tokenization_workers: args.tokenization_workers.max(1) };
-    let scorer = Scorer::start(model, scorer_cfg, Some(on_fatal)).context("starting the engine threads")?;
+    let scorer = Scorer::start(model, scorer_cfg, Some(on_fatal)).map_err(setup("starting the engine threads"))?;
     let limits = RequestLimits {
         max_items_per_request: args.max_items_per_request.max(1),
         max_message_bytes: args.max_message_bytes,

@@ -123,9 +123,7 @@ fn proto_input(item: pb::Item, place: &str) -> Result<Input, ServiceError> {
         Some(I::Conversation(c)) => Ok(Input::Messages(proto_messages(&c.messages, place)?)),
         Some(I::Text(t)) => Ok(Input::Text(t)),
         Some(I::TokenIds(t)) => Ok(Input::TokenIds(t.ids)),
-        None => {
-            Err(ServiceError::InvalidArgument(format!("{place} has no input: set conversation, text or token_ids")))
-        }
+        None => Err(ServiceError::InvalidArgument(format!("{place}: no input; set conversation, text or token_ids"))),
     }
 }
 

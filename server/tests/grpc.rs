@@ -207,7 +207,7 @@ async fn every_bad_input_gets_its_code_and_a_message_and_serving_goes_on() {
     expect_err(
         c.score(score_req(vec![ok(), pb::Item { input: None }])).await,
         Code::InvalidArgument,
-        "items[1] has no input",
+        "items[1]: no input",
     )
     .await;
     expect_err(
@@ -271,7 +271,7 @@ async fn every_bad_input_gets_its_code_and_a_message_and_serving_goes_on() {
         "no candidates",
     )
     .await;
-    expect_err(c.tokenize(pb::TokenizeRequest::default()).await, Code::InvalidArgument, "item has no input").await;
+    expect_err(c.tokenize(pb::TokenizeRequest::default()).await, Code::InvalidArgument, "item: no input").await;
 
     // Still serving, and truncation works when asked for.
     let old_turn =

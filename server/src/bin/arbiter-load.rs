@@ -129,7 +129,7 @@ fn main() -> Result<()> {
         bail!("--lengths {lo}..{hi}: need 1 <= MIN <= MAX");
     }
     let mix = parse_mix(&args.mix)?;
-    let model = args.model.load().context("loading the model for the offline comparison")?;
+    let model = args.model.load().context("for the offline comparison")?;
     let vocab = model.spec().vocab as u64;
     let pre = &model.preprocessor;
 

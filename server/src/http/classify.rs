@@ -49,6 +49,7 @@ use tracing::Instrument;
 
 use super::{metadata, App};
 use crate::error::{code_name, ServiceError};
+pub use crate::field::BadField;
 use crate::gate::Ready;
 
 /// Fields of vLLM's classify requests that arbiter reads; others are ignored (logged at debug).
@@ -68,27 +69,6 @@ const KNOWN: [&str; 14] = [
     "user",
     "priority",
 ];
-
-/// A request field that is wrong, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BadField {
-    /// Its path in the body (`input[2]`, `messages[1].content`, `body` for the whole).
-    pub param: String,
-    /// What is wrong with it.
-    pub message: String,
-}
-
-impl BadField {
-    fn new(param: impl Into<String>, message: impl Into<String>) -> Self {
-        BadField { param: param.into(), message: message.into() }
-    }
-}
-
-impl std::fmt::Display for BadField {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.param, self.message)
-    }
-}
 
 /// How the items of a request are named in messages about one of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -48,10 +48,10 @@ fn reject(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 fn strings(v: &Value, field: &str) -> Result<Vec<String>, String> {
-    let list = v.as_array().ok_or_else(|| format!("\"{field}\" must be a list of strings"))?;
+    let list = v.as_array().ok_or_else(|| format!("{field}: must be a list of strings"))?;
     list.iter()
         .enumerate()
-        .map(|(i, s)| s.as_str().map(str::to_string).ok_or_else(|| format!("{field}[{i}] must be a string")))
+        .map(|(i, s)| s.as_str().map(str::to_string).ok_or_else(|| format!("{field}[{i}]: must be a string")))
         .collect()
 }
 
@@ -62,7 +62,7 @@ pub fn inputs(body: &[u8], settings: &Settings) -> Result<Vec<Input>, String> {
     let obj = v.as_object().ok_or("the body must be a JSON object with \"query\" and \"prompts\"")?;
     let query = strings(obj.get("query").ok_or("missing \"query\"")?, "query")?;
     if let Some(labels) = obj.get("labels").filter(|l| !l.is_null()) {
-        let n = labels.as_array().ok_or("\"labels\" must be a list")?.len();
+        let n = labels.as_array().ok_or("labels: must be a list")?.len();
         if n != query.len() {
             return Err(format!("\"labels\" has {n} entries but \"query\" has {}", query.len()));
         }
@@ -177,7 +177,7 @@ mod tests {
             (r#"{"query": ["a", "b"], "prompts": ["a"]}"#, "\"prompts\" has 1 entries but \"query\" has 2"),
             (r#"{"query": ["ab"], "prompts": ["x"]}"#, "query[0] does not start with prompts[0]"),
             (r#"{"query": ["a"], "prompts": ["a"], "labels": [1, 2]}"#, "\"labels\" has 2 entries"),
-            (r#"{"query": [3]}"#, "query[0] must be a string"),
+            (r#"{"query": [3]}"#, "query[0]: must be a string"),
         ] {
             let e = inputs(body.as_bytes(), &split()).unwrap_err();
             assert!(e.contains(want), "{body}: {e}");
