@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use memmap2::Mmap;
 
@@ -60,7 +60,7 @@ impl Dtype {
 /// A borrowed view of one stored tensor: its dtype, shape and raw little-endian bytes.
 ///
 /// Every read goes through [`TensorView::for_each_row`], so that a store opened with a
-/// [`ReadLog`] records exactly which bytes a rank touched.
+/// [`ReadObserver`] sees exactly which bytes a rank touched.
 #[derive(Debug, Clone, Copy)]
 pub struct TensorView<'a> {
     /// The tensor's name.
@@ -71,14 +71,14 @@ pub struct TensorView<'a> {
     pub shape: &'a [usize],
     /// Raw bytes, `shape.product() * dtype.size()` of them.
     pub bytes: &'a [u8],
-    /// Where reads are recorded, when the store was opened with a log.
-    pub log: Option<&'a ReadLog>,
+    /// Who sees the reads, when the store was opened with an observer.
+    pub observer: Option<&'a dyn ReadObserver>,
 }
 
 impl<'a> TensorView<'a> {
-    /// A view with no read log (tests, in-memory tensors).
+    /// A view with no read observer (tests, in-memory tensors).
     pub fn new(name: &'a str, dtype: Dtype, shape: &'a [usize], bytes: &'a [u8]) -> Self {
-        TensorView { name, dtype, shape, bytes, log: None }
+        TensorView { name, dtype, shape, bytes, observer: None }
     }
 
     /// Number of elements.
@@ -97,14 +97,14 @@ impl<'a> TensorView<'a> {
     }
 
     /// Calls `f` with the raw bytes of columns `cols` of each row in `rows` (rows of the outermost
-    /// dimension, columns of the flattened rest), in order, recording each read in the log.
+    /// dimension, columns of the flattened rest), in order, reporting each read to the observer.
     ///
     /// Panics only on ranges outside the shape, which the loaders check before asking.
     pub fn for_each_row(&self, rows: Range<usize>, cols: Range<usize>, mut f: impl FnMut(&'a [u8])) {
         let (row_len, es) = (self.row_len(), self.dtype.size());
         assert!(rows.end <= self.shape.first().copied().unwrap_or(1) && cols.end <= row_len, "block out of range");
         if cols.len() == row_len {
-            // Whole rows are one contiguous run: one read, one log entry.
+            // Whole rows are one contiguous run: one read, one report.
             let bytes = &self.bytes[rows.start * row_len * es..rows.end * row_len * es];
             self.record(rows.start * row_len * es..rows.end * row_len * es);
             for row in bytes.chunks_exact((row_len * es).max(1)) {
@@ -120,8 +120,8 @@ impl<'a> TensorView<'a> {
     }
 
     fn record(&self, bytes: Range<usize>) {
-        if let Some(log) = self.log {
-            log.record(self.name, bytes);
+        if let Some(observer) = self.observer {
+            observer.read(self.name, bytes);
         }
     }
 
@@ -191,39 +191,11 @@ pub fn narrow(values: &[f32], dtype: Dtype) -> Vec<u8> {
     out
 }
 
-/// The byte ranges read from a store's tensors, for showing that a tensor-parallel rank reads only
-/// its own slices. Recording costs a lock per row read, so only tests and diagnostics turn it on.
-#[derive(Debug, Default)]
-pub struct ReadLog {
-    reads: Mutex<BTreeMap<String, Vec<Range<usize>>>>,
-}
-
-impl ReadLog {
-    fn record(&self, tensor: &str, bytes: Range<usize>) {
-        let mut reads = crate::sync::lock(&self.reads);
-        reads.entry(tensor.to_string()).or_default().push(bytes);
-    }
-
-    /// Per tensor, the byte ranges (relative to the tensor's data) read so far, sorted and with
-    /// adjacent or overlapping ranges merged.
-    pub fn merged(&self) -> BTreeMap<String, Vec<Range<usize>>> {
-        let reads = crate::sync::lock(&self.reads);
-        reads
-            .iter()
-            .map(|(name, ranges)| {
-                let mut v = ranges.clone();
-                v.sort_by_key(|r| (r.start, r.end));
-                let mut out: Vec<Range<usize>> = Vec::new();
-                for r in v {
-                    match out.last_mut() {
-                        Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
-                        _ => out.push(r),
-                    }
-                }
-                (name.clone(), out)
-            })
-            .collect()
-    }
+/// Sees every byte range read from a store's tensors (relative to each tensor's data). Tests use
+/// one to show that a tensor-parallel rank reads only its own slices; serving never sets one.
+pub trait ReadObserver: Send + Sync + std::fmt::Debug {
+    /// `bytes` of tensor `tensor` were read.
+    fn read(&self, tensor: &str, bytes: Range<usize>);
 }
 
 struct Entry {
@@ -238,7 +210,7 @@ struct Entry {
 pub struct WeightStore {
     files: Vec<(PathBuf, Mmap)>,
     tensors: HashMap<String, Entry>,
-    log: Option<Arc<ReadLog>>,
+    observer: Option<Arc<dyn ReadObserver>>,
 }
 
 impl std::fmt::Debug for WeightStore {
@@ -265,19 +237,18 @@ impl WeightStore {
         } else {
             vec![dir.join(SINGLE_FILE)]
         };
-        let mut store = WeightStore { files: Vec::new(), tensors: HashMap::new(), log: None };
+        let mut store = WeightStore { files: Vec::new(), tensors: HashMap::new(), observer: None };
         for path in files {
             store.add_file(path)?;
         }
         Ok(store)
     }
 
-    /// Like [`WeightStore::open`], recording every byte range read into the returned log.
-    pub fn open_logged(dir: &Path) -> Result<(Self, Arc<ReadLog>)> {
+    /// Like [`WeightStore::open`], reporting every byte range read to `observer`.
+    pub fn open_observed(dir: &Path, observer: Arc<dyn ReadObserver>) -> Result<Self> {
         let mut store = Self::open(dir)?;
-        let log = Arc::new(ReadLog::default());
-        store.log = Some(log.clone());
-        Ok((store, log))
+        store.observer = Some(observer);
+        Ok(store)
     }
 
     /// Stored size in bytes of the tensor called `name` (0 when absent).
@@ -354,7 +325,7 @@ impl WeightStore {
             dtype: e.dtype,
             shape: &e.shape,
             bytes: &self.files[e.file].1[e.start..e.end],
-            log: self.log.as_deref(),
+            observer: self.observer.as_deref(),
         })
     }
 
@@ -440,8 +411,15 @@ mod tests {
         let values: Vec<f32> = (0..12).map(|v| v as f32).collect();
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         let shape = [3usize, 4];
-        let log = ReadLog::default();
-        let view = TensorView { log: Some(&log), ..TensorView::new("w", Dtype::F32, &shape, &bytes) };
+        #[derive(Debug, Default)]
+        struct Reads(std::sync::Mutex<Vec<Range<usize>>>);
+        impl ReadObserver for Reads {
+            fn read(&self, _: &str, bytes: Range<usize>) {
+                crate::sync::lock(&self.0).push(bytes);
+            }
+        }
+        let log = Reads::default();
+        let view = TensorView { observer: Some(&log), ..TensorView::new("w", Dtype::F32, &shape, &bytes) };
         let mut out = Vec::new();
         view.block_to_f32(1..3, 2..4, &mut out);
         assert_eq!(out, [6.0, 7.0, 10.0, 11.0]);
@@ -449,8 +427,8 @@ mod tests {
         view.block_to_bf16_bits(0..1, 1..2, &mut bits);
         assert_eq!(bits, [half::bf16::from_f32(1.0).to_bits()]);
         // Row 1 cols 2..4 is bytes 24..32, row 2 is 40..48, row 0 col 1 is 4..8.
-        assert_eq!(log.merged()["w"], vec![4..8, 24..32, 40..48]);
+        assert_eq!(*crate::sync::lock(&log.0), vec![24..32, 40..48, 4..8]);
         view.rows_to_f32(0..3, &mut out);
-        assert_eq!(log.merged()["w"], vec![0..48]);
+        assert_eq!(crate::sync::lock(&log.0).last(), Some(&(0..48)));
     }
 }

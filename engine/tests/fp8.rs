@@ -166,7 +166,7 @@ fn column_parallel_ranks_read_their_rows_scales_and_row_parallel_ranks_all_of_th
     let (_dense, quant) = pair(true);
     let par = Parallelism { tp: 4, pp: 1 };
     for rank in par.ranks() {
-        let (store, log) = WeightStore::open_logged(quant.path()).unwrap();
+        let (store, log) = common::read_log::open_logged(quant.path());
         let (spec, _) = open_folder(quant.path()).unwrap();
         Model::load_rank(spec.clone(), &store, cpu(), rank, Box::new(SingleRank)).unwrap();
         let reads = log.merged();

@@ -13,7 +13,6 @@ use arbiter_engine::folder::ModelFolder;
 use arbiter_engine::graph::open_folder;
 use arbiter_engine::parallel::runner::ParallelEngine;
 use arbiter_engine::parallel::{Parallelism, RankPlan};
-use arbiter_engine::weights::WeightStore;
 use arbiter_engine::{EngineError, Model, PackedBatch};
 use common::{fixture, golden, rel_error, FIXTURES};
 
@@ -57,7 +56,7 @@ fn reads_per_rank(name: &str, par: Parallelism) -> Vec<(RankPlan, Reads)> {
     par.ranks()
         .into_iter()
         .map(|rank| {
-            let (store, log) = WeightStore::open_logged(&fixture(name)).unwrap();
+            let (store, log) = common::read_log::open_logged(&fixture(name));
             let (spec, _) = open_folder(&fixture(name)).unwrap();
             let backend = CpuBackend::with_threads(1).unwrap();
             Model::load_rank(spec, &store, backend, rank, Box::new(SingleRank)).unwrap();
@@ -75,7 +74,7 @@ fn each_rank_reads_only_its_own_slices() {
     // One Nemotron fixture (relu2, LayerNorm1P with biases) and the Llama one (SwiGLU: gate and up).
     for name in ["nemotron-v4-gqa", "llama3-scaled"] {
         let par = Parallelism { tp: 2, pp: 2 };
-        let (store, _) = WeightStore::open_logged(&fixture(name)).unwrap();
+        let (store, _) = common::read_log::open_logged(&fixture(name));
         let (spec, _) = open_folder(&fixture(name)).unwrap();
         let reads = reads_per_rank(name, par);
         let mut matrix_bytes_per_rank = vec![0usize; reads.len()];

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 pub mod counting;
+pub mod read_log;
 
 /// A fixture's token sequences and the outputs HF transformers computed for them.
 pub struct Golden {
