@@ -30,13 +30,13 @@ impl RewardWeights {
         let mut w = head.reward_weights.clone();
         for (name, value) in overrides {
             let slot = head.exposed.iter().position(|&i| head.labels[i] == name).ok_or_else(|| {
-                EngineError::InvalidBatch(format!(
+                EngineError::InvalidInput(format!(
                     "unknown reward weight {name:?}; attributes are {}",
                     head.exposed.iter().map(|&i| head.labels[i].as_str()).collect::<Vec<_>>().join(", ")
                 ))
             })?;
             if !value.is_finite() {
-                return Err(EngineError::InvalidBatch(format!(
+                return Err(EngineError::InvalidInput(format!(
                     "reward weight {name:?} is {value}, not a finite number"
                 )));
             }

@@ -98,7 +98,7 @@ fn bad_conversations_are_refused_before_tokenizing() {
     let e = p.prepare(&Input::TokenIds(vec![]), TruncationPolicy::Error).unwrap_err().to_string();
     assert!(e.contains("empty"), "{e}");
     let e = p.prepare(&Input::TokenIds(vec![1, 2, 2048]), TruncationPolicy::Error).unwrap_err().to_string();
-    assert!(e.contains("token_ids[2] = 2048") && e.contains("below 2048"), "{e}");
+    assert!(e.contains("token_ids[2]: 2048") && e.contains("below 2048"), "{e}");
 }
 
 fn small_limit(dir: &tempfile::TempDir, max: usize) -> Preprocessor {

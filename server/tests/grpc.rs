@@ -233,7 +233,7 @@ async fn every_bad_input_gets_its_code_and_a_message_and_serving_goes_on() {
     expect_err(
         c.score(score_req(vec![ids_item(&[1, 99999])])).await,
         Code::InvalidArgument,
-        "items[0]: token_ids[1] = 99999 is outside the vocabulary",
+        "items[0]: token_ids[1]: 99999 is outside the vocabulary",
     )
     .await;
     expect_err(c.score(score_req(vec![ids_item(&[])])).await, Code::InvalidArgument, "token_ids is empty").await;

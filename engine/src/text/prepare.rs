@@ -282,7 +282,7 @@ impl Preprocessor {
                 }
                 if let Some((i, t)) = ids.iter().enumerate().find(|(_, &t)| t as usize >= self.vocab) {
                     return Err(EngineError::InvalidInput(format!(
-                        "token_ids[{i}] = {t} is outside the vocabulary (ids are below {})",
+                        "token_ids[{i}]: {t} is outside the vocabulary (ids are below {})",
                         self.vocab
                     )));
                 }
