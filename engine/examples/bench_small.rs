@@ -12,6 +12,12 @@ use arbiter_engine::synth::{bench_small_config, write_random_model, SplitMix};
 use arbiter_engine::weights::Dtype;
 use arbiter_engine::{Model, PackedBatch};
 
+// The test support's decorator, compiled into this example only.
+#[path = "../tests/common/instrumented.rs"]
+#[allow(dead_code)]
+mod instrumented;
+use instrumented::Instrumented;
+
 fn arg(name: &str, default: &str) -> String {
     let args: Vec<String> = std::env::args().collect();
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
@@ -50,10 +56,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let dir = std::env::temp_dir().join(format!("arbiter-bench-small-{}", std::process::id()));
     write_random_model(&dir, &bench_small_config(), dtype, 7, true)?;
-    let model = Model::load(&dir, backend)?;
+    let model = Model::load(&dir, Instrumented::new(backend))?;
     let seqs: Vec<Vec<u32>> = (0..8).map(|_| (0..256).map(|_| (rng.next_u64() % 32000) as u32).collect()).collect();
     let batch = PackedBatch::from_sequences(&seqs)?;
     model.forward(&batch)?; // warm-up
+    model.backend().reset();
     let mut times = Vec::new();
     for _ in 0..iters {
         let t = Instant::now();
@@ -73,6 +80,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         dtype,
         times[0],
         tokens as f64 / median
+    );
+    println!();
+    println!("## where the forward time goes ({iters} forwards, backend calls timed one by one)");
+    println!("| op | calls per forward | ms per forward | % of forward |");
+    println!("|---|---|---|---|");
+    let total: f64 = times.iter().sum();
+    let mut ops: Vec<_> = model.backend().stats().into_iter().collect();
+    ops.sort_by_key(|(_, s)| std::cmp::Reverse(s.time));
+    for (op, s) in &ops {
+        let ms = s.time.as_secs_f64() * 1e3 / iters as f64;
+        println!("| {op} | {} | {ms:.1} | {:.1} |", s.calls / iters, 100.0 * s.time.as_secs_f64() / total);
+    }
+    let in_ops: f64 = ops.iter().map(|(_, s)| s.time.as_secs_f64()).sum();
+    println!(
+        "| (graph, outside backend calls) | | {:.1} | {:.1} |",
+        (total - in_ops) * 1e3 / iters as f64,
+        100.0 * (total - in_ops) / total
     );
     println!("ARBITER_TOKENS_PER_S {:.1}", tokens as f64 / median);
     Ok(())

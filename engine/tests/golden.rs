@@ -6,7 +6,7 @@ mod common;
 use arbiter_engine::cpu::CpuBackend;
 use arbiter_engine::weights::WeightStore;
 use arbiter_engine::{Model, PackedBatch, RewardWeights, Score};
-use common::counting::Counting;
+use common::instrumented::Instrumented;
 use common::{fixture, golden, rel_error};
 
 fn check_parity(name: &str) {
@@ -87,13 +87,13 @@ fn a_sequence_scores_bit_identically_alone_and_in_any_batch() {
 
 #[test]
 fn one_matmul_per_weight_matrix_per_layer_whatever_the_batch_holds() {
-    let model = Model::load(&fixture("nemotron-v5"), Counting::new(CpuBackend::new())).unwrap();
+    let model = Model::load(&fixture("nemotron-v5"), Instrumented::new(CpuBackend::new())).unwrap();
     let seqs = golden("nemotron-v5").sequences;
     let per_forward = model.spec().layers * 4; // fused q/k/v, o, up, down
     for n in [1, 2, 5, seqs.len()] {
-        let before = model.backend().matmuls();
+        let before = model.backend().calls("matmul");
         model.forward(&PackedBatch::from_sequences(&seqs[..n]).unwrap()).unwrap();
-        assert_eq!(model.backend().matmuls() - before, per_forward, "batch of {n} sequences");
+        assert_eq!(model.backend().calls("matmul") - before, per_forward, "batch of {n} sequences");
     }
 }
 

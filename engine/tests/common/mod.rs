@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-pub mod counting;
+pub mod instrumented;
 pub mod read_log;
 
 /// A fixture's token sequences and the outputs HF transformers computed for them.
