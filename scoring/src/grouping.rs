@@ -8,6 +8,8 @@
 
 use arbiter_engine::PackedBatch;
 
+use crate::queue::Job;
+
 /// One group: members (indices into the batch's jobs) sharing `prefix` leading tokens.
 #[derive(Debug, Clone)]
 struct Group {
@@ -138,6 +140,29 @@ impl Plan {
     }
 }
 
+/// Jobs packed into one engine batch.
+#[derive(Debug)]
+pub struct Packed {
+    /// The batch; its prefixes shared as [`BatchConfig::shared_prefix_min`] allows.
+    pub batch: PackedBatch,
+    /// Output `k` of the engine belongs to job `order[k]`.
+    pub order: Vec<usize>,
+    /// Groups of two or more jobs that compute a prefix once.
+    pub groups: usize,
+}
+
+/// Packs jobs into one engine batch, sharing common prefixes of at least `shared_prefix_min`
+/// tokens (any length between candidates of one Rank request).
+pub fn pack(jobs: &[Job], shared_prefix_min: Option<usize>) -> arbiter_engine::Result<Packed> {
+    let mut plan = Plan::default();
+    for (i, j) in jobs.iter().enumerate() {
+        let at = plan.place(&j.ids, j.request, shared_prefix_min, |k| &jobs[k].ids);
+        plan.add(i, &j.ids, j.request, at, |k| &jobs[k].ids);
+    }
+    let (batch, order, groups) = plan.pack(|k| &jobs[k].ids)?;
+    Ok(Packed { batch, order, groups })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,5 +221,64 @@ mod tests {
         assert_eq!(p.computed(), 70 + 50 + 45 + 10);
         let (batch, _, _) = p.pack(|j| seqs[j].0.as_slice()).unwrap();
         assert_eq!(batch.tokens().len(), p.computed());
+    }
+
+    // The queue's use of the grouping: budget and fairness of `take_batch`.
+    use crate::queue::{take_batch, BatchConfig, Reply};
+    use std::collections::VecDeque;
+
+    fn queue_of(seqs: &[Vec<u32>]) -> (VecDeque<Job>, Vec<Reply>) {
+        seqs.iter().map(|ids| Job::new(ids.clone(), None)).unzip()
+    }
+
+    fn cat(a: &[u32], b: &[u32]) -> Vec<u32> {
+        [a, b].concat()
+    }
+
+    #[test]
+    fn the_budget_counts_a_shared_prefix_once() {
+        let cfg = BatchConfig {
+            max_batch_tokens: 300,
+            max_batch_requests: 100,
+            queue_capacity: 100,
+            shared_prefix_min: Some(64),
+        };
+        let p = vec![7u32; 200];
+        let seqs: Vec<Vec<u32>> = (0..4).map(|i| cat(&p, &[i; 20])).collect();
+        let (mut q, _rx) = queue_of(&seqs);
+        let b = take_batch(&mut q, &cfg);
+        assert_eq!(b.len(), 4, "200 + 4 x 20 computed tokens fit 300");
+        let packed = pack(&b, cfg.shared_prefix_min).unwrap();
+        assert_eq!((packed.batch.tokens().len(), packed.groups), (280, 1));
+        let off = BatchConfig { shared_prefix_min: None, ..cfg };
+        let (mut q, _rx) = queue_of(&seqs);
+        assert_eq!(take_batch(&mut q, &off).len(), 1, "unshared, only one of 220 tokens fits");
+        assert_eq!(pack(&b, None).unwrap().batch.tokens().len(), 880);
+    }
+
+    #[test]
+    fn sharers_may_pass_a_job_that_does_not_fit_but_only_once() {
+        let cfg = BatchConfig {
+            max_batch_tokens: 300,
+            max_batch_requests: 100,
+            queue_capacity: 100,
+            shared_prefix_min: Some(64),
+        };
+        let p = vec![7u32; 200];
+        let (b1, b2) = (vec![1u32; 250], vec![2u32; 250]);
+        let (mut q, mut rxs) =
+            queue_of(&[cat(&p, &[1; 20]), b1.clone(), b2.clone(), cat(&p, &[2; 20]), cat(&p, &[3; 20])]);
+        let tokens = |b: Vec<Job>| b.iter().map(|j| j.ids.clone()).collect::<Vec<_>>();
+        let first = tokens(take_batch(&mut q, &cfg));
+        assert_eq!(first, [cat(&p, &[1; 20]), cat(&p, &[2; 20]), cat(&p, &[3; 20])], "the sharers pass b1 and b2");
+        // y shares 100 tokens with b1: the next batch could take it ahead of b2, but b2 has
+        // already been passed over once.
+        let y = cat(&b1[..100], &[3; 10]);
+        let (job, rx) = Job::new(y.clone(), None);
+        q.push_back(job);
+        rxs.push(rx);
+        assert_eq!(tokens(take_batch(&mut q, &cfg)), [b1]);
+        assert_eq!(tokens(take_batch(&mut q, &cfg)), [b2]);
+        assert_eq!(tokens(take_batch(&mut q, &cfg)), [y]);
     }
 }

@@ -23,12 +23,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use arbiter_engine::runtime::Engine;
-use arbiter_engine::PackedBatch;
 use metrics::{counter, gauge, histogram};
 use tokio::sync::{oneshot, Notify};
 
 use crate::error::{QueueError, ScoreError};
 use crate::grouping::Plan;
+pub use crate::grouping::{pack, Packed};
 use crate::metrics as m;
 
 /// Batching limits.
@@ -82,12 +82,12 @@ pub type Reply = oneshot::Receiver<Result<JobOutput, ScoreError>>;
 /// One sequence waiting to be scored.
 #[derive(Debug)]
 pub struct Job {
-    ids: Vec<u32>,
+    pub(crate) ids: Vec<u32>,
     reply: oneshot::Sender<Result<JobOutput, ScoreError>>,
     deadline: Option<Instant>,
     enqueued: Instant,
     /// The Rank request it is a candidate of: candidates share their prompt however short.
-    request: Option<u64>,
+    pub(crate) request: Option<u64>,
     /// A batch already took later jobs ahead of this one; it may not happen again.
     overtaken: bool,
 }
@@ -110,29 +110,6 @@ impl Job {
     pub fn tokens(&self) -> usize {
         self.ids.len()
     }
-}
-
-/// Jobs packed into one engine batch.
-#[derive(Debug)]
-pub struct Packed {
-    /// The batch; its prefixes shared as [`BatchConfig::shared_prefix_min`] allows.
-    pub batch: PackedBatch,
-    /// Output `k` of the engine belongs to job `order[k]`.
-    pub order: Vec<usize>,
-    /// Groups of two or more jobs that compute a prefix once.
-    pub groups: usize,
-}
-
-/// Packs jobs into one engine batch, sharing common prefixes of at least `shared_prefix_min`
-/// tokens (any length between candidates of one Rank request).
-pub fn pack(jobs: &[Job], shared_prefix_min: Option<usize>) -> arbiter_engine::Result<Packed> {
-    let mut plan = Plan::default();
-    for (i, j) in jobs.iter().enumerate() {
-        let at = plan.place(&j.ids, j.request, shared_prefix_min, |k| &jobs[k].ids);
-        plan.add(i, &j.ids, j.request, at, |k| &jobs[k].ids);
-    }
-    let (batch, order, groups) = plan.pack(|k| &jobs[k].ids)?;
-    Ok(Packed { batch, order, groups })
 }
 
 struct State {
@@ -299,7 +276,7 @@ fn engine_loop(shared: &Shared, engine: &dyn Engine) {
 /// request cap allow (always at least one), skipping jobs nobody waits for anymore; then later
 /// jobs that share a prefix with the batch and still fit, unless that would pass over a job a
 /// second time.
-fn take_batch(queue: &mut VecDeque<Job>, cfg: &BatchConfig) -> Vec<Job> {
+pub(crate) fn take_batch(queue: &mut VecDeque<Job>, cfg: &BatchConfig) -> Vec<Job> {
     let now = Instant::now();
     let (mut batch, mut plan) = (Vec::<Job>::new(), Plan::default());
     while let Some(front) = queue.front() {
@@ -411,6 +388,7 @@ fn run_batch(engine: &dyn Engine, batch: Vec<Job>, shared_prefix_min: Option<usi
 pub(crate) mod tests {
     use super::*;
     use arbiter_engine::spec::ModelSpec;
+    use arbiter_engine::PackedBatch;
 
     /// An engine that fails batches holding token 13, panics on batches holding token 66, and
     /// breaks for good (as a model-parallel group whose rank died) on token 99. Its output for a
@@ -580,60 +558,5 @@ pub(crate) mod tests {
         let (mut jobs, _rxs) = three();
         jobs.truncate(1);
         assert_eq!(rt.block_on(q.submit_waiting(jobs)), Err(QueueError::Closed));
-    }
-
-    fn queue_of(seqs: &[Vec<u32>]) -> (VecDeque<Job>, Vec<Reply>) {
-        seqs.iter().map(|ids| Job::new(ids.clone(), None)).unzip()
-    }
-
-    fn cat(a: &[u32], b: &[u32]) -> Vec<u32> {
-        [a, b].concat()
-    }
-
-    #[test]
-    fn the_budget_counts_a_shared_prefix_once() {
-        let cfg = BatchConfig {
-            max_batch_tokens: 300,
-            max_batch_requests: 100,
-            queue_capacity: 100,
-            shared_prefix_min: Some(64),
-        };
-        let p = vec![7u32; 200];
-        let seqs: Vec<Vec<u32>> = (0..4).map(|i| cat(&p, &[i; 20])).collect();
-        let (mut q, _rx) = queue_of(&seqs);
-        let b = take_batch(&mut q, &cfg);
-        assert_eq!(b.len(), 4, "200 + 4 x 20 computed tokens fit 300");
-        let packed = pack(&b, cfg.shared_prefix_min).unwrap();
-        assert_eq!((packed.batch.tokens().len(), packed.groups), (280, 1));
-        let off = BatchConfig { shared_prefix_min: None, ..cfg };
-        let (mut q, _rx) = queue_of(&seqs);
-        assert_eq!(take_batch(&mut q, &off).len(), 1, "unshared, only one of 220 tokens fits");
-        assert_eq!(pack(&b, None).unwrap().batch.tokens().len(), 880);
-    }
-
-    #[test]
-    fn sharers_may_pass_a_job_that_does_not_fit_but_only_once() {
-        let cfg = BatchConfig {
-            max_batch_tokens: 300,
-            max_batch_requests: 100,
-            queue_capacity: 100,
-            shared_prefix_min: Some(64),
-        };
-        let p = vec![7u32; 200];
-        let (b1, b2) = (vec![1u32; 250], vec![2u32; 250]);
-        let (mut q, mut rxs) =
-            queue_of(&[cat(&p, &[1; 20]), b1.clone(), b2.clone(), cat(&p, &[2; 20]), cat(&p, &[3; 20])]);
-        let tokens = |b: Vec<Job>| b.iter().map(|j| j.ids.clone()).collect::<Vec<_>>();
-        let first = tokens(take_batch(&mut q, &cfg));
-        assert_eq!(first, [cat(&p, &[1; 20]), cat(&p, &[2; 20]), cat(&p, &[3; 20])], "the sharers pass b1 and b2");
-        // y shares 100 tokens with b1: the next batch could take it ahead of b2, but b2 has
-        // already been passed over once.
-        let y = cat(&b1[..100], &[3; 10]);
-        let (job, rx) = Job::new(y.clone(), None);
-        q.push_back(job);
-        rxs.push(rx);
-        assert_eq!(tokens(take_batch(&mut q, &cfg)), [b1]);
-        assert_eq!(tokens(take_batch(&mut q, &cfg)), [b2]);
-        assert_eq!(tokens(take_batch(&mut q, &cfg)), [y]);
     }
 }
