@@ -157,15 +157,16 @@ __device__ __forceinline__ float quad_sum(float v) {
     return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
-// Fills the ROWS x DP shared tile `dst` with qkv rows row0 .. row0 + valid - 1 (global token
-// indices), channels col .. col + D - 1. Rows >= valid and channels >= D become zero and are
-// not read from global memory. With `vec` (16-byte aligned rows, D a multiple of 8) the copy is
+// Fills the ROWS x DP shared tile `dst` with `valid` qkv rows (global token indices): rows
+// r < split are row0 + r, the others row1 + (r - split) (a key tile that straddles the end of a
+// shared prefix and the start of the segment's own keys); channels col .. col + D - 1. Rows >=
+// valid and channels >= D become zero and are not read from global memory. With `vec` (16-byte aligned rows, D a multiple of 8) the copy is
 // cp.async 16 bytes at a time and completes at the caller's cp_async_wait; otherwise it is a
 // plain element-wise copy, complete when this returns. Either way the caller's __syncthreads
 // publishes it to the block.
 template <int ROWS>
 __device__ __forceinline__ void load_tile(__nv_bfloat16* dst, const __nv_bfloat16* __restrict__ qkv, size_t row0,
-                                          int valid, int col, int qkv_width, bool vec) {
+                                          int split, size_t row1, int valid, int col, int qkv_width, bool vec) {
     if constexpr (D % 8 == 0) {
         if (vec) {
             for (int i = threadIdx.x; i < ROWS * CHUNKS; i += THREADS) {
@@ -173,7 +174,8 @@ __device__ __forceinline__ void load_tile(__nv_bfloat16* dst, const __nv_bfloat1
                 const int c = (i % CHUNKS) * 8;
                 __nv_bfloat16* d = dst + r * LD + c;
                 if (r < valid && c < D) {
-                    cp_async_16(d, qkv + (row0 + r) * static_cast<size_t>(qkv_width) + col + c);
+                    const size_t row = r < split ? row0 + r : row1 + (r - split);
+                    cp_async_16(d, qkv + row * static_cast<size_t>(qkv_width) + col + c);
                 } else {
                     *reinterpret_cast<uint4*>(d) = make_uint4(0u, 0u, 0u, 0u);
                 }
@@ -185,7 +187,8 @@ __device__ __forceinline__ void load_tile(__nv_bfloat16* dst, const __nv_bfloat1
     for (int i = threadIdx.x; i < ROWS * DP; i += THREADS) {
         const int r = i / DP;
         const int c = i % DP;
-        dst[r * LD + c] = (r < valid && c < D) ? qkv[(row0 + r) * static_cast<size_t>(qkv_width) + col + c] : zero;
+        const size_t row = r < split ? row0 + r : row1 + (r - split);
+        dst[r * LD + c] = (r < valid && c < D) ? qkv[row * static_cast<size_t>(qkv_width) + col + c] : zero;
     }
 }
 
@@ -193,12 +196,16 @@ __device__ __forceinline__ void load_tile(__nv_bfloat16* dst, const __nv_bfloat1
 
 // out[token, h*D .. h*D + D) = softmax(scale * q k^T) v over the keys 0..=position of the same
 // sequence, for the 64-query tile `blockIdx.x` of the tile list and query head `blockIdx.y`.
+// A segment s that continues a shared prefix (seq_prefix[2s + 1] = P > 0 rows starting at packed
+// row seq_prefix[2s]) is the tail of a sequence whose first P keys are those rows: its queries
+// sit at positions P.., and the keys are walked as the prefix's rows, then the segment's own.
+// Positions below are in that full sequence; rows are packed rows.
 // Launch: grid (n_tiles, heads), block (ARB_ATTN_THREADS), dynamic shared memory
 // ARB_ATTN_SMEM(ARB_HEAD_DIM) bytes.
 extern "C" __global__ void __launch_bounds__(ARB_ATTN_THREADS, 2)
     flash_attn_varlen(const __nv_bfloat16* __restrict__ qkv, __nv_bfloat16* __restrict__ out,
-                      const int* __restrict__ cu_seqlens, const int* __restrict__ tile_seq,
-                      const int* __restrict__ tile_start, int n_tiles, int heads, int kv_heads, int qkv_width,
+                      const int* __restrict__ cu_seqlens, const int* __restrict__ seq_prefix,
+                      const int* __restrict__ tile_seq, const int* __restrict__ tile_start, int n_tiles, int heads, int kv_heads, int qkv_width,
                       float scale) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
 
@@ -216,11 +223,14 @@ extern "C" __global__ void __launch_bounds__(ARB_ATTN_THREADS, 2)
     const int seq_start = cu_seqlens[seq];
     const int seq_len = cu_seqlens[seq + 1] - seq_start;
     const int q0 = tile_start[tile];
-    if (q0 < 0 || q0 >= seq_len) return;  // uniform over the block: no barrier is skipped by some threads
+    const int p_row = seq_prefix[2 * seq];
+    const int p_len = seq_prefix[2 * seq + 1];
+    // Uniform over the block: no barrier is skipped by some threads.
+    if (q0 < 0 || q0 >= seq_len || p_len < 0 || p_row < 0) return;
     const int m_rows = min(BM, seq_len - q0);
     // Causality: no query of this tile sees a key past its last query, so keys >= kv_limit are
     // never loaded; in particular nothing past the end of the sequence is read.
-    const int kv_limit = q0 + m_rows;
+    const int kv_limit = p_len + q0 + m_rows;
     const int n_kv_tiles = (kv_limit + BN - 1) / BN;
 
     const int g = h / (heads / kv_heads);
@@ -228,15 +238,20 @@ extern "C" __global__ void __launch_bounds__(ARB_ATTN_THREADS, 2)
     const int k_col = (heads + g) * D;
     const int v_col = (heads + kv_heads + g) * D;
     const size_t tok0 = static_cast<size_t>(seq_start);
+    const size_t prow0 = static_cast<size_t>(p_row);
+    // Key tile starting at position kb: the prefix rows it covers, then the segment's own.
+    auto kv_split = [&](int kb) { return kb < p_len ? min(p_len - kb, BN) : 0; };
+    auto kv_row0 = [&](int kb) { return kb < p_len ? prow0 + kb : prow0; };
+    auto kv_row1 = [&](int kb) { return kb < p_len ? tok0 : tok0 + (kb - p_len); };
     const bool vec = (qkv_width % 8 == 0) && ((reinterpret_cast<size_t>(qkv) & 15) == 0);
 
     __nv_bfloat16* s_q = reinterpret_cast<__nv_bfloat16*>(smem_raw);
     __nv_bfloat16* s_k = s_q + BM * LD;                   // [ARB_KV_STAGES][BN][LD]
     __nv_bfloat16* s_v = s_k + ARB_KV_STAGES * BN * LD;  // [ARB_KV_STAGES][BN][LD]
 
-    load_tile<BM>(s_q, qkv, tok0 + q0, m_rows, q_col, qkv_width, vec);
-    load_tile<BN>(s_k, qkv, tok0, min(BN, kv_limit), k_col, qkv_width, vec);
-    load_tile<BN>(s_v, qkv, tok0, min(BN, kv_limit), v_col, qkv_width, vec);
+    load_tile<BM>(s_q, qkv, tok0 + q0, m_rows, tok0 + q0, m_rows, q_col, qkv_width, vec);
+    load_tile<BN>(s_k, qkv, kv_row0(0), kv_split(0), kv_row1(0), min(BN, kv_limit), k_col, qkv_width, vec);
+    load_tile<BN>(s_v, qkv, kv_row0(0), kv_split(0), kv_row1(0), min(BN, kv_limit), v_col, qkv_width, vec);
     cp_async_commit();
 
     const int warp = threadIdx.x >> 5;
@@ -246,7 +261,7 @@ extern "C" __global__ void __launch_bounds__(ARB_ATTN_THREADS, 2)
     const int wrow = warp * 16;
     // Warps whose 16 rows are all past the end of a partial tile only help with the loads.
     const bool warp_active = wrow < m_rows;
-    const int warp_q_min = q0 + wrow;  // in-sequence position of the warp's first query row
+    const int warp_q_min = p_len + q0 + wrow;  // in-sequence position of the warp's first query row
     const int warp_q_max = warp_q_min + 15;
     const int qpos0 = warp_q_min + gq;  // this thread's two rows: gq and gq + 8
     const int qpos1 = qpos0 + 8;
@@ -265,8 +280,10 @@ extern "C" __global__ void __launch_bounds__(ARB_ATTN_THREADS, 2)
             // guarantees every warp is done reading it.
             const int stage = (j + 1) % ARB_KV_STAGES;
             const int kb = (j + 1) * BN;
-            load_tile<BN>(s_k + stage * BN * LD, qkv, tok0 + kb, min(BN, kv_limit - kb), k_col, qkv_width, vec);
-            load_tile<BN>(s_v + stage * BN * LD, qkv, tok0 + kb, min(BN, kv_limit - kb), v_col, qkv_width, vec);
+            load_tile<BN>(s_k + stage * BN * LD, qkv, kv_row0(kb), kv_split(kb), kv_row1(kb), min(BN, kv_limit - kb),
+                          k_col, qkv_width, vec);
+            load_tile<BN>(s_v + stage * BN * LD, qkv, kv_row0(kb), kv_split(kb), kv_row1(kb), min(BN, kv_limit - kb),
+                          v_col, qkv_width, vec);
             cp_async_commit();
             cp_async_wait<1>();  // everything but the group just committed, i.e. tile j, has landed
         } else {

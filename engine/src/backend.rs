@@ -146,6 +146,14 @@ pub trait Backend: Send + Sync {
     /// Loads the embedding table `[vocab, hidden]`.
     fn embedding(&self, table: TensorView<'_>) -> Result<Self::Embedding>;
 
+    /// Whether [`Backend::attention`] can read `batch`'s segments' ancestors' keys (shared
+    /// prefixes). For a batch it cannot, the graph computes the items unshared: the same scores
+    /// without the saving.
+    fn shares_prefixes(&self, batch: &PackedBatch) -> bool {
+        let _ = batch;
+        true
+    }
+
     /// Prepares one forward pass over `batch`; `inv_freq` are the rotary inverse frequencies.
     fn batch_ctx(&self, batch: &PackedBatch, inv_freq: &[f32]) -> Result<Self::BatchCtx>;
 

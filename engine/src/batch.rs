@@ -1,23 +1,52 @@
-//! Packed variable-length batches: every sequence's tokens back to back, with cumulative offsets
+//! Packed variable-length batches: every segment's tokens back to back, with cumulative offsets
 //! (flash-attention "varlen" style). No padding anywhere, so cost follows real tokens.
+//!
+//! A batch is a forest of segments. A root segment is an ordinary sequence; a segment with a
+//! parent continues it: its positions start after the parent's last position and its tokens
+//! attend to every ancestor's tokens (root first) and then causally to its own. That is how a
+//! prompt shared by several candidates is computed once: the prompt is a root segment and each
+//! candidate's remaining tokens a child of it. Items are what the caller reads: each item names
+//! the packed row whose hidden state is scored, so an item whose ids equal a shared prefix reads
+//! the prefix's last row.
+
+use std::ops::Range;
 
 use crate::error::{EngineError, Result};
 
-/// Sequences packed into one token array.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// Segments packed into one token array, and the rows their items are read at.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PackedBatch {
     tokens: Vec<u32>,
-    /// `cu_seqlens[i]..cu_seqlens[i + 1]` are the tokens of sequence `i`; starts with 0.
+    /// `cu_seqlens[s]..cu_seqlens[s + 1]` are the tokens of segment `s`; starts with 0.
     cu_seqlens: Vec<usize>,
+    /// The segment each segment continues; always an earlier one, so the packing order is a
+    /// valid order to compute them in.
+    parents: Vec<Option<usize>>,
+    /// Position (within its full sequence) of each segment's first token.
+    first_positions: Vec<usize>,
+    /// Per item, the packed row its outputs are read at.
+    reads: Vec<usize>,
+}
+
+impl Default for PackedBatch {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl PackedBatch {
     /// An empty batch.
     pub fn new() -> Self {
-        PackedBatch { tokens: Vec::new(), cu_seqlens: vec![0] }
+        PackedBatch {
+            tokens: Vec::new(),
+            cu_seqlens: vec![0],
+            parents: Vec::new(),
+            first_positions: Vec::new(),
+            reads: Vec::new(),
+        }
     }
 
-    /// Packs `seqs` in order.
+    /// Packs `seqs` in order, each its own item read at its last token.
     pub fn from_sequences<S: AsRef<[u32]>>(seqs: &[S]) -> Result<Self> {
         let mut b = Self::new();
         for s in seqs {
@@ -26,58 +55,191 @@ impl PackedBatch {
         Ok(b)
     }
 
-    /// Appends one sequence; empty sequences are refused (there is no last token to score).
+    /// Appends one unshared sequence as an item read at its last token; empty sequences are
+    /// refused (there is no last token to score).
     pub fn push(&mut self, seq: &[u32]) -> Result<()> {
         if seq.is_empty() {
             return Err(EngineError::InvalidBatch(format!("sequence {} is empty", self.len())));
         }
-        self.tokens.extend_from_slice(seq);
-        self.cu_seqlens.push(self.tokens.len());
+        let s = self.push_segment(None, seq)?;
+        self.push_item(self.segment(s).end - 1)
+    }
+
+    /// Appends `prefix` once and, per branch, an item that is `prefix` followed by that branch:
+    /// a non-empty branch becomes a child segment read at its last token, an empty one reads the
+    /// prefix's last row.
+    pub fn push_group<S: AsRef<[u32]>>(&mut self, prefix: &[u32], branches: &[S]) -> Result<()> {
+        if prefix.is_empty() {
+            return Err(EngineError::InvalidBatch(format!("the shared prefix of item {} is empty", self.len())));
+        }
+        let p = self.push_segment(None, prefix)?;
+        let prefix_last = self.segment(p).end - 1;
+        for b in branches {
+            let row = match b.as_ref() {
+                [] => prefix_last,
+                b => {
+                    let s = self.push_segment(Some(p), b)?;
+                    self.segment(s).end - 1
+                }
+            };
+            self.push_item(row)?;
+        }
         Ok(())
     }
 
-    /// Number of sequences.
-    pub fn len(&self) -> usize {
-        self.cu_seqlens.len() - 1
+    /// Appends a segment continuing `parent` (an earlier segment), or a new sequence for `None`,
+    /// and returns its index. Reads nothing by itself: add items with [`PackedBatch::push_item`].
+    pub fn push_segment(&mut self, parent: Option<usize>, tokens: &[u32]) -> Result<usize> {
+        let s = self.segments();
+        if tokens.is_empty() {
+            return Err(EngineError::InvalidBatch(format!("segment {s} is empty")));
+        }
+        let first = match parent {
+            None => 0,
+            Some(p) if p < s => self.first_positions[p] + self.segment(p).len(),
+            Some(p) => {
+                return Err(EngineError::InvalidBatch(format!(
+                    "segment {s} continues segment {p}, which does not come before it"
+                )))
+            }
+        };
+        self.tokens.extend_from_slice(tokens);
+        self.cu_seqlens.push(self.tokens.len());
+        self.parents.push(parent);
+        self.first_positions.push(first);
+        Ok(s)
     }
 
-    /// Whether the batch holds no sequence.
+    /// Adds an item read at packed row `row`: its sequence is that row's segment's ancestors and
+    /// the segment up to and including `row`.
+    pub fn push_item(&mut self, row: usize) -> Result<()> {
+        if row >= self.tokens.len() {
+            return Err(EngineError::InvalidBatch(format!(
+                "item {} reads row {row}, but the batch has {} rows",
+                self.len(),
+                self.tokens.len()
+            )));
+        }
+        self.reads.push(row);
+        Ok(())
+    }
+
+    /// Number of items (what [`crate::Model::forward`] returns outputs for).
+    pub fn len(&self) -> usize {
+        self.reads.len()
+    }
+
+    /// Whether the batch holds no item.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// All tokens, packed.
+    /// Number of segments.
+    pub fn segments(&self) -> usize {
+        self.parents.len()
+    }
+
+    /// All tokens, packed: each computed once, however many items share it.
     pub fn tokens(&self) -> &[u32] {
         &self.tokens
     }
 
-    /// Cumulative sequence offsets, `len() + 1` of them.
+    /// Cumulative segment offsets, `segments() + 1` of them.
     pub fn cu_seqlens(&self) -> &[usize] {
         &self.cu_seqlens
     }
 
-    /// Token range of sequence `i`.
-    pub fn range(&self, i: usize) -> std::ops::Range<usize> {
-        self.cu_seqlens[i]..self.cu_seqlens[i + 1]
+    /// Packed rows of segment `s`.
+    pub fn segment(&self, s: usize) -> Range<usize> {
+        self.cu_seqlens[s]..self.cu_seqlens[s + 1]
     }
 
-    /// Position of every packed token within its own sequence.
+    /// The segment that segment `s` continues.
+    pub fn parent(&self, s: usize) -> Option<usize> {
+        self.parents[s]
+    }
+
+    /// Whether some segment continues another (the batch shares computation between items).
+    pub fn is_shared(&self) -> bool {
+        self.parents.iter().any(Option::is_some)
+    }
+
+    /// Position of segment `s`'s first token within its full sequence.
+    pub fn first_position(&self, s: usize) -> usize {
+        self.first_positions[s]
+    }
+
+    /// The rows that segment `s`'s tokens attend to before their own segment: each ancestor's
+    /// rows, root first, which is their order in the unshared sequence.
+    pub fn ancestor_rows(&self, s: usize) -> Vec<Range<usize>> {
+        let mut chain = Vec::new();
+        let mut at = self.parents[s];
+        while let Some(p) = at {
+            chain.push(self.segment(p));
+            at = self.parents[p];
+        }
+        chain.reverse();
+        chain
+    }
+
+    /// The segment holding packed row `row`.
+    fn segment_of(&self, row: usize) -> usize {
+        self.cu_seqlens.partition_point(|&c| c <= row) - 1
+    }
+
+    /// Position of every packed token within its full sequence.
     pub fn positions(&self) -> Vec<u32> {
         let mut p = Vec::with_capacity(self.tokens.len());
-        for w in self.cu_seqlens.windows(2) {
-            p.extend(0..(w[1] - w[0]) as u32);
+        for s in 0..self.segments() {
+            let first = self.first_positions[s] as u32;
+            p.extend(first..first + self.segment(s).len() as u32);
         }
         p
     }
 
-    /// Packed row index of each sequence's last token: where the score is read.
-    pub fn last_rows(&self) -> Vec<usize> {
-        self.cu_seqlens[1..].iter().map(|&e| e - 1).collect()
+    /// Packed row of each item's read position: where its score is read.
+    pub fn read_rows(&self) -> &[usize] {
+        &self.reads
     }
 
-    /// Length of the longest sequence.
+    /// Length of item `i`'s full sequence (shared tokens included).
+    pub fn item_len(&self, i: usize) -> usize {
+        let row = self.reads[i];
+        let s = self.segment_of(row);
+        self.first_positions[s] + (row - self.cu_seqlens[s]) + 1
+    }
+
+    /// Item `i`'s full sequence of token ids, as it would be packed alone.
+    pub fn item_tokens(&self, i: usize) -> Vec<u32> {
+        let row = self.reads[i];
+        let s = self.segment_of(row);
+        let mut ids: Vec<u32> =
+            self.ancestor_rows(s).into_iter().flat_map(|r| self.tokens[r].iter().copied()).collect();
+        ids.extend_from_slice(&self.tokens[self.cu_seqlens[s]..=row]);
+        ids
+    }
+
+    /// Sum of every item's full length: the tokens an unshared batch would compute for the same
+    /// items (more than [`PackedBatch::tokens`] when items share).
+    pub fn item_tokens_total(&self) -> usize {
+        (0..self.len()).map(|i| self.item_len(i)).sum()
+    }
+
+    /// The same items with nothing shared: each its full sequence, read at its last token (for a
+    /// backend whose attention cannot read a prefix's keys).
+    pub fn unshared(&self) -> PackedBatch {
+        let mut b = PackedBatch::new();
+        for i in 0..self.len() {
+            let ids = self.item_tokens(i);
+            let s = b.push_segment(None, &ids).expect("an item has at least its read row");
+            b.reads.push(b.segment(s).end - 1);
+        }
+        b
+    }
+
+    /// One past the largest position in the batch: the rotary tables must reach this far.
     pub fn max_len(&self) -> usize {
-        self.cu_seqlens.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0)
+        (0..self.segments()).map(|s| self.first_positions[s] + self.segment(s).len()).max().unwrap_or(0)
     }
 }
 
@@ -86,18 +248,64 @@ mod tests {
     use super::*;
 
     #[test]
-    fn packing_offsets_positions_and_last_rows() {
+    fn packing_offsets_positions_and_read_rows() {
         let b = PackedBatch::from_sequences(&[vec![5, 6, 7], vec![9], vec![1, 2]]).unwrap();
         assert_eq!(b.tokens(), &[5, 6, 7, 9, 1, 2]);
         assert_eq!(b.cu_seqlens(), &[0, 3, 4, 6]);
         assert_eq!(b.positions(), vec![0, 1, 2, 0, 0, 1]);
-        assert_eq!(b.last_rows(), vec![2, 3, 5]);
+        assert_eq!(b.read_rows(), &[2, 3, 5]);
         assert_eq!(b.max_len(), 3);
+        assert!(!b.is_shared());
     }
 
     #[test]
-    fn empty_sequence_is_refused_with_its_index() {
+    fn a_group_computes_its_prefix_once_and_branches_continue_its_positions() {
+        let mut b = PackedBatch::new();
+        b.push(&[8, 8]).unwrap();
+        b.push_group(&[1, 2, 3], &[vec![4, 5], vec![], vec![6]]).unwrap();
+        assert_eq!(b.tokens(), &[8, 8, 1, 2, 3, 4, 5, 6]);
+        assert_eq!(b.cu_seqlens(), &[0, 2, 5, 7, 8]);
+        assert_eq!(b.positions(), vec![0, 1, 0, 1, 2, 3, 4, 3]);
+        // The empty branch reads the prefix's last row.
+        assert_eq!(b.read_rows(), &[1, 6, 4, 7]);
+        assert_eq!((0..4).map(|i| b.item_len(i)).collect::<Vec<_>>(), [2, 5, 3, 4]);
+        assert_eq!(b.item_tokens(1), [1, 2, 3, 4, 5]);
+        assert_eq!(b.item_tokens(2), [1, 2, 3]);
+        assert_eq!(b.item_tokens(3), [1, 2, 3, 6]);
+        assert_eq!(b.ancestor_rows(3), std::iter::once(2..5).collect::<Vec<_>>());
+        assert_eq!(b.item_tokens_total(), 14);
+        assert_eq!(b.max_len(), 5);
+        assert!(b.is_shared());
+        let flat = b.unshared();
+        assert_eq!(
+            flat,
+            PackedBatch::from_sequences(&[&[8, 8][..], &[1, 2, 3, 4, 5], &[1, 2, 3], &[1, 2, 3, 6]]).unwrap()
+        );
+    }
+
+    #[test]
+    fn deeper_trees_chain_their_ancestors_root_first() {
+        let mut b = PackedBatch::new();
+        let root = b.push_segment(None, &[1, 2]).unwrap();
+        let mid = b.push_segment(Some(root), &[3]).unwrap();
+        let leaf = b.push_segment(Some(mid), &[4, 5]).unwrap();
+        b.push_item(4).unwrap();
+        assert_eq!(b.ancestor_rows(leaf), vec![0..2, 2..3]);
+        assert_eq!(b.positions(), vec![0, 1, 2, 3, 4]);
+        assert_eq!(b.item_tokens(0), [1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn malformed_batches_are_refused_with_where() {
         let e = PackedBatch::from_sequences(&[vec![1], vec![]]).unwrap_err();
-        assert!(e.to_string().contains("sequence 1 is empty"));
+        assert!(e.to_string().contains("sequence 1 is empty"), "{e}");
+        let mut b = PackedBatch::new();
+        let e = b.push_segment(Some(0), &[1]).unwrap_err();
+        assert!(e.to_string().contains("segment 0 continues segment 0"), "{e}");
+        b.push(&[1, 2]).unwrap();
+        let e = b.push_item(2).unwrap_err();
+        assert!(e.to_string().contains("item 1 reads row 2, but the batch has 2 rows"), "{e}");
+        let e = b.push_group::<&[u32]>(&[], &[]).unwrap_err();
+        assert!(e.to_string().contains("shared prefix of item 1 is empty"), "{e}");
     }
 }

@@ -1,11 +1,12 @@
 //! The forward graph, written once for every architecture and backend:
 //!
 //! `embed -> [norm, qkv, rope, attention, o, all_reduce, residual, norm, mlp, all_reduce,
-//! residual] x L -> last-token gather -> final norm -> head (f32, on the host)`.
+//! residual] x L -> read-row gather -> final norm -> head (f32, on the host)`.
 //!
 //! The final norm is applied after the gather: it works row by row, so normalizing only the rows
 //! that are read gives the same numbers for a fraction of the work.
 
+use std::borrow::Cow;
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
@@ -61,7 +62,7 @@ pub struct Model<B: Backend> {
 pub enum StageOutput<T> {
     /// `[tokens, hidden]` residual stream for the next stage.
     Hidden(T),
-    /// Raw head outputs at each sequence's last token.
+    /// Raw head outputs at each item's read row.
     Outputs(Vec<Vec<f32>>),
 }
 
@@ -174,8 +175,8 @@ impl<B: Backend> Model<B> {
         &self.backend
     }
 
-    /// Runs the packed batch and returns, per sequence, the raw head outputs at its last token
-    /// (all of them, exposed or not). Only for a model that is not split across stages.
+    /// Runs the packed batch and returns, per item, the raw head outputs at its read row (all
+    /// of them, exposed or not). Only for a model that is not split across stages.
     pub fn forward(&self, batch: &PackedBatch) -> Result<Vec<Vec<f32>>> {
         if batch.is_empty() {
             return Ok(Vec::new());
@@ -190,10 +191,27 @@ impl<B: Backend> Model<B> {
         }
     }
 
+    /// The batch as this model's backend computes it: unshared when its attention cannot read a
+    /// prefix's keys. Every rank of a model runs the same backend, so all stages agree.
+    fn computed<'a>(&self, batch: &'a PackedBatch) -> Cow<'a, PackedBatch> {
+        if batch.is_shared() && !self.backend.shares_prefixes(batch) {
+            Cow::Owned(batch.unshared())
+        } else {
+            Cow::Borrowed(batch)
+        }
+    }
+
+    /// Rows of the residual stream this stage computes for `batch` (what it receives from the
+    /// previous stage and hands on to the next).
+    pub fn computed_rows(&self, batch: &PackedBatch) -> usize {
+        self.computed(batch).tokens().len()
+    }
+
     /// Runs this rank's stage over a packed batch (already checked with [`check_batch`]): the
     /// first stage embeds the tokens, later stages start from `input`, the residual stream the
     /// previous stage handed on.
     pub fn forward_stage(&self, batch: &PackedBatch, input: Option<B::Tensor>) -> Result<StageOutput<B::Tensor>> {
+        let batch = &*self.computed(batch);
         let b = &self.backend;
         let ctx = b.batch_ctx(batch, &self.inv_freq)?;
         let mut x = match (&self.embedding, input) {
@@ -229,7 +247,7 @@ impl<B: Backend> Model<B> {
         let (Some(final_norm), Some(head)) = (&self.final_norm, &self.head) else {
             return Ok(StageOutput::Hidden(x));
         };
-        let last = b.gather_rows(&x, &batch.last_rows())?;
+        let last = b.gather_rows(&x, batch.read_rows())?;
         let normed = b.to_host(&b.final_norm(&last, final_norm)?)?;
         Ok(StageOutput::Outputs(normed.chunks_exact(self.spec.hidden).map(|row| head.forward(row)).collect()))
     }
@@ -301,20 +319,30 @@ impl Head {
     }
 }
 
-/// Checks a batch against the model's limits: lengths within the context, ids inside the vocabulary.
+/// Checks a batch against the model's limits: lengths within the context (shared tokens
+/// counted in every item that reads them), ids inside the vocabulary.
 pub fn check_batch(spec: &ModelSpec, batch: &PackedBatch) -> Result<()> {
     for i in 0..batch.len() {
-        let r = batch.range(i);
-        if r.len() > spec.max_positions {
+        let len = batch.item_len(i);
+        if len > spec.max_positions {
             return Err(EngineError::InvalidBatch(format!(
-                "sequence {i} has {} tokens; the model supports at most {}",
-                r.len(),
+                "sequence {i} has {len} tokens; the model supports at most {}",
+                spec.max_positions
+            )));
+        }
+    }
+    for s in 0..batch.segments() {
+        let r = batch.segment(s);
+        let end = batch.first_position(s) + r.len();
+        if end > spec.max_positions {
+            return Err(EngineError::InvalidBatch(format!(
+                "segment {s} reaches position {end}; the model supports at most {}",
                 spec.max_positions
             )));
         }
         if let Some((j, &t)) = batch.tokens()[r].iter().enumerate().find(|(_, &t)| t as usize >= spec.vocab) {
             return Err(EngineError::InvalidBatch(format!(
-                "sequence {i}, token {j}: id {t} is outside the vocabulary of {}",
+                "sequence {s}, token {j}: id {t} is outside the vocabulary of {}",
                 spec.vocab
             )));
         }

@@ -22,7 +22,7 @@ use crate::text::Preprocessor;
 pub trait Engine: Send + Sync {
     /// The model's spec.
     fn spec(&self) -> &ModelSpec;
-    /// Raw head outputs at each sequence's last token.
+    /// Raw head outputs at each item's read row (see [`PackedBatch::read_rows`]).
     fn forward(&self, batch: &PackedBatch) -> Result<Vec<Vec<f32>>>;
     /// The backend's name ("cpu", ...).
     fn backend_name(&self) -> String;

@@ -14,7 +14,7 @@ use arbiter_engine::graph::open_folder;
 use arbiter_engine::parallel::runner::ParallelEngine;
 use arbiter_engine::parallel::{Parallelism, RankPlan};
 use arbiter_engine::{EngineError, Model, PackedBatch};
-use common::{fixture, golden, rel_error, FIXTURES};
+use common::{fixture, golden, random_tree_batch, rel_error, FIXTURES};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -169,6 +169,29 @@ fn concurrent_callers_overlap_stages_and_each_get_their_own_answer() {
 }
 
 #[test]
+fn shared_prefix_batches_give_every_layout_the_bits_of_each_item_alone() {
+    let name = "nemotron-v4-gqa";
+    let mut rng = arbiter_engine::synth::SplitMix::new(20);
+    let unsplit = Model::load(&fixture(name), CpuBackend::new()).unwrap();
+    let (vocab, max_len) = (unsplit.spec().vocab, unsplit.spec().max_positions);
+    let batches: Vec<_> = (0..2).map(|_| random_tree_batch(&mut rng, vocab, max_len, 120)).collect();
+    for (tp, pp) in [(2, 1), (1, 2), (2, 2)] {
+        let engine = load(name, tp, pp).unwrap();
+        for (b, (batch, items)) in batches.iter().enumerate() {
+            assert!(batch.is_shared());
+            let got = engine.forward(batch).unwrap();
+            for (i, ids) in items.iter().enumerate() {
+                let alone = engine.forward(&PackedBatch::from_sequences(&[ids]).unwrap()).unwrap().remove(0);
+                assert_eq!(got[i], alone, "tp{tp} pp{pp} batch {b}: item {i} shared vs alone");
+            }
+            if tp == 1 {
+                assert_eq!(got, unsplit.forward(batch).unwrap(), "pp{pp} batch {b}: vs the unsplit model");
+            }
+        }
+    }
+}
+
+#[test]
 fn a_rank_that_fails_to_load_is_named_and_nothing_hangs() {
     let e = ParallelEngine::load(&fixture("nemotron-v5"), Parallelism { tp: 2, pp: 2 }, TIMEOUT, |r| {
         if r.stage == 1 && r.tp_rank == 1 {
@@ -259,6 +282,13 @@ fn two_nodes_run_a_pipeline_over_tcp_like_one_process() {
             });
         }
     });
+    // Shared-prefix batches cross the wire whole: the worker's stage computes the same tree.
+    let mut rng = arbiter_engine::synth::SplitMix::new(21);
+    let spec = single.spec().clone();
+    for _ in 0..2 {
+        let (b, _) = random_tree_batch(&mut rng, spec.vocab, spec.max_positions, 120);
+        assert_eq!(leader.forward(&b).unwrap(), single.forward(&b).unwrap(), "a shared batch over TCP");
+    }
     // The leader going away stops the worker with a reason, not a hang.
     drop(leader);
     let e = worker_thread.join().unwrap().unwrap_err().to_string();

@@ -23,6 +23,7 @@
 #![deny(missing_docs)]
 
 pub mod error;
+mod grouping;
 pub mod metrics;
 pub mod queue;
 pub mod scorer;

@@ -9,10 +9,12 @@
 //! When the engine reports itself broken (a model-parallel rank failed), `on_fatal` is called
 //! once so that the owner stops serving instead of failing every request.
 //!
-//! A [`Job`] is the unit the queue packs: today one sequence whose score is read at its last
-//! token. Packing jobs into an engine batch happens in one function ([`pack`]), and outputs go
-//! back by read row, so a job that later carries a shared prefix with branches, or several read
-//! positions, changes the job and that function, not the front ends.
+//! A [`Job`] is the unit the queue packs: one sequence whose score is read at its last token.
+//! Jobs of a batch that start with the same token ids compute that prefix once
+//! ([`crate::grouping`]): the budget counts computed tokens, so a batch of candidates after one
+//! long prompt holds many more of them. To find sharers, a batch may take a later job ahead of
+//! an earlier one that does not fit; a job is passed over like that at most once, so no job is
+//! overtaken by more than one batch of later arrivals.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -22,11 +24,12 @@ use std::time::{Duration, Instant};
 
 use arbiter_engine::runtime::Engine;
 use arbiter_engine::sync::panic_message;
-use arbiter_engine::PackedBatch;
 use metrics::{counter, gauge, histogram};
 use tokio::sync::{oneshot, Notify};
 
 use crate::error::{QueueError, ScoreError};
+use crate::grouping::Plan;
+pub use crate::grouping::{pack, Packed};
 use crate::metrics as m;
 
 /// Batching limits.
@@ -38,12 +41,28 @@ pub struct BatchConfig {
     pub max_batch_requests: usize,
     /// Jobs waiting before new work is refused (or, for callers that wait, held back).
     pub queue_capacity: usize,
+    /// Shortest common token-id prefix that jobs from different requests share (computed once);
+    /// the candidates of one Rank request share any. `None`: nothing is shared.
+    pub shared_prefix_min: Option<usize>,
 }
+
+/// The default [`BatchConfig::shared_prefix_min`]: below this, sharing saves less than the
+/// extra segment costs to pack and attend.
+pub const DEFAULT_SHARED_PREFIX_MIN: usize = 64;
+
+/// How far past the first job that does not fit a batch looks for jobs that share a prefix
+/// with it (bounds the work of filling a batch from a long queue).
+const LOOK_AHEAD: usize = 1024;
 
 impl Default for BatchConfig {
     /// `arbiter serve`'s defaults.
     fn default() -> Self {
-        BatchConfig { max_batch_tokens: 8192, max_batch_requests: 256, queue_capacity: 4096 }
+        BatchConfig {
+            max_batch_tokens: 8192,
+            max_batch_requests: 256,
+            queue_capacity: 4096,
+            shared_prefix_min: Some(DEFAULT_SHARED_PREFIX_MIN),
+        }
     }
 }
 
@@ -64,28 +83,34 @@ pub type Reply = oneshot::Receiver<Result<JobOutput, ScoreError>>;
 /// One sequence waiting to be scored.
 #[derive(Debug)]
 pub struct Job {
-    ids: Vec<u32>,
+    pub(crate) ids: Vec<u32>,
     reply: oneshot::Sender<Result<JobOutput, ScoreError>>,
     deadline: Option<Instant>,
     enqueued: Instant,
+    /// The Rank request it is a candidate of: candidates share their prompt however short.
+    pub(crate) request: Option<u64>,
+    /// A batch already took later jobs ahead of this one; it may not happen again.
+    overtaken: bool,
 }
 
 impl Job {
     /// A job for the (validated) token ids `ids`, and the receiver of its result.
     pub fn new(ids: Vec<u32>, deadline: Option<Instant>) -> (Self, Reply) {
         let (tx, rx) = oneshot::channel();
-        (Job { ids, reply: tx, deadline, enqueued: Instant::now() }, rx)
+        (Job { ids, reply: tx, deadline, enqueued: Instant::now(), request: None, overtaken: false }, rx)
+    }
+
+    /// Marks the job a candidate of Rank request `request` (an id unique among live requests):
+    /// candidates batched together compute their common prefix once, whatever its length.
+    pub fn candidate_of(mut self, request: u64) -> Self {
+        self.request = Some(request);
+        self
     }
 
     /// Tokens the job adds to a batch.
     pub fn tokens(&self) -> usize {
         self.ids.len()
     }
-}
-
-/// Packs jobs into one engine batch, in order: output `i` of the engine belongs to job `i`.
-pub fn pack(jobs: &[Job]) -> arbiter_engine::Result<PackedBatch> {
-    PackedBatch::from_sequences(&jobs.iter().map(|j| j.ids.as_slice()).collect::<Vec<_>>())
 }
 
 struct State {
@@ -133,6 +158,7 @@ impl Queue {
             max_batch_tokens: cfg.max_batch_tokens.max(1),
             max_batch_requests: cfg.max_batch_requests.max(1),
             queue_capacity: cfg.queue_capacity.max(1),
+            shared_prefix_min: cfg.shared_prefix_min,
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(State { jobs: VecDeque::new(), closed: false }),
@@ -237,7 +263,7 @@ fn engine_loop(shared: &Shared, engine: &dyn Engine) {
         };
         shared.space.notify_waiters();
         if !batch.is_empty() {
-            run_batch(engine, batch);
+            run_batch(engine, batch, shared.cfg.shared_prefix_min);
             if let Err(e) = engine.health() {
                 if let Some(on_fatal) = &shared.on_fatal {
                     shared.fatal.call_once(|| on_fatal(e.to_string()));
@@ -247,11 +273,13 @@ fn engine_loop(shared: &Shared, engine: &dyn Engine) {
     }
 }
 
-/// Pops the next batch: jobs in arrival order while the token budget and request cap allow
-/// (always at least one), skipping jobs nobody waits for anymore.
-fn take_batch(queue: &mut VecDeque<Job>, cfg: &BatchConfig) -> Vec<Job> {
+/// Pops the next batch: jobs in arrival order while the budget of computed tokens and the
+/// request cap allow (always at least one), skipping jobs nobody waits for anymore; then later
+/// jobs that share a prefix with the batch and still fit, unless that would pass over a job a
+/// second time.
+pub(crate) fn take_batch(queue: &mut VecDeque<Job>, cfg: &BatchConfig) -> Vec<Job> {
     let now = Instant::now();
-    let (mut batch, mut tokens) = (Vec::new(), 0usize);
+    let (mut batch, mut plan) = (Vec::<Job>::new(), Plan::default());
     while let Some(front) = queue.front() {
         // Deadline first: a caller that gave up at its deadline also closed its receiver.
         if front.deadline.is_some_and(|d| d <= now) {
@@ -265,44 +293,81 @@ fn take_batch(queue: &mut VecDeque<Job>, cfg: &BatchConfig) -> Vec<Job> {
             counter!(m::DROPPED, "reason" => "cancelled").increment(1);
             continue;
         }
-        let n = front.tokens();
-        if !batch.is_empty() && (tokens + n > cfg.max_batch_tokens || batch.len() >= cfg.max_batch_requests) {
+        let at = plan.place(&front.ids, front.request, cfg.shared_prefix_min, |k| &batch[k].ids);
+        if !batch.is_empty()
+            && (plan.computed() + at.cost > cfg.max_batch_tokens || batch.len() >= cfg.max_batch_requests)
+        {
             break;
         }
-        tokens += n;
-        batch.push(queue.pop_front().expect("front exists"));
+        let job = queue.pop_front().expect("front exists");
+        plan.add(batch.len(), &job.ids, job.request, at, |k| &batch[k].ids);
+        batch.push(job);
+    }
+    if cfg.shared_prefix_min.is_none() {
+        return batch;
+    }
+    let (mut k, mut passed) = (0, Vec::new());
+    while k < queue.len().min(LOOK_AHEAD) && batch.len() < cfg.max_batch_requests {
+        let job = &queue[k];
+        let at = plan.place(&job.ids, job.request, cfg.shared_prefix_min, |i| &batch[i].ids);
+        let live = !job.reply.is_closed() && job.deadline.is_none_or(|d| d > now);
+        if live && at.group.is_some() && plan.computed() + at.cost <= cfg.max_batch_tokens {
+            let job = queue.remove(k).expect("index is inside the queue");
+            plan.add(batch.len(), &job.ids, job.request, at, |i| &batch[i].ids);
+            batch.push(job);
+            for i in passed.drain(..) {
+                let passed_over: &mut Job = &mut queue[i];
+                passed_over.overtaken = true;
+            }
+            continue;
+        }
+        if job.overtaken {
+            break; // taking anything behind it would pass over it a second time
+        }
+        passed.push(k);
+        k += 1;
     }
     batch
 }
 
-fn run_batch(engine: &dyn Engine, batch: Vec<Job>) {
+fn run_batch(engine: &dyn Engine, batch: Vec<Job>, shared_prefix_min: Option<usize>) {
     let start = Instant::now();
     let tokens: usize = batch.iter().map(Job::tokens).sum();
-    let result = pack(&batch).map_err(ScoreError::from_engine).and_then(|p| {
-        match catch_unwind(AssertUnwindSafe(|| engine.forward(&p))) {
-            Ok(r) => r.map_err(ScoreError::from_engine),
-            Err(panic) => Err(ScoreError::Panicked(panic_message(panic.as_ref()))),
+    let packed = pack(&batch, shared_prefix_min).map_err(ScoreError::from_engine);
+    let computed = packed.as_ref().map_or(tokens, |p| p.batch.tokens().len());
+    let result = packed.and_then(|p| match catch_unwind(AssertUnwindSafe(|| engine.forward(&p.batch))) {
+        Ok(Ok(raws)) if raws.len() == p.order.len() => {
+            // Back to job order: the engine answers in the packed batch's item order.
+            let mut by_job = vec![Vec::new(); raws.len()];
+            for (k, raw) in p.order.iter().zip(raws) {
+                by_job[*k] = raw;
+            }
+            Ok((by_job, p.groups))
         }
+        Ok(Ok(raws)) => {
+            Err(ScoreError::Engine(format!("the engine returned {} outputs for {} jobs", raws.len(), p.order.len())))
+        }
+        Ok(Err(e)) => Err(ScoreError::from_engine(e)),
+        Err(panic) => Err(ScoreError::Panicked(panic_message(panic.as_ref()))),
     });
     let inference = start.elapsed();
     histogram!(m::INFERENCE_SECONDS).record(inference.as_secs_f64());
     histogram!(m::BATCH_SIZE).record(batch.len() as f64);
-    histogram!(m::BATCH_TOKENS).record(tokens as f64);
+    histogram!(m::BATCH_TOKENS).record(computed as f64);
     match result {
-        Ok(raws) if raws.len() == batch.len() => {
+        Ok((raws, groups)) => {
             counter!(m::ITEMS).increment(batch.len() as u64);
             counter!(m::TOKENS).increment(tokens as u64);
+            counter!(m::PREFIX_TOKENS_SAVED).increment(tokens.saturating_sub(computed) as u64);
+            counter!(m::PREFIX_GROUPS).increment(groups as u64);
             for (job, raw) in batch.into_iter().zip(raws) {
                 let queue = start.saturating_duration_since(job.enqueued);
                 histogram!(m::QUEUE_SECONDS).record(queue.as_secs_f64());
                 job.reply.send(Ok(JobOutput { raw, queue, inference })).ok();
             }
         }
-        other => {
-            let e = other.err().unwrap_or_else(|| {
-                ScoreError::Engine(format!("the engine returned the wrong number of outputs for {} jobs", batch.len()))
-            });
-            tracing::error!(sequences = batch.len(), tokens, error = %e, "batch failed");
+        Err(e) => {
+            tracing::error!(sequences = batch.len(), tokens, computed, error = %e, "batch failed");
             counter!(m::BATCH_FAILURES, "reason" => e.reason()).increment(1);
             for job in batch {
                 job.reply.send(Err(e.clone())).ok();
@@ -315,6 +380,7 @@ fn run_batch(engine: &dyn Engine, batch: Vec<Job>) {
 pub(crate) mod tests {
     use super::*;
     use arbiter_engine::spec::ModelSpec;
+    use arbiter_engine::PackedBatch;
 
     /// An engine that fails batches holding token 13, panics on batches holding token 66, and
     /// breaks for good (as a model-parallel group whose rank died) on token 99. Its output for a
@@ -346,7 +412,7 @@ pub(crate) mod tests {
             if batch.tokens().contains(&13) {
                 return Err(arbiter_engine::EngineError::OutOfMemory("CUDA: cannot allocate 64 MiB".into()));
             }
-            Ok((0..batch.len()).map(|i| vec![batch.range(i).len() as f32]).collect())
+            Ok((0..batch.len()).map(|i| vec![batch.item_len(i) as f32]).collect())
         }
         fn backend_name(&self) -> String {
             "flaky".into()
@@ -367,7 +433,7 @@ pub(crate) mod tests {
     }
 
     fn one_per_batch(queue_capacity: usize) -> BatchConfig {
-        BatchConfig { max_batch_tokens: 1, max_batch_requests: 1, queue_capacity }
+        BatchConfig { max_batch_tokens: 1, max_batch_requests: 1, queue_capacity, shared_prefix_min: Some(64) }
     }
 
     #[test]
@@ -412,7 +478,12 @@ pub(crate) mod tests {
 
     #[test]
     fn batches_respect_the_token_budget_and_request_cap_but_always_take_one() {
-        let cfg = BatchConfig { max_batch_tokens: 10, max_batch_requests: 3, queue_capacity: 100 };
+        let cfg = BatchConfig {
+            max_batch_tokens: 10,
+            max_batch_requests: 3,
+            queue_capacity: 100,
+            shared_prefix_min: Some(64),
+        };
         let (mut q, mut rxs) = (VecDeque::new(), Vec::new());
         for n in [4, 4, 4, 20, 1, 1, 1, 1] {
             let (j, rx) = Job::new(vec![1; n], None);
@@ -429,7 +500,12 @@ pub(crate) mod tests {
 
     #[test]
     fn cancelled_and_expired_items_are_dropped_before_compute() {
-        let cfg = BatchConfig { max_batch_tokens: 100, max_batch_requests: 100, queue_capacity: 100 };
+        let cfg = BatchConfig {
+            max_batch_tokens: 100,
+            max_batch_requests: 100,
+            queue_capacity: 100,
+            shared_prefix_min: Some(64),
+        };
         let mut q = VecDeque::new();
         let (gone, rx_gone) = Job::new(vec![1], None);
         drop(rx_gone);

@@ -94,6 +94,8 @@ pub struct Scorer {
     model: LoadedModel,
     queue: Queue,
     workers: rayon::ThreadPool,
+    /// Numbers Rank requests, so that the queue knows which candidates belong together.
+    requests: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Scorer {
@@ -122,7 +124,7 @@ impl Scorer {
             .thread_name(|i| format!("arbiter-tokenize-{i}"))
             .build()
             .map_err(std::io::Error::other)?;
-        Ok(Scorer { model, queue, workers })
+        Ok(Scorer { model, queue, workers, requests: 0.into() })
     }
 
     /// The model it scores with.
@@ -148,13 +150,18 @@ impl Scorer {
     /// Scores every item or none: the first failure in input order fails the request. Nothing
     /// is computed when an item cannot be prepared or the queue cannot take them all.
     pub async fn score(&self, items: Vec<Item>, opts: Options) -> Result<Scored, RequestError> {
+        self.score_all(items, opts, None).await
+    }
+
+    /// [`Scorer::score`], the items being the candidates of Rank request `request` when given.
+    async fn score_all(&self, items: Vec<Item>, opts: Options, request: Option<u64>) -> Result<Scored, RequestError> {
         let start = Instant::now();
         let prepared = self.prepare(items).await;
         if let Some((i, e)) = prepared.iter().enumerate().find_map(|(i, p)| p.as_ref().err().map(|e| (i, e.clone()))) {
             return Err(RequestError { place: Place::Item(i), error: e });
         }
         let tokenize = start.elapsed();
-        let slots = self.enqueue(prepared, opts).await.map_err(RequestError::request)?;
+        let slots = self.enqueue(prepared, opts, request).await.map_err(RequestError::request)?;
         let mut items = Vec::with_capacity(slots.len());
         // In order, so the first failure returned is the first in input order; returning drops
         // the other receivers, which cancels what is still queued.
@@ -169,7 +176,7 @@ impl Scorer {
     pub async fn score_each(&self, items: Vec<Item>, opts: Options) -> Vec<Result<ItemScore, ScoreError>> {
         let prepared = self.prepare(items).await;
         let n = prepared.len();
-        let slots = match self.enqueue(prepared, opts).await {
+        let slots = match self.enqueue(prepared, opts, None).await {
             Ok(s) => s,
             Err(e) => return (0..n).map(|_| Err(e.clone().into())).collect(),
         };
@@ -181,7 +188,9 @@ impl Scorer {
     }
 
     /// Scores each candidate as the assistant's reply to `prompt` (a conversation ending with a
-    /// user turn), exactly as [`Scorer::score`] scores that conversation, and ranks them.
+    /// user turn), exactly as [`Scorer::score`] scores that conversation, and ranks them. The
+    /// candidates' common token prefix (the templated prompt) is computed once for those that
+    /// share a batch, whatever its length; on the CPU the scores keep every bit.
     pub async fn rank(
         &self,
         prompt: Vec<Message>,
@@ -209,7 +218,8 @@ impl Scorer {
                 Item { input: Input::Messages(conv), truncation, weights: weights.clone() }
             })
             .collect();
-        let scored = self.score(items, opts).await?;
+        let request = self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let scored = self.score_all(items, opts, Some(request)).await?;
         let mut order: Vec<usize> = (0..scored.items.len()).collect();
         // Stable sort: equal rewards keep input order.
         order.sort_by(|&a, &b| scored.items[b].score.reward.total_cmp(&scored.items[a].score.reward));
@@ -242,7 +252,12 @@ impl Scorer {
     }
 
     /// Queues the prepared items, all together or none.
-    async fn enqueue(&self, prepared: Vec<PreparedItem>, opts: Options) -> Result<Vec<Slot>, QueueError> {
+    async fn enqueue(
+        &self,
+        prepared: Vec<PreparedItem>,
+        opts: Options,
+        request: Option<u64>,
+    ) -> Result<Vec<Slot>, QueueError> {
         let mut jobs = Vec::new();
         let slots: Vec<Slot> = prepared
             .into_iter()
@@ -250,7 +265,10 @@ impl Scorer {
                 Ok((p, w)) => {
                     let (tokens, truncation) = (p.ids.len(), p.truncation);
                     let (job, rx) = Job::new(p.ids, opts.deadline);
-                    jobs.push(job);
+                    jobs.push(match request {
+                        Some(r) => job.candidate_of(r),
+                        None => job,
+                    });
                     Slot::Queued(tokens, truncation, w, rx)
                 }
                 Err(e) => Slot::Failed(e),
@@ -307,7 +325,7 @@ mod tests {
             if let Some(gate) = gate {
                 gate.recv().ok();
             }
-            let lens: Vec<usize> = (0..batch.len()).map(|i| batch.range(i).len()).collect();
+            let lens: Vec<usize> = (0..batch.len()).map(|i| batch.item_len(i)).collect();
             self.seen.lock().unwrap().extend(&lens);
             Ok(lens.iter().map(|&n| vec![n as f32; self.spec.head.labels.len()]).collect())
         }
@@ -333,7 +351,8 @@ mod tests {
             load_seconds: 0.0,
             worker: None,
         };
-        let batch = BatchConfig { max_batch_tokens: 1, max_batch_requests: 1, queue_capacity: 8 };
+        let batch =
+            BatchConfig { max_batch_tokens: 1, max_batch_requests: 1, queue_capacity: 8, ..BatchConfig::default() };
         (Scorer::start(model, ScorerConfig { batch, tokenization_workers: 1 }, None).unwrap(), engine)
     }
 

@@ -8,8 +8,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
 // What the scoring core records (queue, batches, tokenization); named there.
 pub use arbiter_scoring::metrics::{
-    BATCH_FAILURES, BATCH_SIZE, BATCH_TOKENS, DROPPED, INFERENCE_SECONDS, ITEMS, QUEUE_DEPTH, QUEUE_SECONDS,
-    TOKENIZE_SECONDS, TOKENS,
+    BATCH_FAILURES, BATCH_SIZE, BATCH_TOKENS, DROPPED, INFERENCE_SECONDS, ITEMS, PREFIX_GROUPS, PREFIX_TOKENS_SAVED,
+    QUEUE_DEPTH, QUEUE_SECONDS, TOKENIZE_SECONDS, TOKENS,
 };
 /// Requests by RPC and final status code (`rpc`, `code` labels).
 pub const REQUESTS: &str = "arbiter_requests_total";
@@ -48,7 +48,9 @@ fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(REQUESTS, "Requests by RPC and gRPC status code.");
     describe_counter!(ITEMS, "Items (sequences) scored.");
-    describe_counter!(TOKENS, "Tokens scored.");
+    describe_counter!(TOKENS, "Tokens scored (each item's full length).");
+    describe_counter!(PREFIX_TOKENS_SAVED, "Tokens not computed because items shared a prefix computed once.");
+    describe_counter!(PREFIX_GROUPS, "Groups of items that computed a shared prefix once.");
     describe_counter!(DROPPED, "Items dropped before compute: client gone or deadline passed.");
     describe_counter!(BATCH_FAILURES, "Batches whose forward pass failed, by reason.");
     describe_histogram!(QUEUE_SECONDS, Unit::Seconds, "Time an item waited for its batch.");
@@ -56,7 +58,7 @@ fn describe() {
     describe_histogram!(INFERENCE_SECONDS, Unit::Seconds, "Forward pass time of a batch.");
     describe_histogram!(REQUEST_SECONDS, Unit::Seconds, "Time from receipt to reply, by RPC.");
     describe_histogram!(BATCH_SIZE, "Sequences per batch.");
-    describe_histogram!(BATCH_TOKENS, "Tokens per batch.");
+    describe_histogram!(BATCH_TOKENS, "Tokens a batch computed (a shared prefix once).");
     describe_gauge!(QUEUE_DEPTH, "Items waiting for a batch.");
     describe_gauge!(MODEL_LOAD_SECONDS, Unit::Seconds, "Model load time.");
     describe_gauge!(READY, "1 while the server reports SERVING.");

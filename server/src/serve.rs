@@ -42,6 +42,10 @@ pub struct ServeArgs {
     /// Items waiting for a batch before new work gets RESOURCE_EXHAUSTED.
     #[arg(long, env = "ARBITER_QUEUE_CAPACITY", default_value_t = 4096)]
     pub queue_capacity: usize,
+    /// Shortest common token-id prefix that queued items share, computing it once (0: no
+    /// sharing, not even between the candidates of one Rank request).
+    #[arg(long, env = "ARBITER_SHARED_PREFIX_MIN", default_value_t = arbiter_scoring::queue::DEFAULT_SHARED_PREFIX_MIN)]
+    pub shared_prefix_min: usize,
     /// Items per Score request and candidates per Rank request.
     #[arg(long, env = "ARBITER_MAX_ITEMS_PER_REQUEST", default_value_t = 1024)]
     pub max_items_per_request: usize,
@@ -365,6 +369,7 @@ async fn prepare(
         max_batch_tokens: args.max_batch_tokens.max(1),
         max_batch_requests: args.max_batch_requests.max(1),
         queue_capacity: args.queue_capacity.max(1),
+        shared_prefix_min: (args.shared_prefix_min > 0).then_some(args.shared_prefix_min),
     };
     if !args.no_warmup {
         let engine = model.engine.clone();

@@ -1,7 +1,12 @@
 //! Causal grouped-query attention over packed sequences on the CPU.
 //!
-//! One task per (sequence, query head): a sequence never sees another's tokens, and a task's
-//! arithmetic does not depend on how tasks are spread over threads, so scores are batch-invariant.
+//! One task per (segment, query head): a segment sees only its ancestors' tokens and its own, and
+//! a task's arithmetic does not depend on how tasks are spread over threads, so scores are
+//! batch-invariant. A segment that continues a shared prefix reduces over the prefix's keys and
+//! then its own, one key at a time in position order: exactly the keys, in exactly the order, of
+//! the same tokens packed as one unshared sequence, so sharing changes no bit.
+
+use std::ops::Range;
 
 use rayon::prelude::*;
 
@@ -13,8 +18,16 @@ struct SyncPtr(*mut f32);
 unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 
-/// `out[t, h*d..(h+1)*d] = softmax(q_t . k_j * scale, j <= t in t's sequence) @ v`.
-pub fn attention(qkv: &[f32], layout: &AttnLayout, cu_seqlens: &[usize], out: &mut [f32]) {
+/// `out[t, h*d..(h+1)*d] = softmax(q_t . k_j * scale, j <= t in t's sequence) @ v`, where
+/// segment `s` (rows `cu_seqlens[s]..cu_seqlens[s + 1]`) is preceded in its sequence by the rows
+/// `ancestors[s]` (root first; `ancestors` may be empty when no segment has any).
+pub fn attention(
+    qkv: &[f32],
+    layout: &AttnLayout,
+    cu_seqlens: &[usize],
+    ancestors: &[Vec<Range<usize>>],
+    out: &mut [f32],
+) {
     let tokens = *cu_seqlens.last().unwrap_or(&0);
     let (h, d) = (layout.heads, layout.head_dim);
     assert_eq!(qkv.len(), tokens * layout.qkv_width());
@@ -25,15 +38,16 @@ pub fn attention(qkv: &[f32], layout: &AttnLayout, cu_seqlens: &[usize], out: &m
     let isa = isa();
     tasks.par_iter().for_each_init(Vec::new, |scores, &(s, head)| {
         let range = cu_seqlens[s]..cu_seqlens[s + 1];
+        let prefix = ancestors.get(s).map_or(&[][..], Vec::as_slice);
         // SAFETY: task (s, head) writes only rows `range`, columns of `head`; tasks are disjoint.
         unsafe {
             #[cfg(target_arch = "x86_64")]
             match isa {
-                Isa::Avx512 => return one_head_avx512(qkv, layout, range, head, out_ptr, scores),
-                Isa::Avx2Fma => return one_head_avx2(qkv, layout, range, head, out_ptr, scores),
+                Isa::Avx512 => return one_head_avx512(qkv, layout, prefix, range, head, out_ptr, scores),
+                Isa::Avx2Fma => return one_head_avx2(qkv, layout, prefix, range, head, out_ptr, scores),
                 Isa::Portable => {}
             }
-            one_head(qkv, layout, range, head, out_ptr, scores)
+            one_head(qkv, layout, prefix, range, head, out_ptr, scores)
         }
     });
 }
@@ -43,12 +57,13 @@ pub fn attention(qkv: &[f32], layout: &AttnLayout, cu_seqlens: &[usize], out: &m
 unsafe fn one_head_avx512(
     qkv: &[f32],
     l: &AttnLayout,
-    range: std::ops::Range<usize>,
+    prefix: &[Range<usize>],
+    range: Range<usize>,
     head: usize,
     out: SyncPtr,
     scores: &mut Vec<f32>,
 ) {
-    one_head(qkv, l, range, head, out, scores)
+    one_head(qkv, l, prefix, range, head, out, scores)
 }
 
 /// [`one_head`] compiled for AVX2 with FMA: `mul_add` becomes one instruction (on a CPU without
@@ -58,19 +73,21 @@ unsafe fn one_head_avx512(
 unsafe fn one_head_avx2(
     qkv: &[f32],
     l: &AttnLayout,
-    range: std::ops::Range<usize>,
+    prefix: &[Range<usize>],
+    range: Range<usize>,
     head: usize,
     out: SyncPtr,
     scores: &mut Vec<f32>,
 ) {
-    one_head(qkv, l, range, head, out, scores)
+    one_head(qkv, l, prefix, range, head, out, scores)
 }
 
 #[inline(always)]
 unsafe fn one_head(
     qkv: &[f32],
     l: &AttnLayout,
-    range: std::ops::Range<usize>,
+    prefix: &[Range<usize>],
+    range: Range<usize>,
     head: usize,
     out: SyncPtr,
     scores: &mut Vec<f32>,
@@ -82,10 +99,11 @@ unsafe fn one_head(
     let mut acc = vec![0.0f32; d];
     for t in range.clone() {
         let q = &qkv[t * w + q_off..][..d];
-        let keys = range.start..=t;
+        // The prefix's keys, then the segment's own up to `t`: position order.
+        let keys = || prefix.iter().cloned().flatten().chain(range.start..=t);
         scores.clear();
         let mut max = f32::NEG_INFINITY;
-        for j in keys.clone() {
+        for j in keys() {
             let s = dot(q, &qkv[j * w + k_off..][..d]) * l.scale;
             max = max.max(s);
             scores.push(s);
@@ -96,7 +114,7 @@ unsafe fn one_head(
             sum += *s;
         }
         acc.fill(0.0);
-        for (p, j) in scores.iter().zip(keys) {
+        for (p, j) in scores.iter().zip(keys()) {
             axpy(*p, &qkv[j * w + v_off..][..d], &mut acc);
         }
         let inv = 1.0 / sum;
@@ -152,7 +170,7 @@ mod tests {
             .collect();
         let cu = [0, 5, 6, 23];
         let mut out = vec![0.0; total * 4 * 20];
-        attention(&qkv, &l, &cu, &mut out);
+        attention(&qkv, &l, &cu, &[], &mut out);
         for (s, &len) in lens.iter().enumerate() {
             let w = l.qkv_width();
             let r = naive(&qkv[cu[s] * w..cu[s + 1] * w], &l, len);
@@ -160,6 +178,51 @@ mod tests {
             for (a, b) in got.iter().zip(&r) {
                 assert!((a - b).abs() < 1e-5, "sequence {s}: {a} vs {b}");
             }
+        }
+    }
+
+    /// Rows of a fake q/k/v activation: a pure function of the token's place in its full
+    /// sequence, as a row-independent GEMM and rope make the real one.
+    fn row(l: &AttnLayout, seq: u64, pos: usize) -> Vec<f32> {
+        let mut seed = seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ pos as u64;
+        (0..l.qkv_width())
+            .map(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_shared_prefix_gives_the_bits_of_each_sequence_unshared() {
+        let l = AttnLayout { heads: 4, kv_heads: 2, head_dim: 16, rotary_dim: 8, scale: 0.25 };
+        // Prefix rows are the same in every sequence (seq 0); branch rows differ per branch.
+        let (prefix, branches) = (37usize, [5usize, 1, 23]);
+        let full_row = |b: usize, pos: usize| if pos < prefix { row(&l, 0, pos) } else { row(&l, b as u64 + 1, pos) };
+        let out_w = l.heads * l.head_dim;
+        // Unshared: each branch packed with its own copy of the prefix.
+        let mut alone = Vec::new();
+        for (b, &n) in branches.iter().enumerate() {
+            let qkv: Vec<f32> = (0..prefix + n).flat_map(|p| full_row(b, p)).collect();
+            let mut out = vec![0.0; (prefix + n) * out_w];
+            attention(&qkv, &l, &[0, prefix + n], &[], &mut out);
+            alone.push(out);
+        }
+        // Shared: the prefix once, then the branches, each attending to it.
+        let mut qkv: Vec<f32> = (0..prefix).flat_map(|p| full_row(0, p)).collect();
+        let mut cu = vec![0, prefix];
+        for (b, &n) in branches.iter().enumerate() {
+            qkv.extend((prefix..prefix + n).flat_map(|p| full_row(b, p)));
+            cu.push(cu.last().unwrap() + n);
+        }
+        let mut ancestors = vec![Vec::new()];
+        ancestors.extend(branches.iter().map(|_| std::iter::once(0..prefix).collect::<Vec<_>>()));
+        let mut out = vec![0.0; cu.last().unwrap() * out_w];
+        attention(&qkv, &l, &cu, &ancestors, &mut out);
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        for (b, a) in alone.iter().enumerate() {
+            assert_eq!(bits(&out[..prefix * out_w]), bits(&a[..prefix * out_w]), "prefix rows, branch {b}");
+            assert_eq!(bits(&out[cu[b + 1] * out_w..cu[b + 2] * out_w]), bits(&a[prefix * out_w..]), "branch {b}");
         }
     }
 }

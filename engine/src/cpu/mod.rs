@@ -61,10 +61,12 @@ pub struct CpuMatrix {
     pub fp8_input: bool,
 }
 
-/// Per-forward batch data: offsets, positions and the rotary tables up to the longest sequence.
+/// Per-forward batch data: offsets, each segment's shared-prefix rows, positions and the rotary
+/// tables up to the longest sequence.
 #[derive(Debug)]
 pub struct CpuBatch {
     cu_seqlens: Vec<usize>,
+    ancestors: Vec<Vec<std::ops::Range<usize>>>,
     positions: Vec<u32>,
     cos: Vec<f32>,
     sin: Vec<f32>,
@@ -167,7 +169,8 @@ impl Backend for CpuBackend {
 
     fn batch_ctx(&self, batch: &PackedBatch, inv_freq: &[f32]) -> Result<CpuBatch> {
         let (cos, sin) = rope::cos_sin(inv_freq, batch.max_len());
-        Ok(CpuBatch { cu_seqlens: batch.cu_seqlens().to_vec(), positions: batch.positions(), cos, sin })
+        let ancestors = (0..batch.segments()).map(|s| batch.ancestor_rows(s)).collect();
+        Ok(CpuBatch { cu_seqlens: batch.cu_seqlens().to_vec(), ancestors, positions: batch.positions(), cos, sin })
     }
 
     fn embed(&self, table: &CpuTensor, tokens: &[u32]) -> Result<CpuTensor> {
@@ -231,7 +234,7 @@ impl Backend for CpuBackend {
 
     fn attention(&self, qkv: &CpuTensor, layout: &AttnLayout, ctx: &CpuBatch) -> Result<CpuTensor> {
         let mut out = Self::zeros(qkv.rows, layout.heads * layout.head_dim);
-        self.pool.install(|| attention::attention(&qkv.data, layout, &ctx.cu_seqlens, &mut out.data));
+        self.pool.install(|| attention::attention(&qkv.data, layout, &ctx.cu_seqlens, &ctx.ancestors, &mut out.data));
         Ok(out)
     }
 

@@ -141,6 +141,8 @@ pub struct CudaBatch {
     tokens: usize,
     positions: CudaSlice<i32>,
     cu_seqlens: CudaSlice<i32>,
+    /// Per segment, (first row, rows) of the shared prefix it continues; (0, 0) for none.
+    seq_prefix: CudaSlice<i32>,
     tile_seq: CudaSlice<i32>,
     tile_start: CudaSlice<i32>,
     n_tiles: usize,
@@ -542,6 +544,12 @@ impl Backend for CudaBackend {
         format!("cuda:{}", self.ctx.ordinal())
     }
 
+    /// kernels/attention.cu reads one prefix per segment: trees of two levels (prompt, then
+    /// branches); deeper ones are computed unshared.
+    fn shares_prefixes(&self, batch: &PackedBatch) -> bool {
+        (0..batch.segments()).all(|s| batch.parent(s).is_none_or(|p| batch.parent(p).is_none()))
+    }
+
     fn matrix(&self, parts: &[MatrixPart<'_>]) -> Result<CudaMatrix> {
         let k = check_parts(parts)?;
         if parts[0].is_fp8() {
@@ -593,10 +601,20 @@ impl Backend for CudaBackend {
         let positions: Vec<i32> = batch.positions().into_iter().map(|p| p as i32).collect();
         let cu: Vec<i32> = batch.cu_seqlens().iter().map(|&c| c as i32).collect();
         let tiles = TileList::new(batch.cu_seqlens(), arbiter_kernels::ATTN_BLOCK_M);
+        let mut prefix = Vec::with_capacity(2 * batch.segments());
+        for s in 0..batch.segments() {
+            let rows = match batch.ancestor_rows(s)[..] {
+                [] => 0..0,
+                [ref p] => p.clone(),
+                _ => return Err(EngineError::Backend(format!("segment {s} continues more than one shared prefix"))),
+            };
+            prefix.extend([rows.start as i32, rows.len() as i32]);
+        }
         Ok(CudaBatch {
             tokens,
             positions: self.to_device(&positions)?,
             cu_seqlens: self.to_device(&cu)?,
+            seq_prefix: self.to_device(&prefix)?,
             tile_seq: self.to_device(&tiles.seq)?,
             tile_start: self.to_device(&tiles.start)?,
             n_tiles: tiles.len(),
@@ -744,7 +762,12 @@ impl Backend for CudaBackend {
                 int(qkv.cols, "qkv width")?,
             ];
             let mut b = self.stream.launch_builder(&kernel.func);
-            b.arg(qkv.bf16("attention")?).arg(&mut out).arg(&ctx.cu_seqlens).arg(&ctx.tile_seq).arg(&ctx.tile_start);
+            b.arg(qkv.bf16("attention")?)
+                .arg(&mut out)
+                .arg(&ctx.cu_seqlens)
+                .arg(&ctx.seq_prefix)
+                .arg(&ctx.tile_seq)
+                .arg(&ctx.tile_start);
             for a in &ints {
                 b.arg(a);
             }

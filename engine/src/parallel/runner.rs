@@ -526,7 +526,7 @@ fn rank_loop<B: Backend>(
     for job in jobs {
         let run = || -> Result<()> {
             let input = match &links.input {
-                Some(link) => Some(link.recv(job.batch.tokens().len(), hidden)?),
+                Some(link) => Some(link.recv(model.computed_rows(&job.batch), hidden)?),
                 None => None,
             };
             match model.forward_stage(&job.batch, input)? {

@@ -91,35 +91,50 @@ fn u32s(v: &mut Vec<u8>, xs: impl IntoIterator<Item = u32>) {
 }
 
 fn take_u32s(p: &[u8], n: usize, at: &mut usize) -> Result<Vec<u32>> {
-    let end = *at + n * 4;
-    let bytes = p.get(*at..end).ok_or_else(|| EngineError::Parallel("a peer sent a truncated frame".into()))?;
+    let end = n.checked_mul(4).and_then(|b| b.checked_add(*at)).ok_or_else(truncated)?;
+    let bytes = p.get(*at..end).ok_or_else(truncated)?;
     *at = end;
     Ok(bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
 }
 
-/// A packed batch as bytes: sequence count, then each sequence's length, then the tokens.
+/// A packed batch as bytes: segment count, each segment's length and parent (its index + 1, or
+/// 0 for none), item count, each item's read row, then the tokens. The whole structure travels,
+/// so every stage of every node computes the same shared prefixes.
 pub fn encode_batch(b: &PackedBatch) -> Vec<u8> {
-    let mut v = Vec::with_capacity(8 + 4 * (b.len() + b.tokens().len()));
+    let n = b.segments();
+    let mut v = Vec::with_capacity(4 * (2 + 2 * n + b.len() + b.tokens().len()));
+    u32s(&mut v, [n as u32]);
+    u32s(&mut v, (0..n).flat_map(|s| [b.segment(s).len() as u32, b.parent(s).map_or(0, |p| p as u32 + 1)]));
     u32s(&mut v, [b.len() as u32]);
-    u32s(&mut v, (0..b.len()).map(|i| b.range(i).len() as u32));
+    u32s(&mut v, b.read_rows().iter().map(|&r| r as u32));
     u32s(&mut v, b.tokens().iter().copied());
     v
 }
 
-/// The inverse of [`encode_batch`].
+/// The inverse of [`encode_batch`]; a malformed batch is an error, as from any other caller.
 pub fn decode_batch(p: &[u8]) -> Result<PackedBatch> {
     let mut at = 0;
     let n = take_u32s(p, 1, &mut at)?[0] as usize;
-    let lens = take_u32s(p, n, &mut at)?;
-    let total: usize = lens.iter().map(|&l| l as usize).sum();
+    let segs = take_u32s(p, n.checked_mul(2).ok_or_else(truncated)?, &mut at)?;
+    let items = take_u32s(p, 1, &mut at)?[0] as usize;
+    let reads = take_u32s(p, items, &mut at)?;
+    let total: usize = segs.chunks_exact(2).map(|s| s[0] as usize).sum();
     let tokens = take_u32s(p, total, &mut at)?;
     let mut batch = PackedBatch::new();
     let mut start = 0;
-    for l in lens {
-        batch.push(&tokens[start..start + l as usize])?;
-        start += l as usize;
+    for s in segs.chunks_exact(2) {
+        let parent = s[1].checked_sub(1).map(|p| p as usize);
+        batch.push_segment(parent, &tokens[start..start + s[0] as usize])?;
+        start += s[0] as usize;
+    }
+    for r in reads {
+        batch.push_item(r as usize)?;
     }
     Ok(batch)
+}
+
+fn truncated() -> EngineError {
+    EngineError::Parallel("a peer sent a truncated frame".into())
 }
 
 /// Rows of f32 values (head outputs, or a residual stream) as bytes: rows, cols, values.
@@ -147,18 +162,24 @@ mod tests {
 
     #[test]
     fn batches_and_tensors_round_trip_and_garbage_is_an_error() {
-        let b = PackedBatch::from_sequences(&[vec![1u32, 2, 3], vec![7], vec![4, 5]]).unwrap();
+        let mut b = PackedBatch::from_sequences(&[vec![1u32, 2, 3], vec![7], vec![4, 5]]).unwrap();
+        b.push_group(&[9, 8], &[vec![7u32], vec![], vec![6, 5]]).unwrap();
         let mut buf = Vec::new();
         write_frame(&mut buf, Kind::Batch, &encode_batch(&b)).unwrap();
         write_frame(&mut buf, Kind::Tensor, &encode_f32(2, 2, &[1.0, -2.5, 3.0, f32::MIN_POSITIVE])).unwrap();
         let mut r = &buf[..];
         let got = decode_batch(&expect_frame(&mut r, Kind::Batch).unwrap()).unwrap();
         assert_eq!(got.tokens(), b.tokens());
-        assert_eq!(got.cu_seqlens(), b.cu_seqlens());
+        assert_eq!(got, b, "segments, parents and read rows survive the wire");
         let (rows, cols, v) = decode_f32(&expect_frame(&mut r, Kind::Tensor).unwrap()).unwrap();
         assert_eq!((rows, cols, v), (2, 2, vec![1.0, -2.5, 3.0, f32::MIN_POSITIVE]));
         assert!(read_frame(&mut r).unwrap_err().to_string().contains("receiving from a peer"));
         assert!(decode_batch(&[5, 0, 0, 0, 1]).unwrap_err().to_string().contains("truncated"));
+        // One segment of one token whose parent is itself, and an item past the end.
+        let own_parent = [1u32, 1, 1, 0, 7].iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>();
+        assert!(decode_batch(&own_parent).unwrap_err().to_string().contains("segment 0 continues segment 0"));
+        let past_end = [1u32, 1, 0, 1, 1, 7].iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>();
+        assert!(decode_batch(&past_end).unwrap_err().to_string().contains("item 0 reads row 1"));
         let mut bad = &[2u8, 0, 0, 0, 42, 0][..];
         assert!(read_frame(&mut bad).unwrap_err().to_string().contains("unknown frame kind 42"));
         let mut buf = Vec::new();

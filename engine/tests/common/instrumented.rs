@@ -83,6 +83,9 @@ impl<B: Backend> Backend for Instrumented<B> {
     fn embedding(&self, table: TensorView<'_>) -> Result<Self::Embedding> {
         self.inner.embedding(table)
     }
+    fn shares_prefixes(&self, batch: &PackedBatch) -> bool {
+        self.inner.shares_prefixes(batch)
+    }
     fn batch_ctx(&self, batch: &PackedBatch, inv_freq: &[f32]) -> Result<Self::BatchCtx> {
         self.record("batch_ctx", || self.inner.batch_ctx(batch, inv_freq))
     }

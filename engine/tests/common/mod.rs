@@ -44,3 +44,59 @@ pub fn rel_error(got: &[f32], reference: &[f32]) -> f64 {
     let scale = reference.iter().map(|r| r.abs() as f64).fold(1e-3, f64::max);
     got.iter().zip(reference).map(|(g, r)| (*g as f64 - *r as f64).abs()).fold(0.0, f64::max) / scale
 }
+
+/// A batch of random shared-prefix groups and plain sequences, and each item's full sequence.
+/// Prefixes are 1..=300 tokens, branches 0..=`max_branch` (zero: the item is the prefix itself),
+/// some branches continue one level deeper, and nothing exceeds `max_len`. The first entry is
+/// always a group with a non-empty branch.
+pub fn random_tree_batch(
+    rng: &mut arbiter_engine::synth::SplitMix,
+    vocab: usize,
+    max_len: usize,
+    max_branch: usize,
+) -> (arbiter_engine::PackedBatch, Vec<Vec<u32>>) {
+    let mut below = |n: usize| (rng.next_u64() % n as u64) as usize;
+    let ids = |n: usize, below: &mut dyn FnMut(usize) -> usize| (0..n).map(|_| below(vocab) as u32).collect::<Vec<_>>();
+    let mut batch = arbiter_engine::PackedBatch::new();
+    let mut items = Vec::new();
+    for _ in 0..1 + below(3) {
+        if !items.is_empty() && below(4) == 0 {
+            let seq = ids(1 + below(max_len.min(300)), &mut below);
+            batch.push(&seq).unwrap();
+            items.push(seq);
+            continue;
+        }
+        let prefix = ids(1 + below(300.min(max_len - 1)), &mut below);
+        let root = batch.push_segment(None, &prefix).unwrap();
+        batch.push_item(batch.segment(root).end - 1).unwrap();
+        items.push(prefix.clone());
+        for k in 0..1 + below(4) {
+            let room = max_len - prefix.len();
+            // The first branch is never empty, so every batch shares something.
+            let len = if k == 0 { 1 + below(max_branch.min(room)) } else { below(max_branch.min(room) + 1) };
+            let branch = ids(len, &mut below);
+            if branch.is_empty() {
+                batch.push_item(batch.segment(root).end - 1).unwrap();
+                items.push(prefix.clone());
+                continue;
+            }
+            let seg = batch.push_segment(Some(root), &branch).unwrap();
+            let mut full = [prefix.clone(), branch.clone()].concat();
+            batch.push_item(batch.segment(seg).end - 1).unwrap();
+            items.push(full.clone());
+            // Read one row inside the branch too: an item that ends mid-segment.
+            let mid = below(branch.len());
+            batch.push_item(batch.segment(seg).start + mid).unwrap();
+            items.push(full[..prefix.len() + mid + 1].to_vec());
+            let room = max_len - full.len();
+            if room > 0 && below(3) == 0 {
+                let leaf = ids(1 + below(room.min(50)), &mut below);
+                let s = batch.push_segment(Some(seg), &leaf).unwrap();
+                batch.push_item(batch.segment(s).end - 1).unwrap();
+                full.extend_from_slice(&leaf);
+                items.push(full);
+            }
+        }
+    }
+    (batch, items)
+}

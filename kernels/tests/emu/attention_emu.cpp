@@ -5,15 +5,17 @@
 //
 // For each block the harness poisons (ASan) every byte of qkv the block must not read, i.e. all
 // but the query columns of its head for its tile's rows and the key/value columns of its KV head
-// for the rows 0..=last query of its sequence, and every byte of out but its own rows and head. A
-// read past a sequence, of a future key, of another head's columns, or a write outside the block's
-// output, stops the run with an ASan report.
+// for the rows 0..=last query of its sequence (for a segment continuing a shared prefix: the
+// prefix's rows, then its own up to its last query), and every byte of out but its own rows and
+// head. A read past a sequence, of a future key, of another segment's rows, of another head's
+// columns, or a write outside the block's output, stops the run with an ASan report.
 //
 // Exit status 0 when every case is within tolerance, 1 otherwise; one line per case on stdout.
 #include "cuda_bf16.h"
 
 #include <math.h>
 
+#include <algorithm>
 #include <random>
 #include <string>
 #include <vector>
@@ -34,6 +36,8 @@ struct Case {
     int kv_heads;
     int extra_cols;  // qkv_width = (heads + 2 kv_heads) D + extra_cols (breaks 16-byte alignment)
     bool reverse_tiles;
+    // Per segment, the earlier segment whose rows are its shared prefix, or -1 (empty: none).
+    std::vector<int> parents = {};
 };
 
 bool poison_exact() {
@@ -65,6 +69,19 @@ int run_case(const Case& c, std::mt19937& rng) {
     std::vector<int> cu{0};
     for (int len : c.lens) cu.push_back(cu.back() + len);
     const int tokens = cu.back();
+    // Shared prefixes as the host passes them: per segment (first row, rows) of its prefix.
+    std::vector<int> prefix(2 * c.lens.size(), 0);
+    for (size_t s = 0; s < c.parents.size(); ++s) {
+        if (c.parents[s] >= 0) {
+            prefix[2 * s] = cu[c.parents[s]];
+            prefix[2 * s + 1] = c.lens[c.parents[s]];
+        }
+    }
+    // Packed row of position j of segment s's full sequence.
+    auto key_row = [&](size_t s, int j) {
+        const int p = prefix[2 * s + 1];
+        return static_cast<size_t>(j < p ? prefix[2 * s] + j : cu[s] + j - p);
+    };
 
     // Tile list as the host builds it: ARB_BLOCK_M query rows per tile.
     std::vector<int> tile_seq, tile_start;
@@ -102,6 +119,15 @@ int run_case(const Case& c, std::mt19937& rng) {
         poison(qkv, qkv_bytes);
         poison(out, out_bytes);
         const int col_q = h * kD, col_k = (heads + g) * kD, col_v = (heads + kv_heads + g) * kD;
+        for (int j = 0; j < prefix[2 * s + 1]; ++j) {
+            const size_t row = key_row(s, j);
+            if (!poison_exact()) {
+                unpoison(qkv + row * width, width * 2);
+                continue;
+            }
+            unpoison(qkv + row * width + col_k, kD * 2);
+            unpoison(qkv + row * width + col_v, kD * 2);
+        }
         for (int r = 0; r < start + m_rows; ++r) {
             const size_t row = static_cast<size_t>(cu[s] + r);
             if (!poison_exact()) {
@@ -126,12 +152,13 @@ int run_case(const Case& c, std::mt19937& rng) {
     unpoison(smem_raw, sizeof smem_raw);
     poison(smem_raw + smem, sizeof smem_raw - smem);
     const int* cu_p = cu.data();
+    const int* pre_p = prefix.data();
     const int* ts_p = tile_seq.data();
     const int* st_p = tile_start.data();
     emu::launch(
         emu::Dim3{static_cast<unsigned>(n_tiles), static_cast<unsigned>(heads), 1},
         emu::Dim3{ARB_ATTN_THREADS, 1, 1}, smem_raw, smem,
-        [&] { flash_attn_varlen(qkv, out, cu_p, ts_p, st_p, n_tiles, heads, kv_heads, width, scale); }, before,
+        [&] { flash_attn_varlen(qkv, out, cu_p, pre_p, ts_p, st_p, n_tiles, heads, kv_heads, width, scale); }, before,
         after);
     unpoison(smem_raw, sizeof smem_raw);
 
@@ -143,12 +170,14 @@ int run_case(const Case& c, std::mt19937& rng) {
         double max_err = 0.0, max_ref = 0.0;
         for (int h = 0; h < heads; ++h) {
             const int g = h / (heads / kv_heads);
+            const int pl = prefix[2 * s + 1];
             for (int i = 0; i < c.lens[s]; ++i) {
                 const size_t qi = static_cast<size_t>(cu[s] + i);
-                std::vector<double> p(i + 1);
+                const int n_keys = pl + i + 1;
+                std::vector<double> p(n_keys);
                 double mx = -INFINITY;
-                for (int j = 0; j <= i; ++j) {
-                    const size_t kj = static_cast<size_t>(cu[s] + j);
+                for (int j = 0; j < n_keys; ++j) {
+                    const size_t kj = key_row(s, j);
                     double dot = 0.0;
                     for (int d = 0; d < kD; ++d)
                         dot += static_cast<double>(__bfloat162float(qkv[qi * width + h * kD + d])) *
@@ -157,12 +186,11 @@ int run_case(const Case& c, std::mt19937& rng) {
                     mx = std::max(mx, p[j]);
                 }
                 double sum = 0.0;
-                for (int j = 0; j <= i; ++j) sum += (p[j] = exp(p[j] - mx));
+                for (int j = 0; j < n_keys; ++j) sum += (p[j] = exp(p[j] - mx));
                 for (int d = 0; d < kD; ++d) {
                     double ref = 0.0;
-                    for (int j = 0; j <= i; ++j)
-                        ref += p[j] * __bfloat162float(
-                                          qkv[static_cast<size_t>(cu[s] + j) * width + (heads + kv_heads + g) * kD + d]);
+                    for (int j = 0; j < n_keys; ++j)
+                        ref += p[j] * __bfloat162float(qkv[key_row(s, j) * width + (heads + kv_heads + g) * kD + d]);
                     ref /= sum;
                     const float got = __bfloat162float(out[qi * out_width + static_cast<size_t>(h) * kD + d]);
                     if (isnan(got)) {
@@ -195,6 +223,11 @@ int main() {
         {"mha lens 70,1 reversed tiles", {70, 1}, 2, 2, 0, true},
         {"mqa (6 heads, 1 kv) lens 5,128", {5, 128}, 6, 1, 0, false},
         {"unaligned width (+4) lens 33,80", {33, 80}, 4, 2, 4, false},
+        // Shared prefixes: branches whose key tiles straddle the prefix's end (prefix 100 is not
+        // a multiple of a key tile), a prefix shorter than a tile, a one-token branch, and a
+        // plain sequence between them.
+        {"shared prefix 100: 1,70,130 + 5", {100, 1, 70, 130, 5}, 4, 2, 0, false, {-1, 0, 0, 0, -1}},
+        {"shared prefix 7, reversed: 64,3 + 20", {20, 7, 64, 3}, 4, 1, 4, true, {-1, -1, 1, 1}},
     };
     int failures = 0;
     for (const Case& c : cases) failures += run_case(c, rng);

@@ -10,6 +10,10 @@
 //! not flooded and its refusals do not dominate the run.
 //!
 //! arbiter-load --addr http://127.0.0.1:50051 --demo --concurrency 32 --duration 20
+//!
+//! With `--shared-prefix N` the requests are groups (N shared tokens, then each item's own):
+//! served tokens/s counts every item's full length, so a server that computes the prefix once
+//! shows the gain against the offline run, which packs every sequence whole.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,6 +57,11 @@ struct Args {
     /// Shortest and longest input in tokens, e.g. "32..512".
     #[arg(long, default_value = "32..512")]
     lengths: String,
+    /// Grouped workload: every Score / ScoreStream request's items start with the same this
+    /// many tokens, and Rank prompts are about this long (GRPO-like groups; 0: no shared prompt).
+    /// Compare a server with sharing on and off (`arbiter serve --shared-prefix-min 0`).
+    #[arg(long, default_value_t = 0)]
+    shared_prefix: usize,
     /// Token budget of one offline batch (use the server's --max-batch-tokens).
     #[arg(long, default_value_t = 8192)]
     batch_tokens: usize,
@@ -141,9 +150,13 @@ fn main() -> Result<()> {
             let len = |rng: &mut SplitMix| lo + (rng.next_u64() as usize) % (hi - lo + 1);
             match kind {
                 Kind::Score | Kind::Stream => {
-                    let seqs: Vec<Vec<u32>> = (0..args.items)
-                        .map(|_| (0..len(&mut rng)).map(|_| 7 + (rng.next_u64() % (vocab - 7)) as u32).collect())
-                        .collect();
+                    let id = |rng: &mut SplitMix| 7 + (rng.next_u64() % (vocab - 7)) as u32;
+                    let prefix: Vec<u32> = (0..args.shared_prefix).map(|_| id(&mut rng)).collect();
+                    let mut seqs: Vec<Vec<u32>> = Vec::with_capacity(args.items);
+                    for _ in 0..args.items {
+                        let n = len(&mut rng);
+                        seqs.push(prefix.iter().copied().chain((0..n).map(|_| id(&mut rng))).collect());
+                    }
                     let items = seqs
                         .iter()
                         .map(|s| pb::Item { input: Some(pb::item::Input::TokenIds(pb::TokenIds { ids: s.clone() })) })
@@ -157,7 +170,7 @@ fn main() -> Result<()> {
                 }
                 Kind::Rank => {
                     // Roughly len tokens: the template adds ~40, a word is 1-2 tokens.
-                    let n = len(&mut rng) / 3;
+                    let n = if args.shared_prefix > 0 { args.shared_prefix * 2 / 3 } else { len(&mut rng) / 3 };
                     let prompt = words(&mut rng, n);
                     let cands: Vec<String> = (0..args.items)
                         .map(|_| {
