@@ -234,7 +234,7 @@ impl Queue {
         self.shared.lock().closed = true;
         self.shared.wake.notify_all();
         self.shared.space.notify_waiters();
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        let threads = std::mem::take(&mut *arbiter_engine::sync::lock(&self.threads));
         for t in threads {
             t.join().ok();
         }

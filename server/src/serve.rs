@@ -222,7 +222,7 @@ pub async fn start(args: ServeArgs) -> Result<Running, CommandError> {
         let (fatal, stop) = (fatal.clone(), stop_tx.clone());
         Arc::new(move |why: String| {
             tracing::error!(error = %why, "the engine failed; stopping (NOT_SERVING)");
-            fatal.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(why);
+            arbiter_engine::sync::lock(&fatal).get_or_insert(why);
             stop.send(true).ok();
         })
     };
@@ -308,7 +308,7 @@ pub async fn start(args: ServeArgs) -> Result<Running, CommandError> {
         }
         let scorer_done = tokio::task::spawn_blocking(move || ready.scorer.shutdown());
         scorer_done.await.ok();
-        if let Some(why) = fatal.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(why) = arbiter_engine::sync::lock(&fatal).take() {
             return Err(CommandError::Stopped(format!("stopped because the engine failed: {why}")));
         }
         tracing::info!("stopped");

@@ -30,6 +30,7 @@ use crate::parallel::wire::{
 };
 use crate::parallel::{Parallelism, RankPlan};
 use crate::spec::ModelSpec;
+use crate::sync::lock;
 
 /// Builds a rank's tensor-parallel communicator from its backend.
 pub type MakeComm<B> =
@@ -42,7 +43,7 @@ type MakerSlot<T> = Arc<Mutex<Option<MakeTensor<T>>>>;
 /// backends exist, so it looks the rank's real constructor up when activations arrive.
 fn deferred_make<T: 'static>(slot: MakerSlot<T>) -> MakeTensor<T> {
     Arc::new(move |d: &[f32], rows, cols| {
-        let f = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let f = lock(&slot).clone();
         f.ok_or_else(|| EngineError::Parallel("activations arrived before the stage was loaded".into()))?(d, rows, cols)
     })
 }
@@ -67,20 +68,20 @@ struct Failure {
 
 impl Failure {
     fn get(&self) -> Option<String> {
-        self.first.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        lock(&self.first).clone()
     }
 
     fn set(&self, why: String) -> String {
         let (why, first) = {
-            let mut f = self.first.lock().unwrap_or_else(|e| e.into_inner());
+            let mut f = lock(&self.first);
             let first = f.is_none();
             (f.get_or_insert(why).clone(), first)
         };
-        for g in self.groups.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for g in lock(&self.groups).iter() {
             g.poison(&why);
         }
         if first {
-            if let Some(notify) = self.notify.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            if let Some(notify) = lock(&self.notify).take() {
                 notify(&why);
             }
         }
@@ -126,12 +127,12 @@ struct TcpLink<T> {
 impl<T: HostTensor + Send> StageLink<T> for TcpLink<T> {
     fn send(&self, t: &T) -> Result<()> {
         let data = t.read_host()?;
-        let mut s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = lock(&self.stream);
         write_frame(&mut *s, Kind::Tensor, &encode_f32(1, data.len(), &data))
     }
 
     fn recv(&self, rows: usize, cols: usize) -> Result<T> {
-        let mut s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = lock(&self.stream);
         let (_, _, data) = decode_f32(&expect_frame(&mut *s, Kind::Tensor)?)?;
         rebuild(&self.make, &data, rows, cols, "the previous node")
     }
@@ -200,7 +201,7 @@ impl ParallelEngine {
 
         // Tensor-parallel groups, one per stage.
         let groups: Vec<Arc<LocalGroup>> = local_stages.clone().map(|_| LocalGroup::new(par.tp, timeout)).collect();
-        *failure.groups.lock().unwrap_or_else(|e| e.into_inner()) = groups.clone();
+        *lock(&failure.groups) = groups.clone();
         let mut comms: Vec<_> = groups.iter().flat_map(|g| g.communicators()).map(Some).collect();
 
         // Links between consecutive stages, rank to same rank. Tensors cross as host copies and
@@ -280,7 +281,7 @@ impl ParallelEngine {
                         let m = model.clone();
                         let make: MakeTensor<B::Tensor> =
                             Arc::new(move |d: &[f32], rows, cols| m.backend().upload(d, rows, cols));
-                        *maker.lock().unwrap_or_else(|e| e.into_inner()) = Some(make);
+                        *lock(&maker) = Some(make);
                     }
                     rank_loop(&model, rank, links, job_rx, &failure);
                 })
@@ -347,7 +348,7 @@ impl ParallelEngine {
                 .spawn(move || loop {
                     let why = match read_frame(&mut r) {
                         Ok((Kind::Outputs, p)) if node == last => {
-                            let reply = pending.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+                            let reply = lock(&pending).pop_front();
                             let out = decode_f32(&p).map(|(rows, cols, v)| {
                                 v.chunks(cols.max(1)).take(rows).map(<[f32]>::to_vec).collect::<Vec<_>>()
                             });
@@ -363,7 +364,7 @@ impl ParallelEngine {
                         Err(e) => format!("lost node {node}: {e}"),
                     };
                     let why = failure.set(why);
-                    for reply in pending.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+                    for reply in lock(&pending).drain(..) {
                         let _ = reply.send(Err(EngineError::Parallel(why.clone())));
                     }
                     return;
@@ -388,8 +389,8 @@ impl ParallelEngine {
         let writer = Arc::new(Mutex::new(clone()?));
         {
             let writer = writer.clone();
-            *self.failure.notify.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(move |why: &str| {
-                let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
+            *lock(&self.failure.notify) = Some(Box::new(move |why: &str| {
+                let mut w = lock(&writer);
                 let _ = write_frame(&mut *w, Kind::Error, &serde_json::to_vec(why).unwrap_or_default());
             }));
         }
@@ -404,7 +405,7 @@ impl ParallelEngine {
                 let cols = out.first().map_or(0, Vec::len);
                 let flat: Vec<f32> = out.into_iter().flatten().collect();
                 let frame = encode_f32(flat.len() / cols.max(1), cols, &flat);
-                if write_frame(&mut *writer.lock().unwrap_or_else(|e| e.into_inner()), Kind::Outputs, &frame).is_err() {
+                if write_frame(&mut *lock(&writer), Kind::Outputs, &frame).is_err() {
                     return;
                 }
             }
@@ -437,10 +438,10 @@ impl ParallelEngine {
         let (reply, answer) = std::sync::mpsc::sync_channel(self.par.world_size() + 1);
         let failed = || EngineError::Parallel(self.failure.get().unwrap_or_else(|| "a rank has stopped".into()));
         // One lock around the whole dispatch: every rank and node sees batches in the same order.
-        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        let jobs = lock(&self.jobs);
         if let Some(remote) = &self.remote {
             let frame = encode_batch(&batch);
-            remote.pending.lock().unwrap_or_else(|e| e.into_inner()).push_back(reply.clone());
+            lock(&remote.pending).push_back(reply.clone());
             for mut w in &remote.workers {
                 if write_frame(&mut w, Kind::Batch, &frame).is_err() {
                     return Err(failed());
@@ -501,7 +502,7 @@ impl ParallelEngine {
 
 impl Drop for ParallelEngine {
     fn drop(&mut self) {
-        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        lock(&self.jobs).clear();
         self.failure.set("the engine is shutting down".into());
         // Closing the control connections ends the readers blocked on them (and tells the peers).
         for s in self.remote.iter().flat_map(|r| r.workers.iter()).chain(self.control.iter()) {
