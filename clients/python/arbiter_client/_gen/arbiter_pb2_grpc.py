@@ -74,9 +74,10 @@ class RewardServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Rank(self, request, context):
-        """Scores N candidate assistant responses to one prompt; the prompt travels once. Each
-        candidate is scored exactly as Score would score the full conversation
-        (prompt + assistant turn), bit for bit.
+        """Scores N candidate assistant responses to one prompt; the prompt travels once and is
+        computed once for the candidates that share a batch. Each candidate is scored as Score would
+        score the full conversation (prompt + assistant turn): bit for bit on the CPU backend, within
+        the GPU tolerances (docs/gpu-owed.md) on CUDA.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
