@@ -265,13 +265,16 @@ fn score(args: ScoreArgs) -> Result<ExitCode> {
         }
         None => Box::new(BufWriter::new(std::io::stdout().lock())),
     };
+    // Tokenizing overlaps compute; on a machine with few cores a second tokenization worker only
+    // takes a core from the GEMMs (measured on 2 cores: docs/bench-serve.md).
+    let tokenization_workers = std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).clamp(1, 2));
     let cfg = ScorerConfig {
         batch: BatchConfig {
             max_batch_tokens: args.batch_tokens,
             queue_capacity: CHUNKS_IN_FLIGHT * CHUNK_LINES,
             ..BatchConfig::default()
         },
-        ..ScorerConfig::default()
+        tokenization_workers,
     };
     let scorer = Arc::new(Scorer::start(model, cfg, None).context("starting the engine threads")?);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
