@@ -163,8 +163,14 @@ impl LoadedModel {
     /// Loads the model folder `dir` on the device `opts.device` names, split across ranks as
     /// `opts.parallel` says.
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        Self::from_folder(ModelFolder::open(dir)?, opts)
+    }
+
+    /// Like [`LoadedModel::load`], for a folder the caller has already opened (to plan memory
+    /// from its spec first, without reading config.json twice).
+    pub fn from_folder(folder: ModelFolder, opts: &LoadOptions) -> Result<Self> {
         let t = Instant::now();
-        let folder = ModelFolder::open(dir)?;
+        let dir = folder.dir.as_path();
         let fingerprint = folder.fingerprint()?;
         let preprocessor = Preprocessor::from_model_dir(dir, &folder.spec, opts.max_input_tokens)?;
         let single = opts.parallel.is_single() && opts.cluster.is_none();

@@ -2,7 +2,7 @@
 //! weight slices, the activations of a full `--max-batch-tokens` batch, and workspace (see
 //! engine/src/memory.rs), against the memory of the device the ranks run on.
 
-use arbiter_engine::config::load_config;
+use arbiter_engine::folder::ModelFolder;
 use arbiter_engine::memory::{available_host_memory, gpu_memory, plan, Storage};
 use arbiter_engine::parallel::Parallelism;
 use arbiter_engine::runtime::Device;
@@ -10,12 +10,11 @@ use arbiter_engine::runtime::Device;
 use crate::error::CommandError;
 use crate::serve::ServeArgs;
 
-/// Plans the model `args` serves, logs the table, and refuses a plan that needs more than the
+/// Plans the model `args` serves (its opened `folder`), logs the table, and refuses a plan that needs more than the
 /// device has. Runs before loading, so a deployment that cannot fit fails in a second with
 /// numbers, not after copying hundreds of gigabytes.
-pub fn check(args: &ServeArgs) -> Result<(), CommandError> {
-    let dir = args.model.dir()?;
-    let spec = load_config(&dir.join("config.json")).map_err(CommandError::engine("planning memory"))?;
+pub fn check(args: &ServeArgs, folder: &ModelFolder) -> Result<(), CommandError> {
+    let (dir, spec) = (&folder.dir, &folder.spec);
     let par = Parallelism { tp: args.model.tp.into(), pp: args.model.pp.into() };
     let (storage, capacity, shared, what) = match args.model.device {
         // All CPU ranks of this process share its host memory.
@@ -28,7 +27,7 @@ pub fn check(args: &ServeArgs) -> Result<(), CommandError> {
         Device::Cuda(ordinal) => (Storage::CUDA, gpu_memory(ordinal), 1, "GPU memory"),
     };
     let plan =
-        plan(&spec, par, storage, args.max_batch_tokens.max(1)).map_err(CommandError::engine("planning memory"))?;
+        plan(spec, par, storage, args.max_batch_tokens.max(1)).map_err(CommandError::engine("planning memory"))?;
     tracing::info!(
         "memory plan ({} on {}, {}{}):\n{}",
         dir.display(),

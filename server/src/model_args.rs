@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use arbiter_engine::demo::ensure_demo_model;
+use arbiter_engine::folder::ModelFolder;
 use arbiter_engine::parallel::cluster::{ClusterConfig, DEFAULT_LEADER_PORT};
 use arbiter_engine::parallel::Parallelism;
 use arbiter_engine::runtime::{Device, LoadOptions, LoadedModel};
@@ -71,6 +72,17 @@ impl ModelArgs {
 
     /// Loads the model.
     pub fn load(&self) -> Result<LoadedModel> {
+        self.load_folder(self.open()?)
+    }
+
+    /// Reads the model folder's config.json and maps its weights, once (see
+    /// [`ModelArgs::load_folder`]).
+    pub fn open(&self) -> Result<ModelFolder> {
+        ModelFolder::open(&self.dir()?).map_err(CommandError::engine("loading the model"))
+    }
+
+    /// Loads an opened model folder as these flags say.
+    pub fn load_folder(&self, folder: ModelFolder) -> Result<LoadedModel> {
         let opts = LoadOptions {
             threads: self.threads,
             max_input_tokens: self.max_input_tokens,
@@ -97,7 +109,7 @@ impl ModelArgs {
                 None
             },
         };
-        LoadedModel::load(&self.dir()?, &opts).map_err(CommandError::engine("loading the model"))
+        LoadedModel::from_folder(folder, &opts).map_err(CommandError::engine("loading the model"))
     }
 }
 

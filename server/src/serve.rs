@@ -336,8 +336,9 @@ fn served_model_name(args: &ServeArgs) -> String {
 async fn load_model(args: &ServeArgs) -> Result<arbiter_engine::runtime::LoadedModel, CommandError> {
     let a = args.clone();
     let model = tokio::task::spawn_blocking(move || {
-        crate::memory_plan::check(&a)?;
-        a.model.load()
+        let folder = a.model.open()?;
+        crate::memory_plan::check(&a, &folder)?;
+        a.model.load_folder(folder)
     })
     .await
     .map_err(setup("the loading thread"))??;
@@ -385,12 +386,10 @@ async fn prepare(
         tokio::task::spawn_blocking(move || warm_up(engine.as_ref(), tokens, requests, max_len))
             .await
             .map_err(setup("the warm-up thread"))?
-            .map_err(|e| {
-                CommandError::engine(format!(
-                    "the warm-up batch of {tokens} tokens failed (lower --max-batch-tokens, or \
-                     ARBITER_MAX_BATCH_TOKENS, until it fits)"
-                ))(e)
-            })?;
+            .map_err(CommandError::engine(format!(
+                "the warm-up batch of {tokens} tokens failed (lower --max-batch-tokens, or \
+                 ARBITER_MAX_BATCH_TOKENS, until it fits)"
+            )))?;
         tracing::info!(tokens, seconds = t.elapsed().as_secs_f64(), "warm-up batch done");
     }
     let scorer_cfg = ScorerConfig { batch: cfg, tokenization_workers: args.tokenization_workers.max(1) };
