@@ -235,14 +235,14 @@ mod tests {
         [a, b].concat()
     }
 
+    /// A 300-token budget, sharing prefixes of 64 tokens and more.
+    fn budget_300_sharing_64() -> BatchConfig {
+        BatchConfig { max_batch_tokens: 300, max_batch_requests: 100, queue_capacity: 100, shared_prefix_min: Some(64) }
+    }
+
     #[test]
     fn the_budget_counts_a_shared_prefix_once() {
-        let cfg = BatchConfig {
-            max_batch_tokens: 300,
-            max_batch_requests: 100,
-            queue_capacity: 100,
-            shared_prefix_min: Some(64),
-        };
+        let cfg = budget_300_sharing_64();
         let p = vec![7u32; 200];
         let seqs: Vec<Vec<u32>> = (0..4).map(|i| cat(&p, &[i; 20])).collect();
         let (mut q, _rx) = queue_of(&seqs);
@@ -258,12 +258,7 @@ mod tests {
 
     #[test]
     fn sharers_may_pass_a_job_that_does_not_fit_but_only_once() {
-        let cfg = BatchConfig {
-            max_batch_tokens: 300,
-            max_batch_requests: 100,
-            queue_capacity: 100,
-            shared_prefix_min: Some(64),
-        };
+        let cfg = budget_300_sharing_64();
         let p = vec![7u32; 200];
         let (b1, b2) = (vec![1u32; 250], vec![2u32; 250]);
         let (mut q, mut rxs) =
