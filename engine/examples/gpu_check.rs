@@ -40,6 +40,7 @@ use arbiter_engine::parallel::runner::ParallelEngine;
 use arbiter_engine::parallel::{Parallelism, RankPlan};
 use arbiter_engine::rope;
 use arbiter_engine::spec::{Llama3Scaling, MlpKind, NormKind, RopeSpec};
+use arbiter_engine::sync::panic_message;
 use arbiter_engine::synth::{gpu_1b_config, nemotron_340b_rank_config, tensor_shapes, write_random_model, SplitMix};
 use arbiter_engine::weights::{Dtype, TensorView};
 use arbiter_engine::{Model, PackedBatch, RewardWeights, Score};
@@ -147,15 +148,6 @@ impl Check {
         std::fs::write(self.out.join("rust-report.md"), &self.r.text)?;
         Ok(())
     }
-}
-
-/// A panic's message, when it carries one.
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "no message".into())
 }
 
 fn run() -> Res<bool> {

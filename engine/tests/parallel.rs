@@ -233,7 +233,7 @@ fn cluster(
     make_backend: fn(&RankPlan) -> Result<CpuBackend, EngineError>,
 ) -> Vec<Result<ParallelEngine, EngineError>> {
     use arbiter_engine::parallel::cluster::{join, ClusterConfig};
-    use arbiter_engine::parallel::runner::NodeWiring;
+    use arbiter_engine::parallel::node::NodeWiring;
     let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..nodes)

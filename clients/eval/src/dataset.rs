@@ -29,7 +29,9 @@ pub struct Example {
     pub num_correct: usize,
 }
 
-/// A file that cannot be read as RewardBench data; the message names the row and the field.
+/// A file that cannot be read as RewardBench data; the message names the row and the field the
+/// way every arbiter error names a place in its input (`rows[3].chosen[1]: must be a string`).
+/// Rows count from 0 in file order (blank JSONL lines are skipped).
 #[derive(Debug, thiserror::Error)]
 #[error("{path}: {message}")]
 pub struct DatasetError {
@@ -68,12 +70,12 @@ pub fn read(path: &Path) -> Result<(Version, Vec<Example>), DatasetError> {
     let version = match rows[0].get("chosen") {
         Some(Value::String(_)) => Version::V1,
         Some(Value::Array(_)) => Version::V2,
-        _ => return Err(err("row 0: \"chosen\" must be a string (v1) or a list of strings (v2)".into())),
+        _ => return Err(err("rows[0].chosen: must be a string (v1) or a list of strings (v2)".into())),
     };
     let examples: Vec<Example> = rows
         .iter()
         .enumerate()
-        .map(|(i, r)| example(r, version).map_err(|m| err(format!("row {i}: {m}"))))
+        .map(|(i, r)| example(r, version).map_err(|m| err(format!("rows[{i}]{m}"))))
         .collect::<Result<_, _>>()?;
     // Saved scores are keyed by (subset, id): a repeated key would let one saved result stand
     // for two examples, and the report would count it twice.
@@ -81,7 +83,7 @@ pub fn read(path: &Path) -> Result<(Version, Vec<Example>), DatasetError> {
     for (i, e) in examples.iter().enumerate() {
         if let Some(j) = first.insert((&e.subset, &e.id), i) {
             return Err(err(format!(
-                "row {i}: id {:?} of subset {:?} is also row {j}; examples are told apart by (subset, id)",
+                "rows[{i}].id: {:?} of subset {:?} is also the id of rows[{j}]; examples are told apart by (subset, id)",
                 e.id, e.subset
             )));
         }
@@ -97,12 +99,13 @@ fn read_parquet(path: &Path) -> Result<Vec<Value>, String> {
     rows.map(|r| r.map(|row| row.to_json_value()).map_err(|e| format!("bad Parquet row: {e}"))).collect()
 }
 
+/// Field readers answer with the rest of the path after `rows[i]` (`.field: message`).
 fn text(row: &Value, field: &str) -> Result<String, String> {
     match row.get(field) {
         Some(Value::String(s)) => Ok(s.clone()),
         Some(Value::Number(n)) if field == "id" => Ok(n.to_string()),
-        Some(v) => Err(format!("\"{field}\" must be a string, found {v}")),
-        None => Err(format!("missing field \"{field}\"")),
+        Some(v) => Err(format!(".{field}: must be a string, found {v}")),
+        None => Err(format!(".{field}: missing")),
     }
 }
 
@@ -111,10 +114,10 @@ fn texts(row: &Value, field: &str) -> Result<Vec<String>, String> {
         Some(Value::Array(a)) => a
             .iter()
             .enumerate()
-            .map(|(i, v)| v.as_str().map(str::to_string).ok_or_else(|| format!("{field}[{i}] must be a string")))
+            .map(|(i, v)| v.as_str().map(str::to_string).ok_or_else(|| format!(".{field}[{i}]: must be a string")))
             .collect(),
-        Some(v) => Err(format!("\"{field}\" must be a list of strings, found {v}")),
-        None => Err(format!("missing field \"{field}\"")),
+        Some(v) => Err(format!(".{field}: must be a list of strings, found {v}")),
+        None => Err(format!(".{field}: missing")),
     }
 }
 
@@ -124,7 +127,7 @@ fn example(row: &Value, version: Version) -> Result<Example, String> {
         Version::V2 => (texts(row, "chosen")?, texts(row, "rejected")?),
     };
     if chosen.is_empty() || rejected.is_empty() {
-        return Err("needs at least one chosen and one rejected response".into());
+        return Err(": needs at least one chosen and one rejected response".into());
     }
     let num_correct = chosen.len();
     Ok(Example {

@@ -36,16 +36,28 @@ fn bad_files_name_the_row_and_field() {
         (
             "a.jsonl",
             "{\"prompt\": \"p\", \"chosen\": \"c\", \"rejected\": \"r\", \"subset\": \"s\"}\n",
-            "row 0: missing field \"id\"",
+            "rows[0].id: missing",
         ),
-        ("b.jsonl", "{\"prompt\": \"p\", \"chosen\": 3}\n", "\"chosen\" must be a string"),
+        ("b.jsonl", "{\"prompt\": \"p\", \"chosen\": 3}\n", "rows[0].chosen: must be a string"),
+        (
+            "b2.jsonl",
+            "{\"prompt\": \"p\", \"chosen\": [\"a\"], \"rejected\": [\"b\"], \"subset\": \"s\", \"id\": \"1\"}\n\
+             {\"prompt\": \"p\", \"chosen\": [\"a\", 3], \"rejected\": [\"b\"], \"subset\": \"s\", \"id\": \"2\"}\n",
+            "rows[1].chosen[1]: must be a string",
+        ),
+        (
+            "g.jsonl",
+            "{\"prompt\": \"p\", \"chosen\": \"a\", \"rejected\": \"b\", \"subset\": \"s\", \"id\": 7}\n\
+             {\"prompt\": \"q\", \"chosen\": \"a\", \"rejected\": \"b\", \"subset\": \"s\", \"id\": \"7\"}\n",
+            "rows[1].id: \"7\" of subset \"s\" is also the id of rows[0]",
+        ),
         ("c.json", "{\"rows\": []}", "array of rows"),
         ("d.csv", "x", "unknown extension"),
         ("e.parquet", "not parquet", "not a Parquet file"),
         (
             "f.jsonl",
             "{\"prompt\": \"p\", \"chosen\": [\"a\"], \"rejected\": [], \"subset\": \"s\", \"id\": \"1\"}\n",
-            "at least one chosen and one rejected",
+            "rows[0]: needs at least one chosen and one rejected",
         ),
     ];
     for (name, body, want) in cases {

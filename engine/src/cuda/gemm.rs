@@ -127,7 +127,7 @@ unsafe impl Sync for Gemm {}
 
 impl Drop for Gemm {
     fn drop(&mut self) {
-        self.plans.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        crate::sync::lock(&self.plans).clear();
         // SAFETY: the handle is ours; no plan outlives it.
         unsafe {
             let _ = lt::destroy_handle(self.handle);
@@ -229,7 +229,7 @@ impl Gemm {
         // cuBLASLt runs on the thread's current context (the runtime API's): make it this GPU's,
         // whichever thread calls.
         self.stream.context().bind_to_thread().map_err(driver_err("bind the GPU for cuBLASLt"))?;
-        let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+        let mut plans = crate::sync::lock(&self.plans);
         let plan = plans.get_or_try_insert((t, n, k), || self.plan(t, n, k))?;
         let (alpha, beta) = (1.0f32, 0.0f32);
         let s = &self.stream;

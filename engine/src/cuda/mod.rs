@@ -322,7 +322,7 @@ impl CudaBackend {
     }
 
     fn attention_kernel(&self, head_dim: usize) -> Result<Arc<Attention>> {
-        let mut cache = self.attention.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = crate::sync::lock(&self.attention);
         if let Some(a) = cache.get(&head_dim) {
             return Ok(a.clone());
         }
@@ -414,7 +414,7 @@ impl CudaBackend {
     }
 
     fn rope_tables(&self, inv_freq: &[f32], positions: usize) -> Result<Arc<RopeTables>> {
-        let mut cached = self.rope.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cached = crate::sync::lock(&self.rope);
         if let Some(t) = cached.as_ref() {
             if t.inv_freq == inv_freq && t.positions >= positions {
                 return Ok(t.clone());

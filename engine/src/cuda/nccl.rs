@@ -181,7 +181,7 @@ impl NcclComm {
 
     /// Runs `op` (which enqueues NCCL work on the stream) and waits for it with the deadline.
     fn run(&self, what: &str, op: impl FnOnce(sys::ncclComm_t, sys::cudaStream_t) -> sys::ncclResult_t) -> Result<()> {
-        let _one_at_a_time = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let _one_at_a_time = crate::sync::lock(&self.calls);
         if self.aborted.load(Ordering::SeqCst) {
             return Err(EngineError::Backend(format!(
                 "NCCL: rank {} of {}: the communicator was aborted after an earlier failure",

@@ -3,7 +3,9 @@
 //! [`wire`]). The layout itself ([`crate::plan`]) lives beside the graph that reads it.
 
 pub mod cluster;
+mod failure;
 pub mod local;
+pub mod node;
 pub mod runner;
 pub mod wire;
 

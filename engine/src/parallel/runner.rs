@@ -10,8 +10,6 @@
 //! links so its neighbours stop waiting, and every later call returns the first error. A serving
 //! process reports NOT_SERVING and exits on it rather than limp on with a broken group.
 
-use std::collections::VecDeque;
-use std::net::TcpStream;
 use std::path::Path;
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -23,11 +21,9 @@ use crate::batch::PackedBatch;
 use crate::error::{EngineError, Result};
 use crate::folder::ModelFolder;
 use crate::graph::{check_batch, Model, StageOutput};
-use crate::parallel::cluster::Joined;
-use crate::parallel::local::{channel_link, rebuild, LocalGroup, MakeTensor};
-use crate::parallel::wire::{
-    decode_batch, decode_f32, encode_batch, encode_f32, expect_frame, read_frame, write_frame, Kind,
-};
+use crate::parallel::failure::Failure;
+use crate::parallel::local::{channel_link, LocalGroup, MakeTensor};
+use crate::parallel::node::{Loading, NodeRole, NodeWiring, Outputs, Reply};
 use crate::parallel::{Parallelism, RankPlan};
 use crate::spec::ModelSpec;
 use crate::sync::lock;
@@ -48,45 +44,10 @@ fn deferred_make<T: 'static>(slot: MakerSlot<T>) -> MakeTensor<T> {
     })
 }
 
-type Reply = SyncSender<Result<Vec<Vec<f32>>>>;
-
+/// One batch for one rank, and where rank 0 of the last stage answers.
 struct Job {
     batch: Arc<PackedBatch>,
     reply: Reply,
-}
-
-/// The first failure of a group, shared by its ranks and its engine.
-/// Told once about the first failure (a worker forwards it to the leader).
-type Notify = Box<dyn Fn(&str) + Send>;
-
-#[derive(Default)]
-struct Failure {
-    first: Mutex<Option<String>>,
-    groups: Mutex<Vec<Arc<LocalGroup>>>,
-    notify: Mutex<Option<Notify>>,
-}
-
-impl Failure {
-    fn get(&self) -> Option<String> {
-        lock(&self.first).clone()
-    }
-
-    fn set(&self, why: String) -> String {
-        let (why, first) = {
-            let mut f = lock(&self.first);
-            let first = f.is_none();
-            (f.get_or_insert(why).clone(), first)
-        };
-        for g in lock(&self.groups).iter() {
-            g.poison(&why);
-        }
-        if first {
-            if let Some(notify) = lock(&self.notify).take() {
-                notify(&why);
-            }
-        }
-        why
-    }
 }
 
 /// A model split across ranks in this process, behind the same `forward` as an unsplit model.
@@ -98,10 +59,8 @@ pub struct ParallelEngine {
     jobs: Mutex<Vec<SyncSender<Job>>>,
     failure: Arc<Failure>,
     threads: Vec<JoinHandle<()>>,
-    /// Leader of several nodes: the workers.
-    remote: Option<Remote>,
-    /// Worker: the control connection to the leader.
-    control: Option<TcpStream>,
+    /// This node's part in a deployment of several.
+    role: NodeRole,
     /// Whether this node runs the last stage (and so produces the answers).
     last_stage_here: bool,
 }
@@ -116,45 +75,6 @@ impl std::fmt::Debug for ParallelEngine {
 struct RankLinks<T> {
     input: Option<Box<dyn StageLink<T>>>,
     output: Option<Box<dyn StageLink<T>>>,
-}
-
-/// A stage link to or from a rank on another node, over a TCP data connection.
-struct TcpLink<T> {
-    stream: Mutex<TcpStream>,
-    make: MakeTensor<T>,
-}
-
-impl<T: HostTensor + Send> StageLink<T> for TcpLink<T> {
-    fn send(&self, t: &T) -> Result<()> {
-        let data = t.read_host()?;
-        let mut s = lock(&self.stream);
-        write_frame(&mut *s, Kind::Tensor, &encode_f32(1, data.len(), &data))
-    }
-
-    fn recv(&self, rows: usize, cols: usize) -> Result<T> {
-        let mut s = lock(&self.stream);
-        let (_, _, data) = decode_f32(&expect_frame(&mut *s, Kind::Tensor)?)?;
-        rebuild(&self.make, &data, rows, cols, "the previous node")
-    }
-}
-
-/// The leader's side of the other nodes.
-struct Remote {
-    /// Control connections of the workers, for sending batches.
-    workers: Vec<TcpStream>,
-    /// Replies awaited from the node of the last stage, in dispatch order.
-    pending: Arc<Mutex<VecDeque<Reply>>>,
-}
-
-/// What a node of a multi-node deployment brings to [`ParallelEngine::load`]: the rendezvous
-/// result and its data connections.
-pub struct NodeWiring {
-    /// The rendezvous result (control connections, peers).
-    pub joined: Joined,
-    /// Data connections from the previous node, by tensor-parallel rank.
-    pub from_prev: Vec<TcpStream>,
-    /// Data connections to the next node, by tensor-parallel rank.
-    pub to_next: Vec<TcpStream>,
 }
 
 impl ParallelEngine {
@@ -201,7 +121,7 @@ impl ParallelEngine {
 
         // Tensor-parallel groups, one per stage.
         let groups: Vec<Arc<LocalGroup>> = local_stages.clone().map(|_| LocalGroup::new(par.tp, timeout)).collect();
-        *lock(&failure.groups) = groups.clone();
+        failure.watch(groups.clone());
         let mut comms: Vec<_> = groups.iter().flat_map(|g| g.communicators()).map(Some).collect();
 
         // Links between consecutive stages, rank to same rank. Tensors cross as host copies and
@@ -218,29 +138,24 @@ impl ParallelEngine {
             links[i].output = Some(Box::new(tx));
             links[next].input = Some(Box::new(rx));
         }
-        let mut remote = None;
-        let mut control = None;
-        if let Some(n) = node {
-            let tcp = |stream: TcpStream, slot: MakerSlot<B::Tensor>| -> Box<dyn StageLink<B::Tensor>> {
-                stream.set_read_timeout(Some(timeout)).ok();
-                Box::new(TcpLink { stream: Mutex::new(stream), make: deferred_make(slot) })
-            };
-            let first = 0..par.tp; // local ranks of the first local stage
-            let last = ranks.len() - par.tp..ranks.len();
-            for (i, s) in first.zip(n.from_prev) {
-                links[i].input = Some(tcp(s, makers[i].clone()));
+        let loading = match node {
+            None => Loading::Alone,
+            Some(n) => {
+                let last = ranks.len() - par.tp;
+                let (edges, loading) = n.split(
+                    timeout,
+                    |tp| deferred_make(makers[tp].clone()),
+                    |tp| deferred_make(makers[last + tp].clone()),
+                );
+                for (i, link) in edges.inputs.into_iter().enumerate() {
+                    links[i].input = Some(link);
+                }
+                for (i, link) in edges.outputs.into_iter().enumerate() {
+                    links[last + i].output = Some(link);
+                }
+                loading
             }
-            for (i, s) in last.zip(n.to_next) {
-                links[i].output = Some(tcp(s, makers[i].clone()));
-            }
-            let mut streams = n.joined.control.into_iter().flatten();
-            if n.joined.config.node_rank == 0 {
-                remote = Some(streams.collect::<Vec<_>>());
-            } else {
-                control = streams.next();
-            }
-        }
-
+        };
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
         let mut jobs = Vec::new();
         let mut threads = Vec::new();
@@ -311,143 +226,32 @@ impl ParallelEngine {
             jobs: Mutex::new(jobs),
             failure,
             threads,
-            remote: None,
-            control: None,
+            role: NodeRole::Alone,
             last_stage_here: local_stages.end == par.pp,
         };
-        if let Some(e) = first_error {
-            if let Some(mut c) = control {
-                let _ = write_frame(&mut c, Kind::Error, &serde_json::to_vec(&e.to_string()).unwrap_or_default());
-            }
-            return Err(e); // dropping the engine stops the ranks that did load
-        }
-        if let Some(mut c) = control {
-            write_frame(&mut c, Kind::Ready, &[])?;
-            engine.control = Some(c);
-        }
-        if let Some(workers) = remote {
-            engine.attach_workers(workers)?;
-        }
+        // On failure, dropping the engine stops the ranks that did load.
+        engine.role = loading.finish(first_error.map_or(Ok(()), Err), &engine.failure, &mut engine.threads)?;
         Ok(engine)
-    }
-
-    /// Leader: waits for every worker to have loaded, then starts a reader per control
-    /// connection (outputs from the last node, failures from any).
-    fn attach_workers(&mut self, mut workers: Vec<TcpStream>) -> Result<()> {
-        for (k, w) in workers.iter_mut().enumerate() {
-            expect_frame(w, Kind::Ready).map_err(|e| EngineError::Parallel(format!("node {}: {e}", k + 1)))?;
-        }
-        let pending: Arc<Mutex<VecDeque<Reply>>> = Arc::default();
-        let last = workers.len();
-        for (k, w) in workers.iter().enumerate() {
-            let mut r = w.try_clone().map_err(|e| EngineError::Parallel(e.to_string()))?;
-            let (failure, pending) = (self.failure.clone(), pending.clone());
-            let node = k + 1;
-            let t = std::thread::Builder::new()
-                .name(format!("node-{node}-control"))
-                .spawn(move || loop {
-                    let why = match read_frame(&mut r) {
-                        Ok((Kind::Outputs, p)) if node == last => {
-                            let reply = lock(&pending).pop_front();
-                            let out = decode_f32(&p).map(|(rows, cols, v)| {
-                                v.chunks(cols.max(1)).take(rows).map(<[f32]>::to_vec).collect::<Vec<_>>()
-                            });
-                            if let Some(reply) = reply {
-                                let _ = reply.send(out);
-                            }
-                            continue;
-                        }
-                        Ok((Kind::Error, p)) => {
-                            format!("node {node}: {}", serde_json::from_slice::<String>(&p).unwrap_or_default())
-                        }
-                        Ok((k, _)) => format!("node {node} sent an unexpected {k:?} frame"),
-                        Err(e) => format!("lost node {node}: {e}"),
-                    };
-                    let why = failure.set(why);
-                    for reply in lock(&pending).drain(..) {
-                        let _ = reply.send(Err(EngineError::Parallel(why.clone())));
-                    }
-                    return;
-                })
-                .map_err(|e| EngineError::Parallel(format!("cannot start a control thread: {e}")))?;
-            self.threads.push(t);
-        }
-        self.remote = Some(Remote { workers, pending });
-        Ok(())
     }
 
     /// Worker: runs the batches the leader sends until the leader goes away, and returns why
     /// it stopped (a worker never stops on its own). Failures of this node's ranks are reported
     /// to the leader at once, which stops the whole deployment.
     pub fn run_worker(&self) -> Result<()> {
-        let stream = self
-            .control
-            .as_ref()
-            .ok_or_else(|| EngineError::Parallel("run_worker on a node that is not a worker".into()))?;
-        let clone = || stream.try_clone().map_err(|e| EngineError::Parallel(e.to_string()));
-        let mut control = clone()?;
-        let writer = Arc::new(Mutex::new(clone()?));
-        {
-            let writer = writer.clone();
-            *lock(&self.failure.notify) = Some(Box::new(move |why: &str| {
-                let mut w = lock(&writer);
-                let _ = write_frame(&mut *w, Kind::Error, &serde_json::to_vec(why).unwrap_or_default());
-            }));
-        }
-        // Answers go back in order from a writer thread, so reading the next batch never waits
-        // for this one to finish: that is the overlap between nodes.
-        type Answer = std::sync::mpsc::Receiver<Result<Vec<Vec<f32>>>>;
-        let (answers_tx, answers_rx) = std::sync::mpsc::channel::<Answer>();
-        let write_answers = std::thread::spawn(move || {
-            for rx in answers_rx {
-                // Failures reach the leader through the failure notice; only outputs go here.
-                let Ok(Ok(out)) = rx.recv() else { return };
-                let cols = out.first().map_or(0, Vec::len);
-                let flat: Vec<f32> = out.into_iter().flatten().collect();
-                let frame = encode_f32(flat.len() / cols.max(1), cols, &flat);
-                if write_frame(&mut *lock(&writer), Kind::Outputs, &frame).is_err() {
-                    return;
-                }
-            }
-        });
-        let result = loop {
-            let batch = match read_frame(&mut control) {
-                Ok((Kind::Batch, p)) => decode_batch(&p)?,
-                Ok((k, _)) => break Err(EngineError::Parallel(format!("the leader sent an unexpected {k:?} frame"))),
-                Err(e) => break Err(EngineError::Parallel(format!("lost the leader: {e}"))),
-            };
-            let rx = match self.dispatch(Arc::new(batch)) {
-                Ok(rx) => rx,
-                Err(e) => break Err(e),
-            };
-            if self.last_stage_here && answers_tx.send(rx).is_err() {
-                break Err(EngineError::Parallel("lost the leader while answering".into()));
-            }
+        let NodeRole::Worker(worker) = &self.role else {
+            return Err(EngineError::Parallel("run_worker on a node that is not a worker".into()));
         };
-        if let Err(e) = &result {
-            self.failure.set(e.to_string());
-        }
-        drop(answers_tx);
-        let _ = write_answers.join();
-        result
+        worker.run(&self.failure, self.last_stage_here, |batch| self.dispatch(batch))
     }
 
     /// Sends a batch to this node's ranks (and, on the leader, to the workers); returns where the
     /// answer (or the first failure) arrives.
-    fn dispatch(&self, batch: Arc<PackedBatch>) -> Result<std::sync::mpsc::Receiver<Result<Vec<Vec<f32>>>>> {
+    fn dispatch(&self, batch: Arc<PackedBatch>) -> Result<Receiver<Outputs>> {
         let (reply, answer) = std::sync::mpsc::sync_channel(self.par.world_size() + 1);
         let failed = || EngineError::Parallel(self.failure.get().unwrap_or_else(|| "a rank has stopped".into()));
         // One lock around the whole dispatch: every rank and node sees batches in the same order.
         let jobs = lock(&self.jobs);
-        if let Some(remote) = &self.remote {
-            let frame = encode_batch(&batch);
-            lock(&remote.pending).push_back(reply.clone());
-            for mut w in &remote.workers {
-                if write_frame(&mut w, Kind::Batch, &frame).is_err() {
-                    return Err(failed());
-                }
-            }
-        }
+        self.role.send(&batch, &reply).map_err(|_| failed())?;
         for tx in jobs.iter() {
             if tx.send(Job { batch: batch.clone(), reply: reply.clone() }).is_err() {
                 return Err(failed());
@@ -504,10 +308,7 @@ impl Drop for ParallelEngine {
     fn drop(&mut self) {
         lock(&self.jobs).clear();
         self.failure.set("the engine is shutting down".into());
-        // Closing the control connections ends the readers blocked on them (and tells the peers).
-        for s in self.remote.iter().flat_map(|r| r.workers.iter()).chain(self.control.iter()) {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
+        self.role.shutdown();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use arbiter_engine::sync::lock;
 use arbiter_engine::synth::SplitMix;
 use arbiter_engine::text::{Input, Message, Role, TruncationPolicy};
 use arbiter_engine::PackedBatch;
@@ -206,7 +207,7 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     let tally = Arc::new(Mutex::new(Tally::default()));
     let elapsed = runtime.block_on(run_load(&args, &mix, templates.clone(), tally.clone()))?;
-    let t = tally.lock().expect("tally");
+    let t = lock(&tally);
 
     // Offline: the same sequences through the engine in packed batches, server idle.
     let mut seqs: Vec<&[u32]> = Vec::new();
@@ -413,7 +414,7 @@ async fn run_load(
                 };
                 let ms = sent.elapsed().as_secs_f64() * 1e3;
                 let code = {
-                    let mut tl = tally.lock().expect("tally");
+                    let mut tl = lock(&tally);
                     match result {
                         Ok(results) => {
                             tl.latencies_ms.push(ms);
