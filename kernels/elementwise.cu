@@ -43,6 +43,31 @@ extern "C" __global__ void relu2(const __nv_bfloat16* in, __nv_bfloat16* out, lo
     out[i] = __float2bfloat16_rn(v * v);
 }
 
+// out = bf16(max(x, 0)) (the hidden layer of a two-layer reward head). Launch: grid ceil(n / 256),
+// block 256.
+extern "C" __global__ void relu(const __nv_bfloat16* in, __nv_bfloat16* out, long long n) {
+    const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    out[i] = __float2bfloat16_rn(fmaxf(__bfloat162float(in[i]), 0.0f));
+}
+
+// y[r, c] = bf16(y[r, c] + bias[c]): a linear layer's bias after its GEMM (Qwen2's q/k/v, a
+// reward head's layers). Launch: grid (rows, ceil(cols / 256)), block 256.
+extern "C" __global__ void add_bias(__nv_bfloat16* y, const float* bias, int rows, int cols) {
+    const int r = blockIdx.x;
+    const int c = blockIdx.y * blockDim.x + threadIdx.x;
+    if (r >= rows || c >= cols) return;
+    const size_t i = static_cast<size_t>(r) * static_cast<size_t>(cols) + c;
+    y[i] = __float2bfloat16_rn(__bfloat162float(y[i]) + bias[c]);
+}
+
+// out = bf16(x), round to nearest even: f32 activations (the final norm's) into a GEMM.
+// Launch: grid ceil(n / 256), block 256.
+extern "C" __global__ void to_bf16(const float* in, __nv_bfloat16* out, long long n) {
+    const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = __float2bfloat16_rn(in[i]);
+}
+
 // Each input row is [gate (ffn) | up (ffn)] (one fused GEMM produced both halves);
 // out[r, j] = bf16(silu(gate) * up). Launch: grid (rows, ceil(ffn / 256)), block 256.
 extern "C" __global__ void swiglu(const __nv_bfloat16* in, __nv_bfloat16* out, int rows, int ffn) {

@@ -115,3 +115,26 @@ extern "C" __global__ void add_residual(float* x, const __nv_bfloat16* delta, lo
     const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (i < n) x[i] += __bfloat162float(delta[i]);
 }
+
+// Per-head RMSNorm in place (Qwen3's q_norm / k_norm, before RoPE): in each qkv row, heads
+// [0, q_heads) are normalized with q_gamma and heads [q_heads, q_heads + kv_heads) with k_gamma,
+// each over its head_dim channels; the value heads are untouched. The sum of squares is f32 and
+// reduced over one warp in a fixed order. Launch: grid (tokens, q_heads + kv_heads), block 32.
+extern "C" __global__ void qk_norm(__nv_bfloat16* qkv, const float* q_gamma, const float* k_gamma, int tokens,
+                                   int qkv_width, int q_heads, int kv_heads, int head_dim, float eps) {
+    const int t = blockIdx.x;
+    const int h = blockIdx.y;
+    if (t >= tokens || h >= q_heads + kv_heads) return;
+    __nv_bfloat16* x = qkv + static_cast<size_t>(t) * static_cast<size_t>(qkv_width) +
+                       static_cast<size_t>(h) * static_cast<size_t>(head_dim);
+    const float* gamma = h < q_heads ? q_gamma : k_gamma;
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < head_dim; c += 32) {
+        const float v = __bfloat162float(x[c]);
+        ss += v * v;
+    }
+    ss = warp_sum(ss);
+    const float inv = 1.0f / sqrtf(ss / static_cast<float>(head_dim) + eps);
+    // Each thread rewrites only the channels it read, after the warp-wide sum.
+    for (int c = threadIdx.x; c < head_dim; c += 32) x[c] = __float2bfloat16_rn(gamma[c] * (__bfloat162float(x[c]) * inv));
+}

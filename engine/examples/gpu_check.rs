@@ -33,13 +33,13 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use arbiter_engine::backend::{AttnLayout, Backend, HostTensor, MatrixPart};
+use arbiter_engine::backend::{Activation, AttnLayout, Backend, HostTensor, MatrixPart};
 use arbiter_engine::cpu::CpuBackend;
 use arbiter_engine::cuda::{bf16_bits, bf16_value, CudaBackend};
 use arbiter_engine::parallel::runner::ParallelEngine;
 use arbiter_engine::parallel::{Parallelism, RankPlan};
 use arbiter_engine::rope;
-use arbiter_engine::spec::{Llama3Scaling, MlpKind, NormKind, RopeSpec};
+use arbiter_engine::spec::{Llama3Scaling, NormKind, RopeSpec};
 use arbiter_engine::sync::panic_message;
 use arbiter_engine::synth::{gpu_1b_config, nemotron_340b_rank_config, tensor_shapes, write_random_model, SplitMix};
 use arbiter_engine::weights::{Dtype, TensorView};
@@ -412,7 +412,12 @@ fn ops(r: &mut Report, gpu: &CudaBackend, cpu: &CpuBackend) -> Res<()> {
     }
 
     // MLP activations.
-    for (kind, rows, cols) in [(MlpKind::Relu2, 100, 8192), (MlpKind::SwiGlu, 70, 2000), (MlpKind::SwiGlu, 3, 600)] {
+    for (kind, rows, cols) in [
+        (Activation::Relu2, 100, 8192),
+        (Activation::SwiGlu, 70, 2000),
+        (Activation::SwiGlu, 3, 600),
+        (Activation::Relu, 5, 8192),
+    ] {
         let x = random_bf16(&mut rng, rows * cols, 4.0);
         let g = gpu.to_host(&gpu.activation(&gpu.upload_bf16(&x, rows, cols)?, kind)?)?;
         let c = cpu.to_host(&cpu.activation(&cpu.upload(&x, rows, cols)?, kind)?)?;
@@ -541,8 +546,11 @@ fn golden(r: &mut Report, fixtures: &Path) -> Res<()> {
         let mut alone = Vec::new();
         let (mut worst_ref, mut worst_cpu) = (0.0f64, 0.0f64);
         for (seq, reference) in g.sequences.iter().zip(&g.outputs) {
-            let got = gm.forward(&PackedBatch::from_sequences(&[seq])?)?.remove(0);
-            let on_cpu = cm.forward(&PackedBatch::from_sequences(&[seq])?)?.remove(0);
+            // Read where transformers reads (before trailing pad tokens, see llama-pad-end).
+            let mut batch = PackedBatch::from_sequences(&[seq])?;
+            batch.read_at(0, gm.spec().read_offset(seq))?;
+            let got = gm.forward(&batch)?.remove(0);
+            let on_cpu = cm.forward(&batch)?.remove(0);
             if got.iter().any(|v| !v.is_finite()) {
                 r.failures.push(format!("{name}: non-finite output for a sequence of {}", seq.len()));
             }
@@ -570,7 +578,11 @@ fn golden(r: &mut Report, fixtures: &Path) -> Res<()> {
             r.failures.push(format!("{name}: ranking {got:?}, transformers {want:?}"));
         }
         // Batch invariance is a goal on GPU, not a requirement: reported only.
-        let packed = gm.forward(&PackedBatch::from_sequences(&g.sequences)?)?;
+        let mut all = PackedBatch::from_sequences(&g.sequences)?;
+        for (i, seq) in g.sequences.iter().enumerate() {
+            all.read_at(i, gm.spec().read_offset(seq))?;
+        }
+        let packed = gm.forward(&all)?;
         let differing = packed
             .iter()
             .zip(&alone)

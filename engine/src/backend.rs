@@ -34,12 +34,34 @@ impl AttnLayout {
     }
 }
 
+/// An element-wise nonlinearity of the graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `relu(x)^2` (Nemotron's MLP).
+    Relu2,
+    /// `silu(gate) * up` over the two halves of the input (Llama's MLP); halves the width.
+    SwiGlu,
+    /// `relu(x)` (the hidden layer of a two-layer reward head).
+    Relu,
+}
+
+impl From<MlpKind> for Activation {
+    fn from(kind: MlpKind) -> Self {
+        match kind {
+            MlpKind::Relu2 => Activation::Relu2,
+            MlpKind::SwiGlu => Activation::SwiGlu,
+        }
+    }
+}
+
 /// One block of a weight matrix to load: rows `rows` and columns `cols` of `view` (rows are
 /// output features, columns input features). Column-parallel ranks take a row range, row-parallel
 /// ranks a column range; the backend reads only that block from the mapped file.
 ///
 /// An FP8 weight (`view` is e4m3) comes with the scales of its `rows`: a column-parallel rank's
 /// scales are its own rows', a row-parallel rank holds every row and so the whole scale vector.
+/// A bias (Qwen2's q/k/v, a reward head's layers) is added after the product and its scales,
+/// so it composes with FP8 as `scale * (x W^T) + bias`.
 #[derive(Debug, Clone)]
 pub struct MatrixPart<'a> {
     /// The stored tensor, shape `[out, in]`.
@@ -51,6 +73,8 @@ pub struct MatrixPart<'a> {
     /// For an e4m3 `view`: the per-output-channel scale of each row in `rows` (checked finite
     /// and positive, see [`crate::fp8::load_scales`]).
     pub scales: Option<Vec<f32>>,
+    /// The whole bias vector `[out]` of the tensor, if it has one; the part adds its `rows`.
+    pub bias: Option<TensorView<'a>>,
 }
 
 impl<'a> MatrixPart<'a> {
@@ -61,7 +85,7 @@ impl<'a> MatrixPart<'a> {
 
     /// Rows `rows` and columns `cols` of `view`.
     pub fn block(view: TensorView<'a>, rows: Range<usize>, cols: Range<usize>) -> Self {
-        MatrixPart { view, rows, cols, scales: None }
+        MatrixPart { view, rows, cols, scales: None, bias: None }
     }
 
     /// Whether this part is e4m3 with scales: the matrix it goes into rounds its input to e4m3
@@ -96,6 +120,15 @@ pub fn check_parts(parts: &[MatrixPart<'_>]) -> Result<usize> {
                 "cannot stack {:?} and {:?} into one matrix: one is FP8 and the other is not",
                 first.view.name, p.view.name
             )));
+        }
+        if let Some(b) = &p.bias {
+            if b.shape != [shape[0]] {
+                return Err(EngineError::WrongShape {
+                    name: b.name.to_string(),
+                    expected: vec![shape[0]],
+                    found: b.shape.to_vec(),
+                });
+            }
         }
         if p.cols.len() != k {
             return Err(EngineError::Backend(format!(
@@ -175,10 +208,13 @@ pub trait Backend: Send + Sync {
     /// Rotates, in place, the first `rotary_dim` channels of every query and key head
     /// (non-interleaved `rotate_half` convention), each token at its own position in its sequence.
     fn rope(&self, qkv: &mut Self::Tensor, layout: &AttnLayout, ctx: &Self::BatchCtx) -> Result<()>;
+    /// Per-head RMSNorm, in place, of every query head with `q` and every key head with `k`
+    /// (Qwen3, before RoPE); each head's `head_dim` channels are one row of the norm.
+    fn qk_norm(&self, qkv: &mut Self::Tensor, layout: &AttnLayout, q: &Self::Norm, k: &Self::Norm) -> Result<()>;
     /// Causal grouped-query attention within each packed sequence; returns `[tokens, heads * head_dim]`.
     fn attention(&self, qkv: &Self::Tensor, layout: &AttnLayout, ctx: &Self::BatchCtx) -> Result<Self::Tensor>;
-    /// The MLP's nonlinearity: `relu(x)^2`, or `silu(gate) * up` over the two halves of `x`.
-    fn activation(&self, x: &Self::Tensor, kind: MlpKind) -> Result<Self::Tensor>;
+    /// An element-wise nonlinearity (see [`Activation`]).
+    fn activation(&self, x: &Self::Tensor, kind: Activation) -> Result<Self::Tensor>;
     /// The rows `rows` of `x`, in that order.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
     /// Copies a tensor to host memory as f32, row-major.

@@ -124,6 +124,31 @@ impl PackedBatch {
         Ok(())
     }
 
+    /// Moves item `item`'s read to the `offset`-th token (from 0) of its sequence, which must be
+    /// at or before where it reads now: how a model that reads its score before trailing pad
+    /// tokens ([`crate::ModelSpec::read_offset`]) is served. Tokens after the read row do not
+    /// change it (attention is causal), so the item's outputs are those of its sequence cut there.
+    pub fn read_at(&mut self, item: usize, offset: usize) -> Result<()> {
+        let Some(&row) = self.reads.get(item) else {
+            return Err(EngineError::InvalidBatch(format!("item {item} is not in a batch of {}", self.len())));
+        };
+        let s = self.segment_of(row);
+        let mut chain = self.ancestor_rows(s);
+        chain.push(self.segment(s).start..row + 1);
+        let mut left = offset;
+        for rows in chain {
+            if left < rows.len() {
+                self.reads[item] = rows.start + left;
+                return Ok(());
+            }
+            left -= rows.len();
+        }
+        Err(EngineError::InvalidBatch(format!(
+            "item {item} cannot read token {offset}: it reads {} tokens",
+            self.item_len(item)
+        )))
+    }
+
     /// Number of items (what [`crate::Model::forward`] returns outputs for).
     pub fn len(&self) -> usize {
         self.reads.len()
@@ -307,5 +332,23 @@ mod tests {
         assert!(e.to_string().contains("item 1 reads row 2, but the batch has 2 rows"), "{e}");
         let e = b.push_group::<&[u32]>(&[], &[]).unwrap_err();
         assert!(e.to_string().contains("shared prefix of item 1 is empty"), "{e}");
+    }
+
+    #[test]
+    fn an_item_can_read_earlier_in_its_own_sequence_across_its_prefix() {
+        let mut b = PackedBatch::from_sequences(&[vec![1u32, 2, 3]]).unwrap();
+        b.push_group(&[9, 8], &[vec![7u32, 6], vec![]]).unwrap();
+        // Rows: [1 2 3 | 9 8 | 7 6]; items read 2, 6 and 4.
+        b.read_at(0, 1).unwrap();
+        b.read_at(1, 1).unwrap(); // inside the shared prefix
+        assert_eq!(b.read_rows(), &[1, 4, 4]);
+        assert_eq!((b.item_len(0), b.item_len(1)), (2, 2));
+        let mut b2 = PackedBatch::new();
+        b2.push_group(&[9, 8], &[vec![7u32, 6]]).unwrap();
+        b2.read_at(0, 2).unwrap(); // first token of the branch
+        assert_eq!(b2.read_rows(), &[2]);
+        let e = b2.read_at(0, 3).unwrap_err().to_string();
+        assert!(e.contains("item 0 cannot read token 3: it reads 3 tokens"), "{e}");
+        assert!(b2.read_at(1, 0).unwrap_err().to_string().contains("item 1 is not in a batch of 1"));
     }
 }

@@ -19,10 +19,72 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use crate::error::{EngineError, Result};
-use crate::spec::{HeadSpec, Llama3Scaling, MlpKind, ModelSpec, NormKind, RopeSpec};
+use crate::spec::{HeadKind, HeadSpec, Llama3Scaling, MlpKind, ModelSpec, NormKind, RopeSpec};
+
+/// How one architecture differs from the others: everything the config does not say itself.
+struct Family {
+    /// `architectures[0]`.
+    name: &'static str,
+    norm: NormKind,
+    /// The config key of the norm epsilon, and its default.
+    eps_key: &'static str,
+    default_eps: f32,
+    mlp: MlpKind,
+    /// The only `hidden_act` the family's MLP implements.
+    act: &'static str,
+    default_partial_rotary: f32,
+    qk_norm: bool,
+    qkv_bias: bool,
+    head: HeadKind,
+}
+
+const fn llama_like(name: &'static str) -> Family {
+    Family {
+        name,
+        norm: NormKind::RmsNorm,
+        eps_key: "rms_norm_eps",
+        default_eps: 1e-6,
+        mlp: MlpKind::SwiGlu,
+        act: "silu",
+        default_partial_rotary: 1.0,
+        qk_norm: false,
+        qkv_bias: false,
+        head: HeadKind::Linear,
+    }
+}
+
+/// Every architecture the engine implements; the forward graph reads the differences as data.
+const FAMILIES: [Family; 5] = [
+    Family {
+        name: "NemotronForSequenceClassification",
+        norm: NormKind::LayerNorm1P,
+        eps_key: "norm_eps",
+        default_eps: 1e-5,
+        mlp: MlpKind::Relu2,
+        act: "relu2",
+        default_partial_rotary: 0.5,
+        qk_norm: false,
+        qkv_bias: false,
+        head: HeadKind::Linear,
+    },
+    llama_like("LlamaForSequenceClassification"),
+    // INF-ORM-Llama3.1-70B: Llama with a two-layer head (its model card's
+    // `INFORMForSequenceClassification`).
+    Family { head: HeadKind::TwoLayerRelu, ..llama_like("INFORMForSequenceClassification") },
+    Family { qkv_bias: true, ..llama_like("Qwen2ForSequenceClassification") },
+    Family { qk_norm: true, ..llama_like("Qwen3ForSequenceClassification") },
+];
 
 /// The architectures this engine implements, as `architectures[0]` names them.
-pub const SUPPORTED_ARCHITECTURES: [&str; 2] = ["NemotronForSequenceClassification", "LlamaForSequenceClassification"];
+pub const SUPPORTED_ARCHITECTURES: [&str; FAMILIES.len()] = {
+    let mut names = [""; FAMILIES.len()];
+    let mut i = 0;
+    while i < FAMILIES.len() {
+        names[i] = FAMILIES[i].name;
+        i += 1;
+    }
+    names
+};
 
 /// Parses `config.json` at `path`.
 pub fn load_config(path: &Path) -> Result<ModelSpec> {
@@ -97,34 +159,30 @@ impl Fields<'_> {
         }
     }
 
-    fn flag_false(&self, key: &str) -> Result<()> {
+    fn flag_false(&self, key: &str, why: &str) -> Result<()> {
         match self.obj.get(key) {
             None | Some(Value::Null) | Some(Value::Bool(false)) => Ok(()),
-            Some(v) => Err(self
-                .err(format!("{key} = {v} is not supported: arbiter implements models without linear-layer biases"))),
+            Some(v) => Err(self.err(format!("{key} = {v} is not supported: {why}"))),
         }
     }
 
-    fn architecture(&self) -> Result<&str> {
+    fn family(&self) -> Result<&'static Family> {
         let arch = match self.obj.get("architectures") {
             Some(Value::Array(a)) if !a.is_empty() => {
                 a[0].as_str().ok_or_else(|| self.err("architectures[0] must be a string"))?
             }
             _ => return Err(self.err("missing field \"architectures\" (e.g. [\"NemotronForSequenceClassification\"])")),
         };
-        if !SUPPORTED_ARCHITECTURES.contains(&arch) {
-            return Err(EngineError::UnsupportedArchitecture {
-                path: self.path.to_path_buf(),
-                found: arch.to_string(),
-                supported: SUPPORTED_ARCHITECTURES.join(", "),
-            });
-        }
-        Ok(arch)
+        FAMILIES.iter().find(|f| f.name == arch).ok_or_else(|| EngineError::UnsupportedArchitecture {
+            path: self.path.to_path_buf(),
+            found: arch.to_string(),
+            supported: SUPPORTED_ARCHITECTURES.join(", "),
+        })
     }
 
     fn spec(&self) -> Result<ModelSpec> {
-        let architecture = self.architecture()?.to_string();
-        let nemotron = architecture.starts_with("Nemotron");
+        let family = self.family()?;
+        let architecture = family.name.to_string();
         let hidden = self.usize("hidden_size")?;
         let heads = self.usize("num_attention_heads")?;
         let kv_heads = self.usize_in(self.obj, "num_key_value_heads")?.unwrap_or(heads);
@@ -142,23 +200,39 @@ impl Fields<'_> {
                 self.err(format!("num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"))
             );
         }
-        self.flag_false("attention_bias")?;
-        self.flag_false("mlp_bias")?;
+        // Qwen2 always has q/k/v biases and no `attention_bias` key; elsewhere the key would add
+        // biases to all four attention projections, o included, which no family here has.
+        let no_bias = "arbiter implements the biases of Qwen2's q/k/v projections only";
+        self.flag_false("attention_bias", no_bias)?;
+        self.flag_false("mlp_bias", no_bias)?;
+        // Qwen2/Qwen3 configs carry sliding-window settings that transformers ignores unless
+        // `use_sliding_window` is true; a model that really uses a window is not what we compute.
+        self.flag_false("use_sliding_window", "arbiter computes full causal attention on every layer")?;
+        if let Some(Value::Array(types)) = self.obj.get("layer_types") {
+            if let Some((i, t)) = types.iter().enumerate().find(|(_, t)| t.as_str() != Some("full_attention")) {
+                return Err(self.err(format!(
+                    "layer_types[{i}] = {t} is not supported: arbiter computes full causal attention on every layer"
+                )));
+            }
+        }
 
-        let (norm, eps_key, default_eps, mlp, act, default_partial) = if nemotron {
-            (NormKind::LayerNorm1P, "norm_eps", 1e-5, MlpKind::Relu2, "relu2", 0.5)
-        } else {
-            (NormKind::RmsNorm, "rms_norm_eps", 1e-6, MlpKind::SwiGlu, "silu", 1.0)
-        };
+        let act = family.act;
         let found_act = self.str_in(self.obj, "hidden_act")?.unwrap_or(act);
         if found_act != act {
             return Err(
                 self.err(format!("hidden_act {found_act:?} is not supported for {architecture}; expected {act:?}"))
             );
         }
-        let norm_eps = self.f32_in(self.obj, eps_key)?.unwrap_or(default_eps);
-        let rope = self.rope(head_dim, default_partial)?;
-        let head = self.head()?;
+        let norm_eps = self.f32_in(self.obj, family.eps_key)?.unwrap_or(family.default_eps);
+        let rope = self.rope(head_dim, family.default_partial_rotary)?;
+        let head = self.head(family.head)?;
+        let pad_token_id =
+            match self.obj.get("pad_token_id") {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(v.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| {
+                    self.err(format!("field \"pad_token_id\" must be a token id or null, found {v}"))
+                })?),
+            };
         let arbiter = self.obj.get("arbiter").and_then(Value::as_object);
         let chat_template = match arbiter.and_then(|a| a.get("chat_template")) {
             None | Some(Value::Null) => None,
@@ -184,14 +258,17 @@ impl Fields<'_> {
             ffn: self.usize("intermediate_size")?,
             vocab: self.usize("vocab_size")?,
             max_positions: self.usize_in(self.obj, "max_position_embeddings")?.unwrap_or(4096),
-            norm,
+            norm: family.norm,
             norm_eps,
-            mlp,
+            mlp: family.mlp,
             rope,
             head,
             chat_template,
             demo,
             fp8,
+            qk_norm: family.qk_norm,
+            qkv_bias: family.qkv_bias,
+            pad_token_id,
         })
     }
 
@@ -258,7 +335,7 @@ impl Fields<'_> {
     }
 
     /// Head labels from `id2label`, exposure and default reward weights from `"arbiter"`.
-    fn head(&self) -> Result<HeadSpec> {
+    fn head(&self, kind: HeadKind) -> Result<HeadSpec> {
         let labels: Vec<String> = match self.obj.get("id2label") {
             Some(Value::Object(m)) => {
                 let mut labels = vec![None; m.len()];
@@ -327,7 +404,7 @@ impl Fields<'_> {
             }
             Some(_) => return Err(self.err("arbiter.reward_weights must be an object of name -> number")),
         };
-        Ok(HeadSpec { labels, exposed, reward_weights })
+        Ok(HeadSpec { kind, labels, exposed, reward_weights })
     }
 }
 

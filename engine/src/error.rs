@@ -56,6 +56,14 @@ pub enum EngineError {
         /// The files that were searched.
         looked_in: String,
     },
+    /// A tensor the architecture has no place for (a reward head of another layout).
+    #[error("tensor {name:?} {message}")]
+    UnexpectedTensor {
+        /// The tensor name.
+        name: String,
+        /// Why it does not fit and what was expected.
+        message: String,
+    },
     /// A tensor has a different shape than config.json implies.
     #[error("tensor {name:?} has shape {found:?}, expected {expected:?} from config.json")]
     WrongShape {

@@ -1,7 +1,8 @@
 //! The forward graph, written once for every architecture and backend:
 //!
-//! `embed -> [norm, qkv, rope, attention, o, all_reduce, residual, norm, mlp, all_reduce,
-//! residual] x L -> read-row gather -> final norm -> head (f32, on the host)`.
+//! `embed -> [norm, qkv (+ bias), (q/k norm), rope, attention, o, all_reduce, residual, norm,
+//! mlp, all_reduce, residual] x L -> read-row gather -> final norm -> (head hidden layers on the
+//! backend) -> head output layer (f32, on the host)`.
 //!
 //! The final norm is applied after the gather: it works row by row, so normalizing only the rows
 //! that are read gives the same numbers for a fraction of the work.
@@ -11,30 +12,39 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::backend::{AttnLayout, Backend, Communicator, MatrixPart, SingleRank};
+use crate::backend::{Activation, AttnLayout, Backend, Communicator, MatrixPart, SingleRank};
 use crate::batch::PackedBatch;
 use crate::error::{EngineError, Result};
 use crate::folder::ModelFolder;
 use crate::fp8;
 use crate::plan::RankPlan;
 use crate::rope;
-use crate::spec::ModelSpec;
-use crate::tensors::{NormTensors, TensorInfo, TensorTable, HEAD_BIAS};
+use crate::spec::{ModelSpec, NormKind};
+use crate::tensors::{HeadLayer, NormTensors, TensorInfo, TensorTable};
 use crate::weights::{Dtype, TensorView, WeightStore};
 
 /// Weights of one transformer block.
 struct Block<B: Backend> {
     attn_norm: B::Norm,
     qkv: B::Matrix,
+    /// Qwen3's per-head norms of the queries and keys.
+    qk_norm: Option<(B::Norm, B::Norm)>,
     o: B::Matrix,
     mlp_norm: B::Norm,
     up: B::Matrix,
     down: B::Matrix,
 }
 
-/// The reward head, kept in f32 on the host: it runs on a handful of rows per batch.
+/// The reward head. Hidden layers (INF-ORM's `score.0` + ReLU) are backend GEMMs over the read
+/// rows; the output layer is kept in f32 on the host: it has a handful of outputs per row.
+struct Head<B: Backend> {
+    hidden: Vec<B::Matrix>,
+    output: OutputLayer,
+}
+
+/// The head's last layer, `bias + W h` in f32.
 #[derive(Debug, Clone)]
-struct Head {
+struct OutputLayer {
     /// `[outputs, hidden]`, row-major.
     weight: Vec<f32>,
     bias: Option<Vec<f32>>,
@@ -52,7 +62,7 @@ pub struct Model<B: Backend> {
     blocks: Vec<Block<B>>,
     /// Last stage only: the final norm and the head.
     final_norm: Option<B::Norm>,
-    head: Option<Head>,
+    head: Option<Head<B>>,
     inv_freq: Vec<f32>,
     layout: AttnLayout,
 }
@@ -126,9 +136,23 @@ impl<B: Backend> Model<B> {
                 None => backend.matrix(&[part(&t.up)?])?,
                 Some(gate) => backend.matrix(&[part(gate)?, part(&t.up)?])?,
             };
+            let mut qkv = [part(&t.q)?, part(&t.k)?, part(&t.v)?];
+            if let Some(biases) = &t.qkv_bias {
+                for (p, b) in qkv.iter_mut().zip(biases) {
+                    p.bias = Some(dense(store, b)?);
+                }
+            }
+            let qk_norm = match &t.qk_norm {
+                Some([q, k]) => Some((
+                    backend.norm_params(NormKind::RmsNorm, spec.norm_eps, dense(store, q)?, None)?,
+                    backend.norm_params(NormKind::RmsNorm, spec.norm_eps, dense(store, k)?, None)?,
+                )),
+                None => None,
+            };
             blocks.push(Block {
                 attn_norm: norm(&t.input_norm)?,
-                qkv: backend.matrix(&[part(&t.q)?, part(&t.k)?, part(&t.v)?])?,
+                qkv: backend.matrix(&qkv)?,
+                qk_norm,
                 o: backend.matrix(&[part(&t.o)?])?,
                 mlp_norm: norm(&t.post_norm)?,
                 up,
@@ -136,16 +160,19 @@ impl<B: Backend> Model<B> {
             });
         }
         let (final_norm, head) = if rank.is_last_stage() {
-            let n_out = spec.num_outputs();
-            let head = Head {
-                weight: dense(store, &table.head)?.to_f32(),
-                bias: if store.contains(HEAD_BIAS) {
-                    Some(dense_named(store, HEAD_BIAS, &[n_out])?.to_f32())
-                } else {
-                    None
-                },
-            };
-            (Some(norm(&table.final_norm)?), Some(head))
+            table.check_head_names(store.names(), &spec.architecture)?;
+            let bias = |l: &HeadLayer| store.contains(&l.bias.name).then(|| dense(store, &l.bias)).transpose();
+            let (output, hidden) = table.head.split_last().expect("a head has at least one layer");
+            let hidden = hidden
+                .iter()
+                .map(|l| {
+                    let w = dense(store, &l.weight)?;
+                    backend.matrix(&[MatrixPart { bias: bias(l)?, ..MatrixPart::whole(w) }])
+                })
+                .collect::<Result<_>>()?;
+            let output =
+                OutputLayer { weight: dense(store, &output.weight)?.to_f32(), bias: bias(output)?.map(|b| b.to_f32()) };
+            (Some(norm(&table.final_norm)?), Some(Head { hidden, output }))
         } else {
             (None, None)
         };
@@ -229,13 +256,16 @@ impl<B: Backend> Model<B> {
             let mut h = b.norm(&x, &first.attn_norm)?;
             for (l, blk) in self.blocks.iter().enumerate() {
                 let mut qkv = b.matmul(&h, &blk.qkv)?;
+                if let Some((qn, kn)) = &blk.qk_norm {
+                    b.qk_norm(&mut qkv, &self.layout, qn, kn)?;
+                }
                 b.rope(&mut qkv, &self.layout, &ctx)?;
                 let attn = b.attention(&qkv, &self.layout, &ctx)?;
                 let mut o = b.matmul(&attn, &blk.o)?;
                 self.comm.all_reduce(&mut o)?;
                 h = b.add_norm(&mut x, &o, &blk.mlp_norm)?;
                 let up = b.matmul(&h, &blk.up)?;
-                let act = b.activation(&up, self.spec.mlp)?;
+                let act = b.activation(&up, self.spec.mlp.into())?;
                 let mut down = b.matmul(&act, &blk.down)?;
                 self.comm.all_reduce(&mut down)?;
                 match self.blocks.get(l + 1) {
@@ -248,19 +278,19 @@ impl<B: Backend> Model<B> {
             return Ok(StageOutput::Hidden(x));
         };
         let last = b.gather_rows(&x, batch.read_rows())?;
-        let normed = b.to_host(&b.final_norm(&last, final_norm)?)?;
-        Ok(StageOutput::Outputs(normed.chunks_exact(self.spec.hidden).map(|row| head.forward(row)).collect()))
+        let mut h = b.final_norm(&last, final_norm)?;
+        for layer in &head.hidden {
+            h = b.activation(&b.matmul(&h, layer)?, Activation::Relu)?;
+        }
+        let rows = b.to_host(&h)?;
+        Ok(StageOutput::Outputs(rows.chunks_exact(self.spec.hidden).map(|row| head.output.forward(row)).collect()))
     }
 }
 
 /// A tensor of the table that is never quantized (embedding, norms, head), checked to have its shape.
 fn dense<'a>(store: &'a WeightStore, t: &TensorInfo) -> Result<TensorView<'a>> {
-    dense_named(store, &t.name, &t.shape)
-}
-
-/// A never-quantized tensor by name, checked to have `shape`.
-fn dense_named<'a>(store: &'a WeightStore, name: &str, shape: &[usize]) -> Result<TensorView<'a>> {
-    let t = store.get_shaped(name, shape)?;
+    let name = t.name.as_str();
+    let t = store.get_shaped(name, &t.shape)?;
     if t.dtype == Dtype::F8E4M3 {
         return Err(EngineError::Quantization {
             name: name.to_string(),
@@ -305,8 +335,8 @@ fn linear_part<'a>(
     }
 }
 
-impl Head {
-    /// The head in f32: `bias + W h`, each output a single ordered dot product.
+impl OutputLayer {
+    /// The output layer in f32: `bias + W h`, each output a single ordered dot product.
     fn forward(&self, hidden: &[f32]) -> Vec<f32> {
         self.weight
             .chunks_exact(hidden.len())

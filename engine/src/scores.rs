@@ -78,6 +78,7 @@ mod tests {
 
     fn head() -> HeadSpec {
         HeadSpec {
+            kind: crate::spec::HeadKind::Linear,
             labels: vec!["quality".into(), "helpfulness".into(), "verbosity".into()],
             exposed: vec![1, 2],
             reward_weights: vec![0.5, -0.25],

@@ -1,7 +1,8 @@
 //! The model spec: every number and every architectural choice the forward graph needs, as data.
 //!
-//! Nemotron and Llama differ at three points (norm, MLP, how much of each head is rotated) plus
-//! the head's bias; all of that lives here so that the graph is written once.
+//! Nemotron, Llama, Qwen2 and Qwen3 differ at a handful of points (norm, MLP, how much of each
+//! head is rotated, q/k norms, q/k/v biases, the reward head's layers); all of that lives here so
+//! that the graph is written once.
 
 pub use crate::fp8::Fp8Scheme;
 
@@ -50,9 +51,22 @@ pub struct RopeSpec {
     pub llama3: Option<Llama3Scaling>,
 }
 
+/// The layers of the reward head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadKind {
+    /// One linear layer, `score.weight` (and an optional `score.bias`): transformers'
+    /// `*ForSequenceClassification`.
+    Linear,
+    /// `score.0` (hidden -> hidden, with bias), ReLU, `score.2` (hidden -> outputs, with bias):
+    /// INF-ORM's `nn.Sequential` head.
+    TwoLayerRelu,
+}
+
 /// The regression head read at the last token of each sequence.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HeadSpec {
+    /// Its layers.
+    pub kind: HeadKind,
     /// Names of all outputs, in the order of the head's rows (from `id2label`).
     pub labels: Vec<String>,
     /// Indices into `labels` of the outputs shown to users (all of them unless the model folder
@@ -101,6 +115,14 @@ pub struct ModelSpec {
     /// `quantization_config`: the linear layers are e4m3 with per-channel scales (see
     /// [`crate::fp8`]); `None` for a full-precision folder.
     pub fp8: Option<Fp8Scheme>,
+    /// Per-head RMSNorm of the queries and keys before RoPE (Qwen3's `q_norm`, `k_norm`), with
+    /// the blocks' norm epsilon.
+    pub qk_norm: bool,
+    /// Biases on the q, k and v projections (Qwen2).
+    pub qkv_bias: bool,
+    /// `pad_token_id`: the score is read at the rightmost token that is not this id, as
+    /// transformers does (see [`ModelSpec::read_offset`]).
+    pub pad_token_id: Option<u32>,
 }
 
 impl ModelSpec {
@@ -126,5 +148,15 @@ impl ModelSpec {
     /// Number of outputs of the head (rows of `score.weight`).
     pub fn num_outputs(&self) -> usize {
         self.head.labels.len()
+    }
+
+    /// Where in `ids` the score is read: the rightmost token whose id is not `pad_token_id` (the
+    /// last token when there is no pad id; the first when every token is the pad id), exactly
+    /// as transformers' `*ForSequenceClassification` picks it for unpadded input.
+    pub fn read_offset(&self, ids: &[u32]) -> usize {
+        match self.pad_token_id {
+            Some(pad) => ids.iter().rposition(|&t| t != pad).unwrap_or(0),
+            None => ids.len().saturating_sub(1),
+        }
     }
 }

@@ -43,7 +43,7 @@ pub use crate::tensors::tensor_shapes;
 ///
 /// Matrices are uniform with scale `1/sqrt(fan_in)` so activations stay O(1) through many
 /// layers; norm weights and biases are random too (all-ones defaults would hide LayerNorm1P
-/// bugs); the head gets a bias when `head_bias` is set. When `config` has a
+/// bugs); the head's layers get biases when `head_bias` is set. When `config` has a
 /// `quantization_config`, the linear layers it quantizes are stored as e4m3 with their scales
 /// (from the same random values, so the folder is the FP8 version of the unquantized one).
 pub fn write_random_model(
@@ -60,7 +60,9 @@ pub fn write_random_model(
     std::fs::write(&config_path, text).map_err(|e| EngineError::Io { path: config_path.clone(), source: e })?;
     let mut shapes = tensor_shapes(&spec);
     if head_bias {
-        shapes.push((crate::tensors::HEAD_BIAS.to_string(), vec![spec.num_outputs()]));
+        for l in crate::tensors::TensorTable::new(&spec).head {
+            shapes.push((l.bias.name, l.bias.shape));
+        }
     }
     let mut rng = SplitMix::new(seed);
     let mut tensors: BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> = BTreeMap::new();

@@ -4,8 +4,9 @@
 
 use std::ops::Range;
 
+use crate::error::{EngineError, Result};
 use crate::plan::RankPlan;
-use crate::spec::{MlpKind, ModelSpec};
+use crate::spec::{HeadKind, MlpKind, ModelSpec};
 
 /// The token embedding.
 pub const EMBEDDING: &str = "model.embed_tokens.weight";
@@ -16,6 +17,8 @@ pub const HEAD: &str = "score.weight";
 /// The reward head's optional bias, `[outputs]`: Llama-family classifiers have none, some
 /// converted heads do; a folder may hold it or not.
 pub const HEAD_BIAS: &str = "score.bias";
+/// Every tensor of the reward head starts with this.
+pub const HEAD_PREFIX: &str = "score.";
 
 /// Module names inside a block (`model.layers.{i}.{module}`), for the table and for code that
 /// writes or matches block tensors by name (the converter, the FP8 scheme).
@@ -38,6 +41,10 @@ pub mod module {
     pub const UP: &str = "mlp.up_proj";
     /// MLP down projection.
     pub const DOWN: &str = "mlp.down_proj";
+    /// Qwen3's per-head RMSNorm of the queries.
+    pub const Q_NORM: &str = "self_attn.q_norm";
+    /// Qwen3's per-head RMSNorm of the keys.
+    pub const K_NORM: &str = "self_attn.k_norm";
     /// The block's linear layers (the ones FP8 may quantize).
     pub const LINEAR: [&str; 7] = [Q, K, V, O, GATE, UP, DOWN];
 }
@@ -158,12 +165,27 @@ pub struct LayerTensors {
     pub o: TensorInfo,
     /// The norm before the MLP.
     pub post_norm: NormTensors,
+    /// Qwen2's q, k and v biases, `[heads * head_dim]`, `[kv_heads * head_dim]` twice; split
+    /// with their matrices' rows.
+    pub qkv_bias: Option<[TensorInfo; 3]>,
+    /// Qwen3's per-head norms of the queries and keys, `[head_dim]` each.
+    pub qk_norm: Option<[TensorInfo; 2]>,
     /// SwiGLU's gate projection, `[ffn, hidden]`; none for relu2.
     pub gate: Option<TensorInfo>,
     /// MLP up projection, `[ffn, hidden]`.
     pub up: TensorInfo,
     /// MLP down projection, `[hidden, ffn]`.
     pub down: TensorInfo,
+}
+
+/// One linear layer of the reward head: `weight` `[out, in]` and its bias `[out]`, which a
+/// folder may hold or not (not listed by [`TensorTable::iter`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeadLayer {
+    /// The matrix.
+    pub weight: TensorInfo,
+    /// The optional bias.
+    pub bias: TensorInfo,
 }
 
 /// Every tensor a model with a given spec reads.
@@ -175,8 +197,8 @@ pub struct TensorTable {
     pub layers: Vec<LayerTensors>,
     /// The final norm.
     pub final_norm: NormTensors,
-    /// The head, `[outputs, hidden]` (its optional bias is [`HEAD_BIAS`]).
-    pub head: TensorInfo,
+    /// The head's layers in order, the last one `[outputs, hidden]`.
+    pub head: Vec<HeadLayer>,
 }
 
 impl TensorTable {
@@ -193,12 +215,29 @@ impl TensorTable {
                 let t = |m: &str, shape: [usize; 2], split: Split| {
                     TensorInfo::new(layer_tensor(l, m, "weight"), shape.to_vec(), split, place)
                 };
+                let vector = |m: &str, tensor: &str, len: usize, split: Split| {
+                    TensorInfo::new(layer_tensor(l, m, tensor), vec![len], split, place)
+                };
                 let layer_norm = |m: &'static str| norm(&move |t: &str| layer_tensor(l, m, t), place);
+                let (q_rows, kv_rows) = (spec.heads * d, spec.kv_heads * d);
                 LayerTensors {
                     input_norm: layer_norm(module::INPUT_NORM),
-                    q: t(module::Q, [spec.heads * d, h], Split::Rows(Share::Heads)),
-                    k: t(module::K, [spec.kv_heads * d, h], Split::Rows(Share::KvHeads)),
-                    v: t(module::V, [spec.kv_heads * d, h], Split::Rows(Share::KvHeads)),
+                    q: t(module::Q, [q_rows, h], Split::Rows(Share::Heads)),
+                    k: t(module::K, [kv_rows, h], Split::Rows(Share::KvHeads)),
+                    v: t(module::V, [kv_rows, h], Split::Rows(Share::KvHeads)),
+                    qkv_bias: spec.qkv_bias.then(|| {
+                        [
+                            vector(module::Q, "bias", q_rows, Split::Rows(Share::Heads)),
+                            vector(module::K, "bias", kv_rows, Split::Rows(Share::KvHeads)),
+                            vector(module::V, "bias", kv_rows, Split::Rows(Share::KvHeads)),
+                        ]
+                    }),
+                    qk_norm: spec.qk_norm.then(|| {
+                        [
+                            vector(module::Q_NORM, "weight", d, Split::Replicated),
+                            vector(module::K_NORM, "weight", d, Split::Replicated),
+                        ]
+                    }),
                     o: t(module::O, [h, spec.heads * d], Split::Cols(Share::Heads)),
                     post_norm: layer_norm(module::POST_NORM),
                     gate: (spec.mlp == MlpKind::SwiGlu)
@@ -212,13 +251,14 @@ impl TensorTable {
             embedding: TensorInfo::new(EMBEDDING.into(), vec![spec.vocab, h], Split::Replicated, Place::Embedding),
             layers,
             final_norm: norm(&|t: &str| format!("{FINAL_NORM}.{t}"), Place::Output),
-            head: TensorInfo::new(HEAD.into(), vec![spec.num_outputs(), h], Split::Replicated, Place::Output),
+            head: head_layers(spec),
         }
     }
 
-    /// Every tensor in a stable order: the embedding; per block its input norm, q, k, v, o,
-    /// post-attention norm, gate, up, down; the final norm; the head. Synthetic folders draw
-    /// their random values in this order, so it is part of their bytes.
+    /// Every tensor in a stable order: the embedding; per block its input norm, q, k, v, the
+    /// q/k/v biases, the q/k norms, o, post-attention norm, gate, up, down; the final norm; the
+    /// head's matrices. Synthetic folders draw their random values in this order, so it is part
+    /// of their bytes.
     pub fn iter(&self) -> impl Iterator<Item = &TensorInfo> {
         fn norm(n: &NormTensors) -> impl Iterator<Item = &TensorInfo> {
             std::iter::once(&n.weight).chain(n.bias.as_ref())
@@ -226,13 +266,51 @@ impl TensorTable {
         std::iter::once(&self.embedding)
             .chain(self.layers.iter().flat_map(move |l| {
                 norm(&l.input_norm)
-                    .chain([&l.q, &l.k, &l.v, &l.o])
+                    .chain([&l.q, &l.k, &l.v])
+                    .chain(l.qkv_bias.iter().flatten())
+                    .chain(l.qk_norm.iter().flatten())
+                    .chain([&l.o])
                     .chain(norm(&l.post_norm))
                     .chain(l.gate.as_ref())
                     .chain([&l.up, &l.down])
             }))
             .chain(norm(&self.final_norm))
-            .chain(std::iter::once(&self.head))
+            .chain(self.head.iter().map(|l| &l.weight))
+    }
+
+    /// Checks that the folder's head tensors (names starting with [`HEAD_PREFIX`]) are exactly
+    /// this table's head, so a head of another shape is refused rather than half read.
+    pub fn check_head_names<'n>(&self, names: impl IntoIterator<Item = &'n str>, architecture: &str) -> Result<()> {
+        let expected: Vec<&str> =
+            self.head.iter().flat_map(|l| [l.weight.name.as_str(), l.bias.name.as_str()]).collect();
+        match names.into_iter().find(|n| n.starts_with(HEAD_PREFIX) && !expected.contains(n)) {
+            Some(name) => Err(EngineError::UnexpectedTensor {
+                name: name.to_string(),
+                message: format!(
+                    "is not part of the {architecture} reward head, which is {}",
+                    self.head
+                        .iter()
+                        .map(|l| format!("{} (and optionally {})", l.weight.name, l.bias.name))
+                        .collect::<Vec<_>>()
+                        .join(", then ")
+                ),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The head's layers for `spec`: one `[outputs, hidden]` matrix, or INF-ORM's
+/// `score.0` `[hidden, hidden]` then `score.2` `[outputs, hidden]` (index 1 is the ReLU).
+fn head_layers(spec: &ModelSpec) -> Vec<HeadLayer> {
+    let h = spec.hidden;
+    let layer = |prefix: &str, out: usize, inp: usize| HeadLayer {
+        weight: TensorInfo::new(format!("{prefix}.weight"), vec![out, inp], Split::Replicated, Place::Output),
+        bias: TensorInfo::new(format!("{prefix}.bias"), vec![out], Split::Replicated, Place::Output),
+    };
+    match spec.head.kind {
+        HeadKind::Linear => vec![layer("score", spec.num_outputs(), h)],
+        HeadKind::TwoLayerRelu => vec![layer("score.0", h, h), layer("score.2", spec.num_outputs(), h)],
     }
 }
 
@@ -263,6 +341,7 @@ mod tests {
         assert_eq!(table.iter().map(TensorInfo::elements).sum::<usize>(), total);
         assert_eq!(table.iter().next().unwrap().name, EMBEDDING);
         assert_eq!(table.iter().last().unwrap().name, HEAD);
+        assert_eq!(table.head[0].bias.name, HEAD_BIAS);
     }
 
     #[test]

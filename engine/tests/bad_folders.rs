@@ -152,6 +152,88 @@ fn unsupported_dtype_is_named() {
     assert!(e.contains("model.norm.weight") && e.contains("unsupported dtype I16"), "{e}");
 }
 
+/// A random Qwen2 or Qwen3 folder (`arch`), to break one family-specific thing in.
+fn qwen_folder(arch: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let config = json!({
+        "architectures": [arch], "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 64,
+        "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "use_sliding_window": false,
+        "layer_types": ["full_attention", "full_attention"]
+    });
+    write_random_model(dir.path(), &config, Dtype::BF16, 5, true).unwrap();
+    dir
+}
+
+#[test]
+fn qwen_folders_load_and_their_unsupported_options_are_named() {
+    for arch in ["Qwen2ForSequenceClassification", "Qwen3ForSequenceClassification"] {
+        let dir = qwen_folder(arch);
+        Model::load(dir.path(), CpuBackend::with_threads(1).unwrap()).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        edit_config(dir.path(), |c| c["use_sliding_window"] = json!(true));
+        let e = load_err(dir.path());
+        assert!(e.contains("use_sliding_window = true is not supported"), "{arch}: {e}");
+        edit_config(dir.path(), |c| {
+            c["use_sliding_window"] = json!(false);
+            c["layer_types"] = json!(["full_attention", "sliding_attention"]);
+        });
+        let e = load_err(dir.path());
+        assert!(e.contains("layer_types[1] = \"sliding_attention\""), "{arch}: {e}");
+        edit_config(dir.path(), |c| {
+            c["layer_types"] = json!(null);
+            c["rope_scaling"] = json!({"rope_type": "yarn", "factor": 4.0});
+        });
+        let e = load_err(dir.path());
+        assert!(e.contains("unsupported rope type \"yarn\""), "{arch}: {e}");
+    }
+    // Qwen3 with biases on all four attention projections is not a model arbiter computes.
+    let dir = qwen_folder("Qwen3ForSequenceClassification");
+    edit_config(dir.path(), |c| c["attention_bias"] = json!(true));
+    assert!(load_err(dir.path()).contains("attention_bias = true is not supported"));
+}
+
+#[test]
+fn family_tensors_that_are_missing_or_extra_are_named() {
+    let dir = qwen_folder("Qwen2ForSequenceClassification");
+    edit_weights(dir.path(), |t| {
+        t.remove("model.layers.1.self_attn.k_proj.bias");
+    });
+    let e = load_err(dir.path());
+    assert!(e.contains("missing tensor \"model.layers.1.self_attn.k_proj.bias\""), "{e}");
+
+    let dir = qwen_folder("Qwen3ForSequenceClassification");
+    edit_weights(dir.path(), |t| {
+        let (d, _, b) = t.remove("model.layers.0.self_attn.q_norm.weight").unwrap();
+        t.insert("model.layers.0.self_attn.q_norm.weight".into(), (d, vec![8], b[..16].to_vec()));
+    });
+    let e = load_err(dir.path());
+    assert!(e.contains("q_norm.weight") && e.contains("expected [16]"), "{e}");
+
+    // A head of another layout: a Linear head with an extra score.2 tensor.
+    let dir = good_folder();
+    edit_weights(dir.path(), |t| {
+        let head = t["score.weight"].clone();
+        t.insert("score.2.weight".into(), head);
+    });
+    let e = load_err(dir.path());
+    assert!(
+        e.contains("tensor \"score.2.weight\" is not part of the NemotronForSequenceClassification reward head")
+            && e.contains("score.weight (and optionally score.bias)"),
+        "{e}"
+    );
+    // The two-layer head needs both of its matrices.
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config();
+    c["architectures"] = json!(["INFORMForSequenceClassification"]);
+    c["hidden_act"] = json!("silu");
+    write_random_model(dir.path(), &c, Dtype::BF16, 5, false).unwrap();
+    Model::load(dir.path(), CpuBackend::with_threads(1).unwrap()).unwrap();
+    edit_weights(dir.path(), |t| {
+        t.remove("score.0.weight");
+    });
+    assert!(load_err(dir.path()).contains("missing tensor \"score.0.weight\""));
+}
+
 #[test]
 fn unsupported_rope_type() {
     let dir = good_folder();

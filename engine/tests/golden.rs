@@ -14,7 +14,9 @@ fn check_parity(name: &str) {
     let g = golden(name);
     let mut worst = 0.0f64;
     for (s, (seq, reference)) in g.sequences.iter().zip(&g.outputs).enumerate() {
-        let got = model.forward(&PackedBatch::from_sequences(&[seq]).unwrap()).unwrap().remove(0);
+        let mut batch = PackedBatch::from_sequences(&[seq]).unwrap();
+        batch.read_at(0, model.spec().read_offset(seq)).unwrap();
+        let got = model.forward(&batch).unwrap().remove(0);
         let err = rel_error(&got, reference);
         worst = worst.max(err);
         assert!(
@@ -47,13 +49,40 @@ fn llama_with_llama3_rope_scaling_matches_transformers() {
     check_parity("llama3-scaled");
 }
 
+#[test]
+fn qwen2_with_qkv_biases_matches_transformers() {
+    check_parity("qwen2");
+}
+
+#[test]
+fn qwen3_with_qk_norms_and_a_wide_head_dim_matches_transformers() {
+    let model = Model::load(&fixture("qwen3"), CpuBackend::new()).unwrap();
+    let s = model.spec();
+    assert!(s.qk_norm && s.head_dim * s.heads != s.hidden, "the fixture has head_dim != hidden / heads");
+    check_parity("qwen3");
+}
+
+#[test]
+fn a_two_layer_relu_head_matches_transformers() {
+    check_parity("inform-head");
+}
+
+#[test]
+fn the_score_is_read_before_trailing_pad_tokens_as_transformers_does() {
+    let g = golden("llama-pad-end");
+    let spec = Model::load(&fixture("llama-pad-end"), CpuBackend::new()).unwrap().spec().clone();
+    let pad = spec.pad_token_id.expect("the fixture sets pad_token_id");
+    assert!(g.sequences.iter().filter(|s| s.last() == Some(&pad)).count() >= 4, "the fixture ends sequences in pad");
+    check_parity("llama-pad-end");
+}
+
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
 #[test]
 fn a_sequence_scores_bit_identically_alone_and_in_any_batch() {
-    for name in ["nemotron-v4-gqa", "llama3-scaled"] {
+    for name in ["nemotron-v4-gqa", "llama3-scaled", "qwen2", "qwen3", "inform-head"] {
         let model = Model::load(&fixture(name), CpuBackend::new()).unwrap();
         let score_alone = |s: &[u32]| model.forward(&PackedBatch::from_sequences(&[s]).unwrap()).unwrap().remove(0);
         let seqs = golden(name).sequences;

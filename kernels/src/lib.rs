@@ -42,7 +42,7 @@ pub struct Module {
 pub const NORM: Module = Module {
     name: "norm",
     source: include_str!("../norm.cu"),
-    functions: &["add_norm_bf16", "add_norm_f32", "add_residual"],
+    functions: &["add_norm_bf16", "add_norm_f32", "add_residual", "qk_norm"],
     required_defines: &[],
 };
 
@@ -50,7 +50,7 @@ pub const NORM: Module = Module {
 pub const ELEMENTWISE: Module = Module {
     name: "elementwise",
     source: include_str!("../elementwise.cu"),
-    functions: &["embed", "gather_rows", "relu2", "swiglu", "rope"],
+    functions: &["embed", "gather_rows", "relu2", "relu", "swiglu", "add_bias", "to_bf16", "rope"],
     required_defines: &[],
 };
 

@@ -6,7 +6,7 @@
 //! id) share whatever prefix they have, however short. Grouping is on token ids only, so an
 //! item's tokens and positions are exactly those it has alone and, on the CPU, so are its bits.
 
-use arbiter_engine::PackedBatch;
+use arbiter_engine::{ModelSpec, PackedBatch};
 
 use crate::queue::Job;
 
@@ -152,14 +152,22 @@ pub struct Packed {
 }
 
 /// Packs jobs into one engine batch, sharing common prefixes of at least `shared_prefix_min`
-/// tokens (any length between candidates of one Rank request).
-pub fn pack(jobs: &[Job], shared_prefix_min: Option<usize>) -> arbiter_engine::Result<Packed> {
+/// tokens (any length between candidates of one Rank request). Each item is read where `spec`'s
+/// model reads its score ([`ModelSpec::read_offset`]: before trailing pad tokens, if any).
+pub fn pack(jobs: &[Job], shared_prefix_min: Option<usize>, spec: &ModelSpec) -> arbiter_engine::Result<Packed> {
     let mut plan = Plan::default();
     for (i, j) in jobs.iter().enumerate() {
         let at = plan.place(&j.ids, j.request, shared_prefix_min, |k| &jobs[k].ids);
         plan.add(i, &j.ids, j.request, at, |k| &jobs[k].ids);
     }
-    let (batch, order, groups) = plan.pack(|k| &jobs[k].ids)?;
+    let (mut batch, order, groups) = plan.pack(|k| &jobs[k].ids)?;
+    for (item, &job) in order.iter().enumerate() {
+        let ids = &jobs[job].ids;
+        let offset = spec.read_offset(ids);
+        if offset + 1 != ids.len() {
+            batch.read_at(item, offset)?;
+        }
+    }
     Ok(Packed { batch, order, groups })
 }
 
@@ -231,6 +239,36 @@ mod tests {
         seqs.iter().map(|ids| Job::new(ids.clone(), None)).unzip()
     }
 
+    /// A spec whose only relevant setting is its pad id.
+    fn spec(pad: Option<u32>) -> ModelSpec {
+        let config = serde_json::json!({
+            "architectures": ["LlamaForSequenceClassification"], "hidden_size": 8, "intermediate_size": 8,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 100, "pad_token_id": pad
+        });
+        arbiter_engine::config::parse_config(&config.to_string(), "config.json".as_ref()).unwrap()
+    }
+
+    #[test]
+    fn items_ending_in_the_pad_id_are_read_before_it_shared_or_not() {
+        let p = vec![7u32; 70];
+        let seqs = [cat(&p, &[5, 0, 0]), cat(&p, &[6]), vec![9, 0], vec![0, 0]];
+        let (mut q, _rx) = queue_of(&seqs);
+        let b = take_batch(&mut q, &budget_300_sharing_64());
+        let packed = pack(&b, Some(64), &spec(Some(0))).unwrap();
+        assert_eq!(packed.groups, 1, "the two 70-token prefixes are computed once");
+        let lens: Vec<usize> = (0..packed.batch.len()).map(|i| packed.batch.item_len(i)).collect();
+        let mut by_job = vec![0; lens.len()];
+        for (k, &j) in packed.order.iter().enumerate() {
+            by_job[j] = lens[k];
+        }
+        // Read at the rightmost non-pad token; a sequence of pads only is read at its first.
+        assert_eq!(by_job, [71, 71, 1, 1]);
+        let unpadded = pack(&b, Some(64), &spec(None)).unwrap();
+        let mut lens: Vec<usize> = (0..unpadded.batch.len()).map(|i| unpadded.batch.item_len(i)).collect();
+        lens.sort();
+        assert_eq!(lens, [2, 2, 71, 73], "without a pad id every item reads its last token");
+    }
+
     fn cat(a: &[u32], b: &[u32]) -> Vec<u32> {
         [a, b].concat()
     }
@@ -248,12 +286,12 @@ mod tests {
         let (mut q, _rx) = queue_of(&seqs);
         let b = take_batch(&mut q, &cfg);
         assert_eq!(b.len(), 4, "200 + 4 x 20 computed tokens fit 300");
-        let packed = pack(&b, cfg.shared_prefix_min).unwrap();
+        let packed = pack(&b, cfg.shared_prefix_min, &spec(None)).unwrap();
         assert_eq!((packed.batch.tokens().len(), packed.groups), (280, 1));
         let off = BatchConfig { shared_prefix_min: None, ..cfg };
         let (mut q, _rx) = queue_of(&seqs);
         assert_eq!(take_batch(&mut q, &off).len(), 1, "unshared, only one of 220 tokens fits");
-        assert_eq!(pack(&b, None).unwrap().batch.tokens().len(), 880);
+        assert_eq!(pack(&b, None, &spec(None)).unwrap().batch.tokens().len(), 880);
     }
 
     #[test]

@@ -333,7 +333,7 @@ pub(crate) fn take_batch(queue: &mut VecDeque<Job>, cfg: &BatchConfig) -> Vec<Jo
 fn run_batch(engine: &dyn Engine, batch: Vec<Job>, shared_prefix_min: Option<usize>) {
     let start = Instant::now();
     let tokens: usize = batch.iter().map(Job::tokens).sum();
-    let packed = pack(&batch, shared_prefix_min).map_err(ScoreError::from_engine);
+    let packed = pack(&batch, shared_prefix_min, engine.spec()).map_err(ScoreError::from_engine);
     let computed = packed.as_ref().map_or(tokens, |p| p.batch.tokens().len());
     let result = packed.and_then(|p| match catch_unwind(AssertUnwindSafe(|| engine.forward(&p.batch))) {
         Ok(Ok(raws)) if raws.len() == p.order.len() => {

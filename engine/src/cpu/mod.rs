@@ -11,12 +11,12 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use rayon::ThreadPool;
 
-use crate::backend::{check_parts, check_same_shape, AttnLayout, Backend, HostTensor, MatrixPart};
+use crate::backend::{check_parts, check_same_shape, Activation, AttnLayout, Backend, HostTensor, MatrixPart};
 use crate::batch::PackedBatch;
 use crate::error::{EngineError, Result};
 use crate::fp8;
 use crate::rope;
-use crate::spec::{MlpKind, NormKind};
+use crate::spec::NormKind;
 use crate::weights::TensorView;
 use gemm::PackedMatrix;
 pub use ops::NormParams;
@@ -59,6 +59,8 @@ pub struct CpuMatrix {
     pub packed: PackedMatrix,
     /// Round each input row to e4m3 with its own scale before multiplying (FP8 weights).
     pub fp8_input: bool,
+    /// Added to every output row after the product (one value per output column).
+    pub bias: Option<Vec<f32>>,
 }
 
 /// Per-forward batch data: offsets, each segment's shared-prefix rows, positions and the rotary
@@ -146,7 +148,18 @@ impl Backend for CpuBackend {
             n += p.rows.len();
         }
         let packed = self.pool.install(|| PackedMatrix::pack(&rows, n, k));
-        Ok(CpuMatrix { packed, fp8_input: parts[0].is_fp8() })
+        // Parts without a bias add zeros when another part of the stack has one.
+        let bias = parts.iter().any(|p| p.bias.is_some()).then(|| {
+            let mut bias = Vec::with_capacity(n);
+            for p in parts {
+                match &p.bias {
+                    Some(b) => b.rows_to_f32(p.rows.clone(), &mut bias),
+                    None => bias.resize(bias.len() + p.rows.len(), 0.0),
+                }
+            }
+            bias
+        });
+        Ok(CpuMatrix { packed, fp8_input: parts[0].is_fp8(), bias })
     }
 
     fn norm_params(
@@ -224,11 +237,28 @@ impl Backend for CpuBackend {
             &x.data
         };
         self.pool.install(|| gemm::matmul(input, x.rows, &w.packed, &mut out.data));
+        if let Some(bias) = &w.bias {
+            self.pool.install(|| ops::add_bias(&mut out.data, bias));
+        }
         Ok(out)
     }
 
     fn rope(&self, qkv: &mut CpuTensor, layout: &AttnLayout, ctx: &CpuBatch) -> Result<()> {
         self.pool.install(|| ops::rope(&mut qkv.data, layout, &ctx.positions, &ctx.cos, &ctx.sin));
+        Ok(())
+    }
+
+    fn qk_norm(&self, qkv: &mut CpuTensor, layout: &AttnLayout, q: &NormParams, k: &NormParams) -> Result<()> {
+        if qkv.cols != layout.qkv_width() || q.gamma.len() != layout.head_dim || k.gamma.len() != layout.head_dim {
+            return Err(EngineError::Backend(format!(
+                "qk_norm: a {}-wide qkv row and norms of {} and {} for heads of {}",
+                qkv.cols,
+                q.gamma.len(),
+                k.gamma.len(),
+                layout.head_dim
+            )));
+        }
+        self.pool.install(|| ops::qk_norm(&mut qkv.data, layout, q, k));
         Ok(())
     }
 
@@ -238,10 +268,10 @@ impl Backend for CpuBackend {
         Ok(out)
     }
 
-    fn activation(&self, x: &CpuTensor, kind: MlpKind) -> Result<CpuTensor> {
+    fn activation(&self, x: &CpuTensor, kind: Activation) -> Result<CpuTensor> {
         let cols = match kind {
-            MlpKind::Relu2 => x.cols,
-            MlpKind::SwiGlu => x.cols / 2,
+            Activation::Relu2 | Activation::Relu => x.cols,
+            Activation::SwiGlu => x.cols / 2,
         };
         let mut out = Self::zeros(x.rows, cols);
         self.pool.install(|| ops::activation(&x.data, x.cols, kind, &mut out.data));

@@ -1,9 +1,9 @@
-//! Row-wise CPU kernels: norms, residual adds, rotary embedding, MLP activations.
+//! Row-wise CPU kernels: norms, residual adds, biases, rotary embedding, activations.
 
 use rayon::prelude::*;
 
-use crate::backend::AttnLayout;
-use crate::spec::{MlpKind, NormKind};
+use crate::backend::{Activation, AttnLayout};
+use crate::spec::NormKind;
 
 /// Rows handed to one rayon task: enough work to amortize scheduling.
 const ROWS_PER_TASK: usize = 16;
@@ -77,6 +77,34 @@ pub fn add(x: &mut [f32], delta: &[f32]) {
     });
 }
 
+/// `x[r, :] += bias` for every row (rows are `bias.len()` wide).
+pub fn add_bias(x: &mut [f32], bias: &[f32]) {
+    let cols = bias.len().max(1);
+    x.par_chunks_mut(cols * ROWS_PER_TASK).for_each(|rows| {
+        for row in rows.chunks_exact_mut(cols) {
+            for (v, b) in row.iter_mut().zip(bias) {
+                *v += b;
+            }
+        }
+    });
+}
+
+/// Normalizes, in place, each query head with `q` and each key head with `k` (values untouched).
+pub fn qk_norm(qkv: &mut [f32], l: &AttnLayout, q: &NormParams, k: &NormParams) {
+    let (w, d) = (l.qkv_width(), l.head_dim);
+    qkv.par_chunks_mut(w * ROWS_PER_TASK).for_each(|rows| {
+        let mut normed = vec![0.0f32; d];
+        for row in rows.chunks_exact_mut(w) {
+            for h in 0..l.heads + l.kv_heads {
+                let p = if h < l.heads { q } else { k };
+                let head = &mut row[h * d..(h + 1) * d];
+                norm_row(head, p, &mut normed);
+                head.copy_from_slice(&normed);
+            }
+        }
+    });
+}
+
 /// Rotates the leading `rotary_dim` channels of each query and key head of every token.
 ///
 /// `cos`/`sin` are `[position][rotary_dim / 2]`. Written as `x1*c - x2*s` and `x2*c + x1*s` with
@@ -102,16 +130,21 @@ pub fn rope(qkv: &mut [f32], l: &AttnLayout, positions: &[u32], cos: &[f32], sin
     });
 }
 
-/// The MLP nonlinearity. For SwiGLU the input's first half of columns is the gate.
-pub fn activation(x: &[f32], cols: usize, kind: MlpKind, out: &mut [f32]) {
+/// An element-wise nonlinearity. For SwiGLU the input's first half of columns is the gate.
+pub fn activation(x: &[f32], cols: usize, kind: Activation, out: &mut [f32]) {
     match kind {
-        MlpKind::Relu2 => out.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(o, x)| {
+        Activation::Relu2 => out.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(o, x)| {
             for (o, &v) in o.iter_mut().zip(x) {
                 let r = v.max(0.0);
                 *o = r * r;
             }
         }),
-        MlpKind::SwiGlu => {
+        Activation::Relu => out.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(o, x)| {
+            for (o, &v) in o.iter_mut().zip(x) {
+                *o = v.max(0.0);
+            }
+        }),
+        Activation::SwiGlu => {
             let f = cols / 2;
             out.par_chunks_mut(f).zip(x.par_chunks(cols)).for_each(|(o, x)| {
                 let (gate, up) = x.split_at(f);
@@ -158,12 +191,36 @@ mod tests {
     }
 
     #[test]
+    fn qk_norm_normalizes_each_query_and_key_head_alone_and_leaves_values() {
+        // One query head and one KV head of 2 channels: [q0 q1 | k0 k1 | v0 v1].
+        let l = AttnLayout { heads: 1, kv_heads: 1, head_dim: 2, rotary_dim: 2, scale: 1.0 };
+        let q = NormParams { kind: NormKind::RmsNorm, eps: 0.0, gamma: vec![1.0, 2.0], beta: None };
+        let k = NormParams { kind: NormKind::RmsNorm, eps: 0.0, gamma: vec![3.0, 1.0], beta: None };
+        let mut qkv = vec![3.0, 4.0, 6.0, 8.0, 9.0, 9.0];
+        qk_norm(&mut qkv, &l, &q, &k);
+        let rms = (12.5f32).sqrt(); // both heads are (3, 4) up to scale: rms 2.5 x and 5 x
+        let want = [3.0 / rms, 2.0 * 4.0 / rms, 3.0 * 3.0 / rms, 4.0 / rms, 9.0, 9.0];
+        for (g, w) in qkv.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{qkv:?} vs {want:?}");
+        }
+    }
+
+    #[test]
+    fn bias_is_added_to_every_row() {
+        let mut x = vec![1.0, 2.0, 3.0, 4.0];
+        add_bias(&mut x, &[10.0, -1.0]);
+        assert_eq!(x, [11.0, 1.0, 13.0, 3.0]);
+    }
+
+    #[test]
     fn activations() {
         let mut out = [0.0; 2];
-        activation(&[-2.0, 3.0], 2, MlpKind::Relu2, &mut out);
+        activation(&[-2.0, 3.0], 2, Activation::Relu2, &mut out);
         assert_eq!(out, [0.0, 9.0]);
+        activation(&[-2.0, 3.0], 2, Activation::Relu, &mut out);
+        assert_eq!(out, [0.0, 3.0]);
         let mut out = [0.0; 1];
-        activation(&[1.0, 2.0], 2, MlpKind::SwiGlu, &mut out);
+        activation(&[1.0, 2.0], 2, Activation::SwiGlu, &mut out);
         assert!((out[0] - 2.0 / (1.0 + (-1.0f32).exp())).abs() < 1e-7);
     }
 }

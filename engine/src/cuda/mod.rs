@@ -21,11 +21,11 @@ use arbiter_kernels::{Compiler, Module, ELEMENTWISE_THREADS as EW_THREADS, NORM_
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 
-use crate::backend::{check_parts, check_same_shape, AttnLayout, Backend, HostTensor, MatrixPart};
+use crate::backend::{check_parts, check_same_shape, Activation, AttnLayout, Backend, HostTensor, MatrixPart};
 use crate::batch::PackedBatch;
 use crate::error::{EngineError, Result};
 use crate::rope;
-use crate::spec::{MlpKind, NormKind};
+use crate::spec::NormKind;
 use crate::weights::TensorView;
 use gemm::Gemm;
 use tensor::Data;
@@ -96,6 +96,8 @@ pub struct CudaMatrix {
     data: CudaSlice<u16>,
     n: usize,
     k: usize,
+    /// Added to every output row after the GEMM (`[n]`, f32).
+    bias: Option<CudaSlice<f32>>,
 }
 
 impl CudaMatrix {
@@ -157,8 +159,12 @@ struct Kernels {
     embed: CudaFunction,
     gather_rows: CudaFunction,
     relu2: CudaFunction,
+    relu: CudaFunction,
     swiglu: CudaFunction,
+    add_bias: CudaFunction,
+    to_bf16: CudaFunction,
     rope: CudaFunction,
+    qk_norm: CudaFunction,
 }
 
 /// The attention kernel compiled for one head dimension.
@@ -262,8 +268,12 @@ impl CudaBackend {
             embed: f(&ew, "embed")?,
             gather_rows: f(&ew, "gather_rows")?,
             relu2: f(&ew, "relu2")?,
+            relu: f(&ew, "relu")?,
             swiglu: f(&ew, "swiglu")?,
+            add_bias: f(&ew, "add_bias")?,
+            to_bf16: f(&ew, "to_bf16")?,
             rope: f(&ew, "rope")?,
+            qk_norm: f(&norm, "qk_norm")?,
         };
         let gemm = Gemm::new(stream.clone(), major)?;
         Ok(CudaBackend {
@@ -475,6 +485,20 @@ impl CudaBackend {
         Ok(self.tensor(out, rows, cols))
     }
 
+    /// `x` (f32, `n` values) rounded to bf16 in a new buffer.
+    fn round_to_bf16(&self, x: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<u16>> {
+        let mut out = self.alloc::<u16>(n)?;
+        if n > 0 {
+            let len = n as i64;
+            let mut b = self.stream.launch_builder(&self.kernels.to_bf16);
+            b.arg(x).arg(&mut out).arg(&len);
+            // SAFETY: ABI of kernels/elementwise.cu `to_bf16`; both buffers hold n elements.
+            unsafe { b.launch(cfg((grid(n.div_ceil(EW_THREADS as usize), "elements / 256")?, 1), EW_THREADS, 0)) }
+                .map_err(driver_err("launch to_bf16"))?;
+        }
+        Ok(out)
+    }
+
     fn check_norm_width(x: &CudaTensor, p: &CudaNorm) -> Result<()> {
         if p.gamma.len() != x.cols {
             return Err(EngineError::Backend(format!(
@@ -566,7 +590,20 @@ impl Backend for CudaBackend {
         for p in parts {
             p.view.block_to_bf16_bits(p.rows.clone(), p.cols.clone(), &mut bits);
         }
-        Ok(CudaMatrix { data: self.to_device(&bits)?, n, k })
+        // Parts without a bias add zeros when another part of the stack has one.
+        let bias = if parts.iter().any(|p| p.bias.is_some()) {
+            let mut bias = Vec::with_capacity(n);
+            for p in parts {
+                match &p.bias {
+                    Some(b) => b.rows_to_f32(p.rows.clone(), &mut bias),
+                    None => bias.resize(bias.len() + p.rows.len(), 0.0),
+                }
+            }
+            Some(self.to_device(&bias)?)
+        } else {
+            None
+        };
+        Ok(CudaMatrix { data: self.to_device(&bits)?, n, k, bias })
     }
 
     fn norm_params(
@@ -686,7 +723,25 @@ impl Backend for CudaBackend {
         self.matmuls.fetch_add(1, Ordering::Relaxed);
         let mut y = self.alloc::<u16>(x.rows * w.n)?;
         if x.rows > 0 {
-            self.gemm.matmul(x.bf16("matmul")?, &w.data, &mut y, x.rows, w.n, w.k)?;
+            // f32 input (the final norm's, into a reward head's hidden layer) is rounded to bf16
+            // first, as every other GEMM input is.
+            let rounded = match &x.data {
+                Data::F32(f) => Some(self.round_to_bf16(f, x.rows * x.cols)?),
+                Data::Bf16(_) => None,
+            };
+            let input = match &rounded {
+                Some(r) => r,
+                None => x.bf16("matmul")?,
+            };
+            self.gemm.matmul(input, &w.data, &mut y, x.rows, w.n, w.k)?;
+            if let Some(bias) = &w.bias {
+                let (r, c) = (int(x.rows, "rows")?, int(w.n, "columns")?);
+                let mut b = self.stream.launch_builder(&self.kernels.add_bias);
+                b.arg(&mut y).arg(bias).arg(&r).arg(&c);
+                let g = (grid(x.rows, "rows")?, grid(w.n.div_ceil(EW_THREADS as usize), "columns / 256")?);
+                // SAFETY: ABI of kernels/elementwise.cu `add_bias`; y is rows x n, bias n.
+                unsafe { b.launch(cfg(g, EW_THREADS, 0)) }.map_err(driver_err("launch add_bias"))?;
+            }
         }
         Ok(self.tensor(Data::Bf16(y), x.rows, w.n))
     }
@@ -780,25 +835,59 @@ impl Backend for CudaBackend {
         Ok(self.tensor(Data::Bf16(out), qkv.rows, width))
     }
 
-    fn activation(&self, x: &CudaTensor, kind: MlpKind) -> Result<CudaTensor> {
+    fn qk_norm(&self, qkv: &mut CudaTensor, layout: &AttnLayout, q: &CudaNorm, k: &CudaNorm) -> Result<()> {
+        if qkv.cols != layout.qkv_width() || q.gamma.len() != layout.head_dim || k.gamma.len() != layout.head_dim {
+            return Err(EngineError::Backend(format!(
+                "qk_norm: a {}-wide qkv row and norms of {} and {} for heads of {}",
+                qkv.cols,
+                q.gamma.len(),
+                k.gamma.len(),
+                layout.head_dim
+            )));
+        }
+        if qkv.rows == 0 {
+            return Ok(());
+        }
+        let args = [
+            int(qkv.rows, "tokens")?,
+            int(qkv.cols, "qkv width")?,
+            int(layout.heads, "query heads")?,
+            int(layout.kv_heads, "key heads")?,
+            int(layout.head_dim, "head_dim")?,
+        ];
+        let g = (grid(qkv.rows, "tokens")?, grid(layout.heads + layout.kv_heads, "heads")?);
+        let data = qkv.bf16_mut("qk_norm")?;
+        let mut b = self.stream.launch_builder(&self.kernels.qk_norm);
+        b.arg(data).arg(&q.gamma).arg(&k.gamma);
+        for a in &args {
+            b.arg(a);
+        }
+        b.arg(&q.eps);
+        // SAFETY: ABI of kernels/norm.cu `qk_norm` (one warp per token and head); shapes checked above.
+        unsafe { b.launch(cfg(g, 32, 0)) }.map_err(driver_err("launch qk_norm"))?;
+        Ok(())
+    }
+
+    fn activation(&self, x: &CudaTensor, kind: Activation) -> Result<CudaTensor> {
         let input = x.bf16("activation")?;
         match kind {
-            MlpKind::Relu2 => {
+            Activation::Relu2 | Activation::Relu => {
                 let n = x.rows * x.cols;
                 let mut out = self.alloc::<u16>(n)?;
                 if n > 0 {
                     let len = n as i64;
-                    let mut b = self.stream.launch_builder(&self.kernels.relu2);
+                    let func = if kind == Activation::Relu { &self.kernels.relu } else { &self.kernels.relu2 };
+                    let mut b = self.stream.launch_builder(func);
                     b.arg(input).arg(&mut out).arg(&len);
-                    // SAFETY: ABI of kernels/elementwise.cu `relu2`; both buffers hold n elements.
+                    // SAFETY: ABI of kernels/elementwise.cu `relu2` / `relu`; both buffers hold n elements.
                     unsafe {
                         b.launch(cfg((grid(n.div_ceil(EW_THREADS as usize), "elements / 256")?, 1), EW_THREADS, 0))
                     }
-                    .map_err(driver_err("launch relu2"))?;
+                    .map_err(driver_err("launch relu"))?;
                 }
                 Ok(self.tensor(Data::Bf16(out), x.rows, x.cols))
             }
-            MlpKind::SwiGlu => {
+            Activation::SwiGlu => {
                 if !x.cols.is_multiple_of(2) {
                     return Err(EngineError::Backend(format!("SwiGLU needs an even width, got {}", x.cols)));
                 }

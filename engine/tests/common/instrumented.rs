@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use arbiter_engine::backend::{AttnLayout, Backend, MatrixPart};
-use arbiter_engine::spec::{MlpKind, NormKind};
+use arbiter_engine::backend::{Activation, AttnLayout, Backend, MatrixPart};
+use arbiter_engine::spec::NormKind;
 use arbiter_engine::sync::lock;
 use arbiter_engine::weights::TensorView;
 use arbiter_engine::{PackedBatch, Result};
@@ -113,7 +113,10 @@ impl<B: Backend> Backend for Instrumented<B> {
     fn attention(&self, qkv: &Self::Tensor, layout: &AttnLayout, ctx: &Self::BatchCtx) -> Result<Self::Tensor> {
         self.record("attention", || self.inner.attention(qkv, layout, ctx))
     }
-    fn activation(&self, x: &Self::Tensor, kind: MlpKind) -> Result<Self::Tensor> {
+    fn qk_norm(&self, qkv: &mut Self::Tensor, layout: &AttnLayout, q: &Self::Norm, k: &Self::Norm) -> Result<()> {
+        self.record("qk_norm", || self.inner.qk_norm(qkv, layout, q, k))
+    }
+    fn activation(&self, x: &Self::Tensor, kind: Activation) -> Result<Self::Tensor> {
         self.record("activation", || self.inner.activation(x, kind))
     }
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor> {

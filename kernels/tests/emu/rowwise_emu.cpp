@@ -196,6 +196,95 @@ void check_activations(std::mt19937& rng) {
     free(act);
 }
 
+// relu, add_bias and to_bf16: one bf16 rounding of an exact (or f32-exact) value each.
+void check_head_kernels(std::mt19937& rng) {
+    std::normal_distribution<float> normal(0.0f, 3.0f);
+    const long long n = 777;
+    __nv_bfloat16* in = alloc<__nv_bfloat16>(n);
+    __nv_bfloat16* out = alloc<__nv_bfloat16>(n);
+    for (long long i = 0; i < n; ++i) in[i] = to_bf(i == 0 ? -0.0 : normal(rng));
+    emu::launch(dim(static_cast<unsigned>((n + 255) / 256)), dim(256), nullptr, 0, [&] { relu(in, out, n); });
+    double err = 0.0;
+    for (long long i = 0; i < n; ++i) err = std::max(err, static_cast<double>(fabsf(bf(out[i]) - fmaxf(bf(in[i]), 0.0f))));
+    report("relu n=777", err, 0.0);
+
+    float* f = alloc<float>(n);
+    for (long long i = 0; i < n; ++i) f[i] = normal(rng);
+    emu::launch(dim(static_cast<unsigned>((n + 255) / 256)), dim(256), nullptr, 0, [&] { to_bf16(f, out, n); });
+    err = 0.0;
+    for (long long i = 0; i < n; ++i) {
+        const double v = f[i];
+        err = std::max(err, fabs(bf(out[i]) - v) / std::max(fabs(v), 1e-3));
+    }
+    report("to_bf16 n=777", err, kBf16Tol);
+    free(in);
+    free(out);
+    free(f);
+
+    const int rows = 3, cols = 300;  // a partial second block column
+    __nv_bfloat16* y = alloc<__nv_bfloat16>(static_cast<size_t>(rows) * cols);
+    std::vector<__nv_bfloat16> orig(static_cast<size_t>(rows) * cols);
+    float* bias = alloc<float>(cols);
+    for (int i = 0; i < rows * cols; ++i) y[i] = orig[i] = to_bf(normal(rng));
+    for (int c = 0; c < cols; ++c) bias[c] = normal(rng);
+    emu::launch(dim(rows, (cols + 255) / 256), dim(ARB_ELEMENTWISE_THREADS), nullptr, 0,
+                [&] { add_bias(y, bias, rows, cols); });
+    err = 0.0;
+    for (int r = 0; r < rows; ++r) {
+        for (int c = 0; c < cols; ++c) {
+            const double ref = static_cast<double>(bf(orig[r * cols + c])) + bias[c];
+            err = std::max(err, fabs(bf(y[r * cols + c]) - ref) / std::max(fabs(ref), 1e-2));
+        }
+    }
+    report("add_bias rows=3 cols=300", err, kBf16Tol);
+    free(y);
+    free(bias);
+}
+
+// qk_norm: q heads with q_gamma, k heads with k_gamma, values unchanged; head_dim 80 is not a
+// multiple of the warp's 32 lanes.
+void check_qk_norm(std::mt19937& rng) {
+    std::normal_distribution<float> normal(0.0f, 2.0f);
+    const int tokens = 4, heads = 3, kv_heads = 2, head_dim = 80;
+    const int width = (heads + 2 * kv_heads) * head_dim;
+    const float eps = 1e-6f;
+    __nv_bfloat16* qkv = alloc<__nv_bfloat16>(static_cast<size_t>(tokens) * width);
+    std::vector<__nv_bfloat16> orig(static_cast<size_t>(tokens) * width);
+    for (size_t i = 0; i < orig.size(); ++i) qkv[i] = orig[i] = to_bf(normal(rng));
+    float* qg = alloc<float>(head_dim);
+    float* kg = alloc<float>(head_dim);
+    for (int c = 0; c < head_dim; ++c) {
+        qg[c] = 1.0f + 0.2f * normal(rng);
+        kg[c] = 1.0f + 0.2f * normal(rng);
+    }
+    emu::launch(dim(tokens, heads + kv_heads), dim(32), nullptr, 0,
+                [&] { qk_norm(qkv, qg, kg, tokens, width, heads, kv_heads, head_dim, eps); });
+    double err = 0.0, untouched = 0.0;
+    for (int t = 0; t < tokens; ++t) {
+        for (int h = 0; h < heads + 2 * kv_heads; ++h) {
+            const size_t base = static_cast<size_t>(t) * width + static_cast<size_t>(h) * head_dim;
+            if (h >= heads + kv_heads) {
+                for (int c = 0; c < head_dim; ++c)
+                    untouched = std::max(untouched, static_cast<double>(fabsf(bf(qkv[base + c]) - bf(orig[base + c]))));
+                continue;
+            }
+            double ss = 0.0;
+            for (int c = 0; c < head_dim; ++c) ss += static_cast<double>(bf(orig[base + c])) * bf(orig[base + c]);
+            const double inv = 1.0 / sqrt(ss / head_dim + eps);
+            const float* g = h < heads ? qg : kg;
+            for (int c = 0; c < head_dim; ++c) {
+                const double ref = g[c] * (bf(orig[base + c]) * inv);
+                err = std::max(err, fabs(bf(qkv[base + c]) - ref) / std::max(fabs(ref), 1e-2));
+            }
+        }
+    }
+    report("qk_norm head_dim=80 q3 k2", err, kBf16Tol * 1.01);
+    report("qk_norm (value heads unchanged)", untouched, 0.0);
+    free(qkv);
+    free(qg);
+    free(kg);
+}
+
 void check_rope(std::mt19937& rng, int rotary_dim) {
     std::normal_distribution<float> normal(0.0f, 1.0f);
     const int tokens = 5, heads = 3, kv_heads = 1, head_dim = 64, rot_heads = heads + kv_heads;
@@ -259,6 +348,8 @@ int main() {
     check_add_residual(rng, 1000);
     check_embed_gather(rng);
     check_activations(rng);
+    check_head_kernels(rng);
+    check_qk_norm(rng);
     check_rope(rng, 64);  // full
     check_rope(rng, 16);  // partial (e.g. rotary_pct 0.25)
     return failures == 0 ? 0 : 1;
