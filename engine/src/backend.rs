@@ -141,6 +141,21 @@ pub fn check_parts(parts: &[MatrixPart<'_>]) -> Result<usize> {
     Ok(k)
 }
 
+/// The bias of a matrix stacked from `parts`, one value per output row, or `None` when no part
+/// has one (parts without a bias add zeros when another part of the stack has one).
+pub fn stacked_bias(parts: &[MatrixPart<'_>]) -> Option<Vec<f32>> {
+    parts.iter().any(|p| p.bias.is_some()).then(|| {
+        let mut bias = Vec::new();
+        for p in parts {
+            match &p.bias {
+                Some(b) => b.rows_to_f32(p.rows.clone(), &mut bias),
+                None => bias.resize(bias.len() + p.rows.len(), 0.0),
+            }
+        }
+        bias
+    })
+}
+
 /// Checks that two tensors of shapes `a` and `b` (rows, columns) can be combined element-wise.
 pub fn check_same_shape(what: &str, a: (usize, usize), b: (usize, usize)) -> Result<()> {
     if a != b {

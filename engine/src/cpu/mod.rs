@@ -11,7 +11,9 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use rayon::ThreadPool;
 
-use crate::backend::{check_parts, check_same_shape, Activation, AttnLayout, Backend, HostTensor, MatrixPart};
+use crate::backend::{
+    check_parts, check_same_shape, stacked_bias, Activation, AttnLayout, Backend, HostTensor, MatrixPart,
+};
 use crate::batch::PackedBatch;
 use crate::error::{EngineError, Result};
 use crate::fp8;
@@ -148,18 +150,7 @@ impl Backend for CpuBackend {
             n += p.rows.len();
         }
         let packed = self.pool.install(|| PackedMatrix::pack(&rows, n, k));
-        // Parts without a bias add zeros when another part of the stack has one.
-        let bias = parts.iter().any(|p| p.bias.is_some()).then(|| {
-            let mut bias = Vec::with_capacity(n);
-            for p in parts {
-                match &p.bias {
-                    Some(b) => b.rows_to_f32(p.rows.clone(), &mut bias),
-                    None => bias.resize(bias.len() + p.rows.len(), 0.0),
-                }
-            }
-            bias
-        });
-        Ok(CpuMatrix { packed, fp8_input: parts[0].is_fp8(), bias })
+        Ok(CpuMatrix { packed, fp8_input: parts[0].is_fp8(), bias: stacked_bias(parts) })
     }
 
     fn norm_params(

@@ -21,7 +21,9 @@ use arbiter_kernels::{Compiler, Module, ELEMENTWISE_THREADS as EW_THREADS, NORM_
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 
-use crate::backend::{check_parts, check_same_shape, Activation, AttnLayout, Backend, HostTensor, MatrixPart};
+use crate::backend::{
+    check_parts, check_same_shape, stacked_bias, Activation, AttnLayout, Backend, HostTensor, MatrixPart,
+};
 use crate::batch::PackedBatch;
 use crate::error::{EngineError, Result};
 use crate::rope;
@@ -590,19 +592,7 @@ impl Backend for CudaBackend {
         for p in parts {
             p.view.block_to_bf16_bits(p.rows.clone(), p.cols.clone(), &mut bits);
         }
-        // Parts without a bias add zeros when another part of the stack has one.
-        let bias = if parts.iter().any(|p| p.bias.is_some()) {
-            let mut bias = Vec::with_capacity(n);
-            for p in parts {
-                match &p.bias {
-                    Some(b) => b.rows_to_f32(p.rows.clone(), &mut bias),
-                    None => bias.resize(bias.len() + p.rows.len(), 0.0),
-                }
-            }
-            Some(self.to_device(&bias)?)
-        } else {
-            None
-        };
+        let bias = stacked_bias(parts).map(|b| self.to_device(&b)).transpose()?;
         Ok(CudaMatrix { data: self.to_device(&bits)?, n, k, bias })
     }
 
