@@ -63,6 +63,32 @@ fn qwen3_with_qk_norms_and_a_wide_head_dim_matches_transformers() {
 }
 
 #[test]
+fn a_qwen3_chat_is_templated_tokenized_and_scored_like_transformers() {
+    use arbiter_engine::text::{Input, Message, Preprocessor, Role, TruncationPolicy};
+    let dir = fixture("qwen3");
+    let model = Model::load(&dir, CpuBackend::new()).unwrap();
+    let pre = Preprocessor::from_model_dir(&dir, model.spec(), None).unwrap();
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let chats = expected["chats"].as_array().expect("make_golden.py's add_chats wrote chats");
+    assert!(chats.len() >= 3);
+    for (i, chat) in chats.iter().enumerate() {
+        let messages: Vec<Message> = chat["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| Message::new(Role::parse(m["role"].as_str().unwrap()).unwrap(), m["content"].as_str().unwrap()))
+            .collect();
+        let want_ids: Vec<u32> = serde_json::from_value(chat["ids"].clone()).unwrap();
+        let prepared = pre.prepare(&Input::Messages(messages), TruncationPolicy::Error).unwrap();
+        assert_eq!(prepared.ids, want_ids, "chat {i}: ids differ from apply_chat_template's");
+        let want: Vec<f32> = serde_json::from_value(chat["outputs"].clone()).unwrap();
+        let got = model.forward(&PackedBatch::from_sequences(&[&prepared.ids]).unwrap()).unwrap().remove(0);
+        assert!(rel_error(&got, &want) <= 1e-4, "chat {i}: {got:?} vs {want:?}");
+    }
+}
+
+#[test]
 fn a_two_layer_relu_head_matches_transformers() {
     check_parity("inform-head");
 }

@@ -266,7 +266,7 @@ fn template_fixture(name: &str) -> PathBuf {
 
 #[test]
 fn real_jinja_templates_render_like_transformers() {
-    for name in ["llama3", "smollm2"] {
+    for name in ["llama3", "smollm2", "qwen3", "qwen2_5"] {
         let dir = template_fixture(name);
         let t = JinjaTemplate::from_tokenizer_config(&dir.join("tokenizer_config.json")).unwrap().unwrap();
         let v: serde_json::Value =
