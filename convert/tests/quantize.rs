@@ -54,7 +54,8 @@ fn quantized_golden_fixtures_stay_within_fp8_error_of_transformers() {
         let report = run(&fixture(name), &dir, u64::MAX).unwrap();
         let spec = arbiter_engine::config::load_config(&dir.join("config.json")).unwrap();
         assert!(spec.fp8.is_some(), "{name}: config.json says FP8");
-        assert_eq!(report.quantized, spec.layers * if name.starts_with("llama") { 7 } else { 6 }, "{name}");
+        let linear_per_layer = if spec.mlp == arbiter_engine::spec::MlpKind::SwiGlu { 7 } else { 6 };
+        assert_eq!(report.quantized, spec.layers * linear_per_layer, "{name}");
         let err = worst_error(&dir, name);
         eprintln!("{name}: FP8 worst error vs transformers {err:.3e}");
         // The unquantized fixtures match transformers to 1e-4; FP8 rounding must show (> 1e-3)
@@ -70,8 +71,9 @@ fn quantized_golden_fixtures_stay_within_fp8_error_of_transformers() {
 /// In a random-weight network nothing averages this away: each GEMM output moves by about
 /// sqrt(2) x 3.6% = 5% RMS of its typical size, the fixtures' widths (64..160) give few terms
 /// per dot product, and 4 layers of random relu2/SwiGLU blocks amplify rather than damp. Measured
-/// worst over the five fixtures: 0.107 (nemotron-v5 and -v4-gqa), 0.048 to 0.060 for the others
-/// (docs/fp8.md). The bound leaves a factor 2.3 over that; a wrong scale (a factor of 448, or
+/// worst over the eight fixtures: 0.132 (qwen2, whose q/k/v biases are added after the scales),
+/// 0.116 (inform-head), 0.107 (nemotron-v5 and -v4-gqa), 0.048 to 0.060 for the others
+/// (docs/fp8.md). The bound leaves a factor 1.9 over that; a wrong scale (a factor of 448, or
 /// another row's) or a missing rounding step fails it one way or the other (the > 1e-3 floor).
 const TOLERANCE: f64 = 0.25;
 
