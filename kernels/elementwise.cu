@@ -14,15 +14,16 @@
 #error "arbiter kernels target sm_80 and newer (bf16 and tensor core instructions)"
 #endif
 
-// x[t, :] = table[tokens[t], :] widened to f32. Token ids were validated against the vocabulary
-// by the host. Launch: grid (n_tokens), block 256.
+// x[t, :] = table[tokens[t], :] widened to f32, times `scale` (Gemma 2's sqrt(hidden); 1 for other
+// families, which is exact). Token ids were validated against the vocabulary by the host.
+// Launch: grid (n_tokens), block 256.
 extern "C" __global__ void embed(const __nv_bfloat16* table, const unsigned int* tokens, float* x, int n_tokens,
-                                 int hidden) {
+                                 int hidden, float scale) {
     const int t = blockIdx.x;
     if (t >= n_tokens) return;
     const __nv_bfloat16* src = table + static_cast<size_t>(tokens[t]) * static_cast<size_t>(hidden);
     float* dst = x + static_cast<size_t>(t) * static_cast<size_t>(hidden);
-    for (int c = threadIdx.x; c < hidden; c += blockDim.x) dst[c] = __bfloat162float(src[c]);
+    for (int c = threadIdx.x; c < hidden; c += blockDim.x) dst[c] = __bfloat162float(src[c]) * scale;
 }
 
 // out[i, :] = x[rows[i], :] (the last token of each sequence, before the reward head).
@@ -81,6 +82,20 @@ extern "C" __global__ void swiglu(const __nv_bfloat16* in, __nv_bfloat16* out, i
     // expf(-g) = inf and g / inf = -0, the correct limit, with no NaN.
     const float silu = g / (1.0f + expf(-g));
     out[static_cast<size_t>(r) * static_cast<size_t>(ffn) + j] = __float2bfloat16_rn(silu * u);
+}
+
+// Each input row is [gate (ffn) | up (ffn)]; out[r, j] = bf16(gelu_tanh(gate) * up) with torch's
+// tanh approximation, 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))) (Gemma 2's GeGLU).
+// Launch: grid (rows, ceil(ffn / 256)), block 256.
+extern "C" __global__ void geglu(const __nv_bfloat16* in, __nv_bfloat16* out, int rows, int ffn) {
+    const int r = blockIdx.x;
+    const int j = blockIdx.y * blockDim.x + threadIdx.x;
+    if (r >= rows || j >= ffn) return;
+    const __nv_bfloat16* row = in + static_cast<size_t>(r) * 2 * static_cast<size_t>(ffn);
+    const float g = __bfloat162float(row[j]);
+    const float u = __bfloat162float(row[ffn + j]);
+    const float gelu = 0.5f * g * (1.0f + tanhf(0.7978845608f * (g + 0.044715f * g * g * g)));
+    out[static_cast<size_t>(r) * static_cast<size_t>(ffn) + j] = __float2bfloat16_rn(gelu * u);
 }
 
 // In-place non-interleaved rotary embedding (rotate_half) on the first rotary_dim channels of

@@ -54,7 +54,7 @@ fn quantized_golden_fixtures_stay_within_fp8_error_of_transformers() {
         let report = run(&fixture(name), &dir, u64::MAX).unwrap();
         let spec = arbiter_engine::config::load_config(&dir.join("config.json")).unwrap();
         assert!(spec.fp8.is_some(), "{name}: config.json says FP8");
-        let linear_per_layer = if spec.mlp == arbiter_engine::spec::MlpKind::SwiGlu { 7 } else { 6 };
+        let linear_per_layer = if spec.mlp.has_gate() { 7 } else { 6 };
         assert_eq!(report.quantized, spec.layers * linear_per_layer, "{name}");
         let err = worst_error(&dir, name);
         eprintln!("{name}: FP8 worst error vs transformers {err:.3e}");

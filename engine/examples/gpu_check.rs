@@ -304,9 +304,12 @@ fn ops(r: &mut Report, gpu: &CudaBackend, cpu: &CpuBackend) -> Res<()> {
         let shape = [vocab, h];
         let view = TensorView::new("embed", Dtype::BF16, &shape, &bytes);
         let tokens: Vec<u32> = (0..300).map(|_| (rng.next_u64() % vocab as u64) as u32).collect();
-        let g = gpu.to_host(&gpu.embed(&gpu.embedding(view)?, &tokens)?)?;
-        let c = cpu.to_host(&cpu.embed(&cpu.embedding(view)?, &tokens)?)?;
-        r.check("embed 300 tokens, hidden 2048", &g, &c, 0.0);
+        // 1 (every family) and Gemma 2's scale (sqrt(4608) in bf16): one f32 product on both sides.
+        for scale in [1.0f32, 68.0] {
+            let g = gpu.to_host(&gpu.embed(&gpu.embedding(view, scale)?, &tokens)?)?;
+            let c = cpu.to_host(&cpu.embed(&cpu.embedding(view, scale)?, &tokens)?)?;
+            r.check(&format!("embed 300 tokens, hidden 2048, scale {scale}"), &g, &c, 0.0);
+        }
     }
 
     // Norms: plain (bf16 out), final (f32 out), fused with the residual add.
@@ -388,7 +391,15 @@ fn ops(r: &mut Report, gpu: &CudaBackend, cpu: &CpuBackend) -> Res<()> {
         (2, 1, 256, 256, llama3),
         (3, 3, 1, 0, None),
     ] {
-        let layout = AttnLayout { heads, kv_heads: kv, head_dim: d, rotary_dim: rot, scale: 1.0 / (d as f32).sqrt() };
+        let layout = AttnLayout {
+            heads,
+            kv_heads: kv,
+            head_dim: d,
+            rotary_dim: rot,
+            scale: 1.0 / (d as f32).sqrt(),
+            softcap: None,
+            window: None,
+        };
         let inv = rope::inv_freq(&RopeSpec { theta: 10000.0, rotary_dim: rot, llama3: scaling });
         let batch = batch_of(&lens, &mut rng, 100)?;
         let (ctx_g, ctx_c) = (gpu.batch_ctx(&batch, &inv)?, cpu.batch_ctx(&batch, &inv)?);
@@ -417,6 +428,7 @@ fn ops(r: &mut Report, gpu: &CudaBackend, cpu: &CpuBackend) -> Res<()> {
         (Activation::SwiGlu, 70, 2000),
         (Activation::SwiGlu, 3, 600),
         (Activation::Relu, 5, 8192),
+        (Activation::GeGlu, 70, 2000),
     ] {
         let x = random_bf16(&mut rng, rows * cols, 4.0);
         let g = gpu.to_host(&gpu.activation(&gpu.upload_bf16(&x, rows, cols)?, kind)?)?;
@@ -686,6 +698,8 @@ fn throughput(r: &mut Report, model: &Model<CudaBackend>) -> Res<serde_json::Val
         head_dim: spec.head_dim,
         rotary_dim: spec.rope.rotary_dim,
         scale: 1.0 / (spec.head_dim as f32).sqrt(),
+        softcap: None,
+        window: None,
     };
     let inv_freq = rope::inv_freq(&spec.rope);
     let mut rows = Vec::new();

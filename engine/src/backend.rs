@@ -23,8 +23,13 @@ pub struct AttnLayout {
     pub head_dim: usize,
     /// Leading channels of each head that are rotated.
     pub rotary_dim: usize,
-    /// Softmax scale, `1 / sqrt(head_dim)`.
+    /// Softmax scale, `1 / sqrt(head_dim)` (Gemma 2: `1 / sqrt(query_pre_attn_scalar)`).
     pub scale: f32,
+    /// Gemma 2's logit soft-capping: scores become `tanh(s / cap) * cap` before the softmax.
+    pub softcap: Option<f32>,
+    /// A sliding window: each query sees only the `window` latest keys of its sequence, itself
+    /// included (Gemma 2's sliding layers).
+    pub window: Option<usize>,
 }
 
 impl AttnLayout {
@@ -43,6 +48,8 @@ pub enum Activation {
     SwiGlu,
     /// `relu(x)` (the hidden layer of a two-layer reward head).
     Relu,
+    /// `gelu_tanh(gate) * up` over the two halves of the input (Gemma 2's MLP); halves the width.
+    GeGlu,
 }
 
 impl From<MlpKind> for Activation {
@@ -50,6 +57,7 @@ impl From<MlpKind> for Activation {
         match kind {
             MlpKind::Relu2 => Activation::Relu2,
             MlpKind::SwiGlu => Activation::SwiGlu,
+            MlpKind::GeGlu => Activation::GeGlu,
         }
     }
 }
@@ -191,8 +199,9 @@ pub trait Backend: Send + Sync {
         weight: TensorView<'_>,
         bias: Option<TensorView<'_>>,
     ) -> Result<Self::Norm>;
-    /// Loads the embedding table `[vocab, hidden]`.
-    fn embedding(&self, table: TensorView<'_>) -> Result<Self::Embedding>;
+    /// Loads the embedding table `[vocab, hidden]`; [`Backend::embed`] multiplies each gathered
+    /// row by `scale` (Gemma 2's `sqrt(hidden)`, 1 for other families).
+    fn embedding(&self, table: TensorView<'_>, scale: f32) -> Result<Self::Embedding>;
 
     /// Whether [`Backend::attention`] can read `batch`'s segments' ancestors' keys (shared
     /// prefixes). For a batch it cannot, the graph computes the items unshared: the same scores
@@ -218,6 +227,10 @@ pub trait Backend: Send + Sync {
     fn add_norm(&self, x: &mut Self::Tensor, delta: &Self::Tensor, p: &Self::Norm) -> Result<Self::Tensor>;
     /// `x += delta`.
     fn add(&self, x: &mut Self::Tensor, delta: &Self::Tensor) -> Result<()>;
+    /// The norm of a branch's output (attention or MLP) before its residual add: Gemma 2's
+    /// `post_attention_layernorm` and `post_feedforward_layernorm`. The input is a matmul output,
+    /// not the residual stream.
+    fn branch_norm(&self, x: &Self::Tensor, p: &Self::Norm) -> Result<Self::Tensor>;
     /// `x @ w^T` for a matrix stored `[out, in]`; one call per weight matrix per batch.
     fn matmul(&self, x: &Self::Tensor, w: &Self::Matrix) -> Result<Self::Tensor>;
     /// Rotates, in place, the first `rotary_dim` channels of every query and key head

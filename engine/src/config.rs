@@ -19,7 +19,7 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use crate::error::{EngineError, Result};
-use crate::spec::{HeadKind, HeadSpec, Llama3Scaling, MlpKind, ModelSpec, NormKind, RopeSpec};
+use crate::spec::{GemmaSpec, HeadKind, HeadSpec, Llama3Scaling, MlpKind, ModelSpec, NormKind, RopeSpec};
 
 /// How one architecture differs from the others: everything the config does not say itself.
 struct Family {
@@ -30,12 +30,15 @@ struct Family {
     eps_key: &'static str,
     default_eps: f32,
     mlp: MlpKind,
-    /// The only `hidden_act` the family's MLP implements.
+    /// The config key naming the MLP's activation, and the only value the family implements.
+    act_key: &'static str,
     act: &'static str,
     default_partial_rotary: f32,
     qk_norm: bool,
     qkv_bias: bool,
     head: HeadKind,
+    /// Gemma 2's extras (embedding scale, branch norms, soft-capped and windowed attention).
+    gemma: bool,
 }
 
 const fn llama_like(name: &'static str) -> Family {
@@ -45,27 +48,31 @@ const fn llama_like(name: &'static str) -> Family {
         eps_key: "rms_norm_eps",
         default_eps: 1e-6,
         mlp: MlpKind::SwiGlu,
+        act_key: "hidden_act",
         act: "silu",
         default_partial_rotary: 1.0,
         qk_norm: false,
         qkv_bias: false,
         head: HeadKind::Linear,
+        gemma: false,
     }
 }
 
 /// Every architecture the engine implements; the forward graph reads the differences as data.
-const FAMILIES: [Family; 5] = [
+const FAMILIES: [Family; 6] = [
     Family {
         name: "NemotronForSequenceClassification",
         norm: NormKind::LayerNorm1P,
         eps_key: "norm_eps",
         default_eps: 1e-5,
         mlp: MlpKind::Relu2,
+        act_key: "hidden_act",
         act: "relu2",
         default_partial_rotary: 0.5,
         qk_norm: false,
         qkv_bias: false,
         head: HeadKind::Linear,
+        gemma: false,
     },
     llama_like("LlamaForSequenceClassification"),
     // INF-ORM-Llama3.1-70B: Llama with a two-layer head (its model card's
@@ -73,6 +80,14 @@ const FAMILIES: [Family; 5] = [
     Family { head: HeadKind::TwoLayerRelu, ..llama_like("INFORMForSequenceClassification") },
     Family { qkv_bias: true, ..llama_like("Qwen2ForSequenceClassification") },
     Family { qk_norm: true, ..llama_like("Qwen3ForSequenceClassification") },
+    Family {
+        norm: NormKind::RmsNorm1P,
+        mlp: MlpKind::GeGlu,
+        act_key: "hidden_activation",
+        act: "gelu_pytorch_tanh",
+        gemma: true,
+        ..llama_like("Gemma2ForSequenceClassification")
+    },
 ];
 
 /// The architectures this engine implements, as `architectures[0]` names them.
@@ -208,21 +223,17 @@ impl Fields<'_> {
         // Qwen2/Qwen3 configs carry sliding-window settings that transformers ignores unless
         // `use_sliding_window` is true; a model that really uses a window is not what we compute.
         self.flag_false("use_sliding_window", "arbiter computes full causal attention on every layer")?;
-        if let Some(Value::Array(types)) = self.obj.get("layer_types") {
-            if let Some((i, t)) = types.iter().enumerate().find(|(_, t)| t.as_str() != Some("full_attention")) {
-                return Err(self.err(format!(
-                    "layer_types[{i}] = {t} is not supported: arbiter computes full causal attention on every layer"
-                )));
-            }
-        }
+        let layers = self.usize("num_hidden_layers")?;
+        let layer_types = self.layer_types(layers, family.gemma)?;
 
-        let act = family.act;
-        let found_act = self.str_in(self.obj, "hidden_act")?.unwrap_or(act);
+        let (act_key, act) = (family.act_key, family.act);
+        let found_act = self.str_in(self.obj, act_key)?.unwrap_or(act);
         if found_act != act {
             return Err(
-                self.err(format!("hidden_act {found_act:?} is not supported for {architecture}; expected {act:?}"))
+                self.err(format!("{act_key} {found_act:?} is not supported for {architecture}; expected {act:?}"))
             );
         }
+        let gemma = if family.gemma { Some(self.gemma(head_dim, layer_types)?) } else { None };
         let norm_eps = self.f32_in(self.obj, family.eps_key)?.unwrap_or(family.default_eps);
         let rope = self.rope(head_dim, family.default_partial_rotary)?;
         let head = self.head(family.head)?;
@@ -251,7 +262,7 @@ impl Fields<'_> {
         Ok(ModelSpec {
             architecture,
             hidden,
-            layers: self.usize("num_hidden_layers")?,
+            layers,
             heads,
             kv_heads,
             head_dim,
@@ -269,6 +280,51 @@ impl Fields<'_> {
             qk_norm: family.qk_norm,
             qkv_bias: family.qkv_bias,
             pad_token_id,
+            gemma,
+        })
+    }
+
+    /// Per layer, whether it is a sliding-window layer: `layer_types` when given (transformers
+    /// 5), else Gemma 2's default (layers 0, 2, 4, ...). Only Gemma 2 may have sliding layers.
+    fn layer_types(&self, layers: usize, windows: bool) -> Result<Vec<bool>> {
+        let Some(Value::Array(types)) = self.obj.get("layer_types") else {
+            return Ok((0..layers).map(|i| windows && i % 2 == 0).collect());
+        };
+        if types.len() != layers {
+            return Err(self.err(format!("layer_types has {} entries for {layers} layers", types.len())));
+        }
+        types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| match t.as_str() {
+                Some("full_attention") => Ok(false),
+                Some("sliding_attention") if windows => Ok(true),
+                _ => Err(self.err(format!(
+                    "layer_types[{i}] = {t} is not supported: {}",
+                    if windows {
+                        "expected \"full_attention\" or \"sliding_attention\""
+                    } else {
+                        "arbiter computes full causal attention on every layer of this architecture"
+                    }
+                ))),
+            })
+            .collect()
+    }
+
+    /// Gemma 2's attention settings. `final_logit_softcapping` applies to the LM head only, so
+    /// it is not read.
+    fn gemma(&self, head_dim: usize, sliding_layers: Vec<bool>) -> Result<GemmaSpec> {
+        let positive = |key: &str| -> Result<Option<f32>> {
+            match self.f32_in(self.obj, key)? {
+                Some(v) if v <= 0.0 => Err(self.err(format!("field {key:?} must be positive, found {v}"))),
+                v => Ok(v),
+            }
+        };
+        Ok(GemmaSpec {
+            query_pre_attn_scalar: positive("query_pre_attn_scalar")?.unwrap_or(head_dim as f32),
+            attn_softcap: positive("attn_logit_softcapping")?,
+            sliding_window: self.usize_in(self.obj, "sliding_window")?,
+            sliding_layers,
         })
     }
 

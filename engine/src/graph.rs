@@ -29,6 +29,10 @@ struct Block<B: Backend> {
     qkv: B::Matrix,
     /// Qwen3's per-head norms of the queries and keys.
     qk_norm: Option<(B::Norm, B::Norm)>,
+    /// This layer's attention geometry (Gemma 2 alternates windowed and full layers).
+    layout: AttnLayout,
+    /// Gemma 2's norms of the attention's and the MLP's outputs.
+    branch_norms: Option<(B::Norm, B::Norm)>,
     o: B::Matrix,
     mlp_norm: B::Norm,
     up: B::Matrix,
@@ -64,7 +68,6 @@ pub struct Model<B: Backend> {
     final_norm: Option<B::Norm>,
     head: Option<Head<B>>,
     inv_freq: Vec<f32>,
-    layout: AttnLayout,
 }
 
 /// What one pipeline stage hands on: the residual stream to the next stage, or, from the last
@@ -127,11 +130,24 @@ impl<B: Backend> Model<B> {
             let (rows, cols) = t.slice(&spec, &rank);
             linear_part(&spec, store, t, rows, cols)
         };
-        let embedding =
-            if rank.is_first_stage() { Some(backend.embedding(dense(store, &table.embedding)?)?) } else { None };
+        let embedding = if rank.is_first_stage() {
+            let table = dense(store, &table.embedding)?;
+            Some(backend.embedding(table, embed_scale(&spec, table.dtype))?)
+        } else {
+            None
+        };
+        let layout = AttnLayout {
+            heads: spec.heads / rank.par.tp,
+            kv_heads: spec.kv_heads / rank.par.tp,
+            head_dim: spec.head_dim,
+            rotary_dim: spec.rope.rotary_dim,
+            scale: spec.attn_scale(),
+            softcap: spec.gemma.as_ref().and_then(|g| g.attn_softcap),
+            window: None,
+        };
         let layers = rank.layers(spec.layers);
         let mut blocks = Vec::with_capacity(layers.len());
-        for t in &table.layers[layers] {
+        for (l, t) in layers.clone().zip(&table.layers[layers]) {
             let up = match &t.gate {
                 None => backend.matrix(&[part(&t.up)?])?,
                 Some(gate) => backend.matrix(&[part(gate)?, part(&t.up)?])?,
@@ -149,10 +165,16 @@ impl<B: Backend> Model<B> {
                 )),
                 None => None,
             };
+            let branch_norms = match &t.branch_norms {
+                Some([attn, mlp]) => Some((norm(attn)?, norm(mlp)?)),
+                None => None,
+            };
             blocks.push(Block {
                 attn_norm: norm(&t.input_norm)?,
                 qkv: backend.matrix(&qkv)?,
                 qk_norm,
+                layout: AttnLayout { window: spec.window_of(l), ..layout },
+                branch_norms,
                 o: backend.matrix(&[part(&t.o)?])?,
                 mlp_norm: norm(&t.post_norm)?,
                 up,
@@ -176,15 +198,8 @@ impl<B: Backend> Model<B> {
         } else {
             (None, None)
         };
-        let layout = AttnLayout {
-            heads: spec.heads / rank.par.tp,
-            kv_heads: spec.kv_heads / rank.par.tp,
-            head_dim: spec.head_dim,
-            rotary_dim: spec.rope.rotary_dim,
-            scale: 1.0 / (spec.head_dim as f32).sqrt(),
-        };
         let inv_freq = rope::inv_freq(&spec.rope);
-        Ok(Model { spec, backend, rank, comm, embedding, blocks, final_norm, head, inv_freq, layout })
+        Ok(Model { spec, backend, rank, comm, embedding, blocks, final_norm, head, inv_freq })
     }
 
     /// This model's place in a model-parallel layout.
@@ -257,17 +272,23 @@ impl<B: Backend> Model<B> {
             for (l, blk) in self.blocks.iter().enumerate() {
                 let mut qkv = b.matmul(&h, &blk.qkv)?;
                 if let Some((qn, kn)) = &blk.qk_norm {
-                    b.qk_norm(&mut qkv, &self.layout, qn, kn)?;
+                    b.qk_norm(&mut qkv, &blk.layout, qn, kn)?;
                 }
-                b.rope(&mut qkv, &self.layout, &ctx)?;
-                let attn = b.attention(&qkv, &self.layout, &ctx)?;
+                b.rope(&mut qkv, &blk.layout, &ctx)?;
+                let attn = b.attention(&qkv, &blk.layout, &ctx)?;
                 let mut o = b.matmul(&attn, &blk.o)?;
                 self.comm.all_reduce(&mut o)?;
+                if let Some((attn_out, _)) = &blk.branch_norms {
+                    o = b.branch_norm(&o, attn_out)?;
+                }
                 h = b.add_norm(&mut x, &o, &blk.mlp_norm)?;
                 let up = b.matmul(&h, &blk.up)?;
                 let act = b.activation(&up, self.spec.mlp.into())?;
                 let mut down = b.matmul(&act, &blk.down)?;
                 self.comm.all_reduce(&mut down)?;
+                if let Some((_, mlp_out)) = &blk.branch_norms {
+                    down = b.branch_norm(&down, mlp_out)?;
+                }
                 match self.blocks.get(l + 1) {
                     Some(next) => h = b.add_norm(&mut x, &down, &next.attn_norm)?,
                     None => b.add(&mut x, &down)?,
@@ -284,6 +305,21 @@ impl<B: Backend> Model<B> {
         }
         let rows = b.to_host(&h)?;
         Ok(StageOutput::Outputs(rows.chunks_exact(self.spec.hidden).map(|row| head.output.forward(row)).collect()))
+    }
+}
+
+/// Gemma 2 multiplies the embeddings by `sqrt(hidden)` rounded to the weights' dtype, as
+/// transformers does (`embed_scale.to(weight.dtype)`: 68, not 67.88, for a bf16 27B model);
+/// every other family by 1.
+fn embed_scale(spec: &ModelSpec, dtype: Dtype) -> f32 {
+    if spec.gemma.is_none() {
+        return 1.0;
+    }
+    let s = (spec.hidden as f32).sqrt();
+    match dtype {
+        Dtype::BF16 => half::bf16::from_f32(s).to_f32(),
+        Dtype::F16 => half::f16::from_f32(s).to_f32(),
+        Dtype::F32 | Dtype::F8E4M3 => s,
     }
 }
 
@@ -378,4 +414,26 @@ pub fn check_batch(spec: &ModelSpec, batch: &PackedBatch) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gemma_scales_embeddings_by_sqrt_hidden_rounded_to_the_weights_dtype() {
+        let mut c = crate::synth::bench_small_config();
+        c["hidden_size"] = serde_json::json!(4608); // Gemma-2-27B
+        let llama = crate::config::parse_config(&c.to_string(), "config.json".as_ref()).unwrap();
+        assert_eq!(embed_scale(&llama, Dtype::BF16), 1.0);
+        let mut gemma = llama.clone();
+        gemma.gemma = Some(crate::spec::GemmaSpec {
+            query_pre_attn_scalar: 128.0,
+            attn_softcap: Some(50.0),
+            sliding_window: Some(4096),
+            sliding_layers: vec![true, false],
+        });
+        assert_eq!(embed_scale(&gemma, Dtype::BF16), 68.0, "bf16(67.882) as transformers uses it");
+        assert_eq!(embed_scale(&gemma, Dtype::F32), 4608f32.sqrt());
+    }
 }

@@ -14,6 +14,20 @@ pub enum NormKind {
     LayerNorm1P,
     /// Llama's RMSNorm: `x / sqrt(mean(x^2) + eps) * w`, no bias.
     RmsNorm,
+    /// Gemma's RMSNorm: `x / sqrt(mean(x^2) + eps) * (1 + w)`, no bias; the checkpoint stores `w`.
+    RmsNorm1P,
+}
+
+impl NormKind {
+    /// Whether the stored weight is `gamma - 1` (the scale is `1 + w`, added in f32 at load).
+    pub fn adds_one(self) -> bool {
+        matches!(self, NormKind::LayerNorm1P | NormKind::RmsNorm1P)
+    }
+
+    /// Whether it is a root-mean-square norm (no mean subtracted, no bias).
+    pub fn is_rms(self) -> bool {
+        matches!(self, NormKind::RmsNorm | NormKind::RmsNorm1P)
+    }
 }
 
 /// Which MLP the blocks use.
@@ -24,6 +38,29 @@ pub enum MlpKind {
     /// `down(silu(gate(x)) * up(x))` (Llama). The engine fuses gate and up into one matrix whose
     /// first half of output columns is the gate.
     SwiGlu,
+    /// `down(gelu_tanh(gate(x)) * up(x))` (Gemma 2), gate and up fused as for SwiGLU.
+    GeGlu,
+}
+
+impl MlpKind {
+    /// Whether the MLP has a gate projection (fused with up into one matrix).
+    pub fn has_gate(self) -> bool {
+        matches!(self, MlpKind::SwiGlu | MlpKind::GeGlu)
+    }
+}
+
+/// Gemma 2's attention and block extras; `None` in [`ModelSpec::gemma`] for every other family.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GemmaSpec {
+    /// `query_pre_attn_scalar`: the attention scale is its inverse square root, not head_dim's.
+    pub query_pre_attn_scalar: f32,
+    /// `attn_logit_softcapping`: scores become `tanh(s / cap) * cap` before the softmax.
+    pub attn_softcap: Option<f32>,
+    /// `sliding_window`: on the layers it applies to, a query sees only the `window` latest keys
+    /// (itself included).
+    pub sliding_window: Option<usize>,
+    /// Per layer, whether it uses the sliding window (`layer_types`, or every even layer).
+    pub sliding_layers: Vec<bool>,
 }
 
 /// Llama 3.1's frequency-dependent rotary scaling (`rope_type: llama3`).
@@ -123,6 +160,9 @@ pub struct ModelSpec {
     /// `pad_token_id`: the score is read at the rightmost token that is not this id, as
     /// transformers does (see [`ModelSpec::read_offset`]).
     pub pad_token_id: Option<u32>,
+    /// Gemma 2: embeddings scaled by `sqrt(hidden)`, norms after attention and after the MLP,
+    /// soft-capped and windowed attention.
+    pub gemma: Option<GemmaSpec>,
 }
 
 impl ModelSpec {
@@ -132,17 +172,32 @@ impl ModelSpec {
         (self.heads + 2 * self.kv_heads) * self.head_dim
     }
 
-    /// Output width of the MLP's first projection (gate and up fused for SwiGLU).
+    /// Output width of the MLP's first projection (gate and up fused for gated MLPs).
     pub fn up_width(&self) -> usize {
-        match self.mlp {
-            MlpKind::Relu2 => self.ffn,
-            MlpKind::SwiGlu => 2 * self.ffn,
+        if self.mlp.has_gate() {
+            2 * self.ffn
+        } else {
+            self.ffn
         }
     }
 
     /// Whether norms carry a bias tensor.
     pub fn norm_has_bias(&self) -> bool {
         self.norm == NormKind::LayerNorm1P
+    }
+
+    /// The attention softmax scale: `1 / sqrt(head_dim)`, or Gemma 2's `query_pre_attn_scalar`.
+    pub fn attn_scale(&self) -> f32 {
+        match &self.gemma {
+            Some(g) => 1.0 / g.query_pre_attn_scalar.sqrt(),
+            None => 1.0 / (self.head_dim as f32).sqrt(),
+        }
+    }
+
+    /// The sliding window of layer `layer`, if it has one.
+    pub fn window_of(&self, layer: usize) -> Option<usize> {
+        let g = self.gemma.as_ref()?;
+        g.sliding_window.filter(|_| g.sliding_layers.get(layer).copied().unwrap_or(false))
     }
 
     /// Number of outputs of the head (rows of `score.weight`).

@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use crate::error::{EngineError, Result};
 use crate::plan::RankPlan;
-use crate::spec::{HeadKind, MlpKind, ModelSpec};
+use crate::spec::{HeadKind, ModelSpec};
 
 /// The token embedding.
 pub const EMBEDDING: &str = "model.embed_tokens.weight";
@@ -33,8 +33,13 @@ pub mod module {
     pub const V: &str = "self_attn.v_proj";
     /// Attention output projection.
     pub const O: &str = "self_attn.o_proj";
-    /// The norm before the MLP.
+    /// The norm before the MLP (Llama, Nemotron, Qwen); Gemma 2 uses this name for the norm of the
+    /// attention's output, see [`PRE_FFN_NORM`].
     pub const POST_NORM: &str = "post_attention_layernorm";
+    /// Gemma 2's norm before the MLP.
+    pub const PRE_FFN_NORM: &str = "pre_feedforward_layernorm";
+    /// Gemma 2's norm of the MLP's output, before the residual add.
+    pub const POST_FFN_NORM: &str = "post_feedforward_layernorm";
     /// SwiGLU's gate projection.
     pub const GATE: &str = "mlp.gate_proj";
     /// MLP up projection.
@@ -165,6 +170,8 @@ pub struct LayerTensors {
     pub o: TensorInfo,
     /// The norm before the MLP.
     pub post_norm: NormTensors,
+    /// Gemma 2's norms of the attention's and the MLP's outputs, before their residual adds.
+    pub branch_norms: Option<[NormTensors; 2]>,
     /// Qwen2's q, k and v biases, `[heads * head_dim]`, `[kv_heads * head_dim]` twice; split
     /// with their matrices' rows.
     pub qkv_bias: Option<[TensorInfo; 3]>,
@@ -239,9 +246,12 @@ impl TensorTable {
                         ]
                     }),
                     o: t(module::O, [h, spec.heads * d], Split::Cols(Share::Heads)),
-                    post_norm: layer_norm(module::POST_NORM),
-                    gate: (spec.mlp == MlpKind::SwiGlu)
-                        .then(|| t(module::GATE, [spec.ffn, h], Split::Rows(Share::Ffn))),
+                    post_norm: layer_norm(if spec.gemma.is_some() { module::PRE_FFN_NORM } else { module::POST_NORM }),
+                    branch_norms: spec
+                        .gemma
+                        .is_some()
+                        .then(|| [layer_norm(module::POST_NORM), layer_norm(module::POST_FFN_NORM)]),
+                    gate: spec.mlp.has_gate().then(|| t(module::GATE, [spec.ffn, h], Split::Rows(Share::Ffn))),
                     up: t(module::UP, [spec.ffn, h], Split::Rows(Share::Ffn)),
                     down: t(module::DOWN, [h, spec.ffn], Split::Cols(Share::Ffn)),
                 }
@@ -271,6 +281,7 @@ impl TensorTable {
                     .chain(l.qk_norm.iter().flatten())
                     .chain([&l.o])
                     .chain(norm(&l.post_norm))
+                    .chain(l.branch_norms.iter().flatten().flat_map(norm))
                     .chain(l.gate.as_ref())
                     .chain([&l.up, &l.down])
             }))

@@ -193,6 +193,41 @@ fn qwen_folders_load_and_their_unsupported_options_are_named() {
 }
 
 #[test]
+fn gemma2_folders_load_and_their_unsupported_options_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = json!({
+        "architectures": ["Gemma2ForSequenceClassification"], "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "vocab_size": 64, "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6,
+        "query_pre_attn_scalar": 16, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+        "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]
+    });
+    write_random_model(dir.path(), &config, Dtype::BF16, 5, false).unwrap();
+    Model::load(dir.path(), CpuBackend::with_threads(1).unwrap()).unwrap();
+    edit_config(dir.path(), |c| c["hidden_activation"] = json!("gelu"));
+    let e = load_err(dir.path());
+    assert!(e.contains("hidden_activation \"gelu\" is not supported") && e.contains("gelu_pytorch_tanh"), "{e}");
+    edit_config(dir.path(), |c| {
+        c["hidden_activation"] = json!("gelu_pytorch_tanh");
+        c["attn_logit_softcapping"] = json!(-1.0);
+    });
+    assert!(load_err(dir.path()).contains("\"attn_logit_softcapping\" must be positive"));
+    edit_config(dir.path(), |c| {
+        c["attn_logit_softcapping"] = json!(50.0);
+        c["layer_types"] = json!(["sliding_attention", "chunked_attention"]);
+    });
+    assert!(load_err(dir.path()).contains("layer_types[1] = \"chunked_attention\""));
+    edit_config(dir.path(), |c| c["layer_types"] = json!(["full_attention"]));
+    assert!(load_err(dir.path()).contains("layer_types has 1 entries for 2 layers"));
+    // The branch norms are part of the architecture.
+    edit_config(dir.path(), |c| c["layer_types"] = json!(null));
+    edit_weights(dir.path(), |t| {
+        t.remove("model.layers.1.post_feedforward_layernorm.weight");
+    });
+    assert!(load_err(dir.path()).contains("missing tensor \"model.layers.1.post_feedforward_layernorm.weight\""));
+}
+
+#[test]
 fn family_tensors_that_are_missing_or_extra_are_named() {
     let dir = qwen_folder("Qwen2ForSequenceClassification");
     edit_weights(dir.path(), |t| {

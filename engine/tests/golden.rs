@@ -89,6 +89,19 @@ fn a_qwen3_chat_is_templated_tokenized_and_scored_like_transformers() {
 }
 
 #[test]
+fn gemma2_with_windows_softcaps_and_branch_norms_matches_transformers() {
+    let model = Model::load(&fixture("gemma2"), CpuBackend::new()).unwrap();
+    let g = model.spec().gemma.clone().expect("a Gemma 2 spec");
+    let window = g.sliding_window.unwrap();
+    assert_eq!(g.sliding_layers, [true, false, true, false]);
+    let lens: Vec<usize> = golden("gemma2").sequences.iter().map(Vec::len).collect();
+    for want in [window - 1, window, window + 1, 4 * window] {
+        assert!(lens.iter().any(|&l| l == want || (want > 2 * window && l >= want)), "no length {want} in {lens:?}");
+    }
+    check_parity("gemma2");
+}
+
+#[test]
 fn a_two_layer_relu_head_matches_transformers() {
     check_parity("inform-head");
 }
@@ -108,7 +121,7 @@ fn bits(v: &[f32]) -> Vec<u32> {
 
 #[test]
 fn a_sequence_scores_bit_identically_alone_and_in_any_batch() {
-    for name in ["nemotron-v4-gqa", "llama3-scaled", "qwen2", "qwen3", "inform-head"] {
+    for name in ["nemotron-v4-gqa", "llama3-scaled", "qwen2", "qwen3", "inform-head", "gemma2"] {
         let model = Model::load(&fixture(name), CpuBackend::new()).unwrap();
         let score_alone = |s: &[u32]| model.forward(&PackedBatch::from_sequences(&[s]).unwrap()).unwrap().remove(0);
         let seqs = golden(name).sequences;

@@ -28,7 +28,14 @@ fn every_layout_matches_transformers_and_the_unsplit_model() {
         let g = golden(name);
         let batch = PackedBatch::from_sequences(&g.sequences).unwrap();
         let unsplit = Model::load(&fixture(name), CpuBackend::new()).unwrap().forward(&batch).unwrap();
+        let kv_heads = Model::load(&fixture(name), CpuBackend::new()).unwrap().spec().kv_heads;
         for (tp, pp) in [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2)] {
+            if !kv_heads.is_multiple_of(tp) {
+                // gemma2 has 2 KV heads: TP 4 is refused by name, not run.
+                let e = load(name, tp, pp).unwrap_err().to_string();
+                assert!(e.contains("kv") || e.contains("KV") || e.contains("key"), "{name} tp{tp}: {e}");
+                continue;
+            }
             let engine = load(name, tp, pp).unwrap_or_else(|e| panic!("{name} tp{tp} pp{pp}: {e}"));
             let got = engine.forward(&batch).unwrap();
             assert_eq!(got.len(), g.sequences.len());

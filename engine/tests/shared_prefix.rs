@@ -14,7 +14,7 @@ fn bits(v: &[f32]) -> Vec<u32> {
 
 #[test]
 fn random_trees_score_each_item_bit_identically_to_scoring_it_alone() {
-    for (name, seed) in [("nemotron-v4-gqa", 1u64), ("llama3-scaled", 2)] {
+    for (name, seed) in [("nemotron-v4-gqa", 1u64), ("llama3-scaled", 2), ("gemma2", 3)] {
         let model = Model::load(&fixture(name), CpuBackend::new()).unwrap();
         let (vocab, max_len) = (model.spec().vocab, model.spec().max_positions.min(512));
         let mut rng = SplitMix::new(seed);

@@ -50,7 +50,7 @@ pub const NORM: Module = Module {
 pub const ELEMENTWISE: Module = Module {
     name: "elementwise",
     source: include_str!("../elementwise.cu"),
-    functions: &["embed", "gather_rows", "relu2", "relu", "swiglu", "add_bias", "to_bf16", "rope"],
+    functions: &["embed", "gather_rows", "relu2", "relu", "swiglu", "geglu", "add_bias", "to_bf16", "rope"],
     required_defines: &[],
 };
 

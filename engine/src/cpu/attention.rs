@@ -99,12 +99,18 @@ unsafe fn one_head(
     let mut acc = vec![0.0f32; d];
     for t in range.clone() {
         let q = &qkv[t * w + q_off..][..d];
-        // The prefix's keys, then the segment's own up to `t`: position order.
-        let keys = || prefix.iter().cloned().flatten().chain(range.start..=t);
+        // The prefix's keys, then the segment's own up to `t`: position order. A sliding window
+        // keeps the latest `window` of them.
+        let seen = prefix.iter().map(Range::len).sum::<usize>() + (t - range.start + 1);
+        let skip = l.window.map_or(0, |w| seen.saturating_sub(w));
+        let keys = || prefix.iter().cloned().flatten().chain(range.start..=t).skip(skip);
         scores.clear();
         let mut max = f32::NEG_INFINITY;
         for j in keys() {
-            let s = dot(q, &qkv[j * w + k_off..][..d]) * l.scale;
+            let mut s = dot(q, &qkv[j * w + k_off..][..d]) * l.scale;
+            if let Some(cap) = l.softcap {
+                s = (s / cap).tanh() * cap;
+            }
             max = max.max(s);
             scores.push(s);
         }
@@ -158,7 +164,8 @@ mod tests {
 
     #[test]
     fn packed_gqa_matches_naive_per_sequence() {
-        let l = AttnLayout { heads: 4, kv_heads: 2, head_dim: 20, rotary_dim: 10, scale: 0.2 };
+        let l =
+            AttnLayout { heads: 4, kv_heads: 2, head_dim: 20, rotary_dim: 10, scale: 0.2, softcap: None, window: None };
         let lens = [5usize, 1, 17];
         let total: usize = lens.iter().sum();
         let mut seed = 7u64;
@@ -195,7 +202,8 @@ mod tests {
 
     #[test]
     fn a_shared_prefix_gives_the_bits_of_each_sequence_unshared() {
-        let l = AttnLayout { heads: 4, kv_heads: 2, head_dim: 16, rotary_dim: 8, scale: 0.25 };
+        let l =
+            AttnLayout { heads: 4, kv_heads: 2, head_dim: 16, rotary_dim: 8, scale: 0.25, softcap: None, window: None };
         // Prefix rows are the same in every sequence (seq 0); branch rows differ per branch.
         let (prefix, branches) = (37usize, [5usize, 1, 23]);
         let full_row = |b: usize, pos: usize| if pos < prefix { row(&l, 0, pos) } else { row(&l, b as u64 + 1, pos) };

@@ -161,14 +161,19 @@ impl Backend for CpuBackend {
         bias: Option<TensorView<'_>>,
     ) -> Result<NormParams> {
         let mut gamma = weight.to_f32();
-        if kind == NormKind::LayerNorm1P {
+        if kind.adds_one() {
             gamma.iter_mut().for_each(|g| *g += 1.0);
         }
         Ok(NormParams { kind, eps, gamma, beta: bias.map(|b| b.to_f32()) })
     }
 
-    fn embedding(&self, table: TensorView<'_>) -> Result<CpuTensor> {
-        Ok(CpuTensor { data: table.to_f32(), rows: table.shape[0], cols: table.shape[1] })
+    fn embedding(&self, table: TensorView<'_>, scale: f32) -> Result<CpuTensor> {
+        let mut data = table.to_f32();
+        // Scaling the f32 table once rounds each product exactly as scaling each gathered row would.
+        if scale != 1.0 {
+            data.iter_mut().for_each(|v| *v *= scale);
+        }
+        Ok(CpuTensor { data, rows: table.shape[0], cols: table.shape[1] })
     }
 
     fn batch_ctx(&self, batch: &PackedBatch, inv_freq: &[f32]) -> Result<CpuBatch> {
@@ -204,6 +209,10 @@ impl Backend for CpuBackend {
         let mut out = Self::zeros(x.rows, x.cols);
         self.pool.install(|| ops::add_norm(&mut x.data, &delta.data, x.cols, p, &mut out.data));
         Ok(out)
+    }
+
+    fn branch_norm(&self, x: &CpuTensor, p: &NormParams) -> Result<CpuTensor> {
+        self.norm(x, p)
     }
 
     fn add(&self, x: &mut CpuTensor, delta: &CpuTensor) -> Result<()> {
@@ -262,7 +271,7 @@ impl Backend for CpuBackend {
     fn activation(&self, x: &CpuTensor, kind: Activation) -> Result<CpuTensor> {
         let cols = match kind {
             Activation::Relu2 | Activation::Relu => x.cols,
-            Activation::SwiGlu => x.cols / 2,
+            Activation::SwiGlu | Activation::GeGlu => x.cols / 2,
         };
         let mut out = Self::zeros(x.rows, cols);
         self.pool.install(|| ops::activation(&x.data, x.cols, kind, &mut out.data));

@@ -36,7 +36,7 @@ pub fn norm_row(x: &[f32], p: &NormParams, out: &mut [f32]) {
                 *o = normed * p.gamma[i] + beta.get(i).copied().unwrap_or(0.0);
             }
         }
-        NormKind::RmsNorm => {
+        NormKind::RmsNorm | NormKind::RmsNorm1P => {
             let ms = x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / n;
             let inv = (1.0 / (ms + p.eps as f64).sqrt()) as f32;
             for ((o, &v), &g) in out.iter_mut().zip(x).zip(&p.gamma) {
@@ -144,6 +144,15 @@ pub fn activation(x: &[f32], cols: usize, kind: Activation, out: &mut [f32]) {
                 *o = v.max(0.0);
             }
         }),
+        Activation::GeGlu => {
+            let f = cols / 2;
+            out.par_chunks_mut(f).zip(x.par_chunks(cols)).for_each(|(o, x)| {
+                let (gate, up) = x.split_at(f);
+                for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+                    *o = gelu_tanh(g) * u;
+                }
+            })
+        }
         Activation::SwiGlu => {
             let f = cols / 2;
             out.par_chunks_mut(f).zip(x.par_chunks(cols)).for_each(|(o, x)| {
@@ -154,6 +163,12 @@ pub fn activation(x: &[f32], cols: usize, kind: Activation, out: &mut [f32]) {
             })
         }
     }
+}
+
+/// GELU with the tanh approximation, as torch's `gelu(approximate="tanh")` writes it.
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh())
 }
 
 #[cfg(test)]
@@ -180,7 +195,8 @@ mod tests {
 
     #[test]
     fn rope_rotates_only_the_rotary_slice_of_q_and_k() {
-        let l = AttnLayout { heads: 1, kv_heads: 1, head_dim: 4, rotary_dim: 2, scale: 1.0 };
+        let l =
+            AttnLayout { heads: 1, kv_heads: 1, head_dim: 4, rotary_dim: 2, scale: 1.0, softcap: None, window: None };
         let mut qkv = vec![1.0, 2.0, 7.0, 8.0, 1.0, 2.0, 7.0, 8.0, 5.0, 5.0, 5.0, 5.0];
         let (c, s) = (0.6f32, 0.8f32);
         rope(&mut qkv, &l, &[1], &[1.0, c], &[0.0, s]);
@@ -193,7 +209,8 @@ mod tests {
     #[test]
     fn qk_norm_normalizes_each_query_and_key_head_alone_and_leaves_values() {
         // One query head and one KV head of 2 channels: [q0 q1 | k0 k1 | v0 v1].
-        let l = AttnLayout { heads: 1, kv_heads: 1, head_dim: 2, rotary_dim: 2, scale: 1.0 };
+        let l =
+            AttnLayout { heads: 1, kv_heads: 1, head_dim: 2, rotary_dim: 2, scale: 1.0, softcap: None, window: None };
         let q = NormParams { kind: NormKind::RmsNorm, eps: 0.0, gamma: vec![1.0, 2.0], beta: None };
         let k = NormParams { kind: NormKind::RmsNorm, eps: 0.0, gamma: vec![3.0, 1.0], beta: None };
         let mut qkv = vec![3.0, 4.0, 6.0, 8.0, 9.0, 9.0];
@@ -220,6 +237,9 @@ mod tests {
         activation(&[-2.0, 3.0], 2, Activation::Relu, &mut out);
         assert_eq!(out, [0.0, 3.0]);
         let mut out = [0.0; 1];
+        activation(&[1.0, 2.0], 2, Activation::GeGlu, &mut out);
+        // gelu_tanh(1) = 0.841192 (torch.nn.functional.gelu(1., approximate="tanh")).
+        assert!((out[0] - 2.0 * 0.841_192).abs() < 1e-6, "{out:?}");
         activation(&[1.0, 2.0], 2, Activation::SwiGlu, &mut out);
         assert!((out[0] - 2.0 / (1.0 + (-1.0f32).exp())).abs() < 1e-7);
     }

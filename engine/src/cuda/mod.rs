@@ -128,6 +128,8 @@ pub struct CudaEmbedding {
     table: CudaSlice<u16>,
     vocab: usize,
     hidden: usize,
+    /// Multiplies each gathered row (Gemma 2's `sqrt(hidden)`).
+    scale: f32,
 }
 
 /// Rotary cos/sin tables `[position][rotary_dim / 2]` on the device for one set of frequencies.
@@ -163,6 +165,7 @@ struct Kernels {
     relu2: CudaFunction,
     relu: CudaFunction,
     swiglu: CudaFunction,
+    geglu: CudaFunction,
     add_bias: CudaFunction,
     to_bf16: CudaFunction,
     rope: CudaFunction,
@@ -272,6 +275,7 @@ impl CudaBackend {
             relu2: f(&ew, "relu2")?,
             relu: f(&ew, "relu")?,
             swiglu: f(&ew, "swiglu")?,
+            geglu: f(&ew, "geglu")?,
             add_bias: f(&ew, "add_bias")?,
             to_bf16: f(&ew, "to_bf16")?,
             rope: f(&ew, "rope")?,
@@ -605,21 +609,21 @@ impl Backend for CudaBackend {
     ) -> Result<CudaNorm> {
         let mut gamma = weight.to_f32();
         // The same f32 addition as the CPU backend (and transformers) make.
-        if kind == NormKind::LayerNorm1P {
+        if kind.adds_one() {
             gamma.iter_mut().for_each(|g| *g += 1.0);
         }
         let beta = match bias {
             Some(b) => Some(self.to_device(&b.to_f32())?),
             None => None,
         };
-        Ok(CudaNorm { gamma: self.to_device(&gamma)?, beta, eps, rms: kind == NormKind::RmsNorm })
+        Ok(CudaNorm { gamma: self.to_device(&gamma)?, beta, eps, rms: kind.is_rms() })
     }
 
-    fn embedding(&self, table: TensorView<'_>) -> Result<CudaEmbedding> {
+    fn embedding(&self, table: TensorView<'_>, scale: f32) -> Result<CudaEmbedding> {
         let (vocab, hidden) = (table.shape[0], table.row_len());
         let mut bits = Vec::with_capacity(vocab * hidden);
         table.block_to_bf16_bits(0..vocab, 0..hidden, &mut bits);
-        Ok(CudaEmbedding { table: self.to_device(&bits)?, vocab, hidden })
+        Ok(CudaEmbedding { table: self.to_device(&bits)?, vocab, hidden, scale })
     }
 
     fn batch_ctx(&self, batch: &PackedBatch, inv_freq: &[f32]) -> Result<CudaBatch> {
@@ -661,7 +665,7 @@ impl Backend for CudaBackend {
         let (n, h) = (int(tokens.len(), "tokens")?, int(table.hidden, "hidden")?);
         if n > 0 {
             let mut b = self.stream.launch_builder(&self.kernels.embed);
-            b.arg(&table.table).arg(&ids).arg(&mut x).arg(&n).arg(&h);
+            b.arg(&table.table).arg(&ids).arg(&mut x).arg(&n).arg(&h).arg(&table.scale);
             // SAFETY: ABI of kernels/elementwise.cu `embed`; ids were checked against the vocabulary.
             unsafe { b.launch(cfg((grid(tokens.len(), "tokens")?, 1), EW_THREADS, 0)) }
                 .map_err(driver_err("launch embed"))?;
@@ -688,6 +692,15 @@ impl Backend for CudaBackend {
         let (rows, cols) = (x.rows, x.cols);
         // The kernel writes x += delta in place through the same pointer.
         self.add_norm_launch(x.f32_mut("residual add")?, Some(delta.bf16("residual add")?), p, out, rows, cols)
+    }
+
+    fn branch_norm(&self, x: &CudaTensor, p: &CudaNorm) -> Result<CudaTensor> {
+        // Widen the bf16 branch into a zeroed f32 buffer (0 + v is exact), then the usual norm.
+        let n = x.rows * x.cols;
+        let zeros = self.stream.alloc_zeros::<f32>(n.max(1)).map_err(driver_err("allocate a branch buffer"))?;
+        let mut wide = self.tensor(Data::F32(zeros), x.rows, x.cols);
+        self.add(&mut wide, x)?;
+        self.norm(&wide, p)
     }
 
     fn add(&self, x: &mut CudaTensor, delta: &CudaTensor) -> Result<()> {
@@ -781,6 +794,14 @@ impl Backend for CudaBackend {
     }
 
     fn attention(&self, qkv: &CudaTensor, layout: &AttnLayout, ctx: &CudaBatch) -> Result<CudaTensor> {
+        if layout.softcap.is_some() || layout.window.is_some() {
+            // Refused rather than computed without them: the scores would be silently wrong.
+            return Err(EngineError::Backend(
+                "the CUDA attention kernel does not implement Gemma 2's logit soft-capping and sliding window \
+                 yet; serve this model with --device cpu"
+                    .into(),
+            ));
+        }
         if layout.kv_heads == 0 || !layout.heads.is_multiple_of(layout.kv_heads) {
             return Err(EngineError::Backend(format!(
                 "attention: {} query heads cannot share {} KV heads evenly",
@@ -877,18 +898,19 @@ impl Backend for CudaBackend {
                 }
                 Ok(self.tensor(Data::Bf16(out), x.rows, x.cols))
             }
-            Activation::SwiGlu => {
+            Activation::SwiGlu | Activation::GeGlu => {
                 if !x.cols.is_multiple_of(2) {
-                    return Err(EngineError::Backend(format!("SwiGLU needs an even width, got {}", x.cols)));
+                    return Err(EngineError::Backend(format!("{kind:?} needs an even width, got {}", x.cols)));
                 }
                 let ffn = x.cols / 2;
                 let mut out = self.alloc::<u16>(x.rows * ffn)?;
                 if x.rows > 0 && ffn > 0 {
                     let (r, f) = (int(x.rows, "rows")?, int(ffn, "ffn")?);
-                    let mut b = self.stream.launch_builder(&self.kernels.swiglu);
+                    let func = if kind == Activation::GeGlu { &self.kernels.geglu } else { &self.kernels.swiglu };
+                    let mut b = self.stream.launch_builder(func);
                     b.arg(input).arg(&mut out).arg(&r).arg(&f);
                     let g = (grid(x.rows, "rows")?, grid(ffn.div_ceil(EW_THREADS as usize), "ffn / 256")?);
-                    // SAFETY: ABI of kernels/elementwise.cu `swiglu`.
+                    // SAFETY: ABI of kernels/elementwise.cu `swiglu` / `geglu` (the same).
                     unsafe { b.launch(cfg(g, EW_THREADS, 0)) }.map_err(driver_err("launch swiglu"))?;
                 }
                 Ok(self.tensor(Data::Bf16(out), x.rows, ffn))

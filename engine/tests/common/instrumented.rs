@@ -80,8 +80,8 @@ impl<B: Backend> Backend for Instrumented<B> {
     ) -> Result<Self::Norm> {
         self.inner.norm_params(kind, eps, w, b)
     }
-    fn embedding(&self, table: TensorView<'_>) -> Result<Self::Embedding> {
-        self.inner.embedding(table)
+    fn embedding(&self, table: TensorView<'_>, scale: f32) -> Result<Self::Embedding> {
+        self.inner.embedding(table, scale)
     }
     fn shares_prefixes(&self, batch: &PackedBatch) -> bool {
         self.inner.shares_prefixes(batch)
@@ -100,6 +100,9 @@ impl<B: Backend> Backend for Instrumented<B> {
     }
     fn add_norm(&self, x: &mut Self::Tensor, delta: &Self::Tensor, p: &Self::Norm) -> Result<Self::Tensor> {
         self.record("add_norm", || self.inner.add_norm(x, delta, p))
+    }
+    fn branch_norm(&self, x: &Self::Tensor, p: &Self::Norm) -> Result<Self::Tensor> {
+        self.record("branch_norm", || self.inner.branch_norm(x, p))
     }
     fn add(&self, x: &mut Self::Tensor, delta: &Self::Tensor) -> Result<()> {
         self.record("add", || self.inner.add(x, delta))

@@ -18,8 +18,8 @@ pub fn fixture(name: &str) -> PathBuf {
 }
 
 /// Every golden fixture.
-pub const FIXTURES: [&str; 7] =
-    ["nemotron-v5", "nemotron-v4-gqa", "nemotron-bf16", "llama3-scaled", "qwen2", "qwen3", "inform-head"];
+pub const FIXTURES: [&str; 8] =
+    ["nemotron-v5", "nemotron-v4-gqa", "nemotron-bf16", "llama3-scaled", "qwen2", "qwen3", "inform-head", "gemma2"];
 
 /// Reads a fixture's expected.json.
 pub fn golden(name: &str) -> Golden {

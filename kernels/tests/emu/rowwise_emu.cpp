@@ -135,12 +135,19 @@ void check_embed_gather(std::mt19937& rng) {
     std::copy(ids.begin(), ids.end(), tokens);
     const int n = static_cast<int>(ids.size());
     float* x = alloc<float>(static_cast<size_t>(n) * hidden);
-    emu::launch(dim(n), dim(ARB_ELEMENTWISE_THREADS), nullptr, 0, [&] { embed(table, tokens, x, n, hidden); });
+    emu::launch(dim(n), dim(ARB_ELEMENTWISE_THREADS), nullptr, 0, [&] { embed(table, tokens, x, n, hidden, 1.0f); });
     double err = 0.0;
     for (int t = 0; t < n; ++t)
         for (int c = 0; c < hidden; ++c)
             err = std::max(err, static_cast<double>(fabsf(x[t * hidden + c] - bf(table[ids[t] * hidden + c]))));
     report("embed tokens=5 hidden=300", err, 0.0);
+    // Gemma 2's scale: one f32 multiplication of the widened value.
+    emu::launch(dim(n), dim(ARB_ELEMENTWISE_THREADS), nullptr, 0, [&] { embed(table, tokens, x, n, hidden, 48.0f); });
+    err = 0.0;
+    for (int t = 0; t < n; ++t)
+        for (int c = 0; c < hidden; ++c)
+            err = std::max(err, static_cast<double>(fabsf(x[t * hidden + c] - bf(table[ids[t] * hidden + c]) * 48.0f)));
+    report("embed scale=48 tokens=5 hidden=300", err, 0.0);
 
     const std::vector<int> which = {4, 0, 2};
     int* rows = alloc<int>(which.size());
@@ -192,6 +199,18 @@ void check_activations(std::mt19937& rng) {
         }
     }
     report("swiglu rows=3 ffn=300", err, kBf16Tol);
+    emu::launch(dim(rows, (ffn + 255) / 256), dim(ARB_ELEMENTWISE_THREADS), nullptr, 0,
+                [&] { geglu(gu, act, rows, ffn); });
+    err = 0.0;
+    for (int r = 0; r < rows; ++r) {
+        for (int j = 0; j < ffn; ++j) {
+            const double g = bf(gu[r * 2 * ffn + j]), u = bf(gu[r * 2 * ffn + ffn + j]);
+            const double ref = 0.5 * g * (1.0 + tanh(sqrt(2.0 / M_PI) * (g + 0.044715 * g * g * g))) * u;
+            const double got = bf(act[r * ffn + j]);
+            err = std::max(err, isnan(got) ? INFINITY : fabs(got - ref) / std::max(fabs(ref), 1e-3));
+        }
+    }
+    report("geglu rows=3 ffn=300", err, kBf16Tol * 1.01);
     free(gu);
     free(act);
 }
