@@ -44,9 +44,14 @@
 // Numerics: S, the softmax and O are f32. The scale is folded with log2(e) so the exponentials are
 // exp2f (ex2.approx, 2 ulp). P is rounded to bf16 for the P V product (the tensor-core input
 // type), and the row sum is accumulated from the same rounded values, so the normalisation matches
-// the weights actually applied. The row max includes the causal mask as -inf; key 0 is visible to
-// every query and is in the first tile, so every row has a finite max after tile 0 (the -inf guard
-// below only protects against 0 * inf if that ever changes).
+// the weights actually applied. The row max includes the causal mask as -inf. Without a window,
+// key 0 is visible to every query and is in the first tile, so every row has a finite max after
+// tile 0; with a window a row may see no key of a tile, and the -inf guard below keeps its max,
+// sum and output at zero until its first visible key.
+//
+// Gemma 2: `softcap > 0` bends each score to tanh(s * scale / softcap) * softcap before the
+// softmax; `window > 0` hides from a query at position q every key at or before q - window.
+// Tiles that no query of the block (or of a warp) can see through the window are skipped.
 #include <cuda_bf16.h>
 
 #ifndef ARB_HEAD_DIM
@@ -206,7 +211,7 @@ extern "C" __global__ void __launch_bounds__(ARB_ATTN_THREADS, 2)
     flash_attn_varlen(const __nv_bfloat16* __restrict__ qkv, __nv_bfloat16* __restrict__ out,
                       const int* __restrict__ cu_seqlens, const int* __restrict__ seq_prefix,
                       const int* __restrict__ tile_seq, const int* __restrict__ tile_start, int n_tiles, int heads, int kv_heads, int qkv_width,
-                      float scale) {
+                      float scale, float softcap, int window) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
 
     // A launch that disagrees with this file's ABI would silently write out of bounds (too little
@@ -232,6 +237,9 @@ extern "C" __global__ void __launch_bounds__(ARB_ATTN_THREADS, 2)
     // never loaded; in particular nothing past the end of the sequence is read.
     const int kv_limit = p_len + q0 + m_rows;
     const int n_kv_tiles = (kv_limit + BN - 1) / BN;
+    // With a window, the block's first query (position p_len + q0) sees nothing before
+    // p_len + q0 - window + 1, and later queries see even less of the start: begin at that tile.
+    const int j0 = window > 0 ? max(0, p_len + q0 - window + 1) / BN : 0;
 
     const int g = h / (heads / kv_heads);
     const int q_col = h * D;
@@ -250,8 +258,14 @@ extern "C" __global__ void __launch_bounds__(ARB_ATTN_THREADS, 2)
     __nv_bfloat16* s_v = s_k + ARB_KV_STAGES * BN * LD;  // [ARB_KV_STAGES][BN][LD]
 
     load_tile<BM>(s_q, qkv, tok0 + q0, m_rows, tok0 + q0, m_rows, q_col, qkv_width, vec);
-    load_tile<BN>(s_k, qkv, kv_row0(0), kv_split(0), kv_row1(0), min(BN, kv_limit), k_col, qkv_width, vec);
-    load_tile<BN>(s_v, qkv, kv_row0(0), kv_split(0), kv_row1(0), min(BN, kv_limit), v_col, qkv_width, vec);
+    {
+        const int kb = j0 * BN;
+        const int stage = j0 % ARB_KV_STAGES;
+        load_tile<BN>(s_k + stage * BN * LD, qkv, kv_row0(kb), kv_split(kb), kv_row1(kb), min(BN, kv_limit - kb), k_col,
+                      qkv_width, vec);
+        load_tile<BN>(s_v + stage * BN * LD, qkv, kv_row0(kb), kv_split(kb), kv_row1(kb), min(BN, kv_limit - kb), v_col,
+                      qkv_width, vec);
+    }
     cp_async_commit();
 
     const int warp = threadIdx.x >> 5;
@@ -266,6 +280,9 @@ extern "C" __global__ void __launch_bounds__(ARB_ATTN_THREADS, 2)
     const int qpos0 = warp_q_min + gq;  // this thread's two rows: gq and gq + 8
     const int qpos1 = qpos0 + 8;
     const float scale_log2 = scale * 1.4426950408889634f;
+    // Soft-capping: tanh(s * scale / softcap) * softcap, then into log2 units.
+    const float cap_in = softcap > 0.0f ? scale / softcap : 0.0f;
+    const float cap_out = softcap * 1.4426950408889634f;
     const float neg_inf = -__int_as_float(0x7f800000);
 
     float o[O_TILES][4];
@@ -274,7 +291,7 @@ extern "C" __global__ void __launch_bounds__(ARB_ATTN_THREADS, 2)
     float m_run0 = neg_inf, m_run1 = neg_inf;  // running max of the scaled (log2) scores
     float l_run0 = 0.0f, l_run1 = 0.0f;        // this thread's share of the running row sums
 
-    for (int j = 0; j < n_kv_tiles; ++j) {
+    for (int j = j0; j < n_kv_tiles; ++j) {
         if (j + 1 < n_kv_tiles) {
             // Prefetch tile j + 1 into the other stage; the barrier at the end of iteration j - 1
             // guarantees every warp is done reading it.
@@ -292,8 +309,10 @@ extern "C" __global__ void __launch_bounds__(ARB_ATTN_THREADS, 2)
         __syncthreads();
 
         const int kbase = j * BN;
-        // Tiles entirely above the diagonal for all 16 rows of the warp contribute nothing.
-        if (warp_active && kbase <= warp_q_max) {
+        // Tiles entirely above the diagonal for all 16 rows of the warp contribute nothing, nor
+        // do tiles entirely before the window of its first row.
+        const bool in_window = window <= 0 || kbase + BN - 1 > warp_q_min - window;
+        if (warp_active && kbase <= warp_q_max && in_window) {
             const __nv_bfloat16* k_tile = s_k + (j % ARB_KV_STAGES) * BN * LD;
             const __nv_bfloat16* v_tile = s_v + (j % ARB_KV_STAGES) * BN * LD;
 
@@ -318,15 +337,18 @@ extern "C" __global__ void __launch_bounds__(ARB_ATTN_THREADS, 2)
             // Scale into log2 units and apply the causal mask (only tiles crossing the diagonal
             // of this warp's rows can hold a key after a query).
             const bool crosses_diagonal = kbase + BN - 1 > warp_q_min;
+            // Some key of the tile is at or before (last row's position - window).
+            const bool crosses_window = window > 0 && kbase <= warp_q_max - window;
             float mx0 = neg_inf, mx1 = neg_inf;
 #pragma unroll
             for (int n = 0; n < S_TILES; ++n) {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    float v = s[n][e] * scale_log2;
-                    if (crosses_diagonal) {
+                    float v = softcap > 0.0f ? tanhf(s[n][e] * cap_in) * cap_out : s[n][e] * scale_log2;
+                    if (crosses_diagonal || crosses_window) {
                         const int kpos = kbase + n * 8 + tq * 2 + (e & 1);
-                        if (kpos > (e < 2 ? qpos0 : qpos1)) v = neg_inf;
+                        const int qpos = e < 2 ? qpos0 : qpos1;
+                        if (kpos > qpos || (window > 0 && kpos <= qpos - window)) v = neg_inf;
                     }
                     s[n][e] = v;
                 }

@@ -794,14 +794,6 @@ impl Backend for CudaBackend {
     }
 
     fn attention(&self, qkv: &CudaTensor, layout: &AttnLayout, ctx: &CudaBatch) -> Result<CudaTensor> {
-        if layout.softcap.is_some() || layout.window.is_some() {
-            // Refused rather than computed without them: the scores would be silently wrong.
-            return Err(EngineError::Backend(
-                "the CUDA attention kernel does not implement Gemma 2's logit soft-capping and sliding window \
-                 yet; serve this model with --device cpu"
-                    .into(),
-            ));
-        }
         if layout.kv_heads == 0 || !layout.heads.is_multiple_of(layout.kv_heads) {
             return Err(EngineError::Backend(format!(
                 "attention: {} query heads cannot share {} KV heads evenly",
@@ -837,7 +829,10 @@ impl Backend for CudaBackend {
             for a in &ints {
                 b.arg(a);
             }
-            b.arg(&layout.scale);
+            // 0 means none in the kernel's ABI.
+            let softcap = layout.softcap.unwrap_or(0.0);
+            let window = int(layout.window.unwrap_or(0), "sliding window")?;
+            b.arg(&layout.scale).arg(&softcap).arg(&window);
             let threads = arbiter_kernels::ATTN_THREADS;
             // SAFETY: ABI of kernels/attention.cu; tiles were built from the same cu_seqlens.
             unsafe { b.launch(cfg((grid(ctx.n_tiles, "tiles")?, grid(layout.heads, "heads")?), threads, kernel.smem)) }
