@@ -6,7 +6,7 @@ use arbiter_engine::config::load_config;
 use arbiter_engine::cpu::CpuBackend;
 use arbiter_engine::demo::write_demo_model;
 use arbiter_engine::text::{
-    ChatTemplate, Input, JinjaTemplate, Message, Preprocessor, PreparedTurns, Role, TextTokenizer, TruncationPolicy,
+    ChatTemplate, Input, JinjaTemplate, Message, PreparedTurns, Preprocessor, Role, TextTokenizer, TruncationPolicy,
     TurnRead,
 };
 use arbiter_engine::{Model, PackedBatch};
@@ -70,7 +70,12 @@ impl Demo {
 
 /// Packs the spine and its turns as the scoring queue does, runs it once, and checks every
 /// scored turn against its stopped conversation prepared and scored alone. Returns the reads.
-fn check_turns(model: &Model<CpuBackend>, pre: &Preprocessor, messages: &[Message], p: &PreparedTurns) -> Vec<TurnRead> {
+fn check_turns(
+    model: &Model<CpuBackend>,
+    pre: &Preprocessor,
+    messages: &[Message],
+    p: &PreparedTurns,
+) -> Vec<TurnRead> {
     let mut batch = PackedBatch::from_sequences(&[&p.spine.ids]).unwrap();
     let mut expected = Vec::new();
     for t in &p.turns {

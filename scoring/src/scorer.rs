@@ -3,7 +3,9 @@
 use std::time::{Duration, Instant};
 
 use arbiter_engine::runtime::LoadedModel;
-use arbiter_engine::text::{validate_roles, Input, Message, Prepared, Role, Truncation, TruncationPolicy, Turn, TurnRead};
+use arbiter_engine::text::{
+    validate_roles, Input, Message, Prepared, Role, Truncation, TruncationPolicy, Turn, TurnRead,
+};
 use arbiter_engine::{RewardWeights, Score};
 
 use crate::error::{Place, QueueError, RequestError, ScoreError};
@@ -346,7 +348,8 @@ async fn finish(model: &LoadedModel, slot: Slot) -> Result<ItemScore, ScoreError
         Slot::Queued(tokens, truncation, weights, rx, turns) => (tokens, truncation, weights, rx, turns),
         Slot::Failed(e) => return Err(e),
     };
-    let received = |r: Result<Result<JobOutput, ScoreError>, _>| r.map_err(|_| ScoreError::Queue(QueueError::EngineStopped))?;
+    let received =
+        |r: Result<Result<JobOutput, ScoreError>, _>| r.map_err(|_| ScoreError::Queue(QueueError::EngineStopped))?;
     let out = received(rx.await)?;
     let head = &model.spec().head;
     let mut branches = out.turns.into_iter();
@@ -354,7 +357,8 @@ async fn finish(model: &LoadedModel, slot: Slot) -> Result<ItemScore, ScoreError
     for t in turn_slots {
         turns.push(match t {
             TurnSlot::Branch(message, tokens) => {
-                let raw = branches.next().ok_or_else(|| ScoreError::Engine("a per-turn branch got no output".into()))?;
+                let raw =
+                    branches.next().ok_or_else(|| ScoreError::Engine("a per-turn branch got no output".into()))?;
                 TurnScore { message, score: Some(Score::from_raw(head, raw, &weights)), tokens, on_spine: true }
             }
             TurnSlot::Alone(message, tokens, rx) => {

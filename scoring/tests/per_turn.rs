@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use arbiter_engine::demo::write_demo_model;
+use arbiter_engine::plan::Parallelism;
 use arbiter_engine::runtime::{LoadOptions, LoadedModel};
 use arbiter_engine::text::{Input, Message, Role, TruncationPolicy};
 use arbiter_scoring::error::Place;
@@ -19,6 +20,11 @@ const REWRITES: &str = "{% for m in messages %}{% set c = m.content %}\
 
 /// The demo model; with `jinja`, its template replaced by that Jinja template.
 fn scorer(dir: &Path, jinja: Option<&str>, max_tokens: Option<usize>) -> Arc<Scorer> {
+    scorer_split(dir, jinja, max_tokens, Parallelism::default())
+}
+
+/// [`scorer`] with the model split across ranks.
+fn scorer_split(dir: &Path, jinja: Option<&str>, max_tokens: Option<usize>, parallel: Parallelism) -> Arc<Scorer> {
     write_demo_model(dir).unwrap();
     if let Some(t) = jinja {
         let cfg_path = dir.join("config.json");
@@ -28,7 +34,7 @@ fn scorer(dir: &Path, jinja: Option<&str>, max_tokens: Option<usize>) -> Arc<Sco
         std::fs::write(dir.join("tokenizer_config.json"), serde_json::json!({ "chat_template": t }).to_string())
             .unwrap();
     }
-    let opts = LoadOptions { max_input_tokens: max_tokens, ..LoadOptions::default() };
+    let opts = LoadOptions { max_input_tokens: max_tokens, parallel, ..LoadOptions::default() };
     let model = LoadedModel::load(dir, &opts).unwrap();
     let batch = BatchConfig { max_batch_tokens: 4096, ..BatchConfig::default() };
     Arc::new(Scorer::start(model, ScorerConfig { batch, tokenization_workers: 2 }, None).unwrap())
@@ -54,7 +60,11 @@ fn per_turn(messages: Vec<Message>, truncation: TruncationPolicy) -> Item {
 
 /// Scores `messages` per turn next to ordinary items, then every stopped conversation as an
 /// ordinary item, and compares bits. Returns which turns were branches of the conversation.
-async fn per_turn_equals_stopped_conversations(s: &Scorer, messages: &[Message], policy: TruncationPolicy) -> Vec<bool> {
+async fn per_turn_equals_stopped_conversations(
+    s: &Scorer,
+    messages: &[Message],
+    policy: TruncationPolicy,
+) -> Vec<bool> {
     // Ordinary items that start like the conversation, so the queue would group them with it.
     let mut items: Vec<Item> = (1..4).map(|k| Item::new(Input::Messages(conversation(k)), policy)).collect();
     items.insert(1, per_turn(messages.to_vec(), policy));
@@ -130,4 +140,26 @@ async fn per_turn_needs_messages_and_names_the_item() {
     assert_eq!(e.place, Place::Item(1));
     assert!(matches!(&e.error, ScoreError::Invalid(m) if m.contains("per_turn")), "{e}");
     s.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tensor_and_pipeline_parallel_turns_equal_their_stopped_conversations() {
+    let messages = conversation(3);
+    let one = tempfile::tempdir().unwrap();
+    let unsplit = scorer(one.path(), None, None);
+    let item = || vec![per_turn(messages.clone(), TruncationPolicy::Error)];
+    let want = unsplit.score(item(), Options::default()).await.unwrap().items.remove(0);
+    unsplit.shutdown();
+    for (tp, pp) in [(2, 1), (1, 2), (2, 2)] {
+        let dir = tempfile::tempdir().unwrap();
+        let s = scorer_split(dir.path(), None, None, Parallelism { tp, pp });
+        let on_spine = per_turn_equals_stopped_conversations(&s, &messages, TruncationPolicy::Error).await;
+        assert_eq!(on_spine, [true; 3], "tp{tp} pp{pp}");
+        if tp == 1 {
+            // Pipeline stages split no reduction: the unsplit model's bits.
+            let got = s.score(item(), Options::default()).await.unwrap().items.remove(0);
+            assert_eq!(got.turns, want.turns, "pp{pp}");
+        }
+        s.shutdown();
+    }
 }

@@ -356,7 +356,8 @@ impl Preprocessor {
         // makes the rendering longer, so the fewest pairs that fit are found by bisection.
         let head = usize::from(messages[0].role == Role::System);
         let pairs = (messages.len() - head - 2) / 2;
-        let kept = |k: usize| -> Vec<Message> { messages[..head].iter().chain(&messages[head + 2 * k..]).cloned().collect() };
+        let kept =
+            |k: usize| -> Vec<Message> { messages[..head].iter().chain(&messages[head + 2 * k..]).cloned().collect() };
         let with_dropped = |k: usize| -> Result<(String, Vec<u32>)> { self.render(&kept(k)) };
         let protected = with_dropped(pairs)?;
         if protected.1.len() > self.max_tokens {
