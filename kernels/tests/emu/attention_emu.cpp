@@ -38,6 +38,9 @@ struct Case {
     bool reverse_tiles;
     // Per segment, the earlier segment whose rows are its shared prefix, or -1 (empty: none).
     std::vector<int> parents = {};
+    // Per segment, how many of its parent's rows it continues, or -1 for all of them (empty: all).
+    // A per-turn branch sees its conversation only up to its turn's end.
+    std::vector<int> seen = {};
 };
 
 bool poison_exact() {
@@ -74,7 +77,8 @@ int run_case(const Case& c, std::mt19937& rng) {
     for (size_t s = 0; s < c.parents.size(); ++s) {
         if (c.parents[s] >= 0) {
             prefix[2 * s] = cu[c.parents[s]];
-            prefix[2 * s + 1] = c.lens[c.parents[s]];
+            const bool part = s < c.seen.size() && c.seen[s] >= 0;
+            prefix[2 * s + 1] = part ? c.seen[s] : c.lens[c.parents[s]];
         }
     }
     // Packed row of position j of segment s's full sequence.
@@ -228,6 +232,12 @@ int main() {
         // plain sequence between them.
         {"shared prefix 100: 1,70,130 + 5", {100, 1, 70, 130, 5}, 4, 2, 0, false, {-1, 0, 0, 0, -1}},
         {"shared prefix 7, reversed: 64,3 + 20", {20, 7, 64, 3}, 4, 1, 4, true, {-1, -1, 1, 1}},
+        // Per-turn branches: a 300-row conversation and branches of 1-3 closing tokens that see
+        // only its first 1, 63, 64, 65, 130 and 299 rows (ASan poisons the rows they must not
+        // read); the whole conversation's own queries sit between them.
+        {"per-turn: 300 seen 1,63,64,65,130,299", {300, 1, 2, 3, 1, 2, 3}, 4, 2, 0, false, {-1, 0, 0, 0, 0, 0, 0},
+         {-1, 1, 63, 64, 65, 130, 299}},
+        {"per-turn, reversed, unaligned: seen 7,70", {90, 3, 1}, 4, 1, 4, true, {-1, 0, 0}, {-1, 7, 70}},
     };
     int failures = 0;
     for (const Case& c : cases) failures += run_case(c, rng);
