@@ -143,9 +143,10 @@ impl Job {
         self
     }
 
-    /// Tokens the job adds to a batch.
+    /// Tokens the job adds to a batch when it shares nothing: its ids and its branches' closing
+    /// ids.
     pub fn tokens(&self) -> usize {
-        self.ids.len()
+        self.ids.len() + self.branch_tokens()
     }
 }
 

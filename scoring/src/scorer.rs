@@ -139,7 +139,7 @@ enum Slot {
 
 /// Where one turn's output will come.
 enum TurnSlot {
-    /// The next of the item's job's branch outputs.
+    /// The next of the item's job's branch outputs: message index, tokens.
     Branch(usize, usize),
     /// Its own job: message index, tokens, receiver.
     Alone(usize, usize, Reply),
