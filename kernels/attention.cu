@@ -239,7 +239,8 @@ extern "C" __global__ void __launch_bounds__(ARB_ATTN_THREADS, 2)
     const int n_kv_tiles = (kv_limit + BN - 1) / BN;
     // With a window, the block's first query (position p_len + q0) sees nothing before
     // p_len + q0 - window + 1, and later queries see even less of the start: begin at that tile.
-    const int j0 = window > 0 ? max(0, p_len + q0 - window + 1) / BN : 0;
+    const int first_seen = p_len + q0 - window + 1;
+    const int j0 = window > 0 && first_seen > 0 ? first_seen / BN : 0;
 
     const int g = h / (heads / kv_heads);
     const int q_col = h * D;

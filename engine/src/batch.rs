@@ -8,6 +8,11 @@
 //! candidate's remaining tokens a child of it. Items are what the caller reads: each item names
 //! the packed row whose hidden state is scored, so an item whose ids equal a shared prefix reads
 //! the prefix's last row.
+//!
+//! A child may also see only the first rows of its parent (`seen`): a per-turn score of a
+//! conversation is a short branch (the template's closing tokens) that continues the conversation
+//! right after one turn, while the conversation itself goes on in the parent. Its positions start
+//! at that turn's end, and its tokens attend to exactly the parent rows before it.
 
 use std::ops::Range;
 
@@ -22,6 +27,8 @@ pub struct PackedBatch {
     /// The segment each segment continues; always an earlier one, so the packing order is a
     /// valid order to compute them in.
     parents: Vec<Option<usize>>,
+    /// Per segment, how many of its parent's rows it continues (0 for a root).
+    seen: Vec<usize>,
     /// Position (within its full sequence) of each segment's first token.
     first_positions: Vec<usize>,
     /// Per item, the packed row its outputs are read at.
@@ -41,6 +48,7 @@ impl PackedBatch {
             tokens: Vec::new(),
             cu_seqlens: vec![0],
             parents: Vec::new(),
+            seen: Vec::new(),
             first_positions: Vec::new(),
             reads: Vec::new(),
         }
@@ -90,13 +98,33 @@ impl PackedBatch {
     /// Appends a segment continuing `parent` (an earlier segment), or a new sequence for `None`,
     /// and returns its index. Reads nothing by itself: add items with [`PackedBatch::push_item`].
     pub fn push_segment(&mut self, parent: Option<usize>, tokens: &[u32]) -> Result<usize> {
+        match parent {
+            Some(p) if p < self.segments() => self.push_segment_after(p, self.segment(p).len(), tokens),
+            _ => self.push_segment_after_rows(parent, 0, tokens),
+        }
+    }
+
+    /// Appends a segment that continues the first `seen` rows of segment `parent` (an earlier
+    /// one; `1..=` its length) and returns its index: its positions start right after those rows
+    /// and it attends to them, not to the parent's later rows.
+    pub fn push_segment_after(&mut self, parent: usize, seen: usize, tokens: &[u32]) -> Result<usize> {
+        self.push_segment_after_rows(Some(parent), seen, tokens)
+    }
+
+    fn push_segment_after_rows(&mut self, parent: Option<usize>, seen: usize, tokens: &[u32]) -> Result<usize> {
         let s = self.segments();
         if tokens.is_empty() {
             return Err(EngineError::InvalidBatch(format!("segment {s} is empty")));
         }
         let first = match parent {
             None => 0,
-            Some(p) if p < s => self.first_positions[p] + self.segment(p).len(),
+            Some(p) if p < s && (1..=self.segment(p).len()).contains(&seen) => self.first_positions[p] + seen,
+            Some(p) if p < s => {
+                return Err(EngineError::InvalidBatch(format!(
+                    "segment {s} continues {seen} rows of segment {p}, which has {}",
+                    self.segment(p).len()
+                )))
+            }
             Some(p) => {
                 return Err(EngineError::InvalidBatch(format!(
                     "segment {s} continues segment {p}, which does not come before it"
@@ -106,8 +134,39 @@ impl PackedBatch {
         self.tokens.extend_from_slice(tokens);
         self.cu_seqlens.push(self.tokens.len());
         self.parents.push(parent);
+        self.seen.push(if parent.is_some() { seen } else { 0 });
         self.first_positions.push(first);
         Ok(s)
+    }
+
+    /// Adds an item whose sequence is the first `seen` tokens of item `item`'s sequence followed
+    /// by `tokens`: a branch off that item's rows (a per-turn score: the conversation up to a
+    /// turn's end, then the template's closing tokens). With no `tokens` it reads row `seen - 1`
+    /// of the item. Returns the new item's index.
+    pub fn push_continuation(&mut self, item: usize, seen: usize, tokens: &[u32]) -> Result<usize> {
+        let n = self.len();
+        let len = self.reads.get(item).map(|_| self.item_len(item)).ok_or_else(|| {
+            EngineError::InvalidBatch(format!("item {n} continues item {item}, which does not exist"))
+        })?;
+        if !(1..=len).contains(&seen) {
+            return Err(EngineError::InvalidBatch(format!(
+                "item {n} continues {seen} tokens of item {item}, which has {len}"
+            )));
+        }
+        // The segment of the item's chain that holds its position `seen - 1`.
+        let mut s = self.segment_of(self.reads[item]);
+        while self.first_positions[s] >= seen {
+            s = self.parents[s].expect("a root starts at position 0, below seen");
+        }
+        let rows = seen - self.first_positions[s];
+        let row = if tokens.is_empty() {
+            self.segment(s).start + rows - 1
+        } else {
+            let c = self.push_segment_after(s, rows, tokens)?;
+            self.segment(c).end - 1
+        };
+        self.push_item(row)?;
+        Ok(n)
     }
 
     /// Adds an item read at packed row `row`: its sequence is that row's segment's ancestors and
@@ -194,14 +253,21 @@ impl PackedBatch {
         self.first_positions[s]
     }
 
+    /// How many of its parent's rows segment `s` continues (0 for a root).
+    pub fn seen(&self, s: usize) -> usize {
+        self.seen[s]
+    }
+
     /// The rows that segment `s`'s tokens attend to before their own segment: each ancestor's
-    /// rows, root first, which is their order in the unshared sequence.
+    /// rows as far as the chain sees them, root first, which is their order in the unshared
+    /// sequence.
     pub fn ancestor_rows(&self, s: usize) -> Vec<Range<usize>> {
         let mut chain = Vec::new();
-        let mut at = self.parents[s];
-        while let Some(p) = at {
-            chain.push(self.segment(p));
-            at = self.parents[p];
+        let mut at = s;
+        while let Some(p) = self.parents[at] {
+            let start = self.segment(p).start;
+            chain.push(start..start + self.seen[at]);
+            at = p;
         }
         chain.reverse();
         chain
@@ -318,6 +384,36 @@ mod tests {
         assert_eq!(b.ancestor_rows(leaf), vec![0..2, 2..3]);
         assert_eq!(b.positions(), vec![0, 1, 2, 3, 4]);
         assert_eq!(b.item_tokens(0), [1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn continuations_see_only_the_rows_before_them() {
+        // A conversation of 6 tokens with turn ends after 2 and 5 tokens, and its closing token 9.
+        let mut b = PackedBatch::new();
+        b.push_group(&[1, 2, 3], &[vec![4, 5, 6]]).unwrap();
+        assert_eq!(b.push_continuation(0, 2, &[9]).unwrap(), 1);
+        assert_eq!(b.push_continuation(0, 5, &[9, 9]).unwrap(), 2);
+        // No closing tokens: the item reads the conversation's own row.
+        assert_eq!(b.push_continuation(0, 4, &[]).unwrap(), 3);
+        assert_eq!(b.item_tokens(1), [1, 2, 9]);
+        assert_eq!(b.item_tokens(2), [1, 2, 3, 4, 5, 9, 9]);
+        assert_eq!(b.item_tokens(3), [1, 2, 3, 4]);
+        assert_eq!(b.read_rows()[3], 3);
+        // The first branch continues 2 rows of the root, the second 2 rows of the child.
+        assert_eq!(b.ancestor_rows(2), vec![0..2]);
+        assert_eq!(b.ancestor_rows(3), vec![0..3, 3..5]);
+        assert_eq!((b.seen(2), b.seen(3)), (2, 2));
+        assert_eq!(b.positions(), vec![0, 1, 2, 3, 4, 5, 2, 5, 6]);
+        assert_eq!(b.item_len(2), 7);
+        let flat = b.unshared();
+        assert_eq!(flat.item_tokens(2), [1, 2, 3, 4, 5, 9, 9]);
+        assert!(!flat.is_shared());
+        let e = b.push_continuation(1, 4, &[1]).unwrap_err().to_string();
+        assert!(e.contains("item 4 continues 4 tokens of item 1, which has 3"), "{e}");
+        let e = b.push_continuation(9, 1, &[1]).unwrap_err().to_string();
+        assert!(e.contains("item 4 continues item 9, which does not exist"), "{e}");
+        let e = b.push_segment_after(0, 0, &[1]).unwrap_err().to_string();
+        assert!(e.contains("continues 0 rows of segment 0, which has 3"), "{e}");
     }
 
     #[test]

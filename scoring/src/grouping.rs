@@ -67,16 +67,19 @@ impl Plan {
     }
 
     /// The cheapest place for a job with ids `ids` (of Rank request `request`); `ids_of(i)`
-    /// gives the ids of the batch's job `i`. `min_shared` `None` turns sharing off.
+    /// gives the ids of the batch's job `i`. `min_shared` `None` turns sharing off; a `solo` job
+    /// (one with per-turn branches) shares with nobody, so that its tree stays two levels deep,
+    /// the depth the CUDA attention kernel shares.
     pub fn place<'a>(
         &self,
         ids: &[u32],
         request: Option<u64>,
         min_shared: Option<usize>,
+        solo: bool,
         ids_of: impl Fn(usize) -> &'a [u32],
     ) -> Placement {
         let alone = Placement { group: None, cost: ids.len() };
-        let Some(min) = min_shared else { return alone };
+        let Some(min) = min_shared.filter(|_| !solo) else { return alone };
         let mut best = alone;
         for (g, group) in self.groups.iter().enumerate() {
             let common = common_prefix(&ids_of(group.first)[..group.prefix], ids);
@@ -92,12 +95,14 @@ impl Plan {
         best
     }
 
-    /// Adds the batch's job `job` (ids `ids`, Rank request `request`) where `at` says.
+    /// Adds the batch's job `job` (ids `ids`, Rank request `request`, `solo` as for
+    /// [`Plan::place`]) where `at` says.
     pub fn add<'a>(
         &mut self,
         job: usize,
         ids: &[u32],
         request: Option<u64>,
+        solo: bool,
         at: Placement,
         ids_of: impl Fn(usize) -> &'a [u32],
     ) {
@@ -109,7 +114,9 @@ impl Plan {
                 group.total += ids.len();
             }
             None => {
-                self.groups.push(Group { first: job, prefix: ids.len(), members: vec![job], total: ids.len(), request })
+                // A solo job's group has no prefix to offer, so nobody joins it.
+                let prefix = if solo { 0 } else { ids.len() };
+                self.groups.push(Group { first: job, prefix, members: vec![job], total: ids.len(), request })
             }
         }
         self.computed += at.cost;
@@ -147,6 +154,9 @@ pub struct Packed {
     pub batch: PackedBatch,
     /// Output `k` of the engine belongs to job `order[k]`.
     pub order: Vec<usize>,
+    /// Then output `order.len() + k` is a per-turn branch of job `branch_of[k]` (a job's
+    /// branches in its order).
+    pub branch_of: Vec<usize>,
     /// Groups of two or more jobs that compute a prefix once.
     pub groups: usize,
 }
@@ -157,10 +167,19 @@ pub struct Packed {
 pub fn pack(jobs: &[Job], shared_prefix_min: Option<usize>, spec: &ModelSpec) -> arbiter_engine::Result<Packed> {
     let mut plan = Plan::default();
     for (i, j) in jobs.iter().enumerate() {
-        let at = plan.place(&j.ids, j.request, shared_prefix_min, |k| &jobs[k].ids);
-        plan.add(i, &j.ids, j.request, at, |k| &jobs[k].ids);
+        let at = plan.place(&j.ids, j.request, shared_prefix_min, j.is_solo(), |k| &jobs[k].ids);
+        plan.add(i, &j.ids, j.request, j.is_solo(), at, |k| &jobs[k].ids);
     }
     let (mut batch, order, groups) = plan.pack(|k| &jobs[k].ids)?;
+    // Per-turn branches continue their job's item (its whole sequence), after every job's own read.
+    let mut branch_of = Vec::new();
+    for (item, &k) in order.iter().enumerate() {
+        for (seen, closing) in &jobs[k].branches {
+            batch.push_continuation(item, *seen, closing)?;
+            branch_of.push(k);
+        }
+    }
+    // Each job's own item reads where the model reads its score.
     for (item, &job) in order.iter().enumerate() {
         let ids = &jobs[job].ids;
         let offset = spec.read_offset(ids);
@@ -168,7 +187,7 @@ pub fn pack(jobs: &[Job], shared_prefix_min: Option<usize>, spec: &ModelSpec) ->
             batch.read_at(item, offset)?;
         }
     }
-    Ok(Packed { batch, order, groups })
+    Ok(Packed { batch, order, branch_of, groups })
 }
 
 #[cfg(test)]
@@ -178,8 +197,8 @@ mod tests {
     fn plan(seqs: &[(Vec<u32>, Option<u64>)], min: Option<usize>) -> Plan {
         let mut p = Plan::default();
         for (i, (ids, req)) in seqs.iter().enumerate() {
-            let at = p.place(ids, *req, min, |j| seqs[j].0.as_slice());
-            p.add(i, ids, *req, at, |j| seqs[j].0.as_slice());
+            let at = p.place(ids, *req, min, false, |j| seqs[j].0.as_slice());
+            p.add(i, ids, *req, false, at, |j| seqs[j].0.as_slice());
         }
         p
     }
@@ -229,6 +248,22 @@ mod tests {
         assert_eq!(p.computed(), 70 + 50 + 45 + 10);
         let (batch, _, _) = p.pack(|j| seqs[j].0.as_slice()).unwrap();
         assert_eq!(batch.tokens().len(), p.computed());
+    }
+
+    #[test]
+    fn a_job_with_per_turn_branches_shares_with_nobody_and_its_branches_come_last() {
+        let spine = seq(7, 100, &[1, 2, 3]);
+        let (a, _ra) = Job::new(seq(7, 100, &[9]), None);
+        let (b, _rb) = Job::new(spine.clone(), None);
+        let b = b.with_branches(vec![(50, vec![4]), (103, vec![])]);
+        let (c, _rc) = Job::new(seq(7, 100, &[8]), None);
+        let p = pack(&[a, b, c], Some(64), &spec(None)).unwrap();
+        // a and c share their 100 tokens; b computes its own, then one closing token.
+        assert_eq!((p.order.clone(), p.branch_of.clone(), p.groups), (vec![0, 2, 1], vec![1, 1], 1));
+        assert_eq!(p.batch.tokens().len(), 100 + 1 + 1 + 103 + 1);
+        assert_eq!(p.batch.item_tokens(2), spine);
+        assert_eq!(p.batch.item_tokens(3), seq(7, 50, &[4]));
+        assert_eq!(p.batch.item_tokens(4), spine, "a branch without closing tokens reads the spine");
     }
 
     // The queue's use of the grouping: budget and fairness of `take_batch`.

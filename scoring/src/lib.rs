@@ -30,4 +30,4 @@ pub mod scorer;
 
 pub use error::{QueueError, RequestError, ScoreError};
 pub use queue::BatchConfig;
-pub use scorer::{Item, ItemScore, Options, Ranked, Scored, Scorer, ScorerConfig};
+pub use scorer::{Item, ItemScore, Options, Ranked, Scored, Scorer, ScorerConfig, TurnScore};

@@ -71,6 +71,8 @@ impl Default for BatchConfig {
 pub struct JobOutput {
     /// Raw head outputs at the job's read row.
     pub raw: Vec<f32>,
+    /// Raw head outputs of its per-turn branches, in their order (empty without any).
+    pub turns: Vec<Vec<f32>>,
     /// Time spent in the queue.
     pub queue: Duration,
     /// Forward time of the batch that held it.
@@ -80,10 +82,12 @@ pub struct JobOutput {
 /// Where a job's result goes; a dropped receiver means its caller went away.
 pub type Reply = oneshot::Receiver<Result<JobOutput, ScoreError>>;
 
-/// One sequence waiting to be scored.
+/// One sequence waiting to be scored, with the per-turn branches read off it.
 #[derive(Debug)]
 pub struct Job {
     pub(crate) ids: Vec<u32>,
+    /// Per-turn branches: the first `seen` ids, then these closing ids.
+    pub(crate) branches: Vec<(usize, Vec<u32>)>,
     reply: oneshot::Sender<Result<JobOutput, ScoreError>>,
     deadline: Option<Instant>,
     enqueued: Instant,
@@ -97,7 +101,39 @@ impl Job {
     /// A job for the (validated) token ids `ids`, and the receiver of its result.
     pub fn new(ids: Vec<u32>, deadline: Option<Instant>) -> (Self, Reply) {
         let (tx, rx) = oneshot::channel();
-        (Job { ids, reply: tx, deadline, enqueued: Instant::now(), request: None, overtaken: false }, rx)
+        let job = Job {
+            ids,
+            branches: Vec::new(),
+            reply: tx,
+            deadline,
+            enqueued: Instant::now(),
+            request: None,
+            overtaken: false,
+        };
+        (job, rx)
+    }
+
+    /// Adds per-turn branches, each the job's first `seen` ids (`1..=` its length) followed by
+    /// closing ids, computed in the job's batch off its rows; their outputs come in
+    /// [`JobOutput::turns`]. Such a job shares its rows with no other job.
+    pub fn with_branches(mut self, branches: Vec<(usize, Vec<u32>)>) -> Self {
+        self.branches = branches;
+        self
+    }
+
+    /// Whether it keeps its rows to itself (it has branches).
+    pub(crate) fn is_solo(&self) -> bool {
+        !self.branches.is_empty()
+    }
+
+    /// Tokens its branches add to a batch.
+    fn branch_tokens(&self) -> usize {
+        self.branches.iter().map(|(_, c)| c.len()).sum()
+    }
+
+    /// Tokens of all its reads' full sequences: what it would compute with nothing shared.
+    fn full_tokens(&self) -> usize {
+        self.ids.len() + self.branches.iter().map(|(seen, c)| seen + c.len()).sum::<usize>()
     }
 
     /// Marks the job a candidate of Rank request `request` (an id unique among live requests):
@@ -107,9 +143,10 @@ impl Job {
         self
     }
 
-    /// Tokens the job adds to a batch.
+    /// Tokens the job adds to a batch when it shares nothing: its ids and its branches' closing
+    /// ids.
     pub fn tokens(&self) -> usize {
-        self.ids.len()
+        self.ids.len() + self.branch_tokens()
     }
 }
 
@@ -293,14 +330,15 @@ pub(crate) fn take_batch(queue: &mut VecDeque<Job>, cfg: &BatchConfig) -> Vec<Jo
             counter!(m::DROPPED, "reason" => "cancelled").increment(1);
             continue;
         }
-        let at = plan.place(&front.ids, front.request, cfg.shared_prefix_min, |k| &batch[k].ids);
+        let mut at = plan.place(&front.ids, front.request, cfg.shared_prefix_min, front.is_solo(), |k| &batch[k].ids);
+        at.cost += front.branch_tokens();
         if !batch.is_empty()
             && (plan.computed() + at.cost > cfg.max_batch_tokens || batch.len() >= cfg.max_batch_requests)
         {
             break;
         }
         let job = queue.pop_front().expect("front exists");
-        plan.add(batch.len(), &job.ids, job.request, at, |k| &batch[k].ids);
+        plan.add(batch.len(), &job.ids, job.request, job.is_solo(), at, |k| &batch[k].ids);
         batch.push(job);
     }
     if cfg.shared_prefix_min.is_none() {
@@ -309,11 +347,11 @@ pub(crate) fn take_batch(queue: &mut VecDeque<Job>, cfg: &BatchConfig) -> Vec<Jo
     let (mut k, mut passed) = (0, Vec::new());
     while k < queue.len().min(LOOK_AHEAD) && batch.len() < cfg.max_batch_requests {
         let job = &queue[k];
-        let at = plan.place(&job.ids, job.request, cfg.shared_prefix_min, |i| &batch[i].ids);
+        let at = plan.place(&job.ids, job.request, cfg.shared_prefix_min, job.is_solo(), |i| &batch[i].ids);
         let live = !job.reply.is_closed() && job.deadline.is_none_or(|d| d > now);
         if live && at.group.is_some() && plan.computed() + at.cost <= cfg.max_batch_tokens {
             let job = queue.remove(k).expect("index is inside the queue");
-            plan.add(batch.len(), &job.ids, job.request, at, |i| &batch[i].ids);
+            plan.add(batch.len(), &job.ids, job.request, false, at, |i| &batch[i].ids);
             batch.push(job);
             for i in passed.drain(..) {
                 let passed_over: &mut Job = &mut queue[i];
@@ -332,21 +370,28 @@ pub(crate) fn take_batch(queue: &mut VecDeque<Job>, cfg: &BatchConfig) -> Vec<Jo
 
 fn run_batch(engine: &dyn Engine, batch: Vec<Job>, shared_prefix_min: Option<usize>) {
     let start = Instant::now();
-    let tokens: usize = batch.iter().map(Job::tokens).sum();
+    let tokens: usize = batch.iter().map(Job::full_tokens).sum();
     let packed = pack(&batch, shared_prefix_min, engine.spec()).map_err(ScoreError::from_engine);
     let computed = packed.as_ref().map_or(tokens, |p| p.batch.tokens().len());
     let result = packed.and_then(|p| match catch_unwind(AssertUnwindSafe(|| engine.forward(&p.batch))) {
-        Ok(Ok(raws)) if raws.len() == p.order.len() => {
-            // Back to job order: the engine answers in the packed batch's item order.
-            let mut by_job = vec![Vec::new(); raws.len()];
-            for (k, raw) in p.order.iter().zip(raws) {
-                by_job[*k] = raw;
+        Ok(Ok(raws)) if raws.len() == p.order.len() + p.branch_of.len() => {
+            // Back to job order: the engine answers in the packed batch's item order, each job's
+            // own read first, then the per-turn branches.
+            let mut by_job = vec![(Vec::new(), Vec::new()); p.order.len()];
+            let mut raws = raws.into_iter();
+            for (&k, raw) in p.order.iter().zip(raws.by_ref()) {
+                by_job[k].0 = raw;
+            }
+            for (&k, raw) in p.branch_of.iter().zip(raws) {
+                by_job[k].1.push(raw);
             }
             Ok((by_job, p.groups))
         }
-        Ok(Ok(raws)) => {
-            Err(ScoreError::Engine(format!("the engine returned {} outputs for {} jobs", raws.len(), p.order.len())))
-        }
+        Ok(Ok(raws)) => Err(ScoreError::Engine(format!(
+            "the engine returned {} outputs for {} reads",
+            raws.len(),
+            p.order.len() + p.branch_of.len()
+        ))),
         Ok(Err(e)) => Err(ScoreError::from_engine(e)),
         Err(panic) => Err(ScoreError::Panicked(panic_message(panic.as_ref()))),
     });
@@ -360,10 +405,10 @@ fn run_batch(engine: &dyn Engine, batch: Vec<Job>, shared_prefix_min: Option<usi
             counter!(m::TOKENS).increment(tokens as u64);
             counter!(m::PREFIX_TOKENS_SAVED).increment(tokens.saturating_sub(computed) as u64);
             counter!(m::PREFIX_GROUPS).increment(groups as u64);
-            for (job, raw) in batch.into_iter().zip(raws) {
+            for (job, (raw, turns)) in batch.into_iter().zip(raws) {
                 let queue = start.saturating_duration_since(job.enqueued);
                 histogram!(m::QUEUE_SECONDS).record(queue.as_secs_f64());
-                job.reply.send(Ok(JobOutput { raw, queue, inference })).ok();
+                job.reply.send(Ok(JobOutput { raw, turns, queue, inference })).ok();
             }
         }
         Err(e) => {

@@ -3,12 +3,14 @@
 use std::time::{Duration, Instant};
 
 use arbiter_engine::runtime::LoadedModel;
-use arbiter_engine::text::{validate_roles, Input, Message, Prepared, Role, Truncation, TruncationPolicy};
+use arbiter_engine::text::{
+    validate_roles, Input, Message, Prepared, Role, Truncation, TruncationPolicy, Turn, TurnRead,
+};
 use arbiter_engine::{RewardWeights, Score};
 
 use crate::error::{Place, QueueError, RequestError, ScoreError};
 use crate::metrics as m;
-use crate::queue::{BatchConfig, Job, OnFatal, Queue, Reply};
+use crate::queue::{BatchConfig, Job, JobOutput, OnFatal, Queue, Reply};
 
 /// How a scorer batches and prepares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,13 +37,31 @@ pub struct Item {
     pub truncation: TruncationPolicy,
     /// Weights combining its attributes into the reward (`None`: the model's defaults).
     pub weights: Option<RewardWeights>,
+    /// Also score the conversation after every assistant turn ([`ItemScore::turns`]), in the
+    /// same pass (docs/per-turn.md). Only for messages.
+    pub per_turn: bool,
 }
 
 impl Item {
     /// An item scored with the model's default reward weights.
     pub fn new(input: Input, truncation: TruncationPolicy) -> Self {
-        Item { input, truncation, weights: None }
+        Item { input, truncation, weights: None, per_turn: false }
     }
+}
+
+/// The score after one assistant turn of a per-turn item: the conversation (as truncation left
+/// it) stopped at that turn, scored exactly as that conversation alone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TurnScore {
+    /// Index of the turn's message in the item's messages.
+    pub message: usize,
+    /// Its score; `None` when truncation cut the turn away.
+    pub score: Option<Score>,
+    /// Tokens of the conversation stopped at the turn (0 when cut away).
+    pub tokens: usize,
+    /// Computed as a branch of the whole conversation; `false`: as its own sequence (the template
+    /// renders the stopped conversation differently) or not at all.
+    pub on_spine: bool,
 }
 
 /// The score of one item.
@@ -57,6 +77,9 @@ pub struct ItemScore {
     pub queue: Duration,
     /// Forward time of the batch that held it.
     pub inference: Duration,
+    /// Per-turn items: one per assistant turn, in order (the last is the item's own score);
+    /// empty otherwise.
+    pub turns: Vec<TurnScore>,
 }
 
 /// Every item of a request scored, in input order.
@@ -104,14 +127,24 @@ impl std::fmt::Debug for Scorer {
     }
 }
 
-/// An item prepared for the engine, with its weights, or why it cannot be.
-type PreparedItem = Result<(Prepared, RewardWeights), ScoreError>;
+/// An item prepared for the engine, with its weights and its per-turn reads, or why it cannot be.
+type PreparedItem = Result<(Prepared, RewardWeights, Vec<Turn>), ScoreError>;
 
 /// An item prepared and queued, or already failed.
 enum Slot {
-    /// Tokens, what truncation did, the weights, and where the output will come.
-    Queued(usize, Truncation, RewardWeights, Reply),
+    /// Tokens, what truncation did, the weights, where the output will come, and its turns.
+    Queued(usize, Truncation, RewardWeights, Reply, Vec<TurnSlot>),
     Failed(ScoreError),
+}
+
+/// Where one turn's output will come.
+enum TurnSlot {
+    /// The next of the item's job's branch outputs: message index, tokens.
+    Branch(usize, usize),
+    /// Its own job: message index, tokens, receiver.
+    Alone(usize, usize, Reply),
+    /// No score: the message index.
+    CutAway(usize),
 }
 
 impl Scorer {
@@ -215,7 +248,7 @@ impl Scorer {
             .map(|c| {
                 let mut conv = prompt.clone();
                 conv.push(Message::new(Role::Assistant, c));
-                Item { input: Input::Messages(conv), truncation, weights: weights.clone() }
+                Item { input: Input::Messages(conv), truncation, weights: weights.clone(), per_turn: false }
             })
             .collect();
         let request = self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -239,7 +272,17 @@ impl Scorer {
                 .into_par_iter()
                 .map(|it| {
                     let weights = it.weights.unwrap_or_else(|| RewardWeights::defaults(&head));
-                    pre.prepare(&it.input, it.truncation).map(|p| (p, weights)).map_err(ScoreError::from_engine)
+                    let prepared = match (&it.input, it.per_turn) {
+                        (_, false) => pre.prepare(&it.input, it.truncation).map(|p| (p, Vec::new())),
+                        (Input::Messages(m), true) => pre.prepare_turns(m, it.truncation).map(|t| (t.spine, t.turns)),
+                        (_, true) => {
+                            return Err(ScoreError::Invalid(
+                                "per_turn scores the turns of a conversation: send messages, not text or token ids"
+                                    .into(),
+                            ))
+                        }
+                    };
+                    prepared.map(|(p, turns)| (p, weights, turns)).map_err(ScoreError::from_engine)
                 })
                 .collect();
             tx.send(prepared).ok();
@@ -262,14 +305,30 @@ impl Scorer {
         let slots: Vec<Slot> = prepared
             .into_iter()
             .map(|r| match r {
-                Ok((p, w)) => {
+                Ok((p, w, turns)) => {
                     let (tokens, truncation) = (p.ids.len(), p.truncation);
+                    let (mut branches, mut slots) = (Vec::new(), Vec::new());
+                    for t in turns {
+                        let n = t.tokens();
+                        slots.push(match t.read {
+                            TurnRead::Spine { seen, closing } => {
+                                branches.push((seen, closing));
+                                TurnSlot::Branch(t.message, n)
+                            }
+                            TurnRead::Alone(ids) => {
+                                let (job, rx) = Job::new(ids, opts.deadline);
+                                jobs.push(job);
+                                TurnSlot::Alone(t.message, n, rx)
+                            }
+                            TurnRead::CutAway => TurnSlot::CutAway(t.message),
+                        });
+                    }
                     let (job, rx) = Job::new(p.ids, opts.deadline);
                     jobs.push(match request {
                         Some(r) => job.candidate_of(r),
-                        None => job,
+                        None => job.with_branches(branches),
                     });
-                    Slot::Queued(tokens, truncation, w, rx)
+                    Slot::Queued(tokens, truncation, w, rx, slots)
                 }
                 Err(e) => Slot::Failed(e),
             })
@@ -285,17 +344,37 @@ impl Scorer {
 
 /// Waits for a queued item's output and turns it into its score.
 async fn finish(model: &LoadedModel, slot: Slot) -> Result<ItemScore, ScoreError> {
-    let (tokens, truncation, weights, rx) = match slot {
-        Slot::Queued(tokens, truncation, weights, rx) => (tokens, truncation, weights, rx),
+    let (tokens, truncation, weights, rx, turn_slots) = match slot {
+        Slot::Queued(tokens, truncation, weights, rx, turns) => (tokens, truncation, weights, rx, turns),
         Slot::Failed(e) => return Err(e),
     };
-    let out = rx.await.map_err(|_| ScoreError::Queue(QueueError::EngineStopped))??;
+    let received =
+        |r: Result<Result<JobOutput, ScoreError>, _>| r.map_err(|_| ScoreError::Queue(QueueError::EngineStopped))?;
+    let out = received(rx.await)?;
+    let head = &model.spec().head;
+    let mut branches = out.turns.into_iter();
+    let mut turns = Vec::with_capacity(turn_slots.len());
+    for t in turn_slots {
+        turns.push(match t {
+            TurnSlot::Branch(message, tokens) => {
+                let raw =
+                    branches.next().ok_or_else(|| ScoreError::Engine("a per-turn branch got no output".into()))?;
+                TurnScore { message, score: Some(Score::from_raw(head, raw, &weights)), tokens, on_spine: true }
+            }
+            TurnSlot::Alone(message, tokens, rx) => {
+                let raw = received(rx.await)?.raw;
+                TurnScore { message, score: Some(Score::from_raw(head, raw, &weights)), tokens, on_spine: false }
+            }
+            TurnSlot::CutAway(message) => TurnScore { message, score: None, tokens: 0, on_spine: false },
+        });
+    }
     Ok(ItemScore {
-        score: Score::from_raw(&model.spec().head, out.raw, &weights),
+        score: Score::from_raw(head, out.raw, &weights),
         tokens,
         truncation,
         queue: out.queue,
         inference: out.inference,
+        turns,
     })
 }
 

@@ -1,14 +1,15 @@
 //! Items as JSON objects (the input lines of `arbiter score`) and results as JSON objects.
 //!
 //! An item has exactly one of `messages` (a list of `{"role", "content"}`), `text` or
-//! `token_ids`, and optionally `id` (echoed back), `truncation` (`"error"`, `"truncate"` or `"truncate_content"`)
-//! and `reward_weights` (`{attribute: weight}` overriding the model's defaults).
+//! `token_ids`, and optionally `id` (echoed back), `truncation` (`"error"`, `"truncate"` or `"truncate_content"`),
+//! `reward_weights` (`{attribute: weight}` overriding the model's defaults) and `per_turn` (a
+//! result after every assistant turn too, in `"turns"`).
 
 use arbiter_engine::demo::DEMO_WARNING;
 use arbiter_engine::spec::HeadSpec;
 use arbiter_engine::text::{Input, Message, Role, TruncationPolicy};
 use arbiter_engine::RewardWeights;
-use arbiter_scoring::ItemScore;
+use arbiter_scoring::{ItemScore, TurnScore};
 use serde_json::{json, Map, Value};
 
 /// One parsed item.
@@ -22,6 +23,8 @@ pub struct Item {
     pub truncation: Option<TruncationPolicy>,
     /// Reward weight overrides by attribute name.
     pub weights: Vec<(String, f32)>,
+    /// Whether to score after every assistant turn, if the item says.
+    pub per_turn: Option<bool>,
 }
 
 use crate::field::BadField;
@@ -30,7 +33,7 @@ use crate::field::BadField;
 pub fn parse_item(line: &str) -> Result<Item, BadField> {
     let v: Value = serde_json::from_str(line).map_err(|e| BadField::whole(format!("not valid JSON: {e}")))?;
     let obj = v.as_object().ok_or_else(|| BadField::whole("expected a JSON object"))?;
-    const KNOWN: [&str; 6] = ["messages", "text", "token_ids", "id", "truncation", "reward_weights"];
+    const KNOWN: [&str; 7] = ["messages", "text", "token_ids", "id", "truncation", "reward_weights", "per_turn"];
     if let Some(k) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         return Err(BadField::new(k.as_str(), format!("unknown field; fields are {}", KNOWN.join(", "))));
     }
@@ -78,7 +81,12 @@ pub fn parse_item(line: &str) -> Result<Item, BadField> {
             .collect::<Result<_, _>>()?,
         Some(_) => return Err(BadField::new("reward_weights", "must be an object of attribute -> weight")),
     };
-    Ok(Item { id: obj.get("id").cloned(), input, truncation, weights })
+    let per_turn = match obj.get("per_turn") {
+        None | Some(Value::Null) => None,
+        Some(Value::Bool(b)) => Some(*b),
+        Some(v) => return Err(BadField::new("per_turn", format!("must be true or false, found {v}"))),
+    };
+    Ok(Item { id: obj.get("id").cloned(), input, truncation, weights, per_turn })
 }
 
 fn parse_messages(v: &Value) -> Result<Vec<Message>, BadField> {
@@ -130,10 +138,27 @@ pub fn result_json(line: usize, id: Option<&Value>, scored: &ItemScore, demo: bo
             }),
         );
     }
+    if !scored.turns.is_empty() {
+        let turns: Vec<Value> = scored.turns.iter().map(turn_json).collect();
+        o.insert("turns".into(), Value::Array(turns));
+    }
     if demo {
         o.insert("warning".into(), json!(DEMO_WARNING));
     }
     Value::Object(o)
+}
+
+/// One turn of a per-turn result: `{"message", "attributes", "reward", "tokens", "on_spine"}`, or
+/// `{"message", "scored": false}` for a turn truncation cut away.
+fn turn_json(t: &TurnScore) -> Value {
+    match &t.score {
+        Some(s) => {
+            let attrs: Map<String, Value> = s.attributes.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+            json!({"message": t.message, "scored": true, "attributes": attrs, "reward": s.reward,
+                   "tokens": t.tokens, "on_spine": t.on_spine})
+        }
+        None => json!({"message": t.message, "scored": false}),
+    }
 }
 
 /// The JSON result of an item that could not be scored.
@@ -178,6 +203,7 @@ mod tests {
             (r#"{"messages": [{"role": "user"}]}"#, "messages[0].content: must be a string"),
             (r#"{"text": "a", "truncation": "cut"}"#, "truncation: unknown truncation policy \"cut\""),
             (r#"{"text": "a", "colour": 1}"#, "colour: unknown field"),
+            (r#"{"text": "a", "per_turn": "yes"}"#, "per_turn: must be true or false, found \"yes\""),
         ] {
             let e = parse_item(line).unwrap_err().to_string();
             assert!(e.contains(want), "{line}: {e}");

@@ -75,6 +75,10 @@ struct ScoreArgs {
     /// Tokens per packed batch.
     #[arg(long, env = "ARBITER_MAX_BATCH_TOKENS", default_value_t = 8192)]
     batch_tokens: usize,
+    /// Score every conversation after each assistant turn too (lines may set "per_turn" themselves;
+    /// docs/per-turn.md).
+    #[arg(long)]
+    per_turn: bool,
 }
 
 /// Flags of `arbiter convert` (docs/convert.md).
@@ -337,7 +341,7 @@ async fn score_lines(
                 .as_ref()
                 .map_err(|e| anyhow::anyhow!("reading line {line_no} of {}: {e}", args.input.display()))?;
             if !line.trim().is_empty() {
-                chunk.push(parse_line(line_no, line, &head, args.truncation));
+                chunk.push(parse_line(line_no, line, &head, args.truncation, args.per_turn));
             }
         }
         if chunk.len() == CHUNK_LINES || (next.is_none() && !chunk.is_empty()) {
@@ -362,13 +366,16 @@ async fn score_lines(
     Ok((scored, failed))
 }
 
-/// Parses one input line into the item to score, with its truncation policy and weights.
-fn parse_line(line: usize, text: &str, head: &HeadSpec, default_truncation: TruncationPolicy) -> Line {
+/// Parses one input line into the item to score, with its truncation policy, weights and
+/// whether it is scored per turn.
+fn parse_line(line: usize, text: &str, head: &HeadSpec, default_truncation: TruncationPolicy, per_turn: bool) -> Line {
     match parse_item(text) {
         Ok(item) => {
             let weights = item_weights(head, &item);
             let truncation = item.truncation.unwrap_or(default_truncation);
-            Line { line, id: item.id, item: weights.map(|w| Item { input: item.input, truncation, weights: Some(w) }) }
+            let per_turn = item.per_turn.unwrap_or(per_turn);
+            let scored = weights.map(|w| Item { input: item.input, truncation, weights: Some(w), per_turn });
+            Line { line, id: item.id, item: scored }
         }
         Err(e) => Line { line, id: None, item: Err(e) },
     }

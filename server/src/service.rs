@@ -10,7 +10,7 @@ use std::time::Instant;
 use arbiter_engine::text::{ChatTemplate, Input, Message, Role, Truncation, TruncationPolicy};
 use arbiter_engine::RewardWeights;
 use arbiter_proto::v1 as pb;
-use arbiter_scoring::{Item, ItemScore, Options, Scored};
+use arbiter_scoring::{Item, ItemScore, Options, Scored, TurnScore};
 use pb::reward_service_server::RewardService;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -159,6 +159,22 @@ fn proto_result(s: ItemScore) -> pb::Result {
         reward: s.score.reward,
         tokens: s.tokens as u32,
         truncation: Some(truncation_info(&s.truncation)),
+        turns: s.turns.into_iter().map(proto_turn).collect(),
+    }
+}
+
+fn proto_turn(t: TurnScore) -> pb::TurnResult {
+    let (scored, attributes, reward) = match t.score {
+        Some(s) => (true, s.attributes.into_iter().collect(), s.reward),
+        None => (false, Default::default(), 0.0),
+    };
+    pb::TurnResult {
+        message_index: t.message as u32,
+        scored,
+        attributes,
+        reward,
+        tokens: t.tokens as u32,
+        on_spine: t.on_spine,
     }
 }
 
@@ -192,7 +208,7 @@ async fn score(
         .enumerate()
         .map(|(i, item)| {
             let input = proto_input(item, &format!("items[{i}]"))?;
-            Ok(Item { input, truncation, weights: Some(weights.clone()) })
+            Ok(Item { input, truncation, weights: Some(weights.clone()), per_turn: req.per_turn })
         })
         .collect::<Result<Vec<_>, ServiceError>>()?;
     let start = Instant::now();

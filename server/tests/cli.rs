@@ -78,6 +78,48 @@ fn mixed_inputs_with_a_bad_line_on_the_demo_model() {
 }
 
 #[test]
+fn per_turn_lines_get_a_result_per_assistant_turn_equal_to_the_stopped_conversations() {
+    let tmp = tempfile::tempdir().unwrap();
+    let conv = json!([
+        {"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Red."},
+        {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "Blue, like the sky."},
+        {"role": "user", "content": "And a third?"}, {"role": "assistant", "content": "Green."},
+    ]);
+    let m = conv.as_array().unwrap();
+    let input = [
+        json!({"id": "whole", "messages": conv, "per_turn": true}).to_string(),
+        json!({"messages": m[..2]}).to_string(),
+        json!({"messages": m[..4]}).to_string(),
+        json!({"messages": conv}).to_string(),
+        json!({"text": "hello", "per_turn": true}).to_string(),
+    ]
+    .join("\n");
+    let path = tmp.path().join("in.jsonl");
+    std::fs::write(&path, input).unwrap();
+    let out = arbiter(&["score", "--demo", "--input", path.to_str().unwrap()], tmp.path());
+    let r = lines(&out);
+    let turns = r[0]["turns"].as_array().unwrap();
+    assert_eq!(turns.iter().map(|t| t["message"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 3, 5]);
+    for (t, alone) in turns.iter().zip(&r[1..4]) {
+        assert_eq!(
+            (&t["reward"], &t["attributes"], &t["tokens"]),
+            (&alone["reward"], &alone["attributes"], &alone["tokens"])
+        );
+        assert_eq!((&t["scored"], &t["on_spine"]), (&json!(true), &json!(true)));
+    }
+    assert!(r[1].get("turns").is_none(), "only per-turn lines have turns");
+    assert!(
+        r[4]["error"].as_str().unwrap().contains("line 5: per_turn scores the turns of a conversation"),
+        "{}",
+        r[4]
+    );
+    // --per-turn asks it for every line.
+    std::fs::write(&path, json!({"messages": conv}).to_string()).unwrap();
+    let all = lines(&arbiter(&["score", "--demo", "--per-turn", "--input", path.to_str().unwrap()], tmp.path()));
+    assert_eq!(all[0]["turns"], r[0]["turns"]);
+}
+
+#[test]
 fn scores_do_not_depend_on_what_else_is_in_the_file() {
     let tmp = tempfile::tempdir().unwrap();
     let one = tmp.path().join("one.jsonl");

@@ -574,3 +574,71 @@ async fn truncate_content_cuts_prompt_then_response_text_for_score_and_rank_alik
     running.stop();
     running.wait().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_turn_score_and_stream_give_each_turn_its_stopped_conversation_s_result() {
+    let (addr, running) = serve(&[]).await;
+    let mut c = client(addr).await;
+    let pairs = turns_conv(4);
+    let refs: Vec<(&str, &str)> = pairs.iter().map(|(r, m)| (r.as_str(), m.as_str())).collect();
+    let req = pb::ScoreRequest { per_turn: true, ..score_req(vec![conv_item(&refs), conv_item(&refs[..2])]) };
+    let got = c.score(req.clone()).await.unwrap().into_inner().results;
+    check_per_turn(&mut c, &pairs, &got[0]).await;
+    assert!(got[0].turns.iter().all(|t| t.on_spine), "the Nemotron template only appends");
+    assert_eq!(got[1].turns.len(), 1);
+    // Without the option there are no turns.
+    let plain = c.score(pb::ScoreRequest { per_turn: false, ..req.clone() }).await.unwrap().into_inner().results;
+    assert!(plain[0].turns.is_empty());
+    assert_eq!(plain[0].reward.to_bits(), got[0].reward.to_bits());
+    // ScoreStream carries the same option and answers the same.
+    let reqs = vec![pb::ScoreStreamRequest { request_id: "a".into(), request: Some(req) }];
+    let mut stream = c.score_stream(tokio_stream::iter(reqs)).await.unwrap().into_inner();
+    let m = stream.message().await.unwrap().unwrap();
+    match m.outcome.unwrap() {
+        pb::score_stream_response::Outcome::Response(r) => assert_eq!(r.results, got),
+        pb::score_stream_response::Outcome::Error(e) => panic!("{e:?}"),
+    }
+    // Text has no turns: the item is named.
+    let bad = pb::ScoreRequest { per_turn: true, ..score_req(vec![conv_item(&refs), text_item("hello")]) };
+    let e = c.score(bad).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("items[1]") && e.message().contains("per_turn"), "{}", e.message());
+    running.stop();
+    running.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_turn_turns_cut_away_by_truncation_are_marked_unscored() {
+    let pairs = turns_conv(6);
+    let refs: Vec<(&str, &str)> = pairs.iter().map(|(r, m)| (r.as_str(), m.as_str())).collect();
+    let (addr, running) = serve(&[]).await;
+    let whole = client(addr).await.score(score_req(vec![conv_item(&refs)])).await.unwrap().into_inner();
+    running.stop();
+    running.wait().await.unwrap();
+    let max = (whole.results[0].tokens * 2 / 3).to_string();
+    let (addr, running) = serve(&["--max-input-tokens", &max]).await;
+    let mut c = client(addr).await;
+    let req = pb::ScoreRequest {
+        per_turn: true,
+        truncation: pb::Truncation::Truncate as i32,
+        ..score_req(vec![conv_item(&refs)])
+    };
+    let got = c.score(req).await.unwrap().into_inner().results.remove(0);
+    let dropped = got.truncation.as_ref().unwrap().dropped_messages as usize;
+    assert!(dropped >= 2, "{:?}", got.truncation);
+    assert_eq!(got.turns.len(), 6);
+    for t in &got.turns {
+        let cut = (t.message_index as usize) < dropped;
+        assert_eq!(t.scored, !cut, "{t:?}");
+        if cut {
+            assert!(t.attributes.is_empty() && t.tokens == 0, "{t:?}");
+        }
+    }
+    // The scored turns are the kept conversation stopped at each of them.
+    // (message indices renumbered as in the kept conversation).
+    let renumber = |t: &pb::TurnResult| pb::TurnResult { message_index: t.message_index - dropped as u32, ..t.clone() };
+    let kept = pb::Result { turns: got.turns[dropped / 2..].iter().map(renumber).collect(), ..got.clone() };
+    check_per_turn(&mut c, &pairs[dropped..], &kept).await;
+    running.stop();
+    running.wait().await.unwrap();
+}

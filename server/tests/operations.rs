@@ -325,6 +325,16 @@ async fn two_nodes_serve_one_pipeline_and_the_leader_stops_when_the_worker_dies(
     for (a, b) in two_nodes.results.iter().zip(&one_process.results) {
         assert_eq!(a.reward.to_bits(), b.reward.to_bits(), "{} vs {}", a.reward, b.reward);
     }
+    // Per-turn branches cross the nodes too: every turn is its stopped conversation's result,
+    // and the one-process pipeline's.
+    let pairs = turns_conv(3);
+    let refs: Vec<(&str, &str)> = pairs.iter().map(|(r, m)| (r.as_str(), m.as_str())).collect();
+    let req = pb::ScoreRequest { per_turn: true, ..score_req(vec![conv_item(&refs)]) };
+    let mut lc = client(leader.addr).await;
+    let two_nodes = lc.score(req.clone()).await.unwrap().into_inner().results;
+    check_per_turn(&mut lc, &pairs, &two_nodes[0]).await;
+    let one_process = client(one_addr).await.score(req).await.unwrap().into_inner().results;
+    assert_eq!(two_nodes, one_process);
     one.stop();
     one.wait().await.unwrap();
 

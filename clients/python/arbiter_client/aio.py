@@ -40,9 +40,10 @@ class AsyncClient(_Base):
                 raise t.ArbiterError(e.code(), e.details() or "", attempt) from None
 
     async def score(self, items: Sequence[t.ItemLike], *, truncation: Optional[str] = None,
-                    reward_weights: Optional[Mapping[str, float]] = None,
+                    reward_weights: Optional[Mapping[str, float]] = None, per_turn: bool = False,
                     timeout: Optional[float] = None) -> List[t.ScoreResult]:
-        r = await self._call(self._stub.Score, t.score_request(items, truncation, reward_weights), timeout)
+        req = t.score_request(items, truncation, reward_weights, per_turn)
+        r = await self._call(self._stub.Score, req, timeout)
         self._warn(r)
         return [t.result(x) for x in r.results]
 
@@ -54,10 +55,12 @@ class AsyncClient(_Base):
         return t.RankResult([t.result(x) for x in r.results], list(r.order), r.model_fingerprint)
 
     async def stream(self, requests: Iterable[Tuple[str, Sequence[t.ItemLike]]], *, truncation: Optional[str] = None,
-                     reward_weights: Optional[Mapping[str, float]] = None, timeout: Optional[float] = None
+                     reward_weights: Optional[Mapping[str, float]] = None, per_turn: bool = False,
+               timeout: Optional[float] = None
                      ) -> AsyncIterator[Tuple[str, Union[List[t.ScoreResult], t.ArbiterError]]]:
         """ScoreStream: yields (request_id, results or ArbiterError) in completion order."""
-        msgs = [pb.ScoreStreamRequest(request_id=str(rid), request=t.score_request(items, truncation, reward_weights))
+        msgs = [pb.ScoreStreamRequest(request_id=str(rid),
+                                      request=t.score_request(items, truncation, reward_weights, per_turn))
                 for rid, items in requests]
         call = self._stub.ScoreStream(iter(msgs), timeout=timeout if timeout is not None else self.timeout,
                                       metadata=self._metadata)

@@ -99,9 +99,13 @@ class Client(_Base):
                 raise t.ArbiterError(e.code(), e.details() or "", attempt) from None
 
     def score(self, items: Sequence[t.ItemLike], *, truncation: Optional[str] = None,
-              reward_weights: Optional[Mapping[str, float]] = None, timeout: Optional[float] = None) -> List[t.ScoreResult]:
-        """Scores items (conversations, or dicts with messages / text / token_ids), in order."""
-        r = self._call(self._stub.Score, t.score_request(items, truncation, reward_weights), timeout)
+              reward_weights: Optional[Mapping[str, float]] = None, per_turn: bool = False,
+              timeout: Optional[float] = None) -> List[t.ScoreResult]:
+        """Scores items (conversations, or dicts with messages / text / token_ids), in order.
+
+        ``per_turn=True`` also scores every conversation after each assistant turn, in the same
+        pass (``ScoreResult.turns``; conversations only)."""
+        r = self._call(self._stub.Score, t.score_request(items, truncation, reward_weights, per_turn), timeout)
         self._warn(r)
         return [t.result(x) for x in r.results]
 
@@ -113,13 +117,14 @@ class Client(_Base):
         return t.RankResult([t.result(x) for x in r.results], list(r.order), r.model_fingerprint)
 
     def stream(self, requests: Iterable[Tuple[str, Sequence[t.ItemLike]]], *, truncation: Optional[str] = None,
-               reward_weights: Optional[Mapping[str, float]] = None, timeout: Optional[float] = None
+               reward_weights: Optional[Mapping[str, float]] = None, per_turn: bool = False,
+               timeout: Optional[float] = None
                ) -> Iterator[Tuple[str, Union[List[t.ScoreResult], t.ArbiterError]]]:
         """ScoreStream: yields (request_id, results or ArbiterError) in completion order."""
         def gen():
             for rid, items in requests:
                 yield pb.ScoreStreamRequest(request_id=str(rid),
-                                            request=t.score_request(items, truncation, reward_weights))
+                                            request=t.score_request(items, truncation, reward_weights, per_turn))
         try:
             for m in self._stub.ScoreStream(gen(), timeout=timeout if timeout is not None else self.timeout,
                                             metadata=self._metadata):

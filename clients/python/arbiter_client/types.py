@@ -26,13 +26,31 @@ class Truncation:
 
 
 @dataclass(frozen=True)
+class TurnResult:
+    """The score after one assistant turn (``per_turn=True``): the conversation stopped there.
+
+    ``scored`` is False for a turn truncation cut away (no attributes, reward 0); ``on_spine``
+    says it was computed as a branch of the whole conversation rather than on its own.
+    """
+
+    message_index: int
+    scored: bool
+    attributes: Dict[str, float]
+    reward: float
+    tokens: int
+    on_spine: bool
+
+
+@dataclass(frozen=True)
 class ScoreResult:
-    """The score of one item: attributes by name, the weighted reward, the token count."""
+    """The score of one item: attributes by name, the weighted reward, the token count, and with
+    ``per_turn=True`` one :class:`TurnResult` per assistant turn (the last equals the item)."""
 
     attributes: Dict[str, float]
     reward: float
     tokens: int
     truncation: Truncation
+    turns: List[TurnResult] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -100,9 +118,10 @@ def to_item(x: ItemLike) -> "pb.Item":
     return pb.Item(conversation=_messages(x))
 
 
-def score_request(items: Sequence[ItemLike], truncation: Optional[str], reward_weights: Optional[Mapping[str, float]]):
+def score_request(items: Sequence[ItemLike], truncation: Optional[str], reward_weights: Optional[Mapping[str, float]],
+                  per_turn: bool = False):
     return pb.ScoreRequest(items=[to_item(x) for x in items], truncation=truncation_value(truncation),
-                           reward_weights=dict(reward_weights or {}))
+                           reward_weights=dict(reward_weights or {}), per_turn=bool(per_turn))
 
 
 def rank_request(prompt: Conversation, candidates: Sequence[str], truncation, reward_weights):
@@ -112,8 +131,11 @@ def rank_request(prompt: Conversation, candidates: Sequence[str], truncation, re
 
 def result(r) -> ScoreResult:
     t = r.truncation
+    turns = [TurnResult(x.message_index, x.scored, dict(x.attributes), x.reward, x.tokens, x.on_spine)
+             for x in r.turns]
     return ScoreResult(attributes=dict(r.attributes), reward=r.reward, tokens=r.tokens,
-                       truncation=Truncation(t.truncated, t.original_tokens, t.dropped_messages, t.dropped_tokens))
+                       truncation=Truncation(t.truncated, t.original_tokens, t.dropped_messages, t.dropped_tokens),
+                       turns=turns)
 
 
 def model_info(m) -> ModelInfo:

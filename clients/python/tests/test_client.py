@@ -42,6 +42,30 @@ def test_item_kinds_and_weights(server):
         assert w.attributes == a.attributes
 
 
+def test_per_turn_scores_every_assistant_turn_as_its_stopped_conversation(server):
+    conv = [{"role": "system", "content": "Be brief."}]
+    for t in range(3):
+        conv += [{"role": "user", "content": f"Count to {t + 1}."},
+                 {"role": "assistant", "content": " ".join(str(k + 1) for k in range(t + 1))}]
+    stopped = [conv[:i + 1] for i, m in enumerate(conv) if m["role"] == "assistant"]
+    with Client(server.addr) as c:
+        whole, plain = c.score([conv], per_turn=True)[0], c.score([conv])[0]
+        alone = c.score(stopped)
+        got = dict(c.stream([("a", [conv])], per_turn=True))["a"][0]
+        with pytest.raises(ArbiterError, match=r"items\[0\].*per_turn"):
+            c.score([{"text": "hi"}], per_turn=True)
+    assert [t.message_index for t in whole.turns] == [2, 4, 6]
+    assert [(t.reward, t.attributes, t.tokens) for t in whole.turns] == [(a.reward, a.attributes, a.tokens) for a in alone]
+    assert all(t.scored and t.on_spine for t in whole.turns)
+    assert plain.turns == [] and (plain.reward, plain.attributes) == (whole.reward, whole.attributes)
+    assert got == whole
+
+    async def run():
+        async with AsyncClient(server.addr) as c:
+            return (await c.score([conv], per_turn=True))[0]
+    assert asyncio.run(run()) == whole
+
+
 def test_rank_scores_each_candidate_as_score_would(server, reference):
     prompt = CONVERSATIONS[2][:-1]
     own = CONVERSATIONS[2][-1]["content"]

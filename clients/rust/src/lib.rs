@@ -123,6 +123,20 @@ pub struct ScoreOptions {
     pub truncation: pb::Truncation,
     /// Reward weight overrides by attribute name.
     pub reward_weights: HashMap<String, f32>,
+    /// Score conversations after every assistant turn too (`Result.turns`; Score and
+    /// ScoreStream only).
+    pub per_turn: bool,
+}
+
+impl ScoreOptions {
+    fn request(&self, items: Vec<Item>) -> pb::ScoreRequest {
+        pb::ScoreRequest {
+            items,
+            truncation: self.truncation as i32,
+            reward_weights: self.reward_weights.clone(),
+            per_turn: self.per_turn,
+        }
+    }
 }
 
 /// Adds the bearer token to every request.
@@ -242,8 +256,7 @@ impl Client {
 
     /// Scores items; results in item order.
     pub async fn score(&self, items: Vec<Item>, opts: &ScoreOptions) -> Result<Vec<ScoreResult>, ClientError> {
-        let req =
-            pb::ScoreRequest { items, truncation: opts.truncation as i32, reward_weights: opts.reward_weights.clone() };
+        let req = opts.request(items);
         Ok(self.retry(req, |mut s, r| async move { s.score(r).await }).await?.results)
     }
 
@@ -272,14 +285,7 @@ impl Client {
     ) -> Result<Vec<(String, Result<Vec<ScoreResult>, ClientError>)>, ClientError> {
         let msgs: Vec<pb::ScoreStreamRequest> = requests
             .into_iter()
-            .map(|(id, items)| pb::ScoreStreamRequest {
-                request_id: id,
-                request: Some(pb::ScoreRequest {
-                    items,
-                    truncation: opts.truncation as i32,
-                    reward_weights: opts.reward_weights.clone(),
-                }),
-            })
+            .map(|(id, items)| pb::ScoreStreamRequest { request_id: id, request: Some(opts.request(items)) })
             .collect();
         let status = |s: Status| status_error(&s, 1);
         let mut stub = self.stub.clone();

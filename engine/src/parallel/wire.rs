@@ -97,14 +97,17 @@ fn take_u32s(p: &[u8], n: usize, at: &mut usize) -> Result<Vec<u32>> {
     Ok(bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
 }
 
-/// A packed batch as bytes: segment count, each segment's length and parent (its index + 1, or
-/// 0 for none), item count, each item's read row, then the tokens. The whole structure travels,
+/// A packed batch as bytes: segment count, each segment's length, parent (its index + 1, or 0
+/// for none) and the parent rows it continues, item count, each item's read row, then the tokens. The whole structure travels,
 /// so every stage of every node computes the same shared prefixes.
 pub fn encode_batch(b: &PackedBatch) -> Vec<u8> {
     let n = b.segments();
-    let mut v = Vec::with_capacity(4 * (2 + 2 * n + b.len() + b.tokens().len()));
+    let mut v = Vec::with_capacity(4 * (2 + 3 * n + b.len() + b.tokens().len()));
     u32s(&mut v, [n as u32]);
-    u32s(&mut v, (0..n).flat_map(|s| [b.segment(s).len() as u32, b.parent(s).map_or(0, |p| p as u32 + 1)]));
+    u32s(
+        &mut v,
+        (0..n).flat_map(|s| [b.segment(s).len() as u32, b.parent(s).map_or(0, |p| p as u32 + 1), b.seen(s) as u32]),
+    );
     u32s(&mut v, [b.len() as u32]);
     u32s(&mut v, b.read_rows().iter().map(|&r| r as u32));
     u32s(&mut v, b.tokens().iter().copied());
@@ -115,16 +118,19 @@ pub fn encode_batch(b: &PackedBatch) -> Vec<u8> {
 pub fn decode_batch(p: &[u8]) -> Result<PackedBatch> {
     let mut at = 0;
     let n = take_u32s(p, 1, &mut at)?[0] as usize;
-    let segs = take_u32s(p, n.checked_mul(2).ok_or_else(truncated)?, &mut at)?;
+    let segs = take_u32s(p, n.checked_mul(3).ok_or_else(truncated)?, &mut at)?;
     let items = take_u32s(p, 1, &mut at)?[0] as usize;
     let reads = take_u32s(p, items, &mut at)?;
-    let total: usize = segs.chunks_exact(2).map(|s| s[0] as usize).sum();
+    let total: usize = segs.chunks_exact(3).map(|s| s[0] as usize).sum();
     let tokens = take_u32s(p, total, &mut at)?;
     let mut batch = PackedBatch::new();
     let mut start = 0;
-    for s in segs.chunks_exact(2) {
-        let parent = s[1].checked_sub(1).map(|p| p as usize);
-        batch.push_segment(parent, &tokens[start..start + s[0] as usize])?;
+    for s in segs.chunks_exact(3) {
+        let ids = &tokens[start..start + s[0] as usize];
+        match s[1].checked_sub(1) {
+            Some(p) => batch.push_segment_after(p as usize, s[2] as usize, ids)?,
+            None => batch.push_segment(None, ids)?,
+        };
         start += s[0] as usize;
     }
     for r in reads {
@@ -164,22 +170,29 @@ mod tests {
     fn batches_and_tensors_round_trip_and_garbage_is_an_error() {
         let mut b = PackedBatch::from_sequences(&[vec![1u32, 2, 3], vec![7], vec![4, 5]]).unwrap();
         b.push_group(&[9, 8], &[vec![7u32], vec![], vec![6, 5]]).unwrap();
+        // A branch that sees only part of the item it continues.
+        b.push_continuation(5, 3, &[4]).unwrap();
         let mut buf = Vec::new();
         write_frame(&mut buf, Kind::Batch, &encode_batch(&b)).unwrap();
         write_frame(&mut buf, Kind::Tensor, &encode_f32(2, 2, &[1.0, -2.5, 3.0, f32::MIN_POSITIVE])).unwrap();
         let mut r = &buf[..];
         let got = decode_batch(&expect_frame(&mut r, Kind::Batch).unwrap()).unwrap();
         assert_eq!(got.tokens(), b.tokens());
-        assert_eq!(got, b, "segments, parents and read rows survive the wire");
+        assert_eq!(got, b, "segments, parents, seen rows and read rows survive the wire");
+        assert_eq!(got.item_tokens(6), [9, 8, 6, 4]);
         let (rows, cols, v) = decode_f32(&expect_frame(&mut r, Kind::Tensor).unwrap()).unwrap();
         assert_eq!((rows, cols, v), (2, 2, vec![1.0, -2.5, 3.0, f32::MIN_POSITIVE]));
         assert!(read_frame(&mut r).unwrap_err().to_string().contains("receiving from a peer"));
         assert!(decode_batch(&[5, 0, 0, 0, 1]).unwrap_err().to_string().contains("truncated"));
         // One segment of one token whose parent is itself, and an item past the end.
-        let own_parent = [1u32, 1, 1, 0, 7].iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>();
+        let own_parent = [1u32, 1, 1, 1, 0, 7].iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>();
         assert!(decode_batch(&own_parent).unwrap_err().to_string().contains("segment 0 continues segment 0"));
-        let past_end = [1u32, 1, 0, 1, 1, 7].iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>();
+        let past_end = [1u32, 1, 0, 0, 1, 1, 7].iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>();
         assert!(decode_batch(&past_end).unwrap_err().to_string().contains("item 0 reads row 1"));
+        // A child that claims to see more rows than its parent has.
+        let too_far = [2u32, 1, 0, 0, 1, 1, 2, 0, 7, 8].iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>();
+        let e = decode_batch(&too_far).unwrap_err().to_string();
+        assert!(e.contains("segment 1 continues 2 rows of segment 0, which has 1"), "{e}");
         let mut bad = &[2u8, 0, 0, 0, 42, 0][..];
         assert!(read_frame(&mut bad).unwrap_err().to_string().contains("unknown frame kind 42"));
         let mut buf = Vec::new();

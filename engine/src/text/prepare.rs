@@ -321,6 +321,16 @@ impl Preprocessor {
     }
 
     fn prepare_messages(&self, messages: &[Message], policy: TruncationPolicy) -> Result<Prepared> {
+        self.prepare_messages_kept(messages, policy).map(|(p, _)| p)
+    }
+
+    /// [`Preprocessor::prepare`] for messages, with the conversation it rendered after
+    /// truncation: what per-turn scoring cuts into turns.
+    pub(super) fn prepare_messages_kept(
+        &self,
+        messages: &[Message],
+        policy: TruncationPolicy,
+    ) -> Result<(Prepared, Vec<Message>)> {
         validate_roles(messages)?;
         let (text, ids) = self.render(messages)?;
         if ids.is_empty() {
@@ -328,7 +338,7 @@ impl Preprocessor {
         }
         let mut truncation = Truncation { original_tokens: ids.len(), ..Default::default() };
         if ids.len() <= self.max_tokens {
-            return Ok(Prepared { ids, text: Some(text), truncation });
+            return Ok((Prepared { ids, text: Some(text), truncation }, messages.to_vec()));
         }
         match policy {
             TruncationPolicy::Error => {
@@ -346,10 +356,9 @@ impl Preprocessor {
         // makes the rendering longer, so the fewest pairs that fit are found by bisection.
         let head = usize::from(messages[0].role == Role::System);
         let pairs = (messages.len() - head - 2) / 2;
-        let with_dropped = |k: usize| -> Result<(String, Vec<u32>)> {
-            let kept: Vec<Message> = messages[..head].iter().chain(&messages[head + 2 * k..]).cloned().collect();
-            self.render(&kept)
-        };
+        let kept =
+            |k: usize| -> Vec<Message> { messages[..head].iter().chain(&messages[head + 2 * k..]).cloned().collect() };
+        let with_dropped = |k: usize| -> Result<(String, Vec<u32>)> { self.render(&kept(k)) };
         let protected = with_dropped(pairs)?;
         if protected.1.len() > self.max_tokens {
             return Err(EngineError::TooLong {
@@ -377,13 +386,18 @@ impl Preprocessor {
             best_k = lo;
         }
         truncation.dropped_messages = 2 * best_k;
-        Ok(Prepared { ids: best.1, text: Some(best.0), truncation })
+        Ok((Prepared { ids: best.1, text: Some(best.0), truncation }, kept(best_k)))
     }
 
     /// [`TruncationPolicy::TruncateContent`] for a conversation of `rendered` tokens, over the
     /// limit: cuts the fewest leading content tokens (the prompt's messages in order, then the
     /// response) it can find that make the re-rendered conversation fit.
-    fn cut_contents(&self, messages: &[Message], rendered: usize, mut truncation: Truncation) -> Result<Prepared> {
+    fn cut_contents(
+        &self,
+        messages: &[Message],
+        rendered: usize,
+        mut truncation: Truncation,
+    ) -> Result<(Prepared, Vec<Message>)> {
         let tok = self.need_tokenizer("messages")?;
         let head = usize::from(messages[0].role == Role::System);
         // Every place a content can be cut, in cutting order: (message, byte where its kept
@@ -394,7 +408,7 @@ impl Preprocessor {
             let starts = tok.token_starts(&m.content)?;
             places.extend(starts.iter().enumerate().map(|(j, &at)| (i, if j == 0 { 0 } else { at })));
         }
-        let cut = |k: usize| -> Result<(String, Vec<u32>)> {
+        let cut = |k: usize| -> Result<(String, Vec<u32>, Vec<Message>)> {
             let mut kept = messages.to_vec();
             for &(i, _) in &places[..k] {
                 kept[i].content.clear();
@@ -402,16 +416,17 @@ impl Preprocessor {
             if let Some(&(i, at)) = places.get(k) {
                 kept[i].content = messages[i].content[at..].to_string();
             }
-            self.render(&kept)
+            let (text, ids) = self.render(&kept)?;
+            Ok((text, ids, kept))
         };
         // Each content token cut removes about one rendered token: start at the excess and add
         // what is still over until it fits (a handful of renders; k only grows, so it ends).
         let mut k = (rendered - self.max_tokens).min(places.len());
         loop {
-            let (text, ids) = cut(k)?;
+            let (text, ids, kept) = cut(k)?;
             if ids.len() <= self.max_tokens {
                 truncation.dropped_tokens = k;
-                return Ok(Prepared { ids, text: Some(text), truncation });
+                return Ok((Prepared { ids, text: Some(text), truncation }, kept));
             }
             if k == places.len() {
                 return Err(EngineError::TooLong {

@@ -48,7 +48,8 @@ pub fn rel_error(got: &[f32], reference: &[f32]) -> f64 {
 
 /// A batch of random shared-prefix groups and plain sequences, and each item's full sequence.
 /// Prefixes are 1..=300 tokens, branches 0..=`max_branch` (zero: the item is the prefix itself),
-/// some branches continue one level deeper, and nothing exceeds `max_len`. The first entry is
+/// some branches continue one level deeper, some items continue only the first tokens of an
+/// earlier item (per-turn branches), and nothing exceeds `max_len`. The first entry is
 /// always a group with a non-empty branch.
 pub fn random_tree_batch(
     rng: &mut arbiter_engine::synth::SplitMix,
@@ -97,6 +98,16 @@ pub fn random_tree_batch(
                 full.extend_from_slice(&leaf);
                 items.push(full);
             }
+        }
+        // Per-turn scores: branches that see only the first rows of an item of the batch (turn
+        // ends inside the prefix or a branch), with up to 3 closing tokens, or none (a read
+        // inside the item).
+        for _ in 0..below(4) {
+            let item = below(items.len());
+            let seen = 1 + below(items[item].len());
+            let closing = ids(below(4.min(max_len - seen + 1)), &mut below);
+            batch.push_continuation(item, seen, &closing).unwrap();
+            items.push([&items[item][..seen], &closing[..]].concat());
         }
     }
     (batch, items)

@@ -38,6 +38,12 @@ struct Case {
     bool reverse_tiles;
     // Per segment, the earlier segment whose rows are its shared prefix, or -1 (empty: none).
     std::vector<int> parents = {};
+    // Per segment, how many of its parent's rows it continues, or -1 for all of them (empty: all).
+    // A per-turn branch sees its conversation only up to its turn's end.
+    std::vector<int> seen = {};
+    // Gemma 2: logit soft-cap and sliding window (0: none).
+    float softcap = 0.0f;
+    int window = 0;
 };
 
 bool poison_exact() {
@@ -74,7 +80,8 @@ int run_case(const Case& c, std::mt19937& rng) {
     for (size_t s = 0; s < c.parents.size(); ++s) {
         if (c.parents[s] >= 0) {
             prefix[2 * s] = cu[c.parents[s]];
-            prefix[2 * s + 1] = c.lens[c.parents[s]];
+            const bool part = s < c.seen.size() && c.seen[s] >= 0;
+            prefix[2 * s + 1] = part ? c.seen[s] : c.lens[c.parents[s]];
         }
     }
     // Packed row of position j of segment s's full sequence.
@@ -158,7 +165,11 @@ int run_case(const Case& c, std::mt19937& rng) {
     emu::launch(
         emu::Dim3{static_cast<unsigned>(n_tiles), static_cast<unsigned>(heads), 1},
         emu::Dim3{ARB_ATTN_THREADS, 1, 1}, smem_raw, smem,
-        [&] { flash_attn_varlen(qkv, out, cu_p, pre_p, ts_p, st_p, n_tiles, heads, kv_heads, width, scale); }, before,
+        [&] {
+            flash_attn_varlen(qkv, out, cu_p, pre_p, ts_p, st_p, n_tiles, heads, kv_heads, width, scale, c.softcap,
+                              c.window);
+        },
+        before,
         after);
     unpoison(smem_raw, sizeof smem_raw);
 
@@ -183,6 +194,9 @@ int run_case(const Case& c, std::mt19937& rng) {
                         dot += static_cast<double>(__bfloat162float(qkv[qi * width + h * kD + d])) *
                                __bfloat162float(qkv[kj * width + (heads + g) * kD + d]);
                     p[j] = dot * scale;
+                    if (c.softcap > 0.0f) p[j] = tanh(p[j] / c.softcap) * c.softcap;
+                    // Keys at or before (position - window) are hidden.
+                    if (c.window > 0 && j <= pl + i - c.window) p[j] = -INFINITY;
                     mx = std::max(mx, p[j]);
                 }
                 double sum = 0.0;
@@ -228,6 +242,18 @@ int main() {
         // plain sequence between them.
         {"shared prefix 100: 1,70,130 + 5", {100, 1, 70, 130, 5}, 4, 2, 0, false, {-1, 0, 0, 0, -1}},
         {"shared prefix 7, reversed: 64,3 + 20", {20, 7, 64, 3}, 4, 1, 4, true, {-1, -1, 1, 1}},
+        // Per-turn branches: a 300-row conversation and branches of 1-3 closing tokens that see
+        // only its first 1, 63, 64, 65, 130 and 299 rows (ASan poisons the rows they must not
+        // read); the whole conversation's own queries sit between them.
+        {"per-turn: 300 seen 1,63,64,65,130,299", {300, 1, 2, 3, 1, 2, 3}, 4, 2, 0, false, {-1, 0, 0, 0, 0, 0, 0},
+         {-1, 1, 63, 64, 65, 130, 299}},
+        {"per-turn, reversed, unaligned: seen 7,70", {90, 3, 1}, 4, 1, 4, true, {-1, 0, 0}, {-1, 7, 70}},
+        // Gemma 2: a window of 16 (lengths around it and well past it, so whole key tiles are
+        // skipped), soft-capping at 5 (scores of this input reach about 10), and a window that
+        // reaches back into a shared prefix.
+        {"window 16 softcap 5", {1, 15, 16, 17, 65, 200}, 2, 1, 0, false, {}, {}, 5.0f, 16},
+        {"softcap 2 mha reversed", {70, 1}, 2, 2, 0, true, {}, {}, 2.0f, 0},
+        {"window 20 + shared prefix 100", {100, 1, 70}, 2, 1, 0, false, {-1, 0, 0}, {}, 0.0f, 20},
     };
     int failures = 0;
     for (const Case& c : cases) failures += run_case(c, rng);

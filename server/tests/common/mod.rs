@@ -40,4 +40,35 @@ pub fn score_req(items: Vec<pb::Item>) -> pb::ScoreRequest {
     pb::ScoreRequest { items, ..Default::default() }
 }
 
+/// A conversation of `turns` user/assistant pairs.
+pub fn turns_conv(turns: usize) -> Vec<(String, String)> {
+    (0..turns)
+        .flat_map(|t| {
+            [
+                ("user".to_string(), format!("Step {t}: what comes next after {t}?")),
+                ("assistant".into(), format!("{}.", t + 1).repeat(t + 1)),
+            ]
+        })
+        .collect()
+}
+
+/// Checks a per-turn result of the conversation `pairs` against each conversation stopped at its
+/// turns, scored as ordinary items by `c`: same reward and attributes, bit for bit.
+pub async fn check_per_turn(c: &mut RewardServiceClient<Channel>, pairs: &[(String, String)], got: &pb::Result) {
+    let refs: Vec<(&str, &str)> = pairs.iter().map(|(r, m)| (r.as_str(), m.as_str())).collect();
+    let assistants: Vec<u32> = (0..refs.len() as u32).filter(|&i| refs[i as usize].0 == "assistant").collect();
+    assert_eq!(got.turns.iter().map(|t| t.message_index).collect::<Vec<_>>(), assistants);
+    let stopped: Vec<pb::Item> = assistants.iter().map(|&i| conv_item(&refs[..=i as usize])).collect();
+    let alone = c.score(score_req(stopped)).await.unwrap().into_inner().results;
+    for (t, a) in got.turns.iter().zip(&alone) {
+        assert!(t.scored, "turn at message {}", t.message_index);
+        assert_eq!(t.reward.to_bits(), a.reward.to_bits(), "message {}: {} vs {}", t.message_index, t.reward, a.reward);
+        assert_eq!(t.tokens, a.tokens, "message {}", t.message_index);
+        for (k, v) in &a.attributes {
+            assert_eq!(t.attributes[k].to_bits(), v.to_bits(), "message {} attribute {k}", t.message_index);
+        }
+    }
+    assert_eq!(got.turns.last().unwrap().reward.to_bits(), got.reward.to_bits());
+}
+
 pub mod process;

@@ -49,7 +49,7 @@ class Item(_message.Message):
     def __init__(self, conversation: _Optional[_Union[Conversation, _Mapping]] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("items", "truncation", "reward_weights")
+    __slots__ = ("items", "truncation", "reward_weights", "per_turn")
     class RewardWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -60,10 +60,35 @@ class ScoreRequest(_message.Message):
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_FIELD_NUMBER: _ClassVar[int]
     REWARD_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    PER_TURN_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[Item]
     truncation: Truncation
     reward_weights: _containers.ScalarMap[str, float]
-    def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., truncation: _Optional[_Union[Truncation, str]] = ..., reward_weights: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    per_turn: bool
+    def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., truncation: _Optional[_Union[Truncation, str]] = ..., reward_weights: _Optional[_Mapping[str, float]] = ..., per_turn: _Optional[bool] = ...) -> None: ...
+
+class TurnResult(_message.Message):
+    __slots__ = ("message_index", "scored", "attributes", "reward", "tokens", "on_spine")
+    class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    MESSAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SCORED_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    REWARD_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ON_SPINE_FIELD_NUMBER: _ClassVar[int]
+    message_index: int
+    scored: bool
+    attributes: _containers.ScalarMap[str, float]
+    reward: float
+    tokens: int
+    on_spine: bool
+    def __init__(self, message_index: _Optional[int] = ..., scored: _Optional[bool] = ..., attributes: _Optional[_Mapping[str, float]] = ..., reward: _Optional[float] = ..., tokens: _Optional[int] = ..., on_spine: _Optional[bool] = ...) -> None: ...
 
 class TruncationInfo(_message.Message):
     __slots__ = ("truncated", "original_tokens", "dropped_messages", "dropped_tokens")
@@ -78,7 +103,7 @@ class TruncationInfo(_message.Message):
     def __init__(self, truncated: _Optional[bool] = ..., original_tokens: _Optional[int] = ..., dropped_messages: _Optional[int] = ..., dropped_tokens: _Optional[int] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("attributes", "reward", "tokens", "truncation")
+    __slots__ = ("attributes", "reward", "tokens", "truncation", "turns")
     class AttributesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -90,11 +115,13 @@ class Result(_message.Message):
     REWARD_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    TURNS_FIELD_NUMBER: _ClassVar[int]
     attributes: _containers.ScalarMap[str, float]
     reward: float
     tokens: int
     truncation: TruncationInfo
-    def __init__(self, attributes: _Optional[_Mapping[str, float]] = ..., reward: _Optional[float] = ..., tokens: _Optional[int] = ..., truncation: _Optional[_Union[TruncationInfo, _Mapping]] = ...) -> None: ...
+    turns: _containers.RepeatedCompositeFieldContainer[TurnResult]
+    def __init__(self, attributes: _Optional[_Mapping[str, float]] = ..., reward: _Optional[float] = ..., tokens: _Optional[int] = ..., truncation: _Optional[_Union[TruncationInfo, _Mapping]] = ..., turns: _Optional[_Iterable[_Union[TurnResult, _Mapping]]] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("queue_ms", "tokenize_ms", "inference_ms", "total_ms")
