@@ -11,6 +11,8 @@ use arbiter_engine::text::{
 };
 use arbiter_engine::{Model, PackedBatch};
 
+mod common;
+
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
@@ -182,4 +184,25 @@ fn truncate_content_scores_no_turn_whose_answer_was_cut() {
     assert!(p.spine.truncation.dropped_tokens > first_user, "{:?}", p.spine.truncation);
     assert_eq!(p.turns[0].read, TurnRead::CutAway);
     assert!(p.turns[1..].iter().all(|t| on_spine(&t.read).is_some()), "{:?}", p.turns);
+}
+
+#[test]
+fn qwen3_s_real_template_rewrites_every_earlier_turn_so_each_is_scored_alone() {
+    // Qwen3 keeps a `<think>` block only on assistant turns after the last user message, and
+    // gives the final one an empty block when it has none: a conversation stopped at an earlier
+    // turn renders that turn differently from the whole conversation, with or without reasoning.
+    let dir = common::fixture("qwen3");
+    let model = Model::load(&dir, CpuBackend::new()).unwrap();
+    let pre = Preprocessor::from_model_dir(&dir, model.spec(), None).unwrap();
+    assert!(matches!(pre.template(), ChatTemplate::Jinja(_)));
+    let plain: Vec<Message> = conversation()
+        .into_iter()
+        .map(|m| Message::new(m.role, m.content.split("</think>").last().unwrap_or_default()))
+        .collect();
+    for msgs in [conversation(), plain] {
+        let p = pre.prepare_turns(&msgs, TruncationPolicy::Error).unwrap();
+        let reads = check_turns(&model, &pre, &msgs, &p);
+        assert!(reads[..3].iter().all(|r| matches!(r, TurnRead::Alone(_))), "{reads:?}");
+        assert_eq!(on_spine(&reads[3]), Some(0));
+    }
 }

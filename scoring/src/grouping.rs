@@ -171,7 +171,8 @@ pub fn pack(jobs: &[Job], shared_prefix_min: Option<usize>, spec: &ModelSpec) ->
         plan.add(i, &j.ids, j.request, j.is_solo(), at, |k| &jobs[k].ids);
     }
     let (mut batch, order, groups) = plan.pack(|k| &jobs[k].ids)?;
-    // Per-turn branches continue their job's item (its whole sequence), after every job's own read.
+    // Per-turn branches continue their job's item (still read at its last token, so any turn's
+    // end is within it), after every job's own read.
     let mut branch_of = Vec::new();
     for (item, &k) in order.iter().enumerate() {
         for (seen, closing) in &jobs[k].branches {
@@ -179,9 +180,16 @@ pub fn pack(jobs: &[Job], shared_prefix_min: Option<usize>, spec: &ModelSpec) ->
             branch_of.push(k);
         }
     }
-    // Each job's own item reads where the model reads its score.
-    for (item, &job) in order.iter().enumerate() {
-        let ids = &jobs[job].ids;
+    // Every item, branches included, is read where its sequence alone is read.
+    for item in 0..batch.len() {
+        let branch_ids;
+        let ids = match order.get(item) {
+            Some(&job) => &jobs[job].ids,
+            None => {
+                branch_ids = batch.item_tokens(item);
+                &branch_ids
+            }
+        };
         let offset = spec.read_offset(ids);
         if offset + 1 != ids.len() {
             batch.read_at(item, offset)?;
@@ -257,13 +265,18 @@ mod tests {
         let (b, _rb) = Job::new(spine.clone(), None);
         let b = b.with_branches(vec![(50, vec![4]), (103, vec![])]);
         let (c, _rc) = Job::new(seq(7, 100, &[8]), None);
-        let p = pack(&[a, b, c], Some(64), &spec(None)).unwrap();
+        let jobs = [a, b, c];
+        let p = pack(&jobs, Some(64), &spec(None)).unwrap();
         // a and c share their 100 tokens; b computes its own, then one closing token.
         assert_eq!((p.order.clone(), p.branch_of.clone(), p.groups), (vec![0, 2, 1], vec![1, 1], 1));
         assert_eq!(p.batch.tokens().len(), 100 + 1 + 1 + 103 + 1);
         assert_eq!(p.batch.item_tokens(2), spine);
         assert_eq!(p.batch.item_tokens(3), seq(7, 50, &[4]));
         assert_eq!(p.batch.item_tokens(4), spine, "a branch without closing tokens reads the spine");
+        // A branch is read where its sequence alone is: before a closing pad token.
+        let padded = pack(&jobs, Some(64), &spec(Some(4))).unwrap();
+        assert_eq!(padded.batch.item_tokens(3), seq(7, 50, &[]));
+        assert_eq!(padded.batch.item_tokens(2), spine, "the spine has no trailing pad");
     }
 
     // The queue's use of the grouping: budget and fairness of `take_batch`.
