@@ -286,8 +286,8 @@ impl Tile {
             let av: [__m256; G] = std::array::from_fn(|g| _mm256_broadcast_ss(&*a.add(g)));
             for v in 0..V {
                 let bv = _mm256_loadu_ps(b.add(8 * v));
-                for g in 0..G {
-                    acc[g][v] = _mm256_fmadd_ps(av[g], bv, acc[g][v]);
+                for (row, a) in acc.iter_mut().zip(&av) {
+                    row[v] = _mm256_fmadd_ps(*a, bv, row[v]);
                 }
             }
             a = a.add(MR);
