@@ -69,33 +69,31 @@ extern "C" __global__ void to_bf16(const float* in, __nv_bfloat16* out, long lon
     if (i < n) out[i] = __float2bfloat16_rn(in[i]);
 }
 
-// Each input row is [gate (ffn) | up (ffn)] (one fused GEMM produced both halves);
-// out[r, j] = bf16(silu(gate) * up). Launch: grid (rows, ceil(ffn / 256)), block 256.
-extern "C" __global__ void swiglu(const __nv_bfloat16* in, __nv_bfloat16* out, int rows, int ffn) {
+// A gated MLP's nonlinearity: each input row is [gate (ffn) | up (ffn)] (one fused GEMM produced
+// both halves); out[r, j] = bf16(act(gate) * up).
+template <typename Act>
+__device__ __forceinline__ void gated(const __nv_bfloat16* in, __nv_bfloat16* out, int rows, int ffn, Act act) {
     const int r = blockIdx.x;
     const int j = blockIdx.y * blockDim.x + threadIdx.x;
     if (r >= rows || j >= ffn) return;
     const __nv_bfloat16* row = in + static_cast<size_t>(r) * 2 * static_cast<size_t>(ffn);
     const float g = __bfloat162float(row[j]);
     const float u = __bfloat162float(row[ffn + j]);
-    // expf, not __expf: the fast intrinsic loses several bits for large |g|. For g -> -inf,
-    // expf(-g) = inf and g / inf = -0, the correct limit, with no NaN.
-    const float silu = g / (1.0f + expf(-g));
-    out[static_cast<size_t>(r) * static_cast<size_t>(ffn) + j] = __float2bfloat16_rn(silu * u);
+    out[static_cast<size_t>(r) * static_cast<size_t>(ffn) + j] = __float2bfloat16_rn(act(g) * u);
 }
 
-// Each input row is [gate (ffn) | up (ffn)]; out[r, j] = bf16(gelu_tanh(gate) * up) with torch's
-// tanh approximation, 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))) (Gemma 2's GeGLU).
-// Launch: grid (rows, ceil(ffn / 256)), block 256.
+// silu(gate) * up (Llama). Launch: grid (rows, ceil(ffn / 256)), block 256.
+extern "C" __global__ void swiglu(const __nv_bfloat16* in, __nv_bfloat16* out, int rows, int ffn) {
+    // expf, not __expf: the fast intrinsic loses several bits for large |g|. For g -> -inf,
+    // expf(-g) = inf and g / inf = -0, the correct limit, with no NaN.
+    gated(in, out, rows, ffn, [](float g) { return g / (1.0f + expf(-g)); });
+}
+
+// gelu_tanh(gate) * up with torch's tanh approximation, 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715
+// g^3))) (Gemma 2's GeGLU). Launch: grid (rows, ceil(ffn / 256)), block 256.
 extern "C" __global__ void geglu(const __nv_bfloat16* in, __nv_bfloat16* out, int rows, int ffn) {
-    const int r = blockIdx.x;
-    const int j = blockIdx.y * blockDim.x + threadIdx.x;
-    if (r >= rows || j >= ffn) return;
-    const __nv_bfloat16* row = in + static_cast<size_t>(r) * 2 * static_cast<size_t>(ffn);
-    const float g = __bfloat162float(row[j]);
-    const float u = __bfloat162float(row[ffn + j]);
-    const float gelu = 0.5f * g * (1.0f + tanhf(0.7978845608f * (g + 0.044715f * g * g * g)));
-    out[static_cast<size_t>(r) * static_cast<size_t>(ffn) + j] = __float2bfloat16_rn(gelu * u);
+    gated(in, out, rows, ffn,
+          [](float g) { return 0.5f * g * (1.0f + tanhf(0.7978845608f * (g + 0.044715f * g * g * g))); });
 }
 
 // In-place non-interleaved rotary embedding (rotate_half) on the first rotary_dim channels of

@@ -164,6 +164,18 @@ pub fn stacked_bias(parts: &[MatrixPart<'_>]) -> Option<Vec<f32>> {
     })
 }
 
+/// Checks the shapes of a q/k norm ([`Backend::qk_norm`]): a qkv row of `layout`'s width and
+/// norms of `head_dim` channels (`q_len`, `k_len`).
+pub fn check_qk_norm(qkv_cols: usize, layout: &AttnLayout, q_len: usize, k_len: usize) -> Result<()> {
+    if qkv_cols != layout.qkv_width() || q_len != layout.head_dim || k_len != layout.head_dim {
+        return Err(EngineError::Backend(format!(
+            "qk_norm: a {qkv_cols}-wide qkv row and norms of {q_len} and {k_len} for heads of {}",
+            layout.head_dim
+        )));
+    }
+    Ok(())
+}
+
 /// Checks that two tensors of shapes `a` and `b` (rows, columns) can be combined element-wise.
 pub fn check_same_shape(what: &str, a: (usize, usize), b: (usize, usize)) -> Result<()> {
     if a != b {

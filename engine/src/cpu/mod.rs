@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use rayon::ThreadPool;
 
 use crate::backend::{
-    check_parts, check_same_shape, stacked_bias, Activation, AttnLayout, Backend, HostTensor, MatrixPart,
+    check_parts, check_qk_norm, check_same_shape, stacked_bias, Activation, AttnLayout, Backend, HostTensor, MatrixPart,
 };
 use crate::batch::PackedBatch;
 use crate::error::{EngineError, Result};
@@ -249,15 +249,7 @@ impl Backend for CpuBackend {
     }
 
     fn qk_norm(&self, qkv: &mut CpuTensor, layout: &AttnLayout, q: &NormParams, k: &NormParams) -> Result<()> {
-        if qkv.cols != layout.qkv_width() || q.gamma.len() != layout.head_dim || k.gamma.len() != layout.head_dim {
-            return Err(EngineError::Backend(format!(
-                "qk_norm: a {}-wide qkv row and norms of {} and {} for heads of {}",
-                qkv.cols,
-                q.gamma.len(),
-                k.gamma.len(),
-                layout.head_dim
-            )));
-        }
+        check_qk_norm(qkv.cols, layout, q.gamma.len(), k.gamma.len())?;
         self.pool.install(|| ops::qk_norm(&mut qkv.data, layout, q, k));
         Ok(())
     }

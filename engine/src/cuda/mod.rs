@@ -22,7 +22,7 @@ use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use crate::backend::{
-    check_parts, check_same_shape, stacked_bias, Activation, AttnLayout, Backend, HostTensor, MatrixPart,
+    check_parts, check_qk_norm, check_same_shape, stacked_bias, Activation, AttnLayout, Backend, HostTensor, MatrixPart,
 };
 use crate::batch::PackedBatch;
 use crate::error::{EngineError, Result};
@@ -842,15 +842,7 @@ impl Backend for CudaBackend {
     }
 
     fn qk_norm(&self, qkv: &mut CudaTensor, layout: &AttnLayout, q: &CudaNorm, k: &CudaNorm) -> Result<()> {
-        if qkv.cols != layout.qkv_width() || q.gamma.len() != layout.head_dim || k.gamma.len() != layout.head_dim {
-            return Err(EngineError::Backend(format!(
-                "qk_norm: a {}-wide qkv row and norms of {} and {} for heads of {}",
-                qkv.cols,
-                q.gamma.len(),
-                k.gamma.len(),
-                layout.head_dim
-            )));
-        }
+        check_qk_norm(qkv.cols, layout, q.gamma.len(), k.gamma.len())?;
         if qkv.rows == 0 {
             return Ok(());
         }
