@@ -97,22 +97,37 @@ unsafe fn one_head(
     let (q_off, k_off, v_off) = (head * d, (l.heads + kv) * d, (l.heads + l.kv_heads + kv) * d);
     let out_w = l.heads * d;
     let mut acc = vec![0.0f32; d];
+    // The key rows of query `t`: the prefix's spans, then the segment's own rows up to `t`
+    // (position order), as plain ranges: a chained, flattened iterator per key cost more than
+    // the arithmetic it fed.
+    let mut spans: Vec<Range<usize>> = prefix.to_vec();
+    spans.push(range.start..range.start);
+    let prefix_len: usize = prefix.iter().map(Range::len).sum();
     for t in range.clone() {
         let q = &qkv[t * w + q_off..][..d];
-        // The prefix's keys, then the segment's own up to `t`: position order. A sliding window
-        // keeps the latest `window` of them.
-        let seen = prefix.iter().map(Range::len).sum::<usize>() + (t - range.start + 1);
+        *spans.last_mut().expect("the own span") = range.start..t + 1;
+        // A sliding window keeps the latest `window` keys.
+        let seen = prefix_len + (t - range.start + 1);
         let skip = l.window.map_or(0, |w| seen.saturating_sub(w));
-        let keys = || prefix.iter().cloned().flatten().chain(range.start..=t).skip(skip);
+        let visible = || {
+            let mut left = skip;
+            spans.iter().map(move |r| {
+                let cut = left.min(r.len());
+                left -= cut;
+                r.start + cut..r.end
+            })
+        };
         scores.clear();
         let mut max = f32::NEG_INFINITY;
-        for j in keys() {
-            let mut s = dot(q, &qkv[j * w + k_off..][..d]) * l.scale;
-            if let Some(cap) = l.softcap {
-                s = (s / cap).tanh() * cap;
+        for r in visible() {
+            for j in r {
+                let mut s = dot(q, &qkv[j * w + k_off..][..d]) * l.scale;
+                if let Some(cap) = l.softcap {
+                    s = (s / cap).tanh() * cap;
+                }
+                max = max.max(s);
+                scores.push(s);
             }
-            max = max.max(s);
-            scores.push(s);
         }
         let mut sum = 0.0f32;
         for s in scores.iter_mut() {
@@ -120,8 +135,11 @@ unsafe fn one_head(
             sum += *s;
         }
         acc.fill(0.0);
-        for (p, j) in scores.iter().zip(keys()) {
-            axpy(*p, &qkv[j * w + v_off..][..d], &mut acc);
+        let mut p = scores.iter();
+        for r in visible() {
+            for (j, p) in r.zip(p.by_ref()) {
+                axpy(*p, &qkv[j * w + v_off..][..d], &mut acc);
+            }
         }
         let inv = 1.0 / sum;
         let o = std::slice::from_raw_parts_mut(out.0.add(t * out_w + head * d), d);
