@@ -8,7 +8,10 @@ cd "$(dirname "$0")/.."
 iters="${1:-5}"
 py="${PYTHON:-.venv/bin/python}"
 cargo build --release -q -p arbiter-engine --example bench_small
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(date -u +%F)"
+cpu_field() { grep -m1 "^$1" /proc/cpuinfo | cut -d: -f2 | xargs; }
+isa=$(grep -m1 '^flags' /proc/cpuinfo | grep -ow -e avx512f -e avx512_bf16 -e avx2 -e fma | sort -u | xargs)
+# The kind of core decides the GEMM micro-kernel and where the gap to torch lies (docs/bench-cpu.md).
+echo "machine: $(nproc) cores, $(cpu_field 'model name'), cpu family $(cpu_field 'cpu family') model $(cpu_field 'model[[:space:]]*:' || true), ${isa:-no AVX}, $(date -u +%F)"
 ours=$(target/release/examples/bench_small --iters "$iters" --threads 2)
 theirs=$("$py" tests/fixtures/bench_hf.py --iters "$iters" --threads 2)
 echo "$ours" | grep -v '^ARBITER_TOKENS_PER_S'
