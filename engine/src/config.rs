@@ -233,12 +233,14 @@ impl Fields<'_> {
                 self.err(format!("{act_key} {found_act:?} is not supported for {architecture}; expected {act:?}"))
             );
         }
-        let gemma = if family.gemma { Some(self.gemma(head_dim, layer_types)?) } else { None };
+        let gemma = if family.gemma { Some(self.gemma(layer_types)?) } else { None };
         let norm_eps = self.f32_in(self.obj, family.eps_key)?.unwrap_or(family.default_eps);
         let rope = self.rope(head_dim, family.default_partial_rotary)?;
         let head = self.head(family.head)?;
         let pad_token_id =
             match self.obj.get("pad_token_id") {
+                // Gemma2Config's default pad id is 0 (the others' is null).
+                None if family.gemma => Some(0),
                 None | Some(Value::Null) => None,
                 Some(v) => Some(v.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| {
                     self.err(format!("field \"pad_token_id\" must be a token id or null, found {v}"))
@@ -311,19 +313,28 @@ impl Fields<'_> {
             .collect()
     }
 
-    /// Gemma 2's attention settings. `final_logit_softcapping` applies to the LM head only, so
-    /// it is not read.
-    fn gemma(&self, head_dim: usize, sliding_layers: Vec<bool>) -> Result<GemmaSpec> {
-        let positive = |key: &str| -> Result<Option<f32>> {
+    /// Gemma 2's attention settings, with `Gemma2Config`'s defaults where a key is missing (an
+    /// explicit null turns soft-capping or the window off). `final_logit_softcapping` applies to
+    /// the LM head only, so it is not read.
+    fn gemma(&self, sliding_layers: Vec<bool>) -> Result<GemmaSpec> {
+        let positive = |key: &str, default: Option<f32>| -> Result<Option<f32>> {
+            if !self.obj.contains_key(key) {
+                return Ok(default);
+            }
             match self.f32_in(self.obj, key)? {
                 Some(v) if v <= 0.0 => Err(self.err(format!("field {key:?} must be positive, found {v}"))),
                 v => Ok(v),
             }
         };
+        let sliding_window = if self.obj.contains_key("sliding_window") {
+            self.usize_in(self.obj, "sliding_window")?
+        } else {
+            Some(4096)
+        };
         Ok(GemmaSpec {
-            query_pre_attn_scalar: positive("query_pre_attn_scalar")?.unwrap_or(head_dim as f32),
-            attn_softcap: positive("attn_logit_softcapping")?,
-            sliding_window: self.usize_in(self.obj, "sliding_window")?,
+            query_pre_attn_scalar: positive("query_pre_attn_scalar", Some(256.0))?.unwrap_or(256.0),
+            attn_softcap: positive("attn_logit_softcapping", Some(50.0))?,
+            sliding_window,
             sliding_layers,
         })
     }
@@ -545,6 +556,23 @@ mod tests {
         v.as_object_mut().unwrap().remove("arbiter");
         let e = parse(&v).unwrap_err().to_string();
         assert!(e.contains("reward_weights is not set"), "{e}");
+    }
+
+    #[test]
+    fn gemma2_settings_missing_from_config_take_gemma2configs_defaults_and_null_turns_them_off() {
+        let mut v = nemotron_v4();
+        let o = v.as_object_mut().unwrap();
+        o.insert("architectures".into(), serde_json::json!(["Gemma2ForSequenceClassification"]));
+        o.insert("hidden_activation".into(), serde_json::json!("gelu_pytorch_tanh"));
+        o.remove("hidden_act");
+        let g = parse(&v).unwrap().gemma.unwrap();
+        assert_eq!((g.query_pre_attn_scalar, g.attn_softcap, g.sliding_window), (256.0, Some(50.0), Some(4096)));
+        assert_eq!(g.sliding_layers, [true, false, true, false]);
+        assert_eq!(parse(&v).unwrap().pad_token_id, Some(0), "Gemma2Config's default pad id");
+        v["attn_logit_softcapping"] = serde_json::json!(null);
+        v["sliding_window"] = serde_json::json!(null);
+        let g = parse(&v).unwrap().gemma.unwrap();
+        assert_eq!((g.attn_softcap, g.sliding_window), (None, None));
     }
 
     #[test]
