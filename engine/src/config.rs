@@ -39,6 +39,8 @@ struct Family {
     head: HeadKind,
     /// Gemma 2's extras (embedding scale, branch norms, soft-capped and windowed attention).
     gemma: bool,
+    /// The config class's `head_dim` when config.json has none (else hidden / heads).
+    default_head_dim: Option<usize>,
 }
 
 const fn llama_like(name: &'static str) -> Family {
@@ -55,6 +57,7 @@ const fn llama_like(name: &'static str) -> Family {
         qkv_bias: false,
         head: HeadKind::Linear,
         gemma: false,
+        default_head_dim: None,
     }
 }
 
@@ -73,19 +76,21 @@ const FAMILIES: [Family; 6] = [
         qkv_bias: false,
         head: HeadKind::Linear,
         gemma: false,
+        default_head_dim: None,
     },
     llama_like("LlamaForSequenceClassification"),
     // INF-ORM-Llama3.1-70B: Llama with a two-layer head (its model card's
     // `INFORMForSequenceClassification`).
     Family { head: HeadKind::TwoLayerRelu, ..llama_like("INFORMForSequenceClassification") },
     Family { qkv_bias: true, ..llama_like("Qwen2ForSequenceClassification") },
-    Family { qk_norm: true, ..llama_like("Qwen3ForSequenceClassification") },
+    Family { qk_norm: true, default_head_dim: Some(128), ..llama_like("Qwen3ForSequenceClassification") },
     Family {
         norm: NormKind::RmsNorm1P,
         mlp: MlpKind::GeGlu,
         act_key: "hidden_activation",
         act: "gelu_pytorch_tanh",
         gemma: true,
+        default_head_dim: Some(256),
         ..llama_like("Gemma2ForSequenceClassification")
     },
 ];
@@ -203,6 +208,10 @@ impl Fields<'_> {
         let kv_heads = self.usize_in(self.obj, "num_key_value_heads")?.unwrap_or(heads);
         let head_dim = match self.usize_in(self.obj, "head_dim")? {
             Some(d) => d,
+            // Qwen3Config and Gemma2Config default head_dim to a constant, not hidden / heads.
+            None if family.default_head_dim.is_some() && !self.obj.contains_key("head_dim") => {
+                family.default_head_dim.unwrap_or_default()
+            }
             None if hidden % heads == 0 => hidden / heads,
             None => {
                 return Err(self.err(format!(
@@ -569,6 +578,8 @@ mod tests {
         assert_eq!((g.query_pre_attn_scalar, g.attn_softcap, g.sliding_window), (256.0, Some(50.0), Some(4096)));
         assert_eq!(g.sliding_layers, [true, false, true, false]);
         assert_eq!(parse(&v).unwrap().pad_token_id, Some(0), "Gemma2Config's default pad id");
+        v.as_object_mut().unwrap().remove("head_dim");
+        assert_eq!(parse(&v).unwrap().head_dim, 256, "Gemma2Config's default head_dim, not 64 / 4");
         v["attn_logit_softcapping"] = serde_json::json!(null);
         v["sliding_window"] = serde_json::json!(null);
         let g = parse(&v).unwrap().gemma.unwrap();
