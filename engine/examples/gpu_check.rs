@@ -560,7 +560,7 @@ fn golden(r: &mut Report, fixtures: &Path) -> Res<()> {
         for (seq, reference) in g.sequences.iter().zip(&g.outputs) {
             // Read where transformers reads (before trailing pad tokens, see llama-pad-end).
             let mut batch = PackedBatch::from_sequences(&[seq])?;
-            batch.read_at(0, gm.spec().read_offset(seq))?;
+            batch.read_as_model(gm.spec())?;
             let got = gm.forward(&batch)?.remove(0);
             let on_cpu = cm.forward(&batch)?.remove(0);
             if got.iter().any(|v| !v.is_finite()) {
@@ -591,9 +591,7 @@ fn golden(r: &mut Report, fixtures: &Path) -> Res<()> {
         }
         // Batch invariance is a goal on GPU, not a requirement: reported only.
         let mut all = PackedBatch::from_sequences(&g.sequences)?;
-        for (i, seq) in g.sequences.iter().enumerate() {
-            all.read_at(i, gm.spec().read_offset(seq))?;
-        }
+        all.read_as_model(gm.spec())?;
         let packed = gm.forward(&all)?;
         let differing = packed
             .iter()

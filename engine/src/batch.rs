@@ -208,6 +208,24 @@ impl PackedBatch {
         )))
     }
 
+    /// Moves every item's read to where `spec`'s model reads a score in the item's sequence
+    /// ([`crate::ModelSpec::read_offset`]: before trailing pad tokens). Nothing moves for a
+    /// model without a pad id. Call it after every item is pushed: continuations
+    /// ([`PackedBatch::push_continuation`]) may extend an item up to its original read.
+    pub fn read_as_model(&mut self, spec: &crate::ModelSpec) -> Result<()> {
+        if spec.pad_token_id.is_none() {
+            return Ok(());
+        }
+        for item in 0..self.len() {
+            let ids = self.item_tokens(item);
+            let offset = spec.read_offset(&ids);
+            if offset + 1 != ids.len() {
+                self.read_at(item, offset)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Number of items (what [`crate::Model::forward`] returns outputs for).
     pub fn len(&self) -> usize {
         self.reads.len()

@@ -181,20 +181,7 @@ pub fn pack(jobs: &[Job], shared_prefix_min: Option<usize>, spec: &ModelSpec) ->
         }
     }
     // Every item, branches included, is read where its sequence alone is read.
-    for item in 0..batch.len() {
-        let branch_ids;
-        let ids = match order.get(item) {
-            Some(&job) => &jobs[job].ids,
-            None => {
-                branch_ids = batch.item_tokens(item);
-                &branch_ids
-            }
-        };
-        let offset = spec.read_offset(ids);
-        if offset + 1 != ids.len() {
-            batch.read_at(item, offset)?;
-        }
-    }
+    batch.read_as_model(spec)?;
     Ok(Packed { batch, order, branch_of, groups })
 }
 
