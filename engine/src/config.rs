@@ -206,14 +206,12 @@ impl Fields<'_> {
         let hidden = self.usize("hidden_size")?;
         let heads = self.usize("num_attention_heads")?;
         let kv_heads = self.usize_in(self.obj, "num_key_value_heads")?.unwrap_or(heads);
-        let head_dim = match self.usize_in(self.obj, "head_dim")? {
-            Some(d) => d,
+        let head_dim = match (self.usize_in(self.obj, "head_dim")?, family.default_head_dim) {
+            (Some(d), _) => d,
             // Qwen3Config and Gemma2Config default head_dim to a constant, not hidden / heads.
-            None if family.default_head_dim.is_some() && !self.obj.contains_key("head_dim") => {
-                family.default_head_dim.unwrap_or_default()
-            }
-            None if hidden % heads == 0 => hidden / heads,
-            None => {
+            (None, Some(d)) if !self.obj.contains_key("head_dim") => d,
+            (None, _) if hidden % heads == 0 => hidden / heads,
+            (None, _) => {
                 return Err(self.err(format!(
                     "hidden_size {hidden} is not divisible by num_attention_heads {heads} and head_dim is not set"
                 )))

@@ -15,7 +15,7 @@ fn check_parity(name: &str) {
     let mut worst = 0.0f64;
     for (s, (seq, reference)) in g.sequences.iter().zip(&g.outputs).enumerate() {
         let mut batch = PackedBatch::from_sequences(&[seq]).unwrap();
-        batch.read_at(0, model.spec().read_offset(seq)).unwrap();
+        batch.read_as_model(model.spec()).unwrap();
         let got = model.forward(&batch).unwrap().remove(0);
         let err = rel_error(&got, reference);
         worst = worst.max(err);
@@ -64,7 +64,7 @@ fn qwen3_with_qk_norms_and_a_wide_head_dim_matches_transformers() {
 
 #[test]
 fn a_qwen3_chat_is_templated_tokenized_and_scored_like_transformers() {
-    use arbiter_engine::text::{Input, Message, Preprocessor, Role, TruncationPolicy};
+    use arbiter_engine::text::{Input, Preprocessor, TruncationPolicy};
     let dir = fixture("qwen3");
     let model = Model::load(&dir, CpuBackend::new()).unwrap();
     let pre = Preprocessor::from_model_dir(&dir, model.spec(), None).unwrap();
@@ -73,12 +73,7 @@ fn a_qwen3_chat_is_templated_tokenized_and_scored_like_transformers() {
     let chats = expected["chats"].as_array().expect("make_golden.py's add_chats wrote chats");
     assert!(chats.len() >= 3);
     for (i, chat) in chats.iter().enumerate() {
-        let messages: Vec<Message> = chat["messages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| Message::new(Role::parse(m["role"].as_str().unwrap()).unwrap(), m["content"].as_str().unwrap()))
-            .collect();
+        let messages = common::messages(&chat["messages"]);
         let want_ids: Vec<u32> = serde_json::from_value(chat["ids"].clone()).unwrap();
         let prepared = pre.prepare(&Input::Messages(messages), TruncationPolicy::Error).unwrap();
         assert_eq!(prepared.ids, want_ids, "chat {i}: ids differ from apply_chat_template's");

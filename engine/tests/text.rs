@@ -1,6 +1,8 @@
 //! Templates, tokenization and truncation, against texts written from DESIGN.md and against
 //! transformers' own rendering of real models' Jinja templates.
 
+mod common;
+
 use std::path::PathBuf;
 
 use arbiter_engine::config::load_config;
@@ -274,14 +276,7 @@ fn real_jinja_templates_render_like_transformers() {
         let renders = v["renders"].as_array().unwrap();
         assert!(renders.len() >= 5);
         for r in renders {
-            let m: Vec<Message> = r["messages"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|m| {
-                    Message::new(Role::parse(m["role"].as_str().unwrap()).unwrap(), m["content"].as_str().unwrap())
-                })
-                .collect();
+            let m = common::messages(&r["messages"]);
             let got = t.render(&m).unwrap();
             assert_eq!(got, r["text"].as_str().unwrap(), "{name}: {m:?}");
         }
@@ -314,12 +309,7 @@ fn nemotron_template_ids_are_sentencepiece_over_the_whole_string() {
     let tok = p.tokenizer().unwrap();
     let mut library_differs = 0;
     for chat in reference["chats"].as_array().unwrap() {
-        let m: Vec<Message> = chat["messages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| Message::new(Role::parse(m["role"].as_str().unwrap()).unwrap(), m["content"].as_str().unwrap()))
-            .collect();
+        let m = common::messages(&chat["messages"]);
         let prepared = p.prepare(&Input::Messages(m), TruncationPolicy::Error).unwrap();
         assert_eq!(prepared.text.as_deref(), chat["text"].as_str(), "{}", chat["name"]);
         assert_eq!(prepared.ids, ids(&chat["ids"]), "{}", chat["name"]);

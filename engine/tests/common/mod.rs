@@ -112,3 +112,12 @@ pub fn random_tree_batch(
     }
     (batch, items)
 }
+
+/// A conversation as the fixture scripts write it (`[{"role": ..., "content": ...}]`).
+pub fn messages(v: &serde_json::Value) -> Vec<arbiter_engine::text::Message> {
+    use arbiter_engine::text::{Message, Role};
+    let parse = |m: &serde_json::Value| {
+        Message::new(Role::parse(m["role"].as_str().unwrap()).unwrap(), m["content"].as_str().unwrap())
+    };
+    v.as_array().expect("a list of messages").iter().map(parse).collect()
+}
