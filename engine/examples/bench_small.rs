@@ -2,12 +2,17 @@
 //! throughput of its matrix shapes. Compare with `tests/fixtures/bench_hf.py` run side by side
 //! (`scripts/bench-cpu.sh` runs both and prints the ratio).
 //!
-//! cargo run --release -p arbiter-engine --example bench_small -- [--iters N] [--threads N] [--dtype f32|bf16]
+//! cargo run --release -p arbiter-engine --example bench_small -- [--iters N] [--threads N] [--dtype f32|bf16] [--precision f32|bf16]
+//!
+//! `--dtype` is the stored weights' type; `--precision` what the CPU backend computes in (bf16:
+//! bf16 weights, activations rounded where the GPU rounds them). The last line,
+//! `ARBITER_TOKENS_PER_S`, is what scripts/bench-cpu.sh reads.
 
 use std::time::Instant;
 
 use arbiter_engine::cpu::gemm::{matmul, PackedMatrix};
-use arbiter_engine::cpu::CpuBackend;
+use arbiter_engine::cpu::precision::bf16_bits;
+use arbiter_engine::cpu::{CpuBackend, Precision};
 use arbiter_engine::synth::{bench_small_config, write_random_model, SplitMix};
 use arbiter_engine::weights::Dtype;
 use arbiter_engine::{Model, PackedBatch};
@@ -31,17 +36,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "bf16" => Dtype::BF16,
         other => return Err(format!("--dtype {other}: expected f32 or bf16").into()),
     };
-    let backend = CpuBackend::with_threads(threads)?;
+    let precision: Precision = arg("--precision", "f32").parse()?;
+    let backend = CpuBackend::with_threads(threads)?.with_precision(precision);
     let threads = backend.threads();
 
-    println!("## GEMM y[m,n] = x[m,k] @ w[n,k]^T, f32, {threads} threads");
+    println!("## GEMM y[m,n] = x[m,k] @ w[n,k]^T, {precision}, {threads} threads");
     println!("| m | n | k | ms | GFLOP/s |");
     println!("|---|---|---|---|---|");
     let mut rng = SplitMix::new(1);
     for &(m, n, k) in &[(2048, 1536, 1024), (2048, 1024, 1024), (2048, 4096, 1024), (2048, 1024, 4096)] {
         let w: Vec<f32> = (0..n * k).map(|_| rng.uniform()).collect();
         let x: Vec<f32> = (0..m * k).map(|_| rng.uniform()).collect();
-        let packed = PackedMatrix::pack(&w, n, k);
+        let packed = match precision {
+            Precision::F32 => PackedMatrix::pack(&w, n, k),
+            Precision::Bf16 => PackedMatrix::pack_bf16(&w.iter().map(|&v| bf16_bits(v)).collect::<Vec<_>>(), n, k),
+        };
         let mut y = vec![0.0; m * n];
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
         pool.install(|| matmul(&x, m, &packed, &mut y));
@@ -73,10 +82,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tokens = batch.tokens().len();
     println!();
     println!("## bench-small forward (Nemotron, hidden 1024, 8 layers, 16/4 heads, FFN 4096, 8 x 256 tokens)");
-    println!("| backend | weights | threads | median s | best s | tokens/s |");
-    println!("|---|---|---|---|---|---|");
+    println!("| backend | weights | compute | threads | median s | best s | tokens/s |");
+    println!("|---|---|---|---|---|---|---|");
     println!(
-        "| arbiter cpu | {:?} | {threads} | {median:.3} | {:.3} | {:.0} |",
+        "| arbiter cpu | {:?} | {precision} | {threads} | {median:.3} | {:.3} | {:.0} |",
         dtype,
         times[0],
         tokens as f64 / median

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::backend::{Backend, HostTensor};
 use crate::batch::PackedBatch;
-use crate::cpu::CpuBackend;
+use crate::cpu::{CpuBackend, Precision};
 use crate::error::Result;
 use crate::folder::ModelFolder;
 use crate::graph::Model;
@@ -115,6 +115,8 @@ pub struct LoadOptions {
     pub max_input_tokens: Option<usize>,
     /// Where to compute.
     pub device: Device,
+    /// What the CPU backend computes in (the CUDA backend always computes in bf16).
+    pub cpu_precision: Precision,
     /// Tensor- and pipeline-parallel layout.
     pub parallel: Parallelism,
     /// How long a collective call or stage link waits for its peers before the group fails.
@@ -129,6 +131,7 @@ impl Default for LoadOptions {
             threads: 0,
             max_input_tokens: None,
             device: Device::Cpu,
+            cpu_precision: Precision::F32,
             parallel: Parallelism::default(),
             collective_timeout: DEFAULT_COLLECTIVE_TIMEOUT,
             cluster: None,
@@ -178,7 +181,7 @@ impl LoadedModel {
         let (engine, worker): (Arc<dyn Engine>, _) = match opts.device {
             Device::Cuda(ordinal) => cuda_engine(&folder, &fingerprint, ordinal, single, opts)?,
             Device::Cpu if single => {
-                let backend = CpuBackend::with_threads(opts.threads)?;
+                let backend = CpuBackend::with_threads(opts.threads)?.with_precision(opts.cpu_precision);
                 (Arc::new(Model::from_store(folder.spec.clone(), &folder.store, backend)?), None)
             }
             Device::Cpu => {
@@ -190,7 +193,8 @@ impl LoadedModel {
                 };
                 let nodes = opts.cluster.as_ref().map_or(1, |c| c.nodes);
                 let per_rank = (total * nodes / opts.parallel.world_size()).max(1);
-                let make = move |_: &RankPlan| CpuBackend::with_threads(per_rank);
+                let precision = opts.cpu_precision;
+                let make = move |_: &RankPlan| Ok(CpuBackend::with_threads(per_rank)?.with_precision(precision));
                 parallel_engine(&folder, &fingerprint, opts, make, None)?
             }
         };

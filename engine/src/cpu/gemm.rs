@@ -1,13 +1,19 @@
-//! f32 matrix multiplication for the CPU backend: `y = x @ w^T` with `w` packed once at load.
+//! Matrix multiplication for the CPU backend: `y = x @ w^T` with `w` packed once at load, in
+//! f32 or in bf16 (then each input is rounded to bf16 as it is packed, as a bf16 GEMM takes it).
 //!
 //! Every output element is one fused multiply-add chain over `k = 0, 1, ..., K-1` in that order,
 //! whatever the number of rows, the blocking, the thread count or the instruction set. Blocking
 //! over K only stores the running sum to `y` and loads it back, which is exact. That is what
 //! makes a sequence's score bit-identical alone or inside any batch, and the AVX-512, AVX2 and
 //! portable kernels bit-identical to each other.
+//!
+//! A bf16 matrix widens each `KC x NR` block of a panel to f32 once per row block and then runs
+//! the same f32 kernels: bf16 products are exact in f32, so the result is the f32 GEMM of the
+//! bf16-rounded operands, bit for bit, on every instruction set.
 
 use rayon::prelude::*;
 
+use super::precision::{bf16_value, round_bf16};
 use super::simd::{isa, Isa};
 
 /// Output columns per packed panel (two AVX-512 vectors).
@@ -25,33 +31,64 @@ const MC: usize = 240;
 pub struct PackedMatrix {
     n: usize,
     k: usize,
-    data: Vec<f32>,
+    data: Panels,
+}
+
+/// The packed values: f32, or bf16 bits (half the memory and bandwidth).
+#[derive(Clone)]
+enum Panels {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
 }
 
 impl std::fmt::Debug for PackedMatrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PackedMatrix[{}x{}]", self.n, self.k)
+        let dtype = if self.is_bf16() { "bf16" } else { "f32" };
+        write!(f, "PackedMatrix[{}x{} {dtype}]", self.n, self.k)
     }
+}
+
+/// `w` (`[n, k]` row-major) as panels of `NR` columns, zero-padded past `n`.
+fn pack_panels<T: Copy + Default + Send + Sync>(w: &[T], n: usize, k: usize) -> Vec<T> {
+    assert_eq!(w.len(), n * k, "matrix data does not match its shape");
+    if k == 0 {
+        return Vec::new();
+    }
+    let mut data = vec![T::default(); n.div_ceil(NR) * k * NR];
+    data.par_chunks_mut(k * NR).enumerate().for_each(|(p, panel)| {
+        for j in 0..NR.min(n - p * NR) {
+            let row = &w[(p * NR + j) * k..][..k];
+            for (kk, &v) in row.iter().enumerate() {
+                panel[kk * NR + j] = v;
+            }
+        }
+    });
+    data
 }
 
 impl PackedMatrix {
     /// Packs the row-major `[n, k]` matrix `w`.
     pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
-        assert_eq!(w.len(), n * k, "matrix data does not match its shape");
-        let panels = n.div_ceil(NR);
-        if k == 0 {
-            return PackedMatrix { n, k, data: Vec::new() };
+        PackedMatrix { n, k, data: Panels::F32(pack_panels(w, n, k)) }
+    }
+
+    /// Packs the row-major `[n, k]` matrix of bf16 bits `w`: [`matmul`] then rounds each input
+    /// to bf16 and computes the products in f32.
+    pub fn pack_bf16(w: &[u16], n: usize, k: usize) -> Self {
+        PackedMatrix { n, k, data: Panels::Bf16(pack_panels(w, n, k)) }
+    }
+
+    /// Whether the weights are bf16.
+    pub fn is_bf16(&self) -> bool {
+        matches!(self.data, Panels::Bf16(_))
+    }
+
+    /// Bytes the packed weights take.
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            Panels::F32(d) => d.len() * 4,
+            Panels::Bf16(d) => d.len() * 2,
         }
-        let mut data = vec![0.0f32; panels * k * NR];
-        data.par_chunks_mut(k * NR).enumerate().for_each(|(p, panel)| {
-            for j in 0..NR.min(n - p * NR) {
-                let row = &w[(p * NR + j) * k..][..k];
-                for (kk, &v) in row.iter().enumerate() {
-                    panel[kk * NR + j] = v;
-                }
-            }
-        });
-        PackedMatrix { n, k, data }
     }
 
     /// Output features.
@@ -88,7 +125,7 @@ fn matmul_with(x: &[f32], m: usize, w: &PackedMatrix, y: &mut [f32], isa: Isa) {
         y.fill(0.0);
         return;
     }
-    let a = pack_rows(x, m, k);
+    let a = if w.is_bf16() { pack_rows(x, m, k, round_bf16) } else { pack_rows(x, m, k, |v| v) };
     let panels = n.div_ceil(NR);
     // A few tasks per thread balance the ragged last panel without splitting rows, which would
     // make each task re-stream B.
@@ -105,15 +142,15 @@ fn matmul_with(x: &[f32], m: usize, w: &PackedMatrix, y: &mut [f32], isa: Isa) {
 
 /// Rows of `x` in tiles of `MR`: tile `t` holds `x[t*MR + i][kk]` at `t*k*MR + kk*MR + i`,
 /// zero-padded past `m`. Broadcasts then walk memory sequentially instead of 12 rows that alias
-/// in L1 when `k` is a multiple of 1024.
-fn pack_rows(x: &[f32], m: usize, k: usize) -> Vec<f32> {
+/// in L1 when `k` is a multiple of 1024. `f` is applied to each value (bf16 rounding).
+fn pack_rows(x: &[f32], m: usize, k: usize, f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
     let tiles = m.div_ceil(MR);
     let mut a = vec![0.0f32; tiles * k * MR];
     a.par_chunks_mut(k * MR).enumerate().for_each(|(t, tile)| {
         for i in 0..MR.min(m - t * MR) {
             let row = &x[(t * MR + i) * k..][..k];
             for (kk, &v) in row.iter().enumerate() {
-                tile[kk * MR + i] = v;
+                tile[kk * MR + i] = f(v);
             }
         }
     });
@@ -122,12 +159,26 @@ fn pack_rows(x: &[f32], m: usize, k: usize) -> Vec<f32> {
 
 unsafe fn panels_task(a: &[f32], m: usize, w: &PackedMatrix, y: SyncPtr, panels: std::ops::Range<usize>, isa: Isa) {
     let (n, k) = (w.n, w.k);
+    // A bf16 block widened to f32: reused by every row tile of the row block.
+    let mut wide = match w.data {
+        Panels::F32(_) => Vec::new(),
+        Panels::Bf16(_) => vec![0.0f32; KC * NR],
+    };
     for m0 in (0..m).step_by(MC) {
         let m1 = (m0 + MC).min(m);
         for k0 in (0..k).step_by(KC) {
             let kc = KC.min(k - k0);
             for p in panels.clone() {
-                let b = w.data.as_ptr().add(p * k * NR + k0 * NR);
+                let start = p * k * NR + k0 * NR;
+                let b = match &w.data {
+                    Panels::F32(d) => d.as_ptr().add(start),
+                    Panels::Bf16(d) => {
+                        for (o, &bits) in wide.iter_mut().zip(&d[start..start + kc * NR]) {
+                            *o = bf16_value(bits);
+                        }
+                        wide.as_ptr()
+                    }
+                };
                 let ncols = NR.min(n - p * NR);
                 for i0 in (m0..m1).step_by(MR) {
                     let tile = Tile {
@@ -362,20 +413,51 @@ mod tests {
     }
 
     #[test]
+    fn a_bf16_matrix_is_the_fma_chain_over_bf16_rounded_operands_on_every_kernel() {
+        use crate::cpu::precision::bf16_bits;
+        for &(m, n, k) in &[(1, 1, 1), (13, 33, 257), (25, 70, 600), (241, 31, 5), (7, 96, 0)] {
+            // Inputs with low bits set, so that rounding them to bf16 changes them.
+            let x: Vec<f32> = random(m * k, 5).iter().map(|v| v * 3.0 + 1e-3).collect();
+            let w = random(n * k, 6);
+            let w_bits: Vec<u16> = w.iter().map(|&v| bf16_bits(v)).collect();
+            let packed = PackedMatrix::pack_bf16(&w_bits, n, k);
+            assert!(packed.is_bf16() && packed.bytes() == n.div_ceil(NR) * k * NR * 2);
+            let xr: Vec<f32> = x.iter().map(|&v| round_bf16(v)).collect();
+            let wr: Vec<f32> = w_bits.iter().map(|&b| bf16_value(b)).collect();
+            let r = reference(&xr, m, &wr, n, k);
+            for isa in supported() {
+                let mut y = vec![f32::NAN; m * n];
+                matmul_with(&x, m, &packed, &mut y, isa);
+                assert!(y.iter().zip(&r).all(|(a, b)| a.to_bits() == b.to_bits()), "{isa:?} {m}x{n}x{k}");
+            }
+            // And not the f32 product of the unrounded operands: the rounding did happen.
+            if k > 1 {
+                let mut y = vec![0.0; m * n];
+                matmul(&x, m, &PackedMatrix::pack(&w, n, k), &mut y);
+                assert!(y.iter().zip(&r).any(|(a, b)| a != b), "{m}x{n}x{k}");
+            }
+        }
+    }
+
+    #[test]
     fn a_row_gives_the_same_bits_whatever_rows_surround_it() {
+        use crate::cpu::precision::bf16_bits;
         let (n, k) = (96, 700);
-        let w = PackedMatrix::pack(&random(n * k, 3), n, k);
-        let x = random(300 * k, 4);
-        let mut all = vec![0.0; 300 * n];
-        matmul(&x, 300, &w, &mut all);
-        for &row in &[0usize, 11, 12, 239, 240, 299] {
-            let mut one = vec![0.0; n];
-            matmul(&x[row * k..(row + 1) * k], 1, &w, &mut one);
-            assert_eq!(
-                one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                all[row * n..(row + 1) * n].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                "row {row}"
-            );
+        let w = random(n * k, 3);
+        let bits: Vec<u16> = w.iter().map(|&v| bf16_bits(v)).collect();
+        for packed in [PackedMatrix::pack(&w, n, k), PackedMatrix::pack_bf16(&bits, n, k)] {
+            let x = random(300 * k, 4);
+            let mut all = vec![0.0; 300 * n];
+            matmul(&x, 300, &packed, &mut all);
+            for &row in &[0usize, 11, 12, 239, 240, 299] {
+                let mut one = vec![0.0; n];
+                matmul(&x[row * k..(row + 1) * k], 1, &packed, &mut one);
+                assert_eq!(
+                    one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    all[row * n..(row + 1) * n].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{packed:?} row {row}"
+                );
+            }
         }
     }
 }

@@ -1,9 +1,12 @@
 //! The CPU backend: f32 compute on a rayon pool, weights of any supported dtype widened to f32 at
 //! load. Used for development, tests and small models, and as the reference for other backends.
+//! Opt-in bf16 precision ([`Precision::Bf16`]) keeps bf16 weights and rounds activations where the
+//! GPU does.
 
 mod attention;
 pub mod gemm;
 mod ops;
+pub mod precision;
 mod simd;
 
 use std::sync::Arc;
@@ -22,6 +25,7 @@ use crate::spec::NormKind;
 use crate::weights::TensorView;
 use gemm::PackedMatrix;
 pub use ops::NormParams;
+pub use precision::Precision;
 
 /// Activations on the CPU: `[rows, cols]` row-major f32.
 #[derive(Debug, Clone, PartialEq)]
@@ -79,11 +83,12 @@ pub struct CpuBatch {
 /// The CPU backend.
 pub struct CpuBackend {
     pool: Arc<ThreadPool>,
+    precision: Precision,
 }
 
 impl std::fmt::Debug for CpuBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "CpuBackend({} threads)", self.pool.current_num_threads())
+        write!(f, "CpuBackend({} threads, {})", self.pool.current_num_threads(), self.precision)
     }
 }
 
@@ -106,12 +111,53 @@ impl CpuBackend {
             .thread_name(|i| format!("arbiter-cpu-{i}"))
             .build()
             .map_err(|e| EngineError::Backend(format!("cannot start {threads} CPU threads: {e}")))?;
-        Ok(CpuBackend { pool: Arc::new(pool) })
+        Ok(CpuBackend { pool: Arc::new(pool), precision: Precision::F32 })
+    }
+
+    /// The same backend computing in `precision` (for matrices and tables loaded after this).
+    pub fn with_precision(self, precision: Precision) -> Self {
+        CpuBackend { precision, ..self }
     }
 
     /// Threads in the pool.
     pub fn threads(&self) -> usize {
         self.pool.current_num_threads()
+    }
+
+    /// What this backend computes in.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Rounds an op's output to bf16 where the GPU stores bf16 (nothing in f32 precision).
+    fn store(&self, mut t: CpuTensor) -> CpuTensor {
+        self.store_in_place(&mut t);
+        t
+    }
+
+    fn store_in_place(&self, t: &mut CpuTensor) {
+        if self.precision == Precision::Bf16 {
+            self.pool.install(|| precision::round_slice(&mut t.data));
+        }
+    }
+
+    /// A matrix of bf16 weights (rounded to nearest even from f32 or f16 folders, as the GPU
+    /// loads them). FP8 folders compute in f32 on the CPU: their dequantized weights are not
+    /// bf16 values, and the GPU's FP8 path is a different GEMM.
+    fn bf16_matrix(&self, parts: &[MatrixPart<'_>], k: usize) -> Result<CpuMatrix> {
+        if let Some(p) = parts.iter().find(|p| p.is_fp8()) {
+            return Err(EngineError::Backend(format!(
+                "{}: FP8 weights run in f32 precision on the CPU; drop --cpu-precision bf16 for an FP8 folder",
+                p.view.name
+            )));
+        }
+        let mut bits = Vec::new();
+        for p in parts {
+            p.view.block_to_bf16_bits(p.rows.clone(), p.cols.clone(), &mut bits);
+        }
+        let n = parts.iter().map(|p| p.rows.len()).sum();
+        let packed = self.pool.install(|| PackedMatrix::pack_bf16(&bits, n, k));
+        Ok(CpuMatrix { packed, fp8_input: false, bias: stacked_bias(parts) })
     }
 
     fn zeros(rows: usize, cols: usize) -> CpuTensor {
@@ -136,6 +182,9 @@ impl Backend for CpuBackend {
 
     fn matrix(&self, parts: &[MatrixPart<'_>]) -> Result<CpuMatrix> {
         let k = check_parts(parts)?;
+        if self.precision == Precision::Bf16 {
+            return self.bf16_matrix(parts, k);
+        }
         let mut rows = Vec::new();
         let mut n = 0;
         for p in parts {
@@ -169,6 +218,10 @@ impl Backend for CpuBackend {
 
     fn embedding(&self, table: TensorView<'_>, scale: f32) -> Result<CpuTensor> {
         let mut data = table.to_f32();
+        if self.precision == Precision::Bf16 {
+            // The GPU's table is bf16; its rows are scaled in f32 as they are gathered.
+            self.pool.install(|| precision::round_slice(&mut data));
+        }
         // Scaling the f32 table once rounds each product exactly as scaling each gathered row would.
         if scale != 1.0 {
             data.iter_mut().for_each(|v| *v *= scale);
@@ -201,6 +254,13 @@ impl Backend for CpuBackend {
     fn norm(&self, x: &CpuTensor, p: &NormParams) -> Result<CpuTensor> {
         let mut out = Self::zeros(x.rows, x.cols);
         self.pool.install(|| ops::norm(&x.data, x.cols, p, &mut out.data));
+        Ok(self.store(out))
+    }
+
+    fn final_norm(&self, x: &CpuTensor, p: &NormParams) -> Result<CpuTensor> {
+        // f32 in both precisions: its rows go to the f32 head.
+        let mut out = Self::zeros(x.rows, x.cols);
+        self.pool.install(|| ops::norm(&x.data, x.cols, p, &mut out.data));
         Ok(out)
     }
 
@@ -208,7 +268,7 @@ impl Backend for CpuBackend {
         same_shape(x, delta, "residual add")?;
         let mut out = Self::zeros(x.rows, x.cols);
         self.pool.install(|| ops::add_norm(&mut x.data, &delta.data, x.cols, p, &mut out.data));
-        Ok(out)
+        Ok(self.store(out))
     }
 
     fn branch_norm(&self, x: &CpuTensor, p: &NormParams) -> Result<CpuTensor> {
@@ -238,26 +298,30 @@ impl Backend for CpuBackend {
         };
         self.pool.install(|| gemm::matmul(input, x.rows, &w.packed, &mut out.data));
         if let Some(bias) = &w.bias {
+            // On the GPU the bias is added to the bf16 product: round it first in bf16 precision.
+            out = self.store(out);
             self.pool.install(|| ops::add_bias(&mut out.data, bias));
         }
-        Ok(out)
+        Ok(self.store(out))
     }
 
     fn rope(&self, qkv: &mut CpuTensor, layout: &AttnLayout, ctx: &CpuBatch) -> Result<()> {
         self.pool.install(|| ops::rope(&mut qkv.data, layout, &ctx.positions, &ctx.cos, &ctx.sin));
+        self.store_in_place(qkv);
         Ok(())
     }
 
     fn qk_norm(&self, qkv: &mut CpuTensor, layout: &AttnLayout, q: &NormParams, k: &NormParams) -> Result<()> {
         check_qk_norm(qkv.cols, layout, q.gamma.len(), k.gamma.len())?;
         self.pool.install(|| ops::qk_norm(&mut qkv.data, layout, q, k));
+        self.store_in_place(qkv);
         Ok(())
     }
 
     fn attention(&self, qkv: &CpuTensor, layout: &AttnLayout, ctx: &CpuBatch) -> Result<CpuTensor> {
         let mut out = Self::zeros(qkv.rows, layout.heads * layout.head_dim);
         self.pool.install(|| attention::attention(&qkv.data, layout, &ctx.cu_seqlens, &ctx.ancestors, &mut out.data));
-        Ok(out)
+        Ok(self.store(out))
     }
 
     fn activation(&self, x: &CpuTensor, kind: Activation) -> Result<CpuTensor> {
@@ -267,7 +331,7 @@ impl Backend for CpuBackend {
         };
         let mut out = Self::zeros(x.rows, cols);
         self.pool.install(|| ops::activation(&x.data, x.cols, kind, &mut out.data));
-        Ok(out)
+        Ok(self.store(out))
     }
 
     fn gather_rows(&self, x: &CpuTensor, rows: &[usize]) -> Result<CpuTensor> {
