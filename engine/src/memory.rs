@@ -26,6 +26,9 @@ impl Storage {
     /// The CPU backend: everything widened to f32 at load (FP8 weights dequantized), f32
     /// activations, no device context.
     pub const CPU: Storage = Storage { dense: 4, fp8: 4, activation: 4, overhead: 64 << 20 };
+    /// The CPU backend in bf16 precision: bf16 weights and embedding, f32 activations (holding
+    /// bf16 values); FP8 folders are refused in this precision.
+    pub const CPU_BF16: Storage = Storage { dense: 2, fp8: 4, activation: 4, overhead: 64 << 20 };
     /// The CUDA backend: bf16 weights and activations; FP8 weights kept as e4m3 (the layout of
     /// "FP8 weights, part 2"); 1 GiB for the context, cuBLASLt and NCCL.
     pub const CUDA: Storage = Storage { dense: 2, fp8: 1, activation: 2, overhead: 1 << 30 };
@@ -254,6 +257,10 @@ mod tests {
         let params: u64 =
             crate::tensors::tensor_shapes(&spec).iter().map(|(_, s)| s.iter().product::<usize>() as u64).sum();
         assert_eq!(one.ranks[0].embedding + one.ranks[0].weights, params * 4);
+        // bf16 precision keeps weights and embedding in two bytes.
+        let bf16 = plan(&spec, Parallelism::default(), Storage::CPU_BF16, 1000).unwrap();
+        assert_eq!(bf16.ranks[0].embedding + bf16.ranks[0].weights, params * 2);
+        assert_eq!(bf16.ranks[0].activations, one.ranks[0].activations);
         assert_eq!(two.ranks[0].embedding, one.ranks[0].embedding);
         assert_eq!(two.ranks[3].embedding, 0);
         // Over the four ranks, every linear weight is held once, norms once per TP rank.

@@ -2,6 +2,7 @@
 //! weight slices, the activations of a full `--max-batch-tokens` batch, and workspace (see
 //! engine/src/memory.rs), against the memory of the device the ranks run on.
 
+use arbiter_engine::cpu::Precision;
 use arbiter_engine::folder::ModelFolder;
 use arbiter_engine::memory::{available_host_memory, gpu_memory, plan, Storage};
 use arbiter_engine::parallel::Parallelism;
@@ -19,7 +20,10 @@ pub fn check(args: &ServeArgs, folder: &ModelFolder) -> Result<(), CommandError>
     let (storage, capacity, shared, what) = match args.model.device {
         // All CPU ranks of this process share its host memory.
         Device::Cpu => (
-            Storage::CPU,
+            match args.model.cpu_precision {
+                Precision::F32 => Storage::CPU,
+                Precision::Bf16 => Storage::CPU_BF16,
+            },
             available_host_memory(),
             par.world_size() / usize::from(args.model.nodes).max(1),
             "available host memory",

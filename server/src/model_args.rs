@@ -33,8 +33,9 @@ pub struct ModelArgs {
     #[arg(long, env = "ARBITER_DEVICE", default_value = "cpu")]
     pub device: Device,
     /// What the CPU backend computes in: "f32" (the default; scores within 1e-4 of transformers'
-    /// fp32) or "bf16" (bf16 weights and activations rounded where the GPU rounds them: half the
-    /// memory, scores within about 2e-2). Only for --device cpu.
+    /// fp32) or "bf16" (bf16 weights, activations rounded where the GPU rounds them: half the
+    /// weight memory, scores within 1e-2 of f32 in units of the output scale on the golden
+    /// fixtures). Only for --device cpu.
     #[arg(long, env = "ARBITER_CPU_PRECISION", default_value = "f32")]
     pub cpu_precision: Precision,
     /// Tensor-parallel ranks per pipeline stage (Megatron layout; must divide the heads, the KV

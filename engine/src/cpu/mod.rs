@@ -69,6 +69,28 @@ pub struct CpuMatrix {
     pub bias: Option<Vec<f32>>,
 }
 
+/// The token embedding table: f32 rows already multiplied by the scale, or (bf16 precision)
+/// bf16 rows multiplied by the scale in f32 as they are gathered, as the GPU's `embed` does.
+#[derive(Debug)]
+pub enum CpuEmbedding {
+    /// `[vocab, hidden]` f32, scaled.
+    F32 {
+        /// Row-major values.
+        data: Vec<f32>,
+        /// Columns (hidden size).
+        cols: usize,
+    },
+    /// `[vocab, hidden]` bf16 bits, unscaled.
+    Bf16 {
+        /// Row-major bf16 bits.
+        bits: Vec<u16>,
+        /// Columns (hidden size).
+        cols: usize,
+        /// Multiplies each gathered value.
+        scale: f32,
+    },
+}
+
 /// Per-forward batch data: offsets, each segment's shared-prefix rows, positions and the rotary
 /// tables up to the longest sequence.
 #[derive(Debug)]
@@ -173,7 +195,7 @@ impl Backend for CpuBackend {
     type Tensor = CpuTensor;
     type Matrix = CpuMatrix;
     type Norm = NormParams;
-    type Embedding = CpuTensor;
+    type Embedding = CpuEmbedding;
     type BatchCtx = CpuBatch;
 
     fn name(&self) -> String {
@@ -216,17 +238,19 @@ impl Backend for CpuBackend {
         Ok(NormParams { kind, eps, gamma, beta: bias.map(|b| b.to_f32()) })
     }
 
-    fn embedding(&self, table: TensorView<'_>, scale: f32) -> Result<CpuTensor> {
-        let mut data = table.to_f32();
+    fn embedding(&self, table: TensorView<'_>, scale: f32) -> Result<CpuEmbedding> {
+        let (vocab, cols) = (table.shape[0], table.row_len());
         if self.precision == Precision::Bf16 {
-            // The GPU's table is bf16; its rows are scaled in f32 as they are gathered.
-            self.pool.install(|| precision::round_slice(&mut data));
+            let mut bits = Vec::with_capacity(vocab * cols);
+            table.block_to_bf16_bits(0..vocab, 0..cols, &mut bits);
+            return Ok(CpuEmbedding::Bf16 { bits, cols, scale });
         }
+        let mut data = table.to_f32();
         // Scaling the f32 table once rounds each product exactly as scaling each gathered row would.
         if scale != 1.0 {
             data.iter_mut().for_each(|v| *v *= scale);
         }
-        Ok(CpuTensor { data, rows: table.shape[0], cols: table.shape[1] })
+        Ok(CpuEmbedding::F32 { data, cols })
     }
 
     fn batch_ctx(&self, batch: &PackedBatch, inv_freq: &[f32]) -> Result<CpuBatch> {
@@ -235,18 +259,25 @@ impl Backend for CpuBackend {
         Ok(CpuBatch { cu_seqlens: batch.cu_seqlens().to_vec(), ancestors, positions: batch.positions(), cos, sin })
     }
 
-    fn embed(&self, table: &CpuTensor, tokens: &[u32]) -> Result<CpuTensor> {
-        let h = table.cols;
+    fn embed(&self, table: &CpuEmbedding, tokens: &[u32]) -> Result<CpuTensor> {
+        let (h, vocab) = match table {
+            CpuEmbedding::F32 { data, cols } => (*cols, data.len() / (*cols).max(1)),
+            CpuEmbedding::Bf16 { bits, cols, .. } => (*cols, bits.len() / (*cols).max(1)),
+        };
         let mut out = Self::zeros(tokens.len(), h);
         for (row, &t) in out.data.chunks_exact_mut(h).zip(tokens) {
             let t = t as usize;
-            if t >= table.rows {
-                return Err(EngineError::InvalidBatch(format!(
-                    "token id {t} is outside the vocabulary of {}",
-                    table.rows
-                )));
+            if t >= vocab {
+                return Err(EngineError::InvalidBatch(format!("token id {t} is outside the vocabulary of {vocab}")));
             }
-            row.copy_from_slice(&table.data[t * h..(t + 1) * h]);
+            match table {
+                CpuEmbedding::F32 { data, .. } => row.copy_from_slice(&data[t * h..(t + 1) * h]),
+                CpuEmbedding::Bf16 { bits, scale, .. } => {
+                    for (o, &b) in row.iter_mut().zip(&bits[t * h..(t + 1) * h]) {
+                        *o = precision::bf16_value(b) * scale;
+                    }
+                }
+            }
         }
         Ok(out)
     }
