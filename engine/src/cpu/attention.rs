@@ -2,21 +2,42 @@
 //!
 //! One task per (segment, query head): a segment sees only its ancestors' tokens and its own, and
 //! a task's arithmetic does not depend on how tasks are spread over threads, so scores are
-//! batch-invariant. A segment that continues a shared prefix reduces over the prefix's keys and
-//! then its own, one key at a time in position order: exactly the keys, in exactly the order, of
-//! the same tokens packed as one unshared sequence, so sharing changes no bit.
+//! batch-invariant. A segment that continues a shared prefix sees the prefix's keys and then its
+//! own, in position order: exactly the keys, in exactly the order, of the same tokens packed as
+//! one unshared sequence, so sharing changes no bit.
+//!
+//! Both products run through the GEMM's micro-kernels, a block of queries at a time: scores are
+//! `Q K^T` (one FMA chain over the head's channels per query and key), and the output `P V` (one
+//! chain over the keys in position order per query and channel). A block multiplies by the keys
+//! up to its last query; the probabilities of keys a query does not see are exact zeros, and
+//! adding `0 * v` leaves a running sum unchanged, so a query's bits do not depend on the block it
+//! falls in (nor on how long its segment is).
 
 use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::simd::{axpy, dot, isa, Isa};
+use super::gemm::{matmul_leading, PackedMatrix};
+use super::simd::{exp, isa, Isa};
 use crate::backend::AttnLayout;
+
+/// Queries per block: bounds the scores' scratch to `QB x keys` and skips most of the masked
+/// upper triangle.
+const QB: usize = 64;
 
 #[derive(Clone, Copy)]
 struct SyncPtr(*mut f32);
 unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
+
+/// A task's buffers, reused across the tasks a thread runs.
+#[derive(Default)]
+struct Scratch {
+    queries: Vec<f32>,
+    scores: Vec<f32>,
+    sums: Vec<f32>,
+    acc: Vec<f32>,
+}
 
 /// `out[t, h*d..(h+1)*d] = softmax(q_t . k_j * scale, j <= t in t's sequence) @ v`, where
 /// segment `s` (rows `cu_seqlens[s]..cu_seqlens[s + 1]`) is preceded in its sequence by the rows
@@ -35,54 +56,44 @@ pub fn attention(
     let tasks: Vec<(usize, usize)> =
         (0..cu_seqlens.len() - 1).flat_map(|s| (0..h).map(move |head| (s, head))).collect();
     let out_ptr = SyncPtr(out.as_mut_ptr());
-    let isa = isa();
-    tasks.par_iter().for_each_init(Vec::new, |scores, &(s, head)| {
+    tasks.par_iter().for_each_init(Scratch::default, |scratch, &(s, head)| {
         let range = cu_seqlens[s]..cu_seqlens[s + 1];
         let prefix = ancestors.get(s).map_or(&[][..], Vec::as_slice);
         // SAFETY: task (s, head) writes only rows `range`, columns of `head`; tasks are disjoint.
-        unsafe {
-            #[cfg(target_arch = "x86_64")]
-            match isa {
-                Isa::Avx512 => return one_head_avx512(qkv, layout, prefix, range, head, out_ptr, scores),
-                Isa::Avx2Fma => return one_head_avx2(qkv, layout, prefix, range, head, out_ptr, scores),
-                Isa::Portable => {}
-            }
-            one_head(qkv, layout, prefix, range, head, out_ptr, scores)
-        }
+        unsafe { one_head(qkv, layout, prefix, range, head, out_ptr, scratch) }
     });
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-unsafe fn one_head_avx512(
-    qkv: &[f32],
-    l: &AttnLayout,
-    prefix: &[Range<usize>],
-    range: Range<usize>,
-    head: usize,
-    out: SyncPtr,
-    scores: &mut Vec<f32>,
-) {
-    one_head(qkv, l, prefix, range, head, out, scores)
+/// Turns raw scores `q . k` into `e^(s - max)` in place and returns their sum (in key order).
+fn softmax_numerators(row: &mut [f32], scale: f32, softcap: Option<f32>) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if isa() != Isa::Portable {
+        // SAFETY: AVX2 and FMA are present (every non-portable ISA has both).
+        return unsafe { softmax_numerators_avx2(row, scale, softcap) };
+    }
+    softmax_body(row, scale, softcap)
 }
 
-/// [`one_head`] compiled for AVX2 with FMA: `mul_add` becomes one instruction (on a CPU without
-/// FMA in the baseline target it is otherwise a slow library call), with the same rounding.
+/// [`softmax_body`] compiled with AVX2 and FMA, where the exponentials vectorize; the same
+/// arithmetic, so the same bits.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn one_head_avx2(
-    qkv: &[f32],
-    l: &AttnLayout,
-    prefix: &[Range<usize>],
-    range: Range<usize>,
-    head: usize,
-    out: SyncPtr,
-    scores: &mut Vec<f32>,
-) {
-    one_head(qkv, l, prefix, range, head, out, scores)
+unsafe fn softmax_numerators_avx2(row: &mut [f32], scale: f32, softcap: Option<f32>) -> f32 {
+    softmax_body(row, scale, softcap)
 }
 
 #[inline(always)]
+fn softmax_body(row: &mut [f32], scale: f32, softcap: Option<f32>) -> f32 {
+    row.iter_mut().for_each(|s| *s *= scale);
+    if let Some(cap) = softcap {
+        row.iter_mut().for_each(|s| *s = (*s / cap).tanh() * cap);
+    }
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    row.iter_mut().for_each(|s| *s = exp(*s - max));
+    // A sequential sum: its order is part of the result.
+    row.iter().fold(0.0f32, |sum, &p| sum + p)
+}
+
 unsafe fn one_head(
     qkv: &[f32],
     l: &AttnLayout,
@@ -90,61 +101,49 @@ unsafe fn one_head(
     range: Range<usize>,
     head: usize,
     out: SyncPtr,
-    scores: &mut Vec<f32>,
+    scratch: &mut Scratch,
 ) {
+    if range.is_empty() {
+        return;
+    }
     let (d, w) = (l.head_dim, l.qkv_width());
     let kv = head / (l.heads / l.kv_heads);
     let (q_off, k_off, v_off) = (head * d, (l.heads + kv) * d, (l.heads + l.kv_heads + kv) * d);
     let out_w = l.heads * d;
-    let mut acc = vec![0.0f32; d];
-    // The key rows of query `t`: the prefix's spans, then the segment's own rows up to `t`
-    // (position order), as plain ranges: a chained, flattened iterator per key cost more than
-    // the arithmetic it fed.
-    let mut spans: Vec<Range<usize>> = prefix.to_vec();
-    spans.push(range.start..range.start);
-    let prefix_len: usize = prefix.iter().map(Range::len).sum();
-    for t in range.clone() {
-        let q = &qkv[t * w + q_off..][..d];
-        *spans.last_mut().expect("the own span") = range.start..t + 1;
-        // A sliding window keeps the latest `window` keys.
-        let seen = prefix_len + (t - range.start + 1);
-        let skip = l.window.map_or(0, |w| seen.saturating_sub(w));
-        let visible = || {
-            let mut left = skip;
-            spans.iter().map(move |r| {
-                let cut = left.min(r.len());
-                left -= cut;
-                r.start + cut..r.end
-            })
-        };
-        scores.clear();
-        let mut max = f32::NEG_INFINITY;
-        for r in visible() {
-            for j in r {
-                let mut s = dot(q, &qkv[j * w + k_off..][..d]) * l.scale;
-                if let Some(cap) = l.softcap {
-                    s = (s / cap).tanh() * cap;
-                }
-                max = max.max(s);
-                scores.push(s);
+    // The key rows in position order: the ancestors' spans, then the segment's own rows.
+    let rows: Vec<usize> = prefix.iter().cloned().flatten().chain(range.clone()).collect();
+    let prefix_len = rows.len() - range.len();
+    let keys = PackedMatrix::pack_with(rows.len(), d, |j, c| qkv[rows[j] * w + k_off + c]);
+    let values = PackedMatrix::pack_with(d, rows.len(), |c, j| qkv[rows[j] * w + v_off + c]);
+    let Scratch { queries, scores, sums, acc } = scratch;
+    for b0 in (0..range.len()).step_by(QB) {
+        let b1 = (b0 + QB).min(range.len());
+        let m = b1 - b0;
+        // Keys the block's last query sees.
+        let seen = prefix_len + b1;
+        queries.clear();
+        for t in range.start + b0..range.start + b1 {
+            queries.extend_from_slice(&qkv[t * w + q_off..][..d]);
+        }
+        scores.resize(m * seen, 0.0);
+        matmul_leading(queries, m, d, &keys, seen, scores);
+        sums.clear();
+        for (i, row) in scores.chunks_exact_mut(seen).enumerate() {
+            let end = prefix_len + b0 + i + 1;
+            // A sliding window keeps the latest `window` keys.
+            let skip = l.window.map_or(0, |w| end.saturating_sub(w));
+            row[..skip].fill(0.0);
+            row[end..].fill(0.0);
+            sums.push(softmax_numerators(&mut row[skip..end], l.scale, l.softcap));
+        }
+        acc.resize(m * d, 0.0);
+        matmul_leading(scores, m, seen, &values, d, acc);
+        for (i, (a, sum)) in acc.chunks_exact(d).zip(sums.iter()).enumerate() {
+            let inv = 1.0 / sum;
+            let o = std::slice::from_raw_parts_mut(out.0.add((range.start + b0 + i) * out_w + head * d), d);
+            for (oi, a) in o.iter_mut().zip(a) {
+                *oi = a * inv;
             }
-        }
-        let mut sum = 0.0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        acc.fill(0.0);
-        let mut p = scores.iter();
-        for r in visible() {
-            for (j, p) in r.zip(p.by_ref()) {
-                axpy(*p, &qkv[j * w + v_off..][..d], &mut acc);
-            }
-        }
-        let inv = 1.0 / sum;
-        let o = std::slice::from_raw_parts_mut(out.0.add(t * out_w + head * d), d);
-        for (oi, a) in o.iter_mut().zip(&acc) {
-            *oi = a * inv;
         }
     }
 }

@@ -78,6 +78,19 @@ impl PackedMatrix {
         PackedMatrix { n, k, data: Panels::Bf16(pack_panels(w, n, k)) }
     }
 
+    /// Packs the `[n, k]` f32 matrix whose element `(r, c)` is `get(r, c)`, on the calling
+    /// thread: attention's per-head keys and values, packed inside a parallel task.
+    pub fn pack_with(n: usize, k: usize, get: impl Fn(usize, usize) -> f32) -> Self {
+        let mut data = vec![0.0f32; n.div_ceil(NR) * k * NR];
+        for r in 0..n {
+            let panel = &mut data[(r / NR) * k * NR..][..k * NR];
+            for c in 0..k {
+                panel[c * NR + r % NR] = get(r, c);
+            }
+        }
+        PackedMatrix { n, k, data: Panels::F32(data) }
+    }
+
     /// Whether the weights are bf16.
     pub fn is_bf16(&self) -> bool {
         matches!(self.data, Panels::Bf16(_))
@@ -125,7 +138,7 @@ fn matmul_with(x: &[f32], m: usize, w: &PackedMatrix, y: &mut [f32], isa: Isa) {
         y.fill(0.0);
         return;
     }
-    let a = if w.is_bf16() { pack_rows(x, m, k, round_bf16) } else { pack_rows(x, m, k, |v| v) };
+    let a = pack_input(x, m, k, w);
     let panels = n.div_ceil(NR);
     // A few tasks per thread balance the ragged last panel without splitting rows, which would
     // make each task re-stream B.
@@ -136,8 +149,36 @@ fn matmul_with(x: &[f32], m: usize, w: &PackedMatrix, y: &mut [f32], isa: Isa) {
         let p1 = panels * (t + 1) / tasks;
         // SAFETY: task t writes only columns [p0*NR, p1*NR) ∩ [0, n) of y, disjoint from other
         // tasks; all reads stay inside `a` and `w.data` by construction of the packing.
-        unsafe { panels_task(&a, m, w, y_ptr, p0..p1, isa) };
+        unsafe { panels_task(&a, m, w, (n, k), y_ptr, p0..p1, isa) };
     });
+}
+
+/// `y[m, n] = x[m, k] @ w[..n, ..k]^T` on the calling thread, for the leading `n` outputs and
+/// `k` inputs of `w`: attention multiplies a block of queries by the keys up to the block's
+/// last one. Each element is the same FMA chain as [`matmul`] computes.
+pub fn matmul_leading(x: &[f32], m: usize, k: usize, w: &PackedMatrix, n: usize, y: &mut [f32]) {
+    assert!(n <= w.n && k <= w.k, "[{n}, {k}] is not inside the {}x{} matrix", w.n, w.k);
+    assert_eq!(x.len(), m * k, "input does not match K");
+    assert_eq!(y.len(), m * n, "output does not match [m, n]");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        y.fill(0.0);
+        return;
+    }
+    let a = pack_input(x, m, k, w);
+    // SAFETY: the only task writes all of y, which holds m * n values.
+    unsafe { panels_task(&a, m, w, (n, k), SyncPtr(y.as_mut_ptr()), 0..n.div_ceil(NR), isa()) };
+}
+
+/// `x` packed for `w`: rounded to bf16 when `w` is bf16, as a bf16 GEMM takes its input.
+fn pack_input(x: &[f32], m: usize, k: usize, w: &PackedMatrix) -> Vec<f32> {
+    if w.is_bf16() {
+        pack_rows(x, m, k, round_bf16)
+    } else {
+        pack_rows(x, m, k, |v| v)
+    }
 }
 
 /// Rows of `x` in tiles of `MR`: tile `t` holds `x[t*MR + i][kk]` at `t*k*MR + kk*MR + i`,
@@ -157,8 +198,17 @@ fn pack_rows(x: &[f32], m: usize, k: usize, f: impl Fn(f32) -> f32 + Sync) -> Ve
     a
 }
 
-unsafe fn panels_task(a: &[f32], m: usize, w: &PackedMatrix, y: SyncPtr, panels: std::ops::Range<usize>, isa: Isa) {
-    let (n, k) = (w.n, w.k);
+/// Panels `panels` of `y[m, n] = a @ w[..n, ..k]^T` (`a` packed by [`pack_rows`] with row length
+/// `k`); panel strides are `w`'s own.
+unsafe fn panels_task(
+    a: &[f32],
+    m: usize,
+    w: &PackedMatrix,
+    (n, k): (usize, usize),
+    y: SyncPtr,
+    panels: std::ops::Range<usize>,
+    isa: Isa,
+) {
     // A bf16 block widened to f32: reused by every row tile of the row block.
     let mut wide = match w.data {
         Panels::F32(_) => Vec::new(),
@@ -169,7 +219,7 @@ unsafe fn panels_task(a: &[f32], m: usize, w: &PackedMatrix, y: SyncPtr, panels:
         for k0 in (0..k).step_by(KC) {
             let kc = KC.min(k - k0);
             for p in panels.clone() {
-                let start = p * k * NR + k0 * NR;
+                let start = p * w.k * NR + k0 * NR;
                 let b = match &w.data {
                     Panels::F32(d) => d.as_ptr().add(start),
                     Panels::Bf16(d) => {
@@ -437,6 +487,28 @@ mod tests {
                 assert!(y.iter().zip(&r).any(|(a, b)| a != b), "{m}x{n}x{k}");
             }
         }
+    }
+
+    #[test]
+    fn the_leading_block_of_a_matrix_is_the_same_fma_chain_as_the_whole() {
+        let (n, k) = (70, 45);
+        let w = random(n * k, 8);
+        let packed = PackedMatrix::pack_with(n, k, |r, c| w[r * k + c]);
+        let mut whole = vec![0.0; 5 * n];
+        let x = random(5 * k, 9);
+        matmul(&x, 5, &packed, &mut whole);
+        assert_eq!(bits(&whole), bits(&reference(&x, 5, &w, n, k)));
+        for &(m, nn, kk) in &[(5, 70, 45), (13, 33, 20), (1, 1, 1), (3, 64, 44), (2, 0, 3), (2, 5, 0)] {
+            let x = random(m * kk, 10);
+            let sub: Vec<f32> = (0..nn).flat_map(|r| w[r * k..r * k + kk].to_vec()).collect();
+            let mut y = vec![f32::NAN; m * nn];
+            matmul_leading(&x, m, kk, &packed, nn, &mut y);
+            assert_eq!(bits(&y), bits(&reference(&x, m, &sub, nn, kk)), "{m}x{nn}x{kk}");
+        }
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
     }
 
     #[test]

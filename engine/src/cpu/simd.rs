@@ -1,47 +1,5 @@
-//! Small vector helpers with a fixed summation order, so results do not depend on which
-//! instruction set a function was compiled for.
-
-/// Lanes of the fixed-order reductions (one AVX-512 register of f32).
-const LANES: usize = 16;
-
-/// `sum(a[i] * b[i])`: 16 lane-wise FMA chains, then a fixed pairwise tree.
-#[inline(always)]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    debug_assert_eq!(a.len(), b.len());
-    let mut acc = [0.0f32; LANES];
-    let chunks = a.len() / LANES;
-    for c in 0..chunks {
-        let (x, y) = (&a[c * LANES..][..LANES], &b[c * LANES..][..LANES]);
-        for l in 0..LANES {
-            acc[l] = x[l].mul_add(y[l], acc[l]);
-        }
-    }
-    for i in chunks * LANES..a.len() {
-        let l = i - chunks * LANES;
-        acc[l] = a[i].mul_add(b[i], acc[l]);
-    }
-    tree_sum(acc)
-}
-
-/// `y += alpha * x`, element-wise with FMA.
-#[inline(always)]
-pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi = alpha.mul_add(*xi, *yi);
-    }
-}
-
-#[inline(always)]
-fn tree_sum(mut acc: [f32; LANES]) -> f32 {
-    let mut w = LANES / 2;
-    while w > 0 {
-        for l in 0..w {
-            acc[l] += acc[l + w];
-        }
-        w /= 2;
-    }
-    acc[0]
-}
+//! Which instruction set the hot loops use. Every kernel computes the same FMA chains in the same
+//! order, so results do not depend on which one runs.
 
 /// The widest instruction set the hot loops may use on this CPU. Every variant computes the same
 /// FMA chains in the same order, so results are bit-identical whichever runs; only speed differs.
@@ -73,5 +31,56 @@ pub fn isa() -> Isa {
     #[cfg(not(target_arch = "x86_64"))]
     {
         Isa::Portable
+    }
+}
+
+/// `e^x` to within 2 ulp (Cephes' single-precision polynomial): plain arithmetic with explicit
+/// FMAs, so it gives the same bits scalar or vectorized on every CPU, and a loop over it
+/// vectorizes where libm's `expf` is a call per element. Below -87 it returns 0; above 88, a
+/// finite value near 1.65e38 (callers pass `s - max <= 0`).
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let xc = x.clamp(-87.0, 88.0);
+    let shifted = xc * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
+    // r = x - n ln 2, with ln 2 in two parts so that n ln 2 is exact to f32 precision.
+    let r = n.mul_add(-0.693_359_4, xc);
+    let r = n.mul_add(2.121_944_4e-4, r);
+    let mut p = 1.987_569_1e-4f32;
+    p = p.mul_add(r, 1.398_199_9e-3);
+    p = p.mul_add(r, 8.333_452e-3);
+    p = p.mul_add(r, 4.166_579_6e-2);
+    p = p.mul_add(r, 1.666_666_5e-1);
+    p = p.mul_add(r, 0.5);
+    let y = p.mul_add(r * r, r) + 1.0;
+    // 2^n from n's integer bits: exponent field n + 127.
+    let pow2 = f32::from_bits((shifted.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127)) << 23);
+    if x < -87.0 {
+        0.0
+    } else {
+        y * pow2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_within_two_ulp_of_the_exact_value() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f32;
+        while x <= 88.0 {
+            let (got, want) = (exp(x) as f64, (x as f64).exp());
+            let ulp = (want as f32).abs() as f64 * f32::EPSILON as f64;
+            worst = worst.max((got - want).abs() / ulp);
+            x += 0.000_731;
+        }
+        assert!(worst <= 2.0, "worst error {worst:.2} ulp");
+        assert_eq!(exp(0.0), 1.0);
+        assert_eq!(exp(-100.0), 0.0);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
     }
 }
