@@ -97,7 +97,7 @@ fn a_quantized_matmul_is_dequantized_weights_times_per_token_rounded_inputs() {
     let part = MatrixPart { scales: Some(scales[1..4].to_vec()), ..MatrixPart::block(view, 1..4, 0..k) };
     let m = b.matrix(&[part]).unwrap();
     let x: Vec<f32> = (0..2 * k).map(|i| ((i * 11 % 17) as f32 - 8.0) * if i < k { 0.01 } else { 300.0 }).collect();
-    let got = b.matmul(&b.upload(&x, 2, k).unwrap(), &m).unwrap().data;
+    let got = b.matmul(&b.upload(&x, 2, k).unwrap(), &m).unwrap().into_data();
     // Oracle: the nearest e4m3 value by search over all 256 codes (ties never occur here).
     let nearest = |v: f32| {
         (0u8..=255)

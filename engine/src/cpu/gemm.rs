@@ -140,6 +140,7 @@ fn matmul_with(x: &[f32], m: usize, w: &PackedMatrix, y: &mut [f32], isa: Isa) {
     }
     let a = pack_input(x, m, k, w);
     let panels = n.div_ceil(NR);
+    let a = ReusedRows(a);
     // A few tasks per thread balance the ragged last panel without splitting rows, which would
     // make each task re-stream B.
     let tasks = (rayon::current_num_threads() * 2).clamp(1, panels);
@@ -167,35 +168,66 @@ pub fn matmul_leading(x: &[f32], m: usize, k: usize, w: &PackedMatrix, n: usize,
         y.fill(0.0);
         return;
     }
-    let a = pack_input(x, m, k, w);
+    let a = ReusedRows(pack_input(x, m, k, w));
     // SAFETY: the only task writes all of y, which holds m * n values.
     unsafe { panels_task(&a, m, w, (n, k), SyncPtr(y.as_mut_ptr()), 0..n.div_ceil(NR), isa()) };
 }
 
 /// `x` packed for `w`: rounded to bf16 when `w` is bf16, as a bf16 GEMM takes its input.
 fn pack_input(x: &[f32], m: usize, k: usize, w: &PackedMatrix) -> Vec<f32> {
+    // A fresh buffer of this size costs page faults that the packing itself does not
+    // (cpu/buffers.rs): each thread keeps its last one. A nested call finds none and allocates.
+    let mut a = PACKED_ROWS.with(std::cell::Cell::take);
     if w.is_bf16() {
-        pack_rows(x, m, k, round_bf16)
+        pack_rows(&mut a, x, m, k, round_bf16);
     } else {
-        pack_rows(x, m, k, |v| v)
+        pack_rows(&mut a, x, m, k, |v| v);
+    }
+    a
+}
+
+thread_local! {
+    /// The packed input of this thread's last matmul, for the next one.
+    static PACKED_ROWS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Packed input rows that go back to [`PACKED_ROWS`] when the multiplication is done.
+struct ReusedRows(Vec<f32>);
+
+impl std::ops::Deref for ReusedRows {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.0
+    }
+}
+
+impl Drop for ReusedRows {
+    fn drop(&mut self) {
+        let a = std::mem::take(&mut self.0);
+        PACKED_ROWS.with(|c| c.set(a));
     }
 }
 
 /// Rows of `x` in tiles of `MR`: tile `t` holds `x[t*MR + i][kk]` at `t*k*MR + kk*MR + i`,
 /// zero-padded past `m`. Broadcasts then walk memory sequentially instead of 12 rows that alias
 /// in L1 when `k` is a multiple of 1024. `f` is applied to each value (bf16 rounding).
-fn pack_rows(x: &[f32], m: usize, k: usize, f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
+/// `a` is overwritten (resized, its old values never read).
+fn pack_rows(a: &mut Vec<f32>, x: &[f32], m: usize, k: usize, f: impl Fn(f32) -> f32 + Sync) {
     let tiles = m.div_ceil(MR);
-    let mut a = vec![0.0f32; tiles * k * MR];
+    a.resize(tiles * k * MR, 0.0);
     a.par_chunks_mut(k * MR).enumerate().for_each(|(t, tile)| {
-        for i in 0..MR.min(m - t * MR) {
+        let rows = MR.min(m - t * MR);
+        for i in 0..rows {
             let row = &x[(t * MR + i) * k..][..k];
             for (kk, &v) in row.iter().enumerate() {
                 tile[kk * MR + i] = f(v);
             }
         }
+        // The micro-kernels never read padding rows; zeros keep a reused buffer's old values out.
+        for kk in 0..k {
+            tile[kk * MR + rows..kk * MR + MR].fill(0.0);
+        }
     });
-    a
 }
 
 /// Panels `panels` of `y[m, n] = a @ w[..n, ..k]^T` (`a` packed by [`pack_rows`] with row length

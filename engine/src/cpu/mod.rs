@@ -4,6 +4,7 @@
 //! GPU does.
 
 mod attention;
+mod buffers;
 pub mod gemm;
 mod ops;
 pub mod precision;
@@ -23,12 +24,13 @@ use crate::fp8;
 use crate::rope;
 use crate::spec::NormKind;
 use crate::weights::TensorView;
+use buffers::BufferPool;
 use gemm::PackedMatrix;
 pub use ops::NormParams;
 pub use precision::Precision;
 
 /// Activations on the CPU: `[rows, cols]` row-major f32.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct CpuTensor {
     /// Row-major values.
     pub data: Vec<f32>,
@@ -36,6 +38,34 @@ pub struct CpuTensor {
     pub rows: usize,
     /// Number of columns (features).
     pub cols: usize,
+    /// Where the buffer goes back when the tensor is dropped (a backend's outputs).
+    pool: Option<Arc<BufferPool>>,
+}
+
+impl CpuTensor {
+    /// A tensor of `rows x cols` values (row-major).
+    pub fn new(data: Vec<f32>, rows: usize, cols: usize) -> Self {
+        CpuTensor { data, rows, cols, pool: None }
+    }
+
+    /// The values, row-major (the buffer then leaves the backend's pool).
+    pub fn into_data(mut self) -> Vec<f32> {
+        std::mem::take(&mut self.data)
+    }
+}
+
+impl PartialEq for CpuTensor {
+    fn eq(&self, other: &Self) -> bool {
+        (self.rows, self.cols) == (other.rows, other.cols) && self.data == other.data
+    }
+}
+
+impl Drop for CpuTensor {
+    fn drop(&mut self) {
+        if let Some(pool) = &self.pool {
+            pool.give(std::mem::take(&mut self.data));
+        }
+    }
 }
 
 impl HostTensor for CpuTensor {
@@ -106,6 +136,7 @@ pub struct CpuBatch {
 pub struct CpuBackend {
     pool: Arc<ThreadPool>,
     precision: Precision,
+    buffers: Arc<BufferPool>,
 }
 
 impl std::fmt::Debug for CpuBackend {
@@ -133,7 +164,7 @@ impl CpuBackend {
             .thread_name(|i| format!("arbiter-cpu-{i}"))
             .build()
             .map_err(|e| EngineError::Backend(format!("cannot start {threads} CPU threads: {e}")))?;
-        Ok(CpuBackend { pool: Arc::new(pool), precision: Precision::F32 })
+        Ok(CpuBackend { pool: Arc::new(pool), precision: Precision::F32, buffers: BufferPool::shared() })
     }
 
     /// The same backend computing in `precision` (for matrices and tables loaded after this).
@@ -182,8 +213,10 @@ impl CpuBackend {
         Ok(CpuMatrix { packed, fp8_input: false, bias: stacked_bias(parts) })
     }
 
-    fn zeros(rows: usize, cols: usize) -> CpuTensor {
-        CpuTensor { data: vec![0.0; rows * cols], rows, cols }
+    /// An output tensor whose values the op then writes, every one of them: a reused buffer
+    /// holds an earlier tensor's values.
+    fn output(&self, rows: usize, cols: usize) -> CpuTensor {
+        CpuTensor { data: self.buffers.take(rows * cols), rows, cols, pool: Some(self.buffers.clone()) }
     }
 }
 
@@ -264,7 +297,7 @@ impl Backend for CpuBackend {
             CpuEmbedding::F32 { data, cols } => (*cols, data.len() / (*cols).max(1)),
             CpuEmbedding::Bf16 { bits, cols, .. } => (*cols, bits.len() / (*cols).max(1)),
         };
-        let mut out = Self::zeros(tokens.len(), h);
+        let mut out = self.output(tokens.len(), h);
         for (row, &t) in out.data.chunks_exact_mut(h).zip(tokens) {
             let t = t as usize;
             if t >= vocab {
@@ -283,21 +316,21 @@ impl Backend for CpuBackend {
     }
 
     fn norm(&self, x: &CpuTensor, p: &NormParams) -> Result<CpuTensor> {
-        let mut out = Self::zeros(x.rows, x.cols);
+        let mut out = self.output(x.rows, x.cols);
         self.pool.install(|| ops::norm(&x.data, x.cols, p, &mut out.data));
         Ok(self.store(out))
     }
 
     fn final_norm(&self, x: &CpuTensor, p: &NormParams) -> Result<CpuTensor> {
         // f32 in both precisions: its rows go to the f32 head.
-        let mut out = Self::zeros(x.rows, x.cols);
+        let mut out = self.output(x.rows, x.cols);
         self.pool.install(|| ops::norm(&x.data, x.cols, p, &mut out.data));
         Ok(out)
     }
 
     fn add_norm(&self, x: &mut CpuTensor, delta: &CpuTensor, p: &NormParams) -> Result<CpuTensor> {
         same_shape(x, delta, "residual add")?;
-        let mut out = Self::zeros(x.rows, x.cols);
+        let mut out = self.output(x.rows, x.cols);
         self.pool.install(|| ops::add_norm(&mut x.data, &delta.data, x.cols, p, &mut out.data));
         Ok(self.store(out))
     }
@@ -317,7 +350,7 @@ impl Backend for CpuBackend {
         if x.cols != k {
             return Err(EngineError::Backend(format!("matmul: input has {} columns, matrix takes {k}", x.cols)));
         }
-        let mut out = Self::zeros(x.rows, n);
+        let mut out = self.output(x.rows, n);
         let rounded;
         let input = if w.fp8_input {
             let mut r = x.data.clone();
@@ -350,7 +383,7 @@ impl Backend for CpuBackend {
     }
 
     fn attention(&self, qkv: &CpuTensor, layout: &AttnLayout, ctx: &CpuBatch) -> Result<CpuTensor> {
-        let mut out = Self::zeros(qkv.rows, layout.heads * layout.head_dim);
+        let mut out = self.output(qkv.rows, layout.heads * layout.head_dim);
         self.pool.install(|| attention::attention(&qkv.data, layout, &ctx.cu_seqlens, &ctx.ancestors, &mut out.data));
         Ok(self.store(out))
     }
@@ -360,13 +393,13 @@ impl Backend for CpuBackend {
             Activation::Relu2 | Activation::Relu => x.cols,
             Activation::SwiGlu | Activation::GeGlu => x.cols / 2,
         };
-        let mut out = Self::zeros(x.rows, cols);
+        let mut out = self.output(x.rows, cols);
         self.pool.install(|| ops::activation(&x.data, x.cols, kind, &mut out.data));
         Ok(self.store(out))
     }
 
     fn gather_rows(&self, x: &CpuTensor, rows: &[usize]) -> Result<CpuTensor> {
-        let mut out = Self::zeros(rows.len(), x.cols);
+        let mut out = self.output(rows.len(), x.cols);
         for (o, &r) in out.data.chunks_exact_mut(x.cols).zip(rows) {
             o.copy_from_slice(&x.data[r * x.cols..(r + 1) * x.cols]);
         }
@@ -381,6 +414,6 @@ impl Backend for CpuBackend {
         if data.len() != rows * cols {
             return Err(EngineError::Backend(format!("{} values cannot be a {rows} x {cols} tensor", data.len())));
         }
-        Ok(CpuTensor { data: data.to_vec(), rows, cols })
+        Ok(CpuTensor::new(data.to_vec(), rows, cols))
     }
 }

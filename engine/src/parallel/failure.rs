@@ -73,7 +73,7 @@ mod tests {
         assert_eq!(*lock(&told), vec!["rank 1 died".to_string()]);
         // A poisoned group fails at once instead of waiting for its peer.
         let comm = group.communicators().pop().unwrap();
-        let mut t = crate::cpu::CpuTensor { data: vec![1.0], rows: 1, cols: 1 };
+        let mut t = crate::cpu::CpuTensor::new(vec![1.0], 1, 1);
         let e = crate::backend::Communicator::all_reduce(&comm, &mut t).unwrap_err().to_string();
         assert!(e.contains("rank 1 died"), "{e}");
     }

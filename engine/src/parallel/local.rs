@@ -207,7 +207,7 @@ mod tests {
     use crate::cpu::CpuTensor;
 
     fn t(v: &[f32]) -> CpuTensor {
-        CpuTensor { data: v.to_vec(), rows: 1, cols: v.len() }
+        CpuTensor::new(v.to_vec(), 1, v.len())
     }
 
     #[test]
@@ -224,7 +224,7 @@ mod tests {
                             let r = Communicator::<CpuTensor>::rank(&c) as f32;
                             let mut x = t(&[r + round as f32, 10.0 * r]);
                             c.all_reduce(&mut x).unwrap();
-                            out.extend(x.data);
+                            out.extend_from_slice(&x.data);
                         }
                         out
                     })
@@ -252,8 +252,7 @@ mod tests {
 
     #[test]
     fn links_carry_activations_and_report_a_lost_peer() {
-        let make: MakeTensor<CpuTensor> =
-            Arc::new(|d: &[f32], rows, cols| Ok(CpuTensor { data: d.to_vec(), rows, cols }));
+        let make: MakeTensor<CpuTensor> = Arc::new(|d: &[f32], rows, cols| Ok(CpuTensor::new(d.to_vec(), rows, cols)));
         let (tx, rx) = channel_link(2, Duration::from_millis(100), make);
         tx.send(&t(&[1.0, 2.0])).unwrap();
         assert_eq!(rx.recv(1, 2).unwrap().data, [1.0, 2.0]);
