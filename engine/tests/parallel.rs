@@ -8,7 +8,7 @@ use std::ops::Range;
 use std::time::Duration;
 
 use arbiter_engine::backend::SingleRank;
-use arbiter_engine::cpu::CpuBackend;
+use arbiter_engine::cpu::{CpuBackend, Precision};
 use arbiter_engine::folder::ModelFolder;
 use arbiter_engine::graph::open_folder;
 use arbiter_engine::parallel::runner::ParallelEngine;
@@ -51,6 +51,30 @@ fn every_layout_matches_transformers_and_the_unsplit_model() {
                 // Splitting layers across stages changes no arithmetic: the bits must agree.
                 assert_eq!(got, unsplit, "{name} pp{pp} must equal the unsplit model bit for bit");
             }
+        }
+    }
+}
+
+#[test]
+fn bf16_precision_splits_like_the_unsplit_bf16_model() {
+    let bf16 = || CpuBackend::with_threads(1).map(|b| b.with_precision(Precision::Bf16));
+    for name in ["nemotron-v4-gqa", "qwen2"] {
+        let batch = PackedBatch::from_sequences(&golden(name).sequences).unwrap();
+        let unsplit = Model::load(&fixture(name), bf16().unwrap()).unwrap().forward(&batch).unwrap();
+        let f32_unsplit = Model::load(&fixture(name), CpuBackend::new()).unwrap().forward(&batch).unwrap();
+        let scale = unsplit.iter().flatten().fold(1e-3f32, |m, v| m.max(v.abs()));
+        for (tp, pp) in [(1, 2), (2, 1), (2, 2)] {
+            let engine =
+                ParallelEngine::load(&fixture(name), Parallelism { tp, pp }, TIMEOUT, move |_| bf16()).unwrap();
+            let got = engine.forward(&batch).unwrap();
+            if tp == 1 {
+                assert_eq!(got, unsplit, "{name} pp{pp}: stages change no arithmetic");
+            }
+            // Each rank rounds its partial sums to bf16, so TP is compared within the bf16 bound.
+            let worst =
+                got.iter().flatten().zip(unsplit.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert!(worst / scale <= 2e-2, "{name} tp{tp} pp{pp}: {:.3e} of the output scale", worst / scale);
+            assert_ne!(got, f32_unsplit, "{name} tp{tp} pp{pp}: the ranks computed in f32");
         }
     }
 }
