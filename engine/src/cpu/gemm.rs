@@ -129,18 +129,8 @@ pub fn matmul(x: &[f32], m: usize, w: &PackedMatrix, y: &mut [f32]) {
 /// [`matmul`] with the kernel for `isa` (which the CPU must support).
 fn matmul_with(x: &[f32], m: usize, w: &PackedMatrix, y: &mut [f32], isa: Isa) {
     let (n, k) = (w.n, w.k);
-    assert_eq!(x.len(), m * k, "input does not match the matrix's K");
-    assert_eq!(y.len(), m * n, "output does not match [m, n]");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        y.fill(0.0);
-        return;
-    }
-    let a = pack_input(x, m, k, w);
+    let Some(a) = prepare(x, m, k, w, n, y) else { return };
     let panels = n.div_ceil(NR);
-    let a = ReusedRows(a);
     // A few tasks per thread balance the ragged last panel without splitting rows, which would
     // make each task re-stream B.
     let tasks = (rayon::current_num_threads() * 2).clamp(1, panels);
@@ -158,19 +148,21 @@ fn matmul_with(x: &[f32], m: usize, w: &PackedMatrix, y: &mut [f32], isa: Isa) {
 /// `k` inputs of `w`: attention multiplies a block of queries by the keys up to the block's
 /// last one. Each element is the same FMA chain as [`matmul`] computes.
 pub fn matmul_leading(x: &[f32], m: usize, k: usize, w: &PackedMatrix, n: usize, y: &mut [f32]) {
+    let Some(a) = prepare(x, m, k, w, n, y) else { return };
+    // SAFETY: the only task writes all of y, which holds m * n values.
+    unsafe { panels_task(&a, m, w, (n, k), SyncPtr(y.as_mut_ptr()), 0..n.div_ceil(NR), isa()) };
+}
+
+/// Checks the shapes of `y[m, n] = x[m, k] @ w[..n, ..k]^T` and packs `x`; `None` when there is
+/// nothing to multiply (`y` is then already what it must be).
+fn prepare(x: &[f32], m: usize, k: usize, w: &PackedMatrix, n: usize, y: &mut [f32]) -> Option<ReusedRows> {
     assert!(n <= w.n && k <= w.k, "[{n}, {k}] is not inside the {}x{} matrix", w.n, w.k);
     assert_eq!(x.len(), m * k, "input does not match K");
     assert_eq!(y.len(), m * n, "output does not match [m, n]");
-    if m == 0 || n == 0 {
-        return;
-    }
     if k == 0 {
         y.fill(0.0);
-        return;
     }
-    let a = ReusedRows(pack_input(x, m, k, w));
-    // SAFETY: the only task writes all of y, which holds m * n values.
-    unsafe { panels_task(&a, m, w, (n, k), SyncPtr(y.as_mut_ptr()), 0..n.div_ceil(NR), isa()) };
+    (m > 0 && n > 0 && k > 0).then(|| ReusedRows(pack_input(x, m, k, w)))
 }
 
 /// `x` packed for `w`: rounded to bf16 when `w` is bf16, as a bf16 GEMM takes its input.
