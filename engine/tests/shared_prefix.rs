@@ -3,7 +3,7 @@
 
 mod common;
 
-use arbiter_engine::cpu::CpuBackend;
+use arbiter_engine::cpu::{CpuBackend, Precision};
 use arbiter_engine::synth::SplitMix;
 use arbiter_engine::{Model, PackedBatch};
 use common::{fixture, random_tree_batch};
@@ -14,8 +14,16 @@ fn bits(v: &[f32]) -> Vec<u32> {
 
 #[test]
 fn random_trees_score_each_item_bit_identically_to_scoring_it_alone() {
-    for (name, seed) in [("nemotron-v4-gqa", 1u64), ("llama3-scaled", 2), ("gemma2", 3)] {
-        let model = Model::load(&fixture(name), CpuBackend::new()).unwrap();
+    let cases = [
+        ("nemotron-v4-gqa", 1u64, Precision::F32),
+        ("llama3-scaled", 2, Precision::F32),
+        ("gemma2", 3, Precision::F32),
+        ("qwen3", 4, Precision::Bf16),
+        ("gemma2", 5, Precision::Bf16),
+    ];
+    for (name, seed, precision) in cases {
+        let model = Model::load(&fixture(name), CpuBackend::new().with_precision(precision)).unwrap();
+        let name = format!("{name} ({precision})");
         let (vocab, max_len) = (model.spec().vocab, model.spec().max_positions.min(512));
         let mut rng = SplitMix::new(seed);
         for round in 0..4 {
