@@ -4,6 +4,9 @@
 //! 4 KiB page faults and the kernel zeroes it, which made the element-wise ops (relu², the norms)
 //! several times slower than their arithmetic. Buffers dropped by one op are handed to the next of
 //! a similar size instead, without being zeroed: every op writes all of its output.
+//!
+//! The pool keeps what the largest forward so far dropped, at most [`KEEP`] buffers: memory that
+//! forward held at its peak anyway, and that the memory plan (engine/src/memory.rs) counts.
 
 use std::sync::{Arc, Mutex};
 
