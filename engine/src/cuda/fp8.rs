@@ -113,6 +113,39 @@ enum GemmOut<'a> {
 /// 16 has no algorithm. Checked at load so the error names the tensor rather than a GEMM shape.
 const K_MULTIPLE: usize = 16;
 
+/// Points the outer-vector scales of `plan` at `(weights, tokens)`: A is the weights (outer
+/// dimension n, one scale per output channel), B the tokens (outer dimension t, one per token).
+/// cuBLASLt copies the pointer values; the buffers must live until the matmul has run.
+fn set_scale_pointers(plan: &Plan, (w_scales, x_scales): (u64, u64)) -> Result<()> {
+    use sys::cublasLtMatmulDescAttributes_t as A;
+    // SAFETY: the pointer values outlive the calls, which copy them.
+    unsafe {
+        lt::set_matmul_desc_attribute(
+            plan.desc,
+            A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+            &w_scales as *const u64 as *const c_void,
+            size_of_val(&w_scales),
+        )
+        .and_then(|_| {
+            lt::set_matmul_desc_attribute(
+                plan.desc,
+                A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+                &x_scales as *const u64 as *const c_void,
+                size_of_val(&x_scales),
+            )
+        })
+    }
+    .map_err(lt_err("set the FP8 scale pointers"))
+}
+
+/// Why an FP8 folder cannot run on `device` (`arch` below sm_89), and what to do instead.
+fn unsupported_gpu(device: &str, arch: &str) -> EngineError {
+    EngineError::Backend(format!(
+        "FP8 (e4m3) weights need a GPU of compute capability 8.9 or newer (Ada, Hopper): {device} is {arch}; \
+         serve this folder with --device cpu, or serve the unquantized folder on this GPU"
+    ))
+}
+
 fn act_kind(kind: Activation) -> Fp8Act {
     match kind {
         Activation::Relu2 => Fp8Act::Relu2,
@@ -156,11 +189,7 @@ impl CudaBackend {
             return Ok(s.clone());
         }
         let Some(path) = self.fp8_path() else {
-            return Err(EngineError::Backend(format!(
-                "FP8 (e4m3) weights need a GPU of compute capability 8.9 or newer (Ada, Hopper): {} is {}; \
-                 serve this folder with --device cpu, or serve the unquantized folder on this GPU",
-                self.device_name, self.arch
-            )));
+            return Err(unsupported_gpu(&self.device_name, &self.arch));
         };
         let m = &arbiter_kernels::FP8;
         let ptx = self
@@ -369,7 +398,9 @@ impl CudaBackend {
         Ok(self.tensor(Data::Bf16(y), t, n))
     }
 
-    fn fp8_plan(&self, t: usize, n: usize, k: usize, settings: Fp8Settings) -> Result<Plan> {
+    /// The plan of one FP8 shape. `scale_ptrs` (weights', tokens') are set before the heuristic
+    /// runs on the outer-vector path, so that it sees the descriptor as the matmul will.
+    fn fp8_plan(&self, t: usize, n: usize, k: usize, settings: Fp8Settings, scale_ptrs: (u64, u64)) -> Result<Plan> {
         let e4m3 = sys::cudaDataType_t::CUDA_R_8F_E4M3;
         let out = match settings.path {
             Fp8Path::OuterVector => sys::cudaDataType_t::CUDA_R_16BF,
@@ -400,6 +431,9 @@ impl CudaBackend {
                 })
         }
         .map_err(lt_err("set the FP8 matmul attributes"))?;
+        if settings.path == Fp8Path::OuterVector {
+            set_scale_pointers(&plan, scale_ptrs)?;
+        }
         plan.a = lt::create_matrix_layout(e4m3, k as u64, n as u64, k as i64).map_err(lt_err("layout of w"))?;
         plan.b = lt::create_matrix_layout(e4m3, k as u64, t as u64, k as i64).map_err(lt_err("layout of x"))?;
         plan.c = lt::create_matrix_layout(out, n as u64, t as u64, n as i64).map_err(lt_err("layout of y"))?;
@@ -444,40 +478,21 @@ impl CudaBackend {
         let gemm: &Gemm = &self.gemm;
         self.stream.context().bind_to_thread().map_err(driver_err("bind the GPU for cuBLASLt"))?;
         let mut plans = crate::sync::lock(&st.plans);
-        let plan = plans.get_or_try_insert((t, n, k, settings), || self.fp8_plan(t, n, k, settings))?;
         let s = &self.stream;
         let (xp, _gx) = x_codes.device_ptr(s);
         let (wp, _gw) = w.codes.device_ptr(s);
         let (xsp, _gxs) = x_scales.device_ptr(s);
         let (wsp_scale, _gws) = w.scales.device_ptr(s);
+        let plan =
+            plans.get_or_try_insert((t, n, k, settings), || self.fp8_plan(t, n, k, settings, (wsp_scale, xsp)))?;
         let (wsp, _gwsp) = gemm.workspace.device_ptr(s);
         let (yp, _gy) = match out {
             GemmOut::Bf16(y) => y.device_ptr_mut(s),
             GemmOut::F32(y) => y.device_ptr_mut(s),
         };
         if settings.path == Fp8Path::OuterVector {
-            use sys::cublasLtMatmulDescAttributes_t as A;
-            // A is the weights (outer dimension n: one scale per output channel), B the tokens
-            // (outer dimension t: one scale per token). Device pointers, set per call since the
-            // token scales are new each time; cuBLASLt copies them.
-            // SAFETY: the pointer values outlive the calls; the buffers outlive the matmul below.
-            unsafe {
-                lt::set_matmul_desc_attribute(
-                    plan.desc,
-                    A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
-                    &wsp_scale as *const _ as *const c_void,
-                    size_of_val(&wsp_scale),
-                )
-                .and_then(|_| {
-                    lt::set_matmul_desc_attribute(
-                        plan.desc,
-                        A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
-                        &xsp as *const _ as *const c_void,
-                        size_of_val(&xsp),
-                    )
-                })
-            }
-            .map_err(lt_err("set the FP8 scale pointers"))?;
+            // New token scales with every batch: set on the cached descriptor per call.
+            set_scale_pointers(plan, (wsp_scale, xsp))?;
         }
         let (alpha, beta) = (1.0f32, 0.0f32);
         // SAFETY: sizes checked above against the plan's shape; alpha/beta are read during the call.
@@ -575,6 +590,14 @@ mod tests {
         assert_eq!(Fp8Path::for_sm(89), Some(Fp8Path::TensorWide));
         assert_eq!(Fp8Path::for_sm(90), Some(Fp8Path::OuterVector));
         assert_eq!(Fp8Path::for_sm(100), Some(Fp8Path::OuterVector));
+    }
+
+    #[test]
+    fn a_gpu_before_ada_is_refused_by_name_with_what_to_do() {
+        let e = unsupported_gpu("NVIDIA A100-SXM4-80GB", "sm_80").to_string();
+        for needle in ["NVIDIA A100-SXM4-80GB is sm_80", "8.9 or newer", "--device cpu", "unquantized folder"] {
+            assert!(e.contains(needle), "{needle:?} missing: {e}");
+        }
     }
 
     #[test]
