@@ -221,8 +221,10 @@ fn gemm_table(
         for (name, n, k) in RANK_GEMMS {
             let f = 2.0 * (t * n * k) as f64;
             let b = gpu.time_gemm(t, n, k, 5)?;
-            let slow = gpu.time_gemm_fp8(t, n, k, Fp8Settings { path, fast_accum: false }, 5)?;
-            let fast = gpu.time_gemm_fp8(t, n, k, Fp8Settings { path, fast_accum: true }, 5)?;
+            let both = [Fp8Settings { path, fast_accum: false }, Fp8Settings { path, fast_accum: true }];
+            let [slow, fast] = gpu.time_gemm_fp8(t, n, k, &both, 5)?[..] else {
+                return Err("time_gemm_fp8 returned another number of timings".into());
+            };
             r.line(format!(
                 "| {t} | {name} {n} x {k} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |",
                 f / b / 1e12,
