@@ -69,6 +69,15 @@ extern "C" __global__ void to_bf16(const float* in, __nv_bfloat16* out, long lon
     if (i < n) out[i] = __float2bfloat16_rn(in[i]);
 }
 
+// silu(g) = g / (1 + exp(-g)). expf, not __expf: the fast intrinsic loses several bits for large
+// |g|. For g -> -inf, expf(-g) = inf and g / inf = -0, the correct limit, with no NaN.
+__device__ __forceinline__ float silu(float g) { return g / (1.0f + expf(-g)); }
+
+// torch's tanh approximation of GELU, 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))).
+__device__ __forceinline__ float gelu_tanh(float g) {
+    return 0.5f * g * (1.0f + tanhf(0.7978845608f * (g + 0.044715f * g * g * g)));
+}
+
 // A gated MLP's nonlinearity: each input row is [gate (ffn) | up (ffn)] (one fused GEMM produced
 // both halves); out[r, j] = bf16(act(gate) * up).
 template <typename Act>
@@ -84,16 +93,13 @@ __device__ __forceinline__ void gated(const __nv_bfloat16* in, __nv_bfloat16* ou
 
 // silu(gate) * up (Llama). Launch: grid (rows, ceil(ffn / 256)), block 256.
 extern "C" __global__ void swiglu(const __nv_bfloat16* in, __nv_bfloat16* out, int rows, int ffn) {
-    // expf, not __expf: the fast intrinsic loses several bits for large |g|. For g -> -inf,
-    // expf(-g) = inf and g / inf = -0, the correct limit, with no NaN.
-    gated(in, out, rows, ffn, [](float g) { return g / (1.0f + expf(-g)); });
+    gated(in, out, rows, ffn, [](float g) { return silu(g); });
 }
 
 // gelu_tanh(gate) * up with torch's tanh approximation, 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715
 // g^3))) (Gemma 2's GeGLU). Launch: grid (rows, ceil(ffn / 256)), block 256.
 extern "C" __global__ void geglu(const __nv_bfloat16* in, __nv_bfloat16* out, int rows, int ffn) {
-    gated(in, out, rows, ffn,
-          [](float g) { return 0.5f * g * (1.0f + tanhf(0.7978845608f * (g + 0.044715f * g * g * g))); });
+    gated(in, out, rows, ffn, [](float g) { return gelu_tanh(g); });
 }
 
 // In-place non-interleaved rotary embedding (rotate_half) on the first rotary_dim channels of

@@ -47,19 +47,19 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 __device__ __forceinline__ void store(float* out, size_t i, float v) { out[i] = v; }
 __device__ __forceinline__ void store(__nv_bfloat16* out, size_t i, float v) { out[i] = __float2bfloat16_rn(v); }
 
-template <typename Out>
-__device__ __forceinline__ void add_norm(float* __restrict__ x, const __nv_bfloat16* __restrict__ delta,
-                                         const float* __restrict__ gamma, const float* __restrict__ beta,
-                                         Out* __restrict__ out, int hidden, float eps, int rms) {
-    __shared__ float scratch[kWarps];
-    const size_t base = static_cast<size_t>(blockIdx.x) * static_cast<size_t>(hidden);
-    float* row = x + base;
+// Mean and 1/std of one row of x after the optional residual add (written back to x), the
+// statistics every norm output here is computed from. RMSNorm does not centre: its mean is 0.
+struct RowStats {
+    float mean;
+    float inv_std;
+};
 
+__device__ __forceinline__ RowStats add_row_stats(float* __restrict__ row, const __nv_bfloat16* __restrict__ delta,
+                                                  int hidden, float eps, int rms, float* scratch) {
     float sum = 0.0f;
     if (delta != nullptr) {
-        const __nv_bfloat16* d = delta + base;
         for (int c = threadIdx.x; c < hidden; c += ARB_NORM_THREADS) {
-            const float v = row[c] + __bfloat162float(d[c]);
+            const float v = row[c] + __bfloat162float(delta[c]);
             row[c] = v;
             sum += v;
         }
@@ -68,7 +68,6 @@ __device__ __forceinline__ void add_norm(float* __restrict__ x, const __nv_bfloa
     }
 
     const float inv_hidden = 1.0f / static_cast<float>(hidden);
-    // RMSNorm does not centre: its "mean" is 0 and the second pass sums x^2.
     const float mean = rms ? 0.0f : block_sum(sum, scratch) * inv_hidden;
 
     float sq = 0.0f;
@@ -79,15 +78,27 @@ __device__ __forceinline__ void add_norm(float* __restrict__ x, const __nv_bfloa
     const float var = block_sum(sq, scratch) * inv_hidden;
     // 1/sqrtf rather than rsqrtf: sqrtf and the division are IEEE-rounded (NVRTC's default
     // -prec-sqrt/-prec-div), rsqrtf is an approximation with a few ulp of error.
-    const float inv_std = 1.0f / sqrtf(var + eps);
+    return RowStats{mean, 1.0f / sqrtf(var + eps)};
+}
 
+// The normalized value of channel c: one expression shared by every output type (fp8.cu's fused
+// quantization evaluates it twice per element and must get the same bits both times).
+__device__ __forceinline__ float normed(const float* __restrict__ row, RowStats st, const float* __restrict__ gamma,
+                                        const float* __restrict__ beta, int c) {
+    const float v = (row[c] - st.mean) * st.inv_std * gamma[c];
+    return beta != nullptr ? v + beta[c] : v;
+}
+
+template <typename Out>
+__device__ __forceinline__ void add_norm(float* __restrict__ x, const __nv_bfloat16* __restrict__ delta,
+                                         const float* __restrict__ gamma, const float* __restrict__ beta,
+                                         Out* __restrict__ out, int hidden, float eps, int rms) {
+    __shared__ float scratch[kWarps];
+    const size_t base = static_cast<size_t>(blockIdx.x) * static_cast<size_t>(hidden);
+    float* row = x + base;
+    const RowStats st = add_row_stats(row, delta != nullptr ? delta + base : nullptr, hidden, eps, rms, scratch);
     Out* o = out + base;
-    if (beta != nullptr) {
-        for (int c = threadIdx.x; c < hidden; c += ARB_NORM_THREADS)
-            store(o, c, (row[c] - mean) * inv_std * gamma[c] + beta[c]);
-    } else {
-        for (int c = threadIdx.x; c < hidden; c += ARB_NORM_THREADS) store(o, c, (row[c] - mean) * inv_std * gamma[c]);
-    }
+    for (int c = threadIdx.x; c < hidden; c += ARB_NORM_THREADS) store(o, c, normed(row, st, gamma, beta, c));
 }
 
 }  // namespace

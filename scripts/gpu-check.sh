@@ -12,7 +12,16 @@
 #                           or hangs still leaves the ones before it
 # $GPU_CHECK_WORK (default /tmp/arbiter-gpu-check) holds the models written for the check (kept
 # for a second run) and the logs folder before it is archived.
+#
+# `gpu-check.sh --fp8` runs only the FP8 check (gpu_check --sections fp8, issue 19: the FP8
+# kernels and GEMMs against the CPU reference, FP8 vs bf16 GEMMs at the 340B rank shapes with fast
+# and slow accumulation, gpu-1b in FP8 vs bf16) in the same time limit, with the same two files.
 set -uo pipefail
+case "${1:-}" in
+    "") MODE=all ;;
+    --fp8) MODE=fp8 ;;
+    *) echo "usage: gpu-check.sh [--fp8]" >&2; exit 2 ;;
+esac
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-$HERE/out}
 WORK=${GPU_CHECK_WORK:-/tmp/arbiter-gpu-check}
@@ -65,6 +74,18 @@ exited() {
         124) failed "$1 timed out (killed at the end of its time budget)" ;;
         *) failed "$1 exited $2" ;;
     esac
+}
+
+# The verdict: every RESULT, FAIL, MISSED and SKIPPED line of the report, then PASSED or FAILED.
+finish() {
+    {
+        echo
+        echo "== done in $(($(date +%s) - START)) s; logs and JSON in $(basename "$ARCHIVE")"
+        grep -E "^RESULT|FAIL|MISSED|SKIPPED" "$REPORT" || true
+        [ "$status" -eq 0 ] && echo "GPU CHECK: PASSED" || echo "GPU CHECK: FAILED"
+    } >"$LOGS/summary.txt"
+    tee -a "$REPORT" <"$LOGS/summary.txt"
+    exit "$status"
 }
 
 # Libraries. The driver's libcuda is normally on the loader path; cuBLASLt, NVRTC and NCCL come
@@ -131,6 +152,18 @@ export ARBITER_KERNEL_CACHE=${ARBITER_KERNEL_CACHE:-$WORK/kernel-cache}
     echo "ARBITER_CUDA_INCLUDE=${ARBITER_CUDA_INCLUDE:-}"
 } | tee "$REPORT"
 
+if [ "$MODE" = fp8 ]; then
+    echo "== gpu_check --sections fp8 (FP8 kernels and GEMMs vs the CPU; FP8 vs bf16 GEMMs and gpu-1b)"
+    # Writes gpu-1b twice (bf16, FP8) unless a previous run left them in $WORK.
+    rust "$(budget 330)" bin/gpu_check --out "$LOGS/fp8" --fixtures fixtures/golden --work "$WORK" \
+        --sections fp8 2>&1 | tee "$LOGS/gpu_check_fp8.log"
+    rc=${PIPESTATUS[0]}
+    [ -f "$LOGS/fp8/rust-report.md" ] && cat "$LOGS/fp8/rust-report.md" >>"$REPORT"
+    exited "gpu_check (fp8)" "$rc"
+    archive
+    finish
+fi
+
 echo "== gpu_check (kernels, golden fixtures, gpu-1b, throughput, NCCL)"
 rust "$(budget 150)" bin/gpu_check --out "$LOGS" --fixtures fixtures/golden --work "$WORK" \
     --sections ops,golden,bench-small,gpu1b,throughput,nccl 2>&1 | tee "$LOGS/gpu_check.log"
@@ -185,11 +218,4 @@ else
     tail -5 "$LOGS/cli.log"
 fi
 
-{
-    echo
-    echo "== done in $(($(date +%s) - START)) s; logs and JSON in $(basename "$ARCHIVE")"
-    grep -E "^RESULT|FAIL|MISSED|SKIPPED" "$REPORT" || true
-    [ "$status" -eq 0 ] && echo "GPU CHECK: PASSED" || echo "GPU CHECK: FAILED"
-} >"$LOGS/summary.txt"
-tee -a "$REPORT" <"$LOGS/summary.txt"
-exit "$status"
+finish

@@ -2,7 +2,8 @@
 # Compile-check of the CUDA kernels (kernels/*.cu) with NVRTC, on a machine without a GPU:
 # installs the pinned CUDA 13.0 NVRTC and runtime-header wheels into the repo's .venv, lints the
 # kernels crate with its `nvrtc` feature, and runs arbiter-kernels-check, which compiles every
-# module for sm_80 and sm_90 (attention for several head dims) and fails on any error.
+# module for sm_80 and sm_90 (attention for several head dims), the FP8 module (fp8.cu, e4m3)
+# for sm_89 and sm_90 only, and fails on any error.
 # Called by scripts/test.sh; runs on its own too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,10 @@ site="$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["pure
 cuda="$site/nvidia/cu13"
 [ -f "$cuda/lib/libnvrtc.so.13" ] || { echo "kernels-check: no libnvrtc.so.13 in $cuda/lib" >&2; exit 1; }
 [ -f "$cuda/include/cuda_bf16.h" ] || { echo "kernels-check: no cuda_bf16.h in $cuda/include" >&2; exit 1; }
+# fp8.cu includes cuda_fp8.h (and it cuda_fp8.hpp): shipped by nvidia-cuda-runtime 13.0 as well.
+for h in cuda_fp8.h cuda_fp8.hpp; do
+    [ -f "$cuda/include/$h" ] || { echo "kernels-check: no $h in $cuda/include" >&2; exit 1; }
+done
 
 echo "== cargo clippy -p arbiter-kernels --features nvrtc"
 cargo clippy -p arbiter-kernels --all-targets --features nvrtc --locked -- -D warnings

@@ -17,7 +17,10 @@
 //!    in-process communicator against TP=1 on a golden fixture; 4 layers of the 340B model cut to
 //!    one TP=8 rank's shape at 8k and 16k tokens, with the fraction of the GEMM ceiling and a
 //!    projection of the full model's tokens/s on 8 GPUs;
-//! 6. NCCL on one GPU, last (its join without a peer leaves a thread blocked in NCCL): a one-rank
+//! 6. FP8 (section `fp8`, not in the default list; `gpu-check.sh --fp8` runs it alone): the FP8
+//!    kernels and GEMMs against the CPU reference, FP8 vs bf16 GEMMs at the 340B rank shapes with
+//!    fast and slow accumulation, gpu-1b in FP8 vs bf16 (gpu_check/fp8.rs);
+//! 7. NCCL on one GPU, last (its join without a peer leaves a thread blocked in NCCL): a one-rank
 //!    all-reduce, and a two-rank join whose peer never comes, which must fail after its timeout
 //!    instead of hanging.
 //!
@@ -25,7 +28,7 @@
 //! and `rust-report.md` under `--out` are rewritten after every section.
 //!
 //! cargo run --release -p arbiter-engine --features cuda --example gpu_check -- \
-//!     --out DIR [--fixtures tests/fixtures/golden] [--work DIR] [--sections ops,golden,bench-small,gpu1b,throughput,parallel,nccl]
+//!     --out DIR [--fixtures tests/fixtures/golden] [--work DIR] [--sections ops,golden,bench-small,gpu1b,throughput,parallel,fp8,nccl]
 //!
 //! Exits 1 when a check fails, 2 when the check cannot run (the backend does not start; the
 //! results JSON still says why).
@@ -45,6 +48,9 @@ use arbiter_engine::synth::{gpu_1b_config, nemotron_340b_rank_config, tensor_sha
 use arbiter_engine::weights::{Dtype, TensorView};
 use arbiter_engine::{Model, PackedBatch, RewardWeights, Score};
 use serde_json::json;
+
+#[path = "gpu_check/fp8.rs"]
+mod fp8_section;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -229,6 +235,11 @@ fn run() -> Res<bool> {
     if want("parallel") {
         if let Some(v) = ck.section("parallel", |r| parallel(r, &fixtures, &work)) {
             ck.keep("parallel", v);
+        }
+    }
+    if want("fp8") {
+        if let Some(v) = ck.section("fp8", |r| fp8_section::fp8(r, &gpu, &cpu, &work)) {
+            ck.keep("fp8", v);
         }
     }
     // Last: the join without a peer leaves its init thread blocked inside NCCL for good (by

@@ -255,6 +255,34 @@ pub trait Backend: Send + Sync {
     fn attention(&self, qkv: &Self::Tensor, layout: &AttnLayout, ctx: &Self::BatchCtx) -> Result<Self::Tensor>;
     /// An element-wise nonlinearity (see [`Activation`]).
     fn activation(&self, x: &Self::Tensor, kind: Activation) -> Result<Self::Tensor>;
+
+    // The graph knows which GEMM each norm and activation feeds; these let a backend hand that
+    // GEMM its input in the form it multiplies (the CUDA backend: e4m3 codes with per-token
+    // scales for an FP8 matrix, fused into the kernel that computes the values). The result
+    // must only be given to `next`. By default, the plain op: the CPU backend rounds inside
+    // `matmul`, which gives the same values.
+
+    /// [`Backend::norm`] whose output is the input of `next` only.
+    fn norm_for(&self, x: &Self::Tensor, p: &Self::Norm, next: &Self::Matrix) -> Result<Self::Tensor> {
+        let _ = next;
+        self.norm(x, p)
+    }
+    /// [`Backend::add_norm`] whose output is the input of `next` only.
+    fn add_norm_for(
+        &self,
+        x: &mut Self::Tensor,
+        delta: &Self::Tensor,
+        p: &Self::Norm,
+        next: &Self::Matrix,
+    ) -> Result<Self::Tensor> {
+        let _ = next;
+        self.add_norm(x, delta, p)
+    }
+    /// [`Backend::activation`] whose output is the input of `next` only.
+    fn activation_for(&self, x: &Self::Tensor, kind: Activation, next: &Self::Matrix) -> Result<Self::Tensor> {
+        let _ = next;
+        self.activation(x, kind)
+    }
     /// The rows `rows` of `x`, in that order.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
     /// Copies a tensor to host memory as f32, row-major.

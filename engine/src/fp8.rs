@@ -106,12 +106,26 @@ pub fn quantize_matrix(w: &[f32], cols: usize) -> (Vec<u8>, Vec<f32>) {
 /// quantization feeds its GEMM, dequantized.
 pub fn round_per_token(x: &mut [f32], cols: usize) {
     for row in x.chunks_exact_mut(cols.max(1)) {
-        let absmax = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let s = (absmax / E4M3_MAX).max(MIN_ACTIVATION_SCALE);
+        let s = activation_scale(row);
         for v in row.iter_mut() {
             *v = decode(encode(*v / s)) * s;
         }
     }
+}
+
+/// The per-token scale of an activation row: `max(max|row| / 448, MIN_ACTIVATION_SCALE)`.
+pub fn activation_scale(row: &[f32]) -> f32 {
+    let absmax = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    (absmax / E4M3_MAX).max(MIN_ACTIVATION_SCALE)
+}
+
+/// Quantizes one activation row as a GPU feeds it to an FP8 GEMM: appends its e4m3 codes
+/// (`encode(x / s)`) to `codes` and returns its scale `s` ([`activation_scale`]);
+/// `decode(code) * s` is what [`round_per_token`] leaves in place.
+pub fn quantize_token(row: &[f32], codes: &mut Vec<u8>) -> f32 {
+    let s = activation_scale(row);
+    codes.extend(row.iter().map(|&v| encode(v / s)));
+    s
 }
 
 /// The linear layers (module name suffixes inside `model.layers.{i}.`) the FP8 scheme quantizes.

@@ -268,7 +268,7 @@ impl<B: Backend> Model<B> {
             }
         };
         if let Some(first) = self.blocks.first() {
-            let mut h = b.norm(&x, &first.attn_norm)?;
+            let mut h = b.norm_for(&x, &first.attn_norm, &first.qkv)?;
             for (l, blk) in self.blocks.iter().enumerate() {
                 let mut qkv = b.matmul(&h, &blk.qkv)?;
                 if let Some((qn, kn)) = &blk.qk_norm {
@@ -281,16 +281,16 @@ impl<B: Backend> Model<B> {
                 if let Some((attn_out, _)) = &blk.branch_norms {
                     o = b.branch_norm(&o, attn_out)?;
                 }
-                h = b.add_norm(&mut x, &o, &blk.mlp_norm)?;
+                h = b.add_norm_for(&mut x, &o, &blk.mlp_norm, &blk.up)?;
                 let up = b.matmul(&h, &blk.up)?;
-                let act = b.activation(&up, self.spec.mlp.into())?;
+                let act = b.activation_for(&up, self.spec.mlp.into(), &blk.down)?;
                 let mut down = b.matmul(&act, &blk.down)?;
                 self.comm.all_reduce(&mut down)?;
                 if let Some((_, mlp_out)) = &blk.branch_norms {
                     down = b.branch_norm(&down, mlp_out)?;
                 }
                 match self.blocks.get(l + 1) {
-                    Some(next) => h = b.add_norm(&mut x, &down, &next.attn_norm)?,
+                    Some(next) => h = b.add_norm_for(&mut x, &down, &next.attn_norm, &next.qkv)?,
                     None => b.add(&mut x, &down)?,
                 }
             }

@@ -29,8 +29,9 @@ impl Storage {
     /// The CPU backend in bf16 precision: bf16 weights and embedding, f32 activations (holding
     /// bf16 values); FP8 folders are refused in this precision.
     pub const CPU_BF16: Storage = Storage { dense: 2, fp8: 4, activation: 4, overhead: 64 << 20 };
-    /// The CUDA backend: bf16 weights and activations; FP8 weights kept as e4m3 (the layout of
-    /// "FP8 weights, part 2"); 1 GiB for the context, cuBLASLt and NCCL.
+    /// The CUDA backend: bf16 weights and activations; FP8 weights kept as e4m3 with f32 scales
+    /// (cuda/fp8.rs); 1 GiB for the context, cuBLASLt and NCCL. Not counted: the f32 `[tokens,
+    /// out]` buffer of the tensor-wide FP8 path, which only sm_89 GPUs take.
     pub const CUDA: Storage = Storage { dense: 2, fp8: 1, activation: 2, overhead: 1 << 30 };
 }
 

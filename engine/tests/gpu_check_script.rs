@@ -47,9 +47,15 @@ open(a.report, "a").write("\nRESULT (transformers side): accuracy checks passed\
 /// Runs the bundle's gpu-check.sh with `$OUT` and `$GPU_CHECK_WORK` under `root`; asserts it
 /// fails and leaves exactly the report and the archive in `$OUT`; returns the report.
 fn run_failing_check(root: &Path, env: &[(&str, &str)]) -> String {
+    run_failing_check_with(root, env, &[])
+}
+
+/// [`run_failing_check`] with arguments for gpu-check.sh.
+fn run_failing_check_with(root: &Path, env: &[(&str, &str)], args: &[&str]) -> String {
     let out = root.join("out");
     let run = Command::new("bash")
         .arg(root.join("bundle/gpu-check.sh"))
+        .args(args)
         .env("OUT", &out)
         .env("GPU_CHECK_WORK", root.join("work"))
         .envs(env.iter().copied())
@@ -63,6 +69,32 @@ fn run_failing_check(root: &Path, env: &[(&str, &str)]) -> String {
     left.sort();
     assert_eq!(left, ["gpu-check-logs.tar.gz", "gpu-check.md"]);
     std::fs::read_to_string(out.join("gpu-check.md")).unwrap()
+}
+
+#[test]
+fn fp8_mode_runs_only_the_fp8_section_and_leaves_the_same_two_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bundle = tmp.path().join("bundle");
+    std::fs::create_dir_all(&bundle).unwrap();
+    failing_bundle(&bundle);
+    // The fake gpu_check also records the sections it was asked for.
+    let fake = std::fs::read_to_string(bundle.join("bin/gpu_check")).unwrap();
+    let fake = fake.replace(
+        "while [ $# -gt 0 ]; do [ \"$1\" = --out ] && out=$2; shift; done",
+        "args=\"$*\"\nwhile [ $# -gt 0 ]; do [ \"$1\" = --out ] && out=$2; shift; done\nmkdir -p \"$out\"; echo \"$args\" >\"$out/args.txt\"",
+    );
+    write_executable(&bundle.join("bin/gpu_check"), &fake);
+    let report = run_failing_check_with(tmp.path(), &[], &["--fp8"]);
+    assert!(report.contains("gpu_check (fp8) exited 1"), "{report}");
+    for other in ["gpu_check exited", "(parallel)", "transformers", "CLI:"] {
+        assert!(!report.contains(other), "{other:?} ran in --fp8 mode:\n{report}");
+    }
+    let args = std::fs::read_to_string(tmp.path().join("work/gpu-check-logs/fp8/args.txt")).unwrap();
+    assert!(args.contains("--sections fp8"), "{args}");
+
+    let bad = Command::new("bash").arg(bundle.join("gpu-check.sh")).arg("--fp9").output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("usage: gpu-check.sh [--fp8]"));
 }
 
 #[test]

@@ -36,6 +36,25 @@ pub struct Module {
     pub functions: &'static [&'static str],
     /// `-D` macros the source cannot compile without (the host must pass a value for each).
     pub required_defines: &'static [&'static str],
+    /// The oldest compute capability the source compiles for, as `major * 10 + minor` (80 for
+    /// sm_80; 89 for the FP8 module, whose e4m3 conversions need Ada or newer).
+    pub min_sm: u32,
+}
+
+impl Module {
+    /// Whether this module can be compiled for `arch` (`sm_NN...` / `compute_NN...`); an arch
+    /// whose number cannot be read is left to NVRTC to refuse.
+    pub fn supports(&self, arch: &str) -> bool {
+        sm_number(arch).is_none_or(|sm| sm >= self.min_sm)
+    }
+}
+
+/// The compute capability of an arch string as `major * 10 + minor` (`sm_90a` -> 90), if it has
+/// one.
+pub fn sm_number(arch: &str) -> Option<u32> {
+    let digits = arch.strip_prefix("sm_").or_else(|| arch.strip_prefix("compute_"))?;
+    let end = digits.find(|c: char| !c.is_ascii_digit()).unwrap_or(digits.len());
+    digits[..end].parse().ok()
 }
 
 /// `kernels/norm.cu`: the residual add fused with LayerNorm / RMSNorm.
@@ -44,6 +63,7 @@ pub const NORM: Module = Module {
     source: include_str!("../norm.cu"),
     functions: &["add_norm_bf16", "add_norm_f32", "add_residual", "qk_norm"],
     required_defines: &[],
+    min_sm: 80,
 };
 
 /// `kernels/elementwise.cu`: embedding and row gathers, relu2, SwiGLU, RoPE.
@@ -52,6 +72,7 @@ pub const ELEMENTWISE: Module = Module {
     source: include_str!("../elementwise.cu"),
     functions: &["embed", "gather_rows", "relu2", "relu", "swiglu", "geglu", "add_bias", "to_bf16", "rope"],
     required_defines: &[],
+    min_sm: 80,
 };
 
 /// `kernels/attention.cu`: variable-length causal GQA flash attention; compiled once per head
@@ -61,10 +82,48 @@ pub const ATTENTION: Module = Module {
     source: include_str!("../attention.cu"),
     functions: &["flash_attn_varlen"],
     required_defines: &["ARB_HEAD_DIM"],
+    min_sm: 80,
+};
+
+/// The text of kernels/fp8.cu alone (its entry points are [`FP8`]'s functions).
+#[cfg(test)]
+const FP8_CU: &str = include_str!("../fp8.cu");
+
+/// `kernels/fp8.cu`: per-token e4m3 quantization of GEMM inputs (standalone, fused with the norm,
+/// fused with the MLP activation), dequantization, and the row x column scale epilogue of the
+/// tensor-wide-scale FP8 GEMM. Compiled after norm.cu and elementwise.cu in one program, since
+/// the fused kernels call their device functions; sm_89 and newer only.
+pub const FP8: Module = Module {
+    name: "fp8",
+    source: concat!(include_str!("../norm.cu"), include_str!("../elementwise.cu"), include_str!("../fp8.cu")),
+    functions: &["quantize_rows", "add_norm_fp8", "act_fp8", "dequantize_rows", "scale_rows_cols"],
+    required_defines: &[],
+    min_sm: 89,
 };
 
 /// Every kernel module, in a fixed order.
-pub const MODULES: &[Module] = &[NORM, ELEMENTWISE, ATTENTION];
+pub const MODULES: &[Module] = &[NORM, ELEMENTWISE, ATTENTION, FP8];
+
+/// The architectures CI compiles [`FP8`] for: the first with e4m3 conversions and FP8 tensor
+/// cores (Ada, sm_89) and Hopper.
+pub const FP8_CHECK_ARCHS: [&str; 2] = ["sm_89", "sm_90"];
+
+/// Threads per block of every kernel of fp8.cu (`ARB_FP8_THREADS`).
+pub const FP8_THREADS: u32 = 256;
+
+/// The activation `act_fp8` applies before rounding (its `kind` argument, `ARB_FP8_ACT_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub enum Fp8Act {
+    /// `max(x, 0)^2` (Nemotron).
+    Relu2 = 0,
+    /// `max(x, 0)`.
+    Relu = 1,
+    /// `silu(gate) * up` over rows `[gate | up]` (Llama).
+    SwiGlu = 2,
+    /// `gelu_tanh(gate) * up` over rows `[gate | up]` (Gemma 2).
+    GeGlu = 3,
+}
 
 /// Threads per block of `add_norm_bf16` / `add_norm_f32` (`ARB_NORM_THREADS` in norm.cu).
 pub const NORM_THREADS: u32 = 256;
@@ -157,6 +216,26 @@ mod tests {
         assert_eq!(define(&ATTENTION, "ARB_KV_STAGES"), ATTN_KV_STAGES);
         assert_eq!(define(&NORM, "ARB_NORM_THREADS"), NORM_THREADS as usize);
         assert_eq!(define(&ELEMENTWISE, "ARB_ELEMENTWISE_THREADS"), ELEMENTWISE_THREADS as usize);
+        assert_eq!(define(&FP8, "ARB_FP8_THREADS"), FP8_THREADS as usize);
+        assert_eq!(define(&FP8, "ARB_FP8_ACT_RELU2"), Fp8Act::Relu2 as usize);
+        assert_eq!(define(&FP8, "ARB_FP8_ACT_RELU"), Fp8Act::Relu as usize);
+        assert_eq!(define(&FP8, "ARB_FP8_ACT_SWIGLU"), Fp8Act::SwiGlu as usize);
+        assert_eq!(define(&FP8, "ARB_FP8_ACT_GEGLU"), Fp8Act::GeGlu as usize);
+    }
+
+    #[test]
+    fn the_fp8_module_is_norm_and_elementwise_then_fp8_and_only_for_sm_89_on() {
+        assert!(FP8.source.starts_with(NORM.source));
+        assert!(FP8.source.ends_with(FP8_CU));
+        assert!(FP8.source.contains(ELEMENTWISE.source));
+        for (arch, ok) in [("sm_80", false), ("sm_86", false), ("sm_89", true), ("sm_90", true), ("sm_90a", true)] {
+            assert_eq!(FP8.supports(arch), ok, "{arch}");
+            assert!(NORM.supports(arch), "{arch}");
+        }
+        assert_eq!(sm_number("sm_100f"), Some(100));
+        assert_eq!(sm_number("compute_89"), Some(89));
+        assert_eq!(sm_number("gfx90a"), None);
+        assert!(FP8_CHECK_ARCHS.iter().all(|a| FP8.supports(a)));
     }
 
     #[test]
@@ -239,13 +318,16 @@ mod tests {
     #[test]
     fn listed_functions_are_exactly_the_entry_points_of_each_source() {
         for module in MODULES {
-            let mut found = entry_points(module.source);
+            // fp8's program includes norm.cu and elementwise.cu, whose entry points the host takes
+            // from those modules.
+            let own = if module.name == FP8.name { FP8_CU } else { module.source };
+            let mut found = entry_points(own);
             let mut listed: Vec<String> = module.functions.iter().map(|s| s.to_string()).collect();
             found.sort();
             listed.sort();
             assert_eq!(found, listed, "{}.cu", module.name);
         }
-        assert_eq!(MODULES.iter().map(|m| m.name).collect::<Vec<_>>(), ["norm", "elementwise", "attention"]);
+        assert_eq!(MODULES.iter().map(|m| m.name).collect::<Vec<_>>(), ["norm", "elementwise", "attention", "fp8"]);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! CUDA built-ins and PTX wrappers in tests/emu/cuda_bf16.h (fibers for threads, the ISA's mma /
 //! ldmatrix fragment layouts, deferred cp.async, adversarial warp scheduling), under
 //! AddressSanitizer with every byte a block must not touch poisoned, and compares every output with
-//! a float64 reference (tests/emu/*.cpp). This checks the kernels' indexing, masking, tiling,
+//! a float64 reference (tests/emu/*.cpp; fp8.cu against the e4m3 rounding rules of engine/src/fp8.rs). This checks the kernels' indexing, masking, tiling,
 //! pipelining and numerics without a GPU; it cannot check timing or the hardware itself, which
 //! docs/gpu-owed.md leaves to the GPU check.
 //!
@@ -120,5 +120,15 @@ fn attention_head_dim_256() {
 #[test]
 fn norm_and_elementwise() {
     let out = build_and_run("rowwise_emu.cpp", &[]);
+    assert_all_ok(&out, 32);
+}
+
+/// fp8.cu (after norm.cu and elementwise.cu, as the FP8 module compiles them): per-token e4m3
+/// quantization standalone, fused with LayerNorm / RMSNorm and with relu2, relu, SwiGLU and GeGLU,
+/// dequantization and the row x column scale epilogue, against engine/src/fp8.rs's rounding rules
+/// (bit-identical codes and scales where the kernel's f32 input is exact).
+#[test]
+fn fp8() {
+    let out = build_and_run("fp8_emu.cpp", &[]);
     assert_all_ok(&out, 32);
 }

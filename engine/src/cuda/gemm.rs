@@ -20,17 +20,31 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use super::driver_err;
 use crate::error::{EngineError, Result};
 
-fn lt_err(what: &'static str) -> impl FnOnce(lt::CublasError) -> EngineError {
+pub(super) fn lt_err(what: &'static str) -> impl FnOnce(lt::CublasError) -> EngineError {
     move |e| EngineError::Backend(format!("cuBLASLt {what}: {e:?}"))
 }
 
-/// Descriptors and algorithm of one GEMM shape.
-struct Plan {
-    desc: sys::cublasLtMatmulDesc_t,
-    a: sys::cublasLtMatrixLayout_t,
-    b: sys::cublasLtMatrixLayout_t,
-    c: sys::cublasLtMatrixLayout_t,
-    algo: sys::cublasLtMatmulAlgo_t,
+/// Descriptors and algorithm of one GEMM shape (bf16 here, FP8 in `cuda::fp8`).
+pub(super) struct Plan {
+    pub(super) desc: sys::cublasLtMatmulDesc_t,
+    pub(super) a: sys::cublasLtMatrixLayout_t,
+    pub(super) b: sys::cublasLtMatrixLayout_t,
+    pub(super) c: sys::cublasLtMatrixLayout_t,
+    pub(super) algo: sys::cublasLtMatmulAlgo_t,
+}
+
+impl Plan {
+    /// A plan with nothing created yet; dropping it part-built releases what exists.
+    pub(super) fn empty() -> Self {
+        Plan {
+            desc: std::ptr::null_mut(),
+            a: std::ptr::null_mut(),
+            b: std::ptr::null_mut(),
+            c: std::ptr::null_mut(),
+            // SAFETY: a plain C struct of integers; overwritten by the heuristic's choice.
+            algo: unsafe { std::mem::zeroed() },
+        }
+    }
 }
 
 impl Drop for Plan {
@@ -52,9 +66,9 @@ impl Drop for Plan {
 
 /// A cuBLASLt handle bound to one stream, its workspace, and the plans made so far.
 pub(crate) struct Gemm {
-    handle: sys::cublasLtHandle_t,
-    workspace: CudaSlice<u8>,
-    stream: Arc<CudaStream>,
+    pub(super) handle: sys::cublasLtHandle_t,
+    pub(super) workspace: CudaSlice<u8>,
+    pub(super) stream: Arc<CudaStream>,
     plans: Mutex<Lru<(usize, usize, usize), Plan>>,
 }
 
@@ -62,12 +76,12 @@ pub(crate) struct Gemm {
 /// projection, MLP up and down), so this keeps the plans of the last ~64 batch sizes; a plan is
 /// a few hundred bytes of host memory, and a miss costs one heuristic query (tens of
 /// microseconds), small next to the forward it belongs to.
-const PLAN_CAPACITY: usize = 256;
+pub(super) const PLAN_CAPACITY: usize = 256;
 
 /// A map of at most `capacity` entries that drops the least recently used one to make room.
 /// Eviction scans the entries (at most `capacity`), which only happens on a miss, where building
 /// the new value costs far more.
-struct Lru<K, V> {
+pub(super) struct Lru<K, V> {
     capacity: usize,
     clock: u64,
     entries: HashMap<K, (V, u64)>,
@@ -75,14 +89,14 @@ struct Lru<K, V> {
 
 impl<K: std::hash::Hash + Eq + Copy, V> Lru<K, V> {
     /// An empty map holding at most `capacity` entries (at least one).
-    fn new(capacity: usize) -> Self {
+    pub(super) fn new(capacity: usize) -> Self {
         Lru { capacity: capacity.max(1), clock: 0, entries: HashMap::new() }
     }
 
     /// The value of `key`, made by `make` on a miss, after evicting the least recently used
     /// entry when the map is full (so a failed `make` may have cost that entry: it is only a
     /// cache).
-    fn get_or_try_insert<E>(&mut self, key: K, make: impl FnOnce() -> Result<V, E>) -> Result<&mut V, E> {
+    pub(super) fn get_or_try_insert<E>(&mut self, key: K, make: impl FnOnce() -> Result<V, E>) -> Result<&mut V, E> {
         self.clock += 1;
         if self.entries.len() >= self.capacity && !self.entries.contains_key(&key) {
             let oldest = self.entries.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| *k);
@@ -114,7 +128,7 @@ impl<K: std::hash::Hash + Eq + Copy, V> Lru<K, V> {
     }
 
     /// Drops every entry.
-    fn clear(&mut self) {
+    pub(super) fn clear(&mut self) {
         self.entries.clear();
     }
 }
@@ -158,14 +172,7 @@ impl Gemm {
     fn plan(&self, t: usize, n: usize, k: usize) -> Result<Plan> {
         let bf16 = sys::cudaDataType_t::CUDA_R_16BF;
         // Filled step by step; dropping it part-built releases what exists.
-        let mut plan = Plan {
-            desc: std::ptr::null_mut(),
-            a: std::ptr::null_mut(),
-            b: std::ptr::null_mut(),
-            c: std::ptr::null_mut(),
-            // SAFETY: a plain C struct of integers; overwritten by the heuristic's choice below.
-            algo: unsafe { std::mem::zeroed() },
-        };
+        let mut plan = Plan::empty();
         plan.desc =
             lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType_t::CUDA_R_32F)
                 .map_err(lt_err("create matmul descriptor"))?;
@@ -186,7 +193,16 @@ impl Gemm {
         plan.a = lt::create_matrix_layout(bf16, k as u64, n as u64, k as i64).map_err(lt_err("layout of w"))?;
         plan.b = lt::create_matrix_layout(bf16, k as u64, t as u64, k as i64).map_err(lt_err("layout of x"))?;
         plan.c = lt::create_matrix_layout(bf16, n as u64, t as u64, n as i64).map_err(lt_err("layout of y"))?;
-        let pref = lt::create_matmul_pref().map_err(lt_err("create preference"))?;
+        self.choose_algo(&mut plan).map_err(|e| {
+            EngineError::Backend(format!("cuBLASLt has no bf16 algorithm for [{t}, {k}] x [{n}, {k}]^T: {e:?}"))
+        })?;
+        Ok(plan)
+    }
+
+    /// Asks the heuristic for the best algorithm of `plan` (whose descriptor and layouts are made,
+    /// with C and D sharing a layout) within this handle's workspace, and keeps it in the plan.
+    pub(super) fn choose_algo(&self, plan: &mut Plan) -> std::result::Result<(), lt::CublasError> {
+        let pref = lt::create_matmul_pref()?;
         let ws = self.workspace.len();
         // SAFETY: `ws` outlives the call; the preference is destroyed right after use.
         let heuristic = unsafe {
@@ -199,12 +215,9 @@ impl Gemm {
             .and_then(|_| lt::get_matmul_algo_heuristic(self.handle, plan.desc, plan.a, plan.b, plan.c, plan.c, pref));
             let _ = lt::destroy_matmul_pref(pref);
             r
-        }
-        .map_err(|e| {
-            EngineError::Backend(format!("cuBLASLt has no bf16 algorithm for [{t}, {k}] x [{n}, {k}]^T: {e:?}"))
-        })?;
+        }?;
         plan.algo = heuristic.algo;
-        Ok(plan)
+        Ok(())
     }
 
     /// `y = x @ w^T` for row-major `x[t, k]`, `w[n, k]`, `y[t, n]` holding bf16 bits, enqueued on

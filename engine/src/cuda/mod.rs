@@ -6,6 +6,7 @@
 //! stream per backend in call order; host-visible results (`to_host`) synchronize it, which is
 //! where an asynchronous kernel failure surfaces.
 
+mod fp8;
 mod gemm;
 pub mod nccl;
 pub mod placement;
@@ -29,6 +30,7 @@ use crate::error::{EngineError, Result};
 use crate::rope;
 use crate::spec::NormKind;
 use crate::weights::TensorView;
+pub use fp8::{Fp8Path, Fp8Settings};
 use gemm::Gemm;
 use tensor::Data;
 pub use tensor::{bf16_bits, bf16_value, ActDtype, CudaTensor};
@@ -92,17 +94,31 @@ fn load_ptx(
     })
 }
 
-/// A weight matrix `[n, k]` in bf16 on the device.
+/// A weight matrix `[n, k]` on the device, bf16 or FP8.
 #[derive(Debug)]
 pub struct CudaMatrix {
-    data: CudaSlice<u16>,
+    weights: Weights,
     n: usize,
     k: usize,
     /// Added to every output row after the GEMM (`[n]`, f32).
     bias: Option<CudaSlice<f32>>,
 }
 
+/// The values of a weight matrix.
+#[derive(Debug)]
+enum Weights {
+    /// bf16 bits, `[n, k]`.
+    Bf16(CudaSlice<u16>),
+    /// e4m3 codes with per-output-channel scales (cuda/fp8.rs).
+    Fp8(fp8::Fp8Weights),
+}
+
 impl CudaMatrix {
+    /// Whether the matrix is FP8 (its input is quantized per token).
+    pub fn is_fp8(&self) -> bool {
+        matches!(self.weights, Weights::Fp8(_))
+    }
+
     /// Output features.
     pub fn n(&self) -> usize {
         self.n
@@ -190,6 +206,8 @@ pub struct CudaBackend {
     attention: Mutex<HashMap<usize, Arc<Attention>>>,
     rope: Mutex<Option<Arc<RopeTables>>>,
     matmuls: AtomicUsize,
+    /// FP8 kernels and GEMM plans, made when the first FP8 matrix loads (cuda/fp8.rs).
+    fp8: Mutex<Option<Arc<fp8::Fp8State>>>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -293,6 +311,7 @@ impl CudaBackend {
             attention: Mutex::new(HashMap::new()),
             rope: Mutex::new(None),
             matmuls: AtomicUsize::new(0),
+            fp8: Mutex::new(None),
         })
     }
 
@@ -464,6 +483,9 @@ impl CudaBackend {
         let func = match out {
             Data::Bf16(_) => &self.kernels.add_norm_bf16,
             Data::F32(_) => &self.kernels.add_norm_f32,
+            Data::E4m3 { .. } => {
+                return Err(EngineError::Backend("an e4m3 norm output goes through add_norm_fp8".into()));
+            }
         };
         let mut out = out;
         let mut b = self.stream.launch_builder(func);
@@ -480,6 +502,7 @@ impl CudaBackend {
         match &mut out {
             Data::Bf16(o) => b.arg(o),
             Data::F32(o) => b.arg(o),
+            Data::E4m3 { codes, .. } => b.arg(codes),
         };
         b.arg(&r).arg(&h).arg(&p.eps).arg(&rms);
         if rows > 0 {
@@ -503,6 +526,16 @@ impl CudaBackend {
                 .map_err(driver_err("launch to_bf16"))?;
         }
         Ok(out)
+    }
+
+    /// `y[r, c] += bias[c]` over `rows x cols` bf16 values (`add_bias`).
+    fn add_bias(&self, y: &mut CudaSlice<u16>, bias: &CudaSlice<f32>, rows: usize, cols: usize) -> Result<()> {
+        let (r, c) = (int(rows, "rows")?, int(cols, "columns")?);
+        let mut b = self.stream.launch_builder(&self.kernels.add_bias);
+        b.arg(y).arg(bias).arg(&r).arg(&c);
+        let g = (grid(rows, "rows")?, grid(cols.div_ceil(EW_THREADS as usize), "columns / 256")?);
+        // SAFETY: ABI of kernels/elementwise.cu `add_bias`; y is rows x cols, bias cols.
+        unsafe { b.launch(cfg(g, EW_THREADS, 0)) }.map_err(driver_err("launch add_bias")).map(|_| ())
     }
 
     fn check_norm_width(x: &CudaTensor, p: &CudaNorm) -> Result<()> {
@@ -583,13 +616,7 @@ impl Backend for CudaBackend {
     fn matrix(&self, parts: &[MatrixPart<'_>]) -> Result<CudaMatrix> {
         let k = check_parts(parts)?;
         if parts[0].is_fp8() {
-            // FP8 GEMMs on the GPU are "FP8 weights, part 2"; until then the CPU backend serves
-            // FP8 folders, and the bf16 folder serves on the GPU.
-            return Err(EngineError::Backend(format!(
-                "{:?} is FP8 (e4m3): the CUDA backend does not run FP8 folders yet; \
-                 serve this folder with --device cpu, or serve the unquantized folder on the GPU",
-                parts[0].view.name
-            )));
+            return self.fp8_matrix(parts);
         }
         let n: usize = parts.iter().map(|p| p.rows.len()).sum();
         let mut bits = Vec::with_capacity(n * k);
@@ -597,7 +624,7 @@ impl Backend for CudaBackend {
             p.view.block_to_bf16_bits(p.rows.clone(), p.cols.clone(), &mut bits);
         }
         let bias = stacked_bias(parts).map(|b| self.to_device(&b)).transpose()?;
-        Ok(CudaMatrix { data: self.to_device(&bits)?, n, k, bias })
+        Ok(CudaMatrix { weights: Weights::Bf16(self.to_device(&bits)?), n, k, bias })
     }
 
     fn norm_params(
@@ -724,29 +751,62 @@ impl Backend for CudaBackend {
             return Err(EngineError::Backend(format!("matmul: input has {} columns, matrix takes {}", x.cols, w.k)));
         }
         self.matmuls.fetch_add(1, Ordering::Relaxed);
+        let data = match &w.weights {
+            Weights::Fp8(fp8) => return self.matmul_fp8(x, fp8, (w.n, w.k), w.bias.as_ref()),
+            Weights::Bf16(d) => d,
+        };
         let mut y = self.alloc::<u16>(x.rows * w.n)?;
         if x.rows > 0 {
             // f32 input (the final norm's, into a reward head's hidden layer) is rounded to bf16
-            // first, as every other GEMM input is.
-            let rounded = match &x.data {
+            // first, as every other GEMM input is; e4m3 input (made for an FP8 matrix) is widened.
+            let converted = match &x.data {
                 Data::F32(f) => Some(self.round_to_bf16(f, x.rows * x.cols)?),
+                Data::E4m3 { .. } => Some(self.dequantize(x)?),
                 Data::Bf16(_) => None,
             };
-            let input = match &rounded {
+            let input = match &converted {
                 Some(r) => r,
                 None => x.bf16("matmul")?,
             };
-            self.gemm.matmul(input, &w.data, &mut y, x.rows, w.n, w.k)?;
+            self.gemm.matmul(input, data, &mut y, x.rows, w.n, w.k)?;
             if let Some(bias) = &w.bias {
-                let (r, c) = (int(x.rows, "rows")?, int(w.n, "columns")?);
-                let mut b = self.stream.launch_builder(&self.kernels.add_bias);
-                b.arg(&mut y).arg(bias).arg(&r).arg(&c);
-                let g = (grid(x.rows, "rows")?, grid(w.n.div_ceil(EW_THREADS as usize), "columns / 256")?);
-                // SAFETY: ABI of kernels/elementwise.cu `add_bias`; y is rows x n, bias n.
-                unsafe { b.launch(cfg(g, EW_THREADS, 0)) }.map_err(driver_err("launch add_bias"))?;
+                self.add_bias(&mut y, bias, x.rows, w.n)?;
             }
         }
         Ok(self.tensor(Data::Bf16(y), x.rows, w.n))
+    }
+
+    fn norm_for(&self, x: &CudaTensor, p: &CudaNorm, next: &CudaMatrix) -> Result<CudaTensor> {
+        if !next.is_fp8() {
+            return self.norm(x, p);
+        }
+        Self::check_norm_width(x, p)?;
+        self.add_norm_fp8(x.f32("norm")?, None, p, x.rows, x.cols)
+    }
+
+    fn add_norm_for(
+        &self,
+        x: &mut CudaTensor,
+        delta: &CudaTensor,
+        p: &CudaNorm,
+        next: &CudaMatrix,
+    ) -> Result<CudaTensor> {
+        if !next.is_fp8() {
+            return self.add_norm(x, delta, p);
+        }
+        same_shape(x, delta, "residual add")?;
+        Self::check_norm_width(x, p)?;
+        let (rows, cols) = (x.rows, x.cols);
+        // The kernel writes x += delta in place through the same pointer.
+        self.add_norm_fp8(x.f32_mut("residual add")?, Some(delta.bf16("residual add")?), p, rows, cols)
+    }
+
+    fn activation_for(&self, x: &CudaTensor, kind: Activation, next: &CudaMatrix) -> Result<CudaTensor> {
+        if next.is_fp8() {
+            self.activation_fp8(x, kind)
+        } else {
+            self.activation(x, kind)
+        }
     }
 
     fn rope(&self, qkv: &mut CudaTensor, layout: &AttnLayout, ctx: &CudaBatch) -> Result<()> {

@@ -258,6 +258,10 @@ impl Communicator<CudaTensor> for NcclComm {
         let (ptr, dtype) = match &mut t.data {
             Data::F32(s) => (s.device_ptr_mut(&stream).0, sys::ncclDataType_t::ncclFloat32),
             Data::Bf16(s) => (s.device_ptr_mut(&stream).0, sys::ncclDataType_t::ncclBfloat16),
+            // Sums of codes with different scales mean nothing: only GEMM outputs are reduced.
+            Data::E4m3 { .. } => {
+                return Err(EngineError::Backend("all-reduce of an e4m3 tensor (a GEMM input) is not defined".into()))
+            }
         };
         self.run("all-reduce", |comm, st| {
             let p = ptr as *mut c_void;

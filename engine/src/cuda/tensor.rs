@@ -1,5 +1,6 @@
 //! Activations on the GPU: the residual stream in f32, everything else in bf16 (stored as raw
-//! `u16` bits so that no half-precision type crosses the FFI boundary).
+//! `u16` bits so that no half-precision type crosses the FFI boundary), and the input of an FP8
+//! GEMM as e4m3 codes with one scale per row (token).
 
 use std::sync::Arc;
 
@@ -16,6 +17,9 @@ pub enum ActDtype {
     F32,
     /// bfloat16: norm outputs, GEMM inputs and outputs, attention, the MLP.
     Bf16,
+    /// e4m3 codes with an f32 scale per row: the input of an FP8 GEMM, as the fused norm and
+    /// activation kernels produce it (engine/src/fp8.rs's per-token rounding).
+    E4m3,
 }
 
 /// Device storage of one tensor.
@@ -23,6 +27,11 @@ pub enum ActDtype {
 pub(crate) enum Data {
     F32(CudaSlice<f32>),
     Bf16(CudaSlice<u16>),
+    /// `[rows, cols]` e4m3 codes and `[rows]` scales: value = e4m3(code) * scale of its row.
+    E4m3 {
+        codes: CudaSlice<u8>,
+        scales: CudaSlice<f32>,
+    },
 }
 
 /// Activations on one GPU, `[rows, cols]` row-major.
@@ -59,6 +68,7 @@ impl CudaTensor {
         match self.data {
             Data::F32(_) => ActDtype::F32,
             Data::Bf16(_) => ActDtype::Bf16,
+            Data::E4m3 { .. } => ActDtype::E4m3,
         }
     }
 
@@ -67,34 +77,45 @@ impl CudaTensor {
         match &self.data {
             Data::F32(s) => s.stream(),
             Data::Bf16(s) => s.stream(),
+            Data::E4m3 { codes, .. } => codes.stream(),
         }
     }
 
     pub(crate) fn f32(&self, what: &str) -> Result<&CudaSlice<f32>> {
         match &self.data {
             Data::F32(s) => Ok(s),
-            Data::Bf16(_) => Err(wrong_dtype(what, "f32", "bf16")),
+            other => Err(wrong_dtype(what, "f32", other.name())),
         }
     }
 
     pub(crate) fn f32_mut(&mut self, what: &str) -> Result<&mut CudaSlice<f32>> {
         match &mut self.data {
             Data::F32(s) => Ok(s),
-            Data::Bf16(_) => Err(wrong_dtype(what, "f32", "bf16")),
+            other => Err(wrong_dtype(what, "f32", other.name())),
         }
     }
 
     pub(crate) fn bf16(&self, what: &str) -> Result<&CudaSlice<u16>> {
         match &self.data {
             Data::Bf16(s) => Ok(s),
-            Data::F32(_) => Err(wrong_dtype(what, "bf16", "f32")),
+            other => Err(wrong_dtype(what, "bf16", other.name())),
         }
     }
 
     pub(crate) fn bf16_mut(&mut self, what: &str) -> Result<&mut CudaSlice<u16>> {
         match &mut self.data {
             Data::Bf16(s) => Ok(s),
-            Data::F32(_) => Err(wrong_dtype(what, "bf16", "f32")),
+            other => Err(wrong_dtype(what, "bf16", other.name())),
+        }
+    }
+}
+
+impl Data {
+    fn name(&self) -> &'static str {
+        match self {
+            Data::F32(_) => "f32",
+            Data::Bf16(_) => "bf16",
+            Data::E4m3 { .. } => "e4m3",
         }
     }
 }
@@ -115,6 +136,12 @@ impl HostTensor for CudaTensor {
             Data::Bf16(s) => {
                 let bits = stream.clone_dtoh(s).map_err(driver_err("copy a tensor to the host"))?;
                 bits.into_iter().map(bf16_value).collect()
+            }
+            Data::E4m3 { codes, scales } => {
+                let codes = stream.clone_dtoh(codes).map_err(driver_err("copy a tensor to the host"))?;
+                let scales = stream.clone_dtoh(scales).map_err(driver_err("copy a tensor to the host"))?;
+                stream.synchronize().map_err(driver_err("finish the copy to the host"))?;
+                dequantize(&codes[..n], &scales, self.cols)
             }
         };
         // The copy is asynchronous for the stream; wait so that `out` is complete and any earlier
@@ -143,12 +170,34 @@ impl HostTensor for CudaTensor {
                 let bits: Vec<u16> = data.iter().map(|&v| bf16_bits(v)).collect();
                 stream.memcpy_htod(&bits, s)
             }
+            Data::E4m3 { codes, scales } => {
+                let (c, sc) = quantize_per_token(data, self.cols);
+                stream.memcpy_htod(&c, codes).and_then(|_| stream.memcpy_htod(&sc, scales))
+            }
         }
         .map_err(driver_err("copy a tensor to the GPU"))?;
         // Pageable host memory: the driver has staged it when the call returns, but wait anyway so
         // that an error is reported by this call and not a later one.
         stream.synchronize().map_err(driver_err("finish the copy to the GPU"))
     }
+}
+
+/// The values of e4m3 `codes` (`cols` per row) with one scale per row: `e4m3(code) * scale`, the
+/// dequantization of engine/src/fp8.rs.
+pub(crate) fn dequantize(codes: &[u8], scales: &[f32], cols: usize) -> Vec<f32> {
+    codes
+        .chunks(cols.max(1))
+        .zip(scales)
+        .flat_map(|(row, &s)| row.iter().map(move |&c| crate::fp8::decode(c) * s))
+        .collect()
+}
+
+/// `x` (`cols` per row) as e4m3 codes and per-token scales, as [`crate::fp8::round_per_token`]
+/// rounds it (the same scale and codes, kept apart instead of multiplied back).
+pub(crate) fn quantize_per_token(x: &[f32], cols: usize) -> (Vec<u8>, Vec<f32>) {
+    let mut codes = Vec::with_capacity(x.len());
+    let scales = x.chunks(cols.max(1)).map(|row| crate::fp8::quantize_token(row, &mut codes)).collect();
+    (codes, scales)
 }
 
 #[cfg(test)]
@@ -163,5 +212,25 @@ mod tests {
         assert_eq!(bf16_value(bf16_bits(1.0 + 3.0 / 256.0)), 1.0 + 1.0 / 64.0);
         assert!(bf16_value(bf16_bits(f32::NAN)).is_nan());
         assert_eq!(bf16_value(bf16_bits(-2.5)), -2.5);
+    }
+
+    #[test]
+    fn per_token_codes_dequantize_to_what_the_cpu_reference_rounds_to() {
+        let mut rng = crate::synth::SplitMix::new(19);
+        let cols = 37;
+        let mut x: Vec<f32> = (0..cols * 5).map(|_| (rng.uniform() - 0.5) * 8.0).collect();
+        x[cols..2 * cols].fill(0.0); // a zero row: the scale floor, codes 0
+        x[2 * cols + 3] = 1.0e4; // an outlier row
+        let (codes, scales) = quantize_per_token(&x, cols);
+        assert_eq!((codes.len(), scales.len()), (x.len(), 5));
+        assert_eq!(scales[1], crate::fp8::MIN_ACTIVATION_SCALE);
+        let mut reference = x.clone();
+        crate::fp8::round_per_token(&mut reference, cols);
+        let back = dequantize(&codes, &scales, cols);
+        assert_eq!(
+            back.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            reference.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        assert_ne!(back, x, "rounding changed something");
     }
 }

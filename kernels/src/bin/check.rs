@@ -3,8 +3,8 @@
 
 use anyhow::{bail, Context, Result};
 use arbiter_kernels::{
-    attention_defines, attention_smem_bytes, CacheOutcome, Compiler, KernelError, Module, PtxCache, ATTENTION, MODULES,
-    NORM,
+    attention_defines, attention_smem_bytes, CacheOutcome, Compiler, KernelError, Module, PtxCache, ATTENTION, FP8,
+    MODULES, NORM,
 };
 use clap::Parser;
 use std::time::Instant;
@@ -12,11 +12,12 @@ use std::time::Instant;
 /// Compile-check of arbiter's CUDA kernels (kernels/*.cu) with NVRTC; needs no GPU.
 ///
 /// Compiles norm.cu and elementwise.cu, and attention.cu once per head dimension, for each
-/// architecture; NVRTC runs ptxas too, so register and shared-memory limits are checked. Each PTX
+/// architecture, and fp8.cu for each FP8 architecture (sm_89 and sm_90: e4m3 needs Ada or newer); NVRTC runs ptxas too, so register and shared-memory limits are checked. Each PTX
 /// must export every entry point the ABI (docs/kernel-abi.md) names. Prints a table (module, arch,
 /// defines, PTX size, registers, spill bytes, compile time), then checks the error paths against
 /// the real NVRTC: a missing define, a compile error with its log, a host/kernel shared-memory
-/// disagreement, and the on-disk cache (hit, and recompilation of a corrupted entry).
+/// disagreement, the on-disk cache (hit, and recompilation of a corrupted entry), and fp8.cu's
+/// refusal of sm_80.
 ///
 /// NVRTC and the headers are found like the server finds them: libnvrtc through the dynamic
 /// loader (LD_LIBRARY_PATH) or in $CUDA_PATH/lib64, /usr/local/cuda/lib64 or a .venv with the
@@ -30,6 +31,10 @@ struct Args {
     /// GPU architectures to compile for (repeatable).
     #[arg(long = "arch", default_values = ["sm_80", "sm_90"])]
     archs: Vec<String>,
+    /// Architectures to compile the FP8 module (fp8.cu, sm_89 and newer) for (repeatable); an
+    /// arch below sm_89 is refused.
+    #[arg(long = "fp8-arch", default_values = arbiter_kernels::FP8_CHECK_ARCHS)]
+    fp8_archs: Vec<String>,
     /// Head dimensions to compile attention.cu for (repeatable; 1..=256).
     #[arg(long = "head-dim", default_values_t = [64, 80, 96, 128, 192, 256, 40])]
     head_dims: Vec<usize>,
@@ -86,7 +91,13 @@ fn run() -> Result<bool> {
         } else {
             vec![Vec::new()]
         };
-        for arch in &args.archs {
+        // FP8 (e4m3) needs sm_89+: its module has its own list, the others skip nothing.
+        let archs = if module.min_sm > 80 { &args.fp8_archs } else { &args.archs };
+        for arch in archs {
+            if !module.supports(arch) {
+                failures.push(format!("{} cannot be compiled for {arch} (it needs sm_{})", module.name, module.min_sm));
+                continue;
+            }
             for defines in &define_sets {
                 let (row, failure) = check_one(&verbose, module, arch, defines);
                 rows.push(row);
@@ -103,6 +114,7 @@ fn run() -> Result<bool> {
         ("a compile error comes back with NVRTC's log", check_compile_error(&compiler, arch)),
         ("host/kernel shared-memory disagreement fails to compile", check_smem_assert(&compiler, arch)),
         ("cache: store, hit, corrupted entry recompiled", check_cache(&compiler, arch)),
+        ("fp8.cu refuses sm_80 with its #error (e4m3 needs sm_89)", check_fp8_refuses_sm_80(&compiler)),
     ] {
         match outcome {
             Ok(()) => println!("ok    {name}"),
@@ -114,7 +126,7 @@ fn run() -> Result<bool> {
     }
 
     if failures.is_empty() {
-        println!("\nall {} compilations and 4 checks passed", rows.len());
+        println!("\nall {} compilations and 5 checks passed", rows.len());
         Ok(true)
     } else {
         eprintln!("\n{} failure(s):", failures.len());
@@ -238,6 +250,7 @@ fn check_compile_error(compiler: &Compiler, arch: &str) -> Result<()> {
         source: "extern \"C\" __global__ void k(float* x) {\n    x[0] = not_declared_anywhere(x[1]);\n}\n",
         functions: &["k"],
         required_defines: &[],
+        min_sm: 80,
     };
     match compiler.compile_detailed(&broken, arch, &[]) {
         Err(KernelError::Compile { log, .. }) if log.contains("not_declared_anywhere") && log.contains("broken.cu") => {
@@ -255,6 +268,14 @@ fn check_smem_assert(compiler: &Compiler, arch: &str) -> Result<()> {
         Err(KernelError::Compile { log, .. }) if log.contains("attention_smem_bytes() on the host disagrees") => Ok(()),
         Err(e) => bail!("error without the static_assert message: {e}"),
         Ok(_) => bail!("attention.cu accepted a wrong ARB_EXPECT_SMEM"),
+    }
+}
+
+fn check_fp8_refuses_sm_80(compiler: &Compiler) -> Result<()> {
+    match compiler.compile_detailed(&FP8, "sm_80", &[]) {
+        Err(KernelError::Compile { log, .. }) if log.contains("needs sm_89 or newer") => Ok(()),
+        Err(e) => bail!("error without fp8.cu's #error message: {e}"),
+        Ok(_) => bail!("fp8.cu compiled for sm_80"),
     }
 }
 
@@ -301,7 +322,7 @@ mod tests {
     fn help_documents_the_options() {
         use clap::CommandFactory;
         let help = Args::command().render_long_help().to_string();
-        for needle in ["--arch", "--head-dim", "--cache", "sm_80", "Exits 0"] {
+        for needle in ["--arch", "--fp8-arch", "--head-dim", "--cache", "sm_80", "sm_89", "Exits 0"] {
             assert!(help.contains(needle), "{needle} missing from --help:\n{help}");
         }
     }

@@ -2,6 +2,7 @@
 # Plants known bugs in copies of kernels/*.cu, one at a time, and checks that the CPU emulation
 # (kernels/tests/emulation.rs) catches each: a test of the tests. Not part of CI (a few minutes);
 # run it after changing the emulation or the harnesses:  kernels/tests/emu/mutants.sh [head_dim]
+# (MUTANTS_ONLY=fp8 runs only the mutants whose name contains "fp8").
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 kernels="$(cd "$here/../.." && pwd)"
@@ -14,6 +15,7 @@ survived=0
 # MUTANT_DIM overrides the head dim for a mutant that only matters at some head dims.
 mutant() {
     local name="$1" file="$2" harness="$3" old="$4" new="$5"
+    [[ "$name" == *"${MUTANTS_ONLY:-}"* ]] || return 0
     rm -rf "$work/k" && mkdir -p "$work/k/tests/emu"
     cp "$here"/*.h "$here"/*.cpp "$work/k/tests/emu/" && cp "$kernels"/*.cu "$work/k/"
     python3 - "$work/k/$file" "$old" "$new" <<'PY'
@@ -34,7 +36,7 @@ PY
     fi
 }
 
-A=attention.cu; AH=attention_emu.cpp; N=norm.cu; E=elementwise.cu; RH=rowwise_emu.cpp
+A=attention.cu; AH=attention_emu.cpp; N=norm.cu; E=elementwise.cu; RH=rowwise_emu.cpp; F=fp8.cu; FH=fp8_emu.cpp
 mutant "causal mask off by one" $A $AH 'if (kpos > (e < 2 ? qpos0 : qpos1))' 'if (kpos >= (e < 2 ? qpos0 : qpos1))'
 mutant "mask only on the last warp row" $A $AH 'kbase + BN - 1 > warp_q_min' 'kbase + BN - 1 > warp_q_max'
 mutant "P fragment registers swapped" $A $AH 'p[n / 2][(n % 2) * 2 + 0] = pack_bf16(top);' 'p[n / 2][(n % 2) * 2 + 1] = pack_bf16(top);'
@@ -62,6 +64,21 @@ mutant "norm: row stride" $N $RH 'c < hidden; c += ARB_NORM_THREADS) sum += row[
 mutant "rope: sign" $E $RH 'x[i] = __float2bfloat16_rn(a * c - b * s);' 'x[i] = __float2bfloat16_rn(a * c + b * s);'
 mutant "rope: one pair too many" $E $RH 'for (int i = threadIdx.x; i < half; i += blockDim.x) {' 'for (int i = threadIdx.x; i <= half; i += blockDim.x) {'
 mutant "swiglu: tail unchecked" $E $RH 'if (r >= rows || j >= ffn) return;' 'if (r >= rows) return;'
+mutant "fp8: no scale floor (zero rows)" $F $FH 'return fmaxf(absmax / kE4m3Max, kMinScale);' 'return absmax / kE4m3Max;'
+mutant "fp8: reciprocal instead of division" $F $FH 'codes[c] = e4m3(value(c) / s);' 'codes[c] = e4m3(value(c) * (1.0f / s));'
+mutant "fp8: no barrier before reading the warps' maxima" $F $FH '    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float m = 0.0f;' '    if (lane == 0) scratch[warp] = v;
+    float m = 0.0f;'
+mutant "fp8: row stride of the max" $F $FH 'c < cols; c += ARB_FP8_THREADS) m = fmaxf' 'c < cols; c += 2 * ARB_FP8_THREADS) m = fmaxf'
+mutant "fp8: swiglu reads gate as up" $F $FH 'silu(__bfloat162float(row[c])) * __bfloat162float(row[cols + c])' 'silu(__bfloat162float(row[c])) * __bfloat162float(row[c])'
+mutant "fp8: norm scale of row 0" $F $FH 'codes + base, scales + r, hidden);' 'codes + base, scales, hidden);'
+mutant "fp8: subnormal decode" $F $FH 'static_cast<float>(m) * (1.0f / 512.0f)' 'static_cast<float>(m) * (1.0f / 256.0f)'
+mutant "fp8: epilogue column scale by row" $F $FH 'row_scale[r] * col_scale[c]' 'row_scale[r] * col_scale[r % cols]'
+mutant "fp8: quantize row guard" $F $FH '    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const size_t base' '    const int r = blockIdx.x;
+    const size_t base'
 
 if [ "$survived" -gt 0 ]; then
     echo "$survived mutant(s) survived"
