@@ -5,7 +5,14 @@
 //!   and the worst difference in units of the model's output scale (its largest |output|);
 //! - pairwise reward-ranking agreement over all pairs of sequences, and again over the pairs
 //!   whose unquantized reward margin is at least 1e-3, with the fraction of pairs left out as
-//!   near-ties.
+//!   near-ties;
+//! - the spread (standard deviation) of the unquantized rewards, the RMS of the FP8 reward
+//!   error, and the agreement those two alone predict (`1 - atan(error / spread) / pi`, for
+//!   Gaussian rewards and independent Gaussian errors): how much of the disagreement is the size
+//!   of the error next to the spread of the rewards.
+//!
+//! `--dump FILE` writes SmolLM2's per-sequence rewards (unquantized and FP8) as JSON for
+//! tests/fixtures/fp8_torch_reference.py, which checks them against torch.
 //!
 //! Models: the golden fixtures (random weights; 200 deterministic random token sequences of 1 to
 //! 300 tokens each) and, with `--smollm2 DIR`, SmolLM2-135M-Instruct as written by
@@ -64,7 +71,13 @@ struct Row {
     agree_all: f64,
     agree_clear: f64,
     ties: f64,
+    /// Standard deviation of the unquantized rewards over the sequences.
+    spread: f64,
+    /// Root mean square of (FP8 reward - unquantized reward) over the sequences.
+    rms_error: f64,
     seconds: f64,
+    /// Per-sequence rewards, unquantized and FP8 (for `--dump`).
+    rewards: (Vec<f32>, Vec<f32>),
 }
 
 fn compare(model: &str, dir: &Path, seqs: &[Vec<u32>], work: &Path) -> Row {
@@ -103,6 +116,11 @@ fn compare(model: &str, dir: &Path, seqs: &[Vec<u32>], work: &Path) -> Row {
             }
         }
     }
+    let n = seqs.len() as f64;
+    let mean = ref_reward.iter().map(|&r| r as f64).sum::<f64>() / n;
+    let spread = (ref_reward.iter().map(|&r| (r as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+    let rms_error =
+        (q_reward.iter().zip(&ref_reward).map(|(q, r)| (*q as f64 - *r as f64).powi(2)).sum::<f64>() / n).sqrt();
     Row {
         model: model.to_string(),
         seqs: seqs.len(),
@@ -112,7 +130,10 @@ fn compare(model: &str, dir: &Path, seqs: &[Vec<u32>], work: &Path) -> Row {
         agree_all: agree as f64 / pairs as f64,
         agree_clear: clear_agree as f64 / clear.max(1) as f64,
         ties: 1.0 - clear as f64 / pairs as f64,
+        spread,
+        rms_error,
         seconds: t.elapsed().as_secs_f64(),
+        rewards: (ref_reward, q_reward),
     }
 }
 
@@ -136,6 +157,7 @@ fn table(v: &serde_json::Value) -> Vec<Vec<f64>> {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let smollm2 = args.iter().position(|a| a == "--smollm2").and_then(|i| args.get(i + 1)).map(PathBuf::from);
+    let dump = args.iter().position(|a| a == "--dump").and_then(|i| args.get(i + 1)).map(PathBuf::from);
     let work = tempfile::tempdir().expect("a temporary folder");
     let golden = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/golden");
     let mut rows = Vec::new();
@@ -156,14 +178,21 @@ fn main() {
         let parity = ours.iter().zip(&hf).map(|(o, h)| rel_error(o, h)).fold(0.0, f64::max);
         println!("smollm2-135m unquantized vs transformers (8 sequences): worst error {parity:.2e}");
         rows.push(compare("smollm2-135m (Q4_1 grid)", &dir, &seqs, work.path()));
+        // Per-sequence rewards, for tests/fixtures/fp8_torch_reference.py to compare with its own.
+        if let Some(path) = dump {
+            let (reference, fp8) = &rows.last().expect("just pushed").rewards;
+            let json = serde_json::json!({"unquantized": reference, "fp8": fp8});
+            std::fs::write(&path, json.to_string()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            println!("wrote {}", path.display());
+        }
     }
     println!(
-        "| model | sequences | worst attribute error | median | worst / output scale | ranking agreement, all pairs | pairs with margin >= 1e-3 | near-tie pairs | seconds |"
+        "| model | sequences | worst attribute error | median | worst / output scale | ranking agreement, all pairs | pairs with margin >= 1e-3 | near-tie pairs | reward spread (std) | RMS reward error | agreement if the error were Gaussian noise | seconds |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!(
-            "| {} | {} | {:.2e} | {:.2e} | {:.2e} | {:.2}% | {:.2}% | {:.2}% | {:.1} |",
+            "| {} | {} | {:.2e} | {:.2e} | {:.2e} | {:.2}% | {:.2}% | {:.2}% | {:.3} | {:.3} | {:.1}% | {:.1} |",
             r.model,
             r.seqs,
             r.worst,
@@ -172,6 +201,11 @@ fn main() {
             100.0 * r.agree_all,
             100.0 * r.agree_clear,
             100.0 * r.ties,
+            r.spread,
+            r.rms_error,
+            // Two rewards with independent Gaussian spread s and independent Gaussian errors e
+            // change order with probability atan(e / s) / pi: what the error alone predicts.
+            100.0 * (1.0 - (r.rms_error / r.spread).atan() / std::f64::consts::PI),
             r.seconds
         );
     }

@@ -251,6 +251,33 @@ mod tests {
     }
 
     #[test]
+    fn layers_the_fp8_scheme_ignores_are_planned_at_full_precision_without_scales() {
+        let par = Parallelism { tp: 8, pp: 1 };
+        let all = plan(&spec_340b(true), par, Storage::CUDA, 16384).unwrap().ranks[0].weights;
+        let mut c = nemotron_340b_config();
+        let mut scheme = Fp8Scheme::default();
+        for m in [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ] {
+            scheme.ignore.push(format!("model.layers.0.{m}"));
+        }
+        c["quantization_config"] = scheme.to_config();
+        let spec = parse_config(&c.to_string(), "config.json".as_ref()).unwrap();
+        let kept = plan(&spec, par, Storage::CUDA, 16384).unwrap().ranks[0].weights;
+        // Layer 0's linear weights, an eighth per rank: one more byte each (bf16 instead of
+        // e4m3), less their f32 scales (column-parallel q/k/v and up: their slice of rows;
+        // row-parallel o and down: every row).
+        let params = 18_432u64 * (96 * 192 + 2 * 8 * 192) + 96 * 192 * 18_432 + 2 * 73_728 * 18_432;
+        let scales = 4 * ((96 * 192 + 2 * 8 * 192 + 73_728) / 8 + 2 * 18_432);
+        assert_eq!(kept - all, params / 8 - scales);
+    }
+
+    #[test]
     fn stages_hold_their_layers_and_only_the_first_the_embedding() {
         let spec = parse_config(&crate::synth::bench_small_config().to_string(), "c.json".as_ref()).unwrap();
         let one = plan(&spec, Parallelism::default(), Storage::CPU, 1000).unwrap();

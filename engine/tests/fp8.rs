@@ -124,6 +124,58 @@ fn a_quantized_matmul_is_dequantized_weights_times_per_token_rounded_inputs() {
     }
 }
 
+/// Linear layers that `quantization_config.ignore` lists are stored full precision and computed
+/// without activation rounding: ignoring every linear layer gives the unquantized model's scores
+/// bit for bit, and ignoring some gives scores different from both the unquantized and the fully
+/// quantized folder (the rest is still rounded, the kept layers are not).
+#[test]
+fn layers_the_scheme_ignores_load_full_precision_and_are_not_rounded() {
+    for llama in [false, true] {
+        let (dense, quant) = pair(llama);
+        let spec = open_folder(dense.path()).unwrap().0;
+        let linear: Vec<String> = arbiter_engine::tensors::tensor_shapes(&spec)
+            .into_iter()
+            .map(|(name, _)| name)
+            .filter(|n| fp8::is_linear_weight(n))
+            .map(|n| fp8::module_of(&n).to_string())
+            .collect();
+        assert!(linear.len() >= 8, "llama={llama}: {linear:?}");
+        let with_ignored = |ignore: Vec<String>| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut c = fp8_config(llama);
+            c["quantization_config"]["ignore"] = json!(ignore);
+            write_random_model(dir.path(), &c, Dtype::F32, 9, true).unwrap();
+            dir
+        };
+        let batch = PackedBatch::from_sequences(&sequences()).unwrap();
+        let scores = |dir: &Path| Model::load(dir, cpu()).unwrap().forward(&batch).unwrap();
+        let exact = scores(dense.path());
+        let fp8_all = scores(quant.path());
+
+        let mut everything = vec!["score".to_string()];
+        everything.extend(linear.iter().cloned());
+        let none_quantized = with_ignored(everything);
+        let store = WeightStore::open(none_quantized.path()).unwrap();
+        assert!(store.names().iter().all(|n| store.get(n).unwrap().dtype == Dtype::F32), "llama={llama}");
+        assert_eq!(scores(none_quantized.path()), exact, "llama={llama}: every layer kept is the unquantized model");
+
+        // Layer 0 kept, layer 1 quantized.
+        let mut first = vec!["score".to_string()];
+        first.extend(linear.iter().filter(|m| m.starts_with("model.layers.0.")).cloned());
+        let kept = with_ignored(first);
+        let store = WeightStore::open(kept.path()).unwrap();
+        for m in &linear {
+            let dtype = store.get(&format!("{m}.weight")).unwrap().dtype;
+            let want = if m.starts_with("model.layers.0.") { Dtype::F32 } else { Dtype::F8E4M3 };
+            assert_eq!(dtype, want, "llama={llama}: {m}");
+        }
+        let partial = scores(kept.path());
+        let worst = |a: &[Vec<f32>], b: &[Vec<f32>]| a.iter().zip(b).map(|(g, e)| rel_error(g, e)).fold(0.0, f64::max);
+        assert!(worst(&partial, &exact) > 1e-4, "llama={llama}: layer 1 is not rounded");
+        assert!(worst(&partial, &fp8_all) > 1e-4, "llama={llama}: layer 0 is rounded although kept");
+    }
+}
+
 #[test]
 fn tensor_parallel_fp8_matches_one_rank_within_tolerance() {
     for llama in [false, true] {
