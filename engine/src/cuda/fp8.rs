@@ -485,7 +485,6 @@ impl CudaBackend {
         let (wsp_scale, _gws) = w.scales.device_ptr(s);
         let plan =
             plans.get_or_try_insert((t, n, k, settings), || self.fp8_plan(t, n, k, settings, (wsp_scale, xsp)))?;
-        let (wsp, _gwsp) = gemm.workspace.device_ptr(s);
         let (yp, _gy) = match out {
             GemmOut::Bf16(y) => y.device_ptr_mut(s),
             GemmOut::F32(y) => y.device_ptr_mut(s),
@@ -494,29 +493,8 @@ impl CudaBackend {
             // New token scales with every batch: set on the cached descriptor per call.
             set_scale_pointers(plan, (wsp_scale, xsp))?;
         }
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        // SAFETY: sizes checked above against the plan's shape; alpha/beta are read during the call.
-        unsafe {
-            lt::matmul(
-                gemm.handle,
-                plan.desc,
-                &alpha as *const f32 as *const c_void,
-                &beta as *const f32 as *const c_void,
-                wp as *const c_void,
-                plan.a,
-                xp as *const c_void,
-                plan.b,
-                yp as *const c_void,
-                plan.c,
-                yp as *mut c_void,
-                plan.c,
-                &plan.algo,
-                wsp as *mut c_void,
-                gemm.workspace.len(),
-                s.cu_stream() as sys::cudaStream_t,
-            )
-        }
-        .map_err(lt_err("FP8 matmul"))
+        // SAFETY: sizes checked above against the plan's shape.
+        unsafe { gemm.run(plan, (wp, xp, yp), "FP8 matmul") }
     }
 
     /// Seconds per FP8 `y[t, n] = x[t, k] W[n, k]^T` under each of `settings` (input already

@@ -244,27 +244,38 @@ impl Gemm {
         self.stream.context().bind_to_thread().map_err(driver_err("bind the GPU for cuBLASLt"))?;
         let mut plans = crate::sync::lock(&self.plans);
         let plan = plans.get_or_try_insert((t, n, k), || self.plan(t, n, k))?;
-        let (alpha, beta) = (1.0f32, 0.0f32);
         let s = &self.stream;
         let (xp, _gx) = x.device_ptr(s);
         let (wp, _gw) = w.device_ptr(s);
         let (yp, _gy) = y.device_ptr_mut(s);
+        // SAFETY: buffer sizes were checked against the plan's shape above.
+        unsafe { self.run(plan, (wp, xp, yp), "matmul") }
+    }
+
+    /// The one `cublasLtMatmul` call: `y = W x` as `plan` lays them out (alpha 1, beta 0), with
+    /// this handle's workspace on its stream.
+    ///
+    /// # Safety
+    /// The device pointers must hold the buffers `plan`'s shape and types describe.
+    pub(super) unsafe fn run(&self, plan: &Plan, (w, x, y): (u64, u64, u64), what: &'static str) -> Result<()> {
+        let s = &self.stream;
+        let (alpha, beta) = (1.0f32, 0.0f32);
         let (wsp, _gws) = self.workspace.device_ptr(s);
-        // SAFETY: buffer sizes were checked against the plan's shape above; alpha/beta live on the
-        // stack for the duration of the (host-side) call, which reads them before returning.
+        // SAFETY: the caller's pointers match the plan; alpha/beta live on the stack for the
+        // duration of the (host-side) call, which reads them before returning.
         unsafe {
             lt::matmul(
                 self.handle,
                 plan.desc,
                 &alpha as *const f32 as *const c_void,
                 &beta as *const f32 as *const c_void,
-                wp as *const c_void,
+                w as *const c_void,
                 plan.a,
-                xp as *const c_void,
+                x as *const c_void,
                 plan.b,
-                yp as *const c_void,
+                y as *const c_void,
                 plan.c,
-                yp as *mut c_void,
+                y as *mut c_void,
                 plan.c,
                 &plan.algo,
                 wsp as *mut c_void,
@@ -272,7 +283,7 @@ impl Gemm {
                 s.cu_stream() as sys::cudaStream_t,
             )
         }
-        .map_err(lt_err("matmul"))
+        .map_err(lt_err(what))
     }
 }
 
