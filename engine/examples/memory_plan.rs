@@ -13,6 +13,7 @@ use arbiter_engine::fp8::Fp8Scheme;
 use arbiter_engine::memory::{plan, Storage};
 use arbiter_engine::parallel::Parallelism;
 use arbiter_engine::synth::nemotron_340b_config;
+use arbiter_engine::tensors::module;
 
 fn main() -> arbiter_engine::Result<()> {
     let tokens = 16384;
@@ -37,16 +38,7 @@ fn main() -> arbiter_engine::Result<()> {
         let mut config = nemotron_340b_config();
         let mut scheme = Fp8Scheme::default();
         for layer in 0..kept {
-            for m in [
-                "self_attn.q_proj",
-                "self_attn.k_proj",
-                "self_attn.v_proj",
-                "self_attn.o_proj",
-                "mlp.up_proj",
-                "mlp.down_proj",
-            ] {
-                scheme.ignore.push(format!("model.layers.{layer}.{m}"));
-            }
+            scheme.keep_layer(layer, &module::UNGATED_LINEAR);
         }
         config["quantization_config"] = scheme.to_config();
         let spec = parse_config(&config.to_string(), "nemotron-340b/config.json".as_ref())?;

@@ -161,6 +161,11 @@ pub struct Fp8Scheme {
 }
 
 impl Fp8Scheme {
+    /// Leaves the linear layers `modules` of block `layer` unquantized (adds them to `ignore`).
+    pub fn keep_layer(&mut self, layer: usize, modules: &[&str]) {
+        self.ignore.extend(modules.iter().map(|m| crate::tensors::layer_module(layer, m)));
+    }
+
     /// Whether the weight tensor `weight` is stored in e4m3 with a scale under this scheme.
     pub fn quantizes(&self, weight: &str) -> bool {
         is_linear_weight(weight) && !self.ignore.iter().any(|i| i == module_of(weight))

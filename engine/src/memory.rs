@@ -256,16 +256,7 @@ mod tests {
         let all = plan(&spec_340b(true), par, Storage::CUDA, 16384).unwrap().ranks[0].weights;
         let mut c = nemotron_340b_config();
         let mut scheme = Fp8Scheme::default();
-        for m in [
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.o_proj",
-            "mlp.up_proj",
-            "mlp.down_proj",
-        ] {
-            scheme.ignore.push(format!("model.layers.0.{m}"));
-        }
+        scheme.keep_layer(0, &crate::tensors::module::UNGATED_LINEAR);
         c["quantization_config"] = scheme.to_config();
         let spec = parse_config(&c.to_string(), "config.json".as_ref()).unwrap();
         let kept = plan(&spec, par, Storage::CUDA, 16384).unwrap().ranks[0].weights;

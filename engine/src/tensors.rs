@@ -52,11 +52,18 @@ pub mod module {
     pub const K_NORM: &str = "self_attn.k_norm";
     /// The block's linear layers (the ones FP8 may quantize).
     pub const LINEAR: [&str; 7] = [Q, K, V, O, GATE, UP, DOWN];
+    /// The linear layers of a block whose MLP has no gate (Nemotron's squared ReLU).
+    pub const UNGATED_LINEAR: [&str; 6] = [Q, K, V, O, UP, DOWN];
+}
+
+/// The full name of `module` in block `layer` (what an FP8 `ignore` list names).
+pub fn layer_module(layer: usize, module: &str) -> String {
+    format!("model.layers.{layer}.{module}")
 }
 
 /// The full name of tensor `tensor` (`"weight"`, `"bias"`) of `module` in block `layer`.
 pub fn layer_tensor(layer: usize, module: &str, tensor: &str) -> String {
-    format!("model.layers.{layer}.{module}.{tensor}")
+    format!("{}.{tensor}", layer_module(layer, module))
 }
 
 /// What a rank's share of a split tensor is counted in.
