@@ -54,6 +54,24 @@ mod fp8_section;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
+/// Random norm parameters of width `h` (with a bias for LayerNorm1P), loaded on both backends.
+fn random_norm(
+    gpu: &CudaBackend,
+    cpu: &CpuBackend,
+    rng: &mut SplitMix,
+    kind: NormKind,
+    h: usize,
+) -> Res<(<CudaBackend as Backend>::Norm, <CpuBackend as Backend>::Norm)> {
+    let gamma = random_f32(rng, h, 0.5);
+    let beta = random_f32(rng, h, 0.5);
+    let (gb, bb) = (f32_bytes(&gamma), f32_bytes(&beta));
+    let shape = [h];
+    let gv = TensorView::new("g", Dtype::F32, &shape, &gb);
+    let bv = TensorView::new("b", Dtype::F32, &shape, &bb);
+    let bias = (kind == NormKind::LayerNorm1P).then_some(bv);
+    Ok((gpu.norm_params(kind, 1e-5, gv, bias)?, cpu.norm_params(kind, 1e-5, gv, bias)?))
+}
+
 /// max|got - ref|.
 fn max_diff(got: &[f32], reference: &[f32]) -> f64 {
     got.iter().zip(reference).map(|(g, r)| (*g as f64 - *r as f64).abs()).fold(0.0, f64::max)
@@ -331,14 +349,7 @@ fn ops(r: &mut Report, gpu: &CudaBackend, cpu: &CpuBackend) -> Res<()> {
     for (kind, h, rows) in
         [(NormKind::LayerNorm1P, 2048, 77), (NormKind::RmsNorm, 1000, 5), (NormKind::LayerNorm1P, 64, 300)]
     {
-        let gamma = random_f32(&mut rng, h, 0.5);
-        let beta = random_f32(&mut rng, h, 0.5);
-        let (gb, bb) = (f32_bytes(&gamma), f32_bytes(&beta));
-        let shape = [h];
-        let gv = TensorView::new("g", Dtype::F32, &shape, &gb);
-        let bv = TensorView::new("b", Dtype::F32, &shape, &bb);
-        let bias = (kind == NormKind::LayerNorm1P).then_some(bv);
-        let (pg, pc) = (gpu.norm_params(kind, 1e-5, gv, bias)?, cpu.norm_params(kind, 1e-5, gv, bias)?);
+        let (pg, pc) = random_norm(gpu, cpu, &mut rng, kind, h)?;
         // An offset mean makes LayerNorm's subtraction matter.
         let x: Vec<f32> = random_f32(&mut rng, rows * h, 3.0).iter().map(|v| v + 1.5).collect();
         let (xg, xc) = (gpu.upload(&x, rows, h)?, cpu.upload(&x, rows, h)?);

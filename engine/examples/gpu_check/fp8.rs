@@ -106,14 +106,7 @@ pub(super) fn fp8(r: &mut Report, gpu: &CudaBackend, cpu: &CpuBackend, work: &Pa
 
     // Fused norm + quantization, with and without the residual add.
     for (kind, rows) in [(NormKind::LayerNorm1P, 77), (NormKind::RmsNorm, 300)] {
-        let gamma = random_f32(&mut rng, h, 0.5);
-        let beta = random_f32(&mut rng, h, 0.5);
-        let (gb, bb) = (f32_bytes(&gamma), f32_bytes(&beta));
-        let s1 = [h];
-        let gv = TensorView::new("g", Dtype::F32, &s1, &gb);
-        let bv = TensorView::new("b", Dtype::F32, &s1, &bb);
-        let bias = (kind == NormKind::LayerNorm1P).then_some(bv);
-        let (pg, pc) = (gpu.norm_params(kind, 1e-5, gv, bias)?, cpu.norm_params(kind, 1e-5, gv, bias)?);
+        let (pg, pc) = super::random_norm(gpu, cpu, &mut rng, kind, h)?;
         let x: Vec<f32> = random_f32(&mut rng, rows * h, 3.0).iter().map(|v| v + 1.5).collect();
         let (xg, xc) = (gpu.upload(&x, rows, h)?, cpu.upload(&x, rows, h)?);
         let q = gpu.norm_for(&xg, &pg, &mg)?;
