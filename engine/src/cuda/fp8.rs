@@ -38,7 +38,10 @@ use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, PushKerne
 
 use super::gemm::{lt_err, Gemm, Lru, Plan, PLAN_CAPACITY};
 use super::tensor::Data;
-use super::{cfg, driver_err, grid, int, load_ptx, CudaBackend, CudaMatrix, CudaNorm, CudaTensor, Weights, NULL};
+use super::{
+    cfg, driver_err, grid, int, load_ptx, push_norm_inputs, CudaBackend, CudaMatrix, CudaNorm, CudaTensor, Weights,
+    NULL,
+};
 use crate::backend::{check_parts, stacked_bias, Activation, MatrixPart};
 use crate::error::{EngineError, Result};
 
@@ -265,16 +268,7 @@ impl CudaBackend {
         let mut scales = self.alloc::<f32>(rows)?;
         if rows > 0 {
             let mut b = self.stream.launch_builder(&st.kernels.add_norm_fp8);
-            b.arg(x);
-            match delta {
-                Some(d) => b.arg(d),
-                None => b.arg(&NULL),
-            };
-            b.arg(&p.gamma);
-            match &p.beta {
-                Some(beta) => b.arg(beta),
-                None => b.arg(&NULL),
-            };
+            push_norm_inputs(&mut b, x, delta, p);
             b.arg(&mut codes).arg(&mut scales).arg(&r).arg(&h).arg(&p.eps).arg(&rms);
             // SAFETY: ABI of kernels/fp8.cu `add_norm_fp8` (norm.cu's add_norm_bf16 with codes and
             // scales for the output); buffers hold rows x hidden elements and rows scales.

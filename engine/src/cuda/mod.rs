@@ -234,6 +234,26 @@ fn grid(v: usize, what: &str) -> Result<u32> {
 /// The null pointer passed for absent optional kernel arguments.
 const NULL: u64 = 0;
 
+/// The arguments every norm kernel starts with (kernels/norm.cu, kernels/fp8.cu): the residual
+/// stream, the delta added to it first (or null), gamma, and beta (or null).
+pub(crate) fn push_norm_inputs<'a>(
+    b: &mut cudarc::driver::LaunchArgs<'a>,
+    x: &'a CudaSlice<f32>,
+    delta: Option<&'a CudaSlice<u16>>,
+    p: &'a CudaNorm,
+) {
+    b.arg(x);
+    match delta {
+        Some(d) => b.arg(d),
+        None => b.arg(&NULL),
+    };
+    b.arg(&p.gamma);
+    match &p.beta {
+        Some(beta) => b.arg(beta),
+        None => b.arg(&NULL),
+    };
+}
+
 impl CudaBackend {
     /// Starts the backend on GPU `ordinal`: checks the CUDA libraries are there, opens the
     /// device, and compiles the norm and element-wise kernels for its architecture.
@@ -489,16 +509,7 @@ impl CudaBackend {
         };
         let mut out = out;
         let mut b = self.stream.launch_builder(func);
-        b.arg(x);
-        match delta {
-            Some(d) => b.arg(d),
-            None => b.arg(&NULL),
-        };
-        b.arg(&p.gamma);
-        match &p.beta {
-            Some(beta) => b.arg(beta),
-            None => b.arg(&NULL),
-        };
+        push_norm_inputs(&mut b, x, delta, p);
         match &mut out {
             Data::Bf16(o) => b.arg(o),
             Data::F32(o) => b.arg(o),
