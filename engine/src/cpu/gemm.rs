@@ -216,8 +216,10 @@ fn pack_rows(a: &mut Vec<f32>, x: &[f32], m: usize, k: usize, f: impl Fn(f32) ->
             }
         }
         // The micro-kernels never read padding rows; zeros keep a reused buffer's old values out.
-        for kk in 0..k {
-            tile[kk * MR + rows..kk * MR + MR].fill(0.0);
+        if rows < MR {
+            for kk in 0..k {
+                tile[kk * MR + rows..kk * MR + MR].fill(0.0);
+            }
         }
     });
 }
