@@ -52,7 +52,7 @@ impl BufferPool {
                 }
                 buf
             }
-            None => vec![0.0; len],
+            None => super::pages::filled(len, 0.0),
         }
     }
 

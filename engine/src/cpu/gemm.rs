@@ -7,30 +7,37 @@
 //! makes a sequence's score bit-identical alone or inside any batch, and the AVX-512, AVX2 and
 //! portable kernels bit-identical to each other.
 //!
-//! A bf16 matrix widens each `KC x NR` block of a panel to f32 once per row block and then runs
+//! A bf16 matrix widens each `KC x nr` block of a panel to f32 once per row block and then runs
 //! the same f32 kernels: bf16 products are exact in f32, so the result is the f32 GEMM of the
 //! bf16-rounded operands, bit for bit, on every instruction set.
 
 use rayon::prelude::*;
 
+use super::pages;
 use super::precision::{bf16_value, round_bf16};
 use super::simd::{isa, Isa};
 
-/// Output columns per packed panel (two AVX-512 vectors).
-pub const NR: usize = 32;
 /// Rows per micro-tile: 2 x 12 accumulators fill 24 of the 32 vector registers.
 pub const MR: usize = 12;
-/// Depth of one K block: a 32 KiB slice of a panel, which stays in L1 across all row tiles.
+/// Depth of one K block: the kernel's slice of a panel (16 KiB for AVX2's 16 columns, 32 KiB
+/// for AVX-512's 32) stays in L1 across all row tiles.
 const KC: usize = 256;
 /// Rows per M block: the packed rows of one K block (240 KiB) stay in L2 across panels.
 const MC: usize = 240;
+/// Columns per N block: the M block's outputs in these columns (120 KiB) stay in L2 across all
+/// K blocks instead of coming back from L3 once per K block (+4% on a 2048 x 1024 x 1024 GEMM,
+/// one Zen 3 core).
+const NC: usize = 128;
 
-/// A weight matrix `[n, k]` (rows are output features) stored as column panels of `NR`
-/// outputs: panel `p` holds `w[p*NR + j][kk]` at `p*k*NR + kk*NR + j`, zero-padded past `n`.
+/// A weight matrix `[n, k]` (rows are output features) stored as column panels of `nr`
+/// outputs: panel `p` holds `w[p*nr + j][kk]` at `p*k*nr + kk*nr + j`, zero-padded past `n`.
+/// `nr` is the micro-kernel's width on this CPU ([`Isa::tile_cols`]), so that the K block of a
+/// kernel's columns is one contiguous run of memory.
 #[derive(Clone)]
 pub struct PackedMatrix {
     n: usize,
     k: usize,
+    nr: usize,
     data: Panels,
 }
 
@@ -48,47 +55,55 @@ impl std::fmt::Debug for PackedMatrix {
     }
 }
 
-/// `w` (`[n, k]` row-major) as panels of `NR` columns, zero-padded past `n`.
-fn pack_panels<T: Copy + Default + Send + Sync>(w: &[T], n: usize, k: usize) -> Vec<T> {
+/// `w` (`[n, k]` row-major) as panels of `nr` columns, zero-padded past `n`.
+fn pack_panels<T: Copy + Default + Send + Sync>(w: &[T], n: usize, k: usize, nr: usize) -> Vec<T> {
     assert_eq!(w.len(), n * k, "matrix data does not match its shape");
     if k == 0 {
         return Vec::new();
     }
-    let mut data = vec![T::default(); n.div_ceil(NR) * k * NR];
-    data.par_chunks_mut(k * NR).enumerate().for_each(|(p, panel)| {
-        for j in 0..NR.min(n - p * NR) {
-            let row = &w[(p * NR + j) * k..][..k];
+    let mut data = pages::filled(n.div_ceil(nr) * k * nr, T::default());
+    data.par_chunks_mut(k * nr).enumerate().for_each(|(p, panel)| {
+        for j in 0..nr.min(n - p * nr) {
+            let row = &w[(p * nr + j) * k..][..k];
             for (kk, &v) in row.iter().enumerate() {
-                panel[kk * NR + j] = v;
+                panel[kk * nr + j] = v;
             }
         }
     });
     data
 }
 
+/// Panel width for this CPU's micro-kernel.
+fn panel_width() -> usize {
+    isa().tile_cols()
+}
+
 impl PackedMatrix {
     /// Packs the row-major `[n, k]` matrix `w`.
     pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
-        PackedMatrix { n, k, data: Panels::F32(pack_panels(w, n, k)) }
+        let nr = panel_width();
+        PackedMatrix { n, k, nr, data: Panels::F32(pack_panels(w, n, k, nr)) }
     }
 
     /// Packs the row-major `[n, k]` matrix of bf16 bits `w`: [`matmul`] then rounds each input
     /// to bf16 and computes the products in f32.
     pub fn pack_bf16(w: &[u16], n: usize, k: usize) -> Self {
-        PackedMatrix { n, k, data: Panels::Bf16(pack_panels(w, n, k)) }
+        let nr = panel_width();
+        PackedMatrix { n, k, nr, data: Panels::Bf16(pack_panels(w, n, k, nr)) }
     }
 
     /// Packs the `[n, k]` f32 matrix whose element `(r, c)` is `get(r, c)`, on the calling
     /// thread: attention's per-head keys and values, packed inside a parallel task.
     pub fn pack_with(n: usize, k: usize, get: impl Fn(usize, usize) -> f32) -> Self {
-        let mut data = vec![0.0f32; n.div_ceil(NR) * k * NR];
+        let nr = panel_width();
+        let mut data = vec![0.0f32; n.div_ceil(nr) * k * nr];
         for r in 0..n {
-            let panel = &mut data[(r / NR) * k * NR..][..k * NR];
+            let panel = &mut data[(r / nr) * k * nr..][..k * nr];
             for c in 0..k {
-                panel[c * NR + r % NR] = get(r, c);
+                panel[c * nr + r % nr] = get(r, c);
             }
         }
-        PackedMatrix { n, k, data: Panels::F32(data) }
+        PackedMatrix { n, k, nr, data: Panels::F32(data) }
     }
 
     /// Whether the weights are bf16.
@@ -130,7 +145,7 @@ pub fn matmul(x: &[f32], m: usize, w: &PackedMatrix, y: &mut [f32]) {
 fn matmul_with(x: &[f32], m: usize, w: &PackedMatrix, y: &mut [f32], isa: Isa) {
     let (n, k) = (w.n, w.k);
     let Some(a) = prepare(x, m, k, w, n, y) else { return };
-    let panels = n.div_ceil(NR);
+    let panels = n.div_ceil(w.nr);
     // A few tasks per thread balance the ragged last panel without splitting rows, which would
     // make each task re-stream B.
     let tasks = (rayon::current_num_threads() * 2).clamp(1, panels);
@@ -138,7 +153,7 @@ fn matmul_with(x: &[f32], m: usize, w: &PackedMatrix, y: &mut [f32], isa: Isa) {
     (0..tasks).into_par_iter().for_each(|t| {
         let p0 = panels * t / tasks;
         let p1 = panels * (t + 1) / tasks;
-        // SAFETY: task t writes only columns [p0*NR, p1*NR) ∩ [0, n) of y, disjoint from other
+        // SAFETY: task t writes only columns [p0*nr, p1*nr) ∩ [0, n) of y, disjoint from other
         // tasks; all reads stay inside `a` and `w.data` by construction of the packing.
         unsafe { panels_task(&a, m, w, (n, k), y_ptr, p0..p1, isa) };
     });
@@ -150,7 +165,7 @@ fn matmul_with(x: &[f32], m: usize, w: &PackedMatrix, y: &mut [f32], isa: Isa) {
 pub fn matmul_leading(x: &[f32], m: usize, k: usize, w: &PackedMatrix, n: usize, y: &mut [f32]) {
     let Some(a) = prepare(x, m, k, w, n, y) else { return };
     // SAFETY: the only task writes all of y, which holds m * n values.
-    unsafe { panels_task(&a, m, w, (n, k), SyncPtr(y.as_mut_ptr()), 0..n.div_ceil(NR), isa()) };
+    unsafe { panels_task(&a, m, w, (n, k), SyncPtr(y.as_mut_ptr()), 0..n.div_ceil(w.nr), isa()) };
 }
 
 /// Checks the shapes of `y[m, n] = x[m, k] @ w[..n, ..k]^T` and packs `x`; `None` when there is
@@ -206,7 +221,7 @@ impl Drop for ReusedRows {
 /// `a` is overwritten (resized, its old values never read).
 fn pack_rows(a: &mut Vec<f32>, x: &[f32], m: usize, k: usize, f: impl Fn(f32) -> f32 + Sync) {
     let tiles = m.div_ceil(MR);
-    a.resize(tiles * k * MR, 0.0);
+    pages::resize(a, tiles * k * MR, 0.0);
     a.par_chunks_mut(k * MR).enumerate().for_each(|(t, tile)| {
         let rows = MR.min(m - t * MR);
         for i in 0..rows {
@@ -238,35 +253,45 @@ unsafe fn panels_task(
     // A bf16 block widened to f32: reused by every row tile of the row block.
     let mut wide = match w.data {
         Panels::F32(_) => Vec::new(),
-        Panels::Bf16(_) => vec![0.0f32; KC * NR],
+        Panels::Bf16(_) => vec![0.0f32; KC * w.nr],
     };
+    let nr = w.nr;
+    // Kernels narrower than the panels (AVX2 on a matrix packed for AVX-512) take it in strips.
+    let width = isa.tile_cols().min(nr);
+    let chunk = (NC / nr).max(1);
     for m0 in (0..m).step_by(MC) {
         let m1 = (m0 + MC).min(m);
-        for k0 in (0..k).step_by(KC) {
-            let kc = KC.min(k - k0);
-            for p in panels.clone() {
-                let start = p * w.k * NR + k0 * NR;
-                let b = match &w.data {
-                    Panels::F32(d) => d.as_ptr().add(start),
-                    Panels::Bf16(d) => {
-                        for (o, &bits) in wide.iter_mut().zip(&d[start..start + kc * NR]) {
-                            *o = bf16_value(bits);
+        for c0 in panels.clone().step_by(chunk) {
+            let chunk = c0..(c0 + chunk).min(panels.end);
+            for k0 in (0..k).step_by(KC) {
+                let kc = KC.min(k - k0);
+                for p in chunk.clone() {
+                    let start = p * w.k * nr + k0 * nr;
+                    let b = match &w.data {
+                        Panels::F32(d) => d.as_ptr().add(start),
+                        Panels::Bf16(d) => {
+                            for (o, &bits) in wide.iter_mut().zip(&d[start..start + kc * nr]) {
+                                *o = bf16_value(bits);
+                            }
+                            wide.as_ptr()
                         }
-                        wide.as_ptr()
-                    }
-                };
-                let ncols = NR.min(n - p * NR);
-                for i0 in (m0..m1).step_by(MR) {
-                    let tile = Tile {
-                        a: a.as_ptr().add((i0 / MR) * k * MR + k0 * MR),
-                        b,
-                        c: y.0.add(i0 * n + p * NR),
-                        ldc: n,
-                        kc,
-                        accumulate: k0 > 0,
-                        ncols,
                     };
-                    tile.run(MR.min(m1 - i0), isa);
+                    for j0 in (0..nr.min(n - p * nr)).step_by(width) {
+                        let ncols = width.min(n - p * nr - j0);
+                        for i0 in (m0..m1).step_by(MR) {
+                            let tile = Tile {
+                                a: a.as_ptr().add((i0 / MR) * k * MR + k0 * MR),
+                                b: b.add(j0),
+                                ldb: nr,
+                                c: y.0.add(i0 * n + p * nr + j0),
+                                ldc: n,
+                                kc,
+                                accumulate: k0 > 0,
+                                ncols,
+                            };
+                            tile.run(MR.min(m1 - i0), isa);
+                        }
+                    }
                 }
             }
         }
@@ -277,6 +302,8 @@ unsafe fn panels_task(
 struct Tile {
     a: *const f32,
     b: *const f32,
+    /// Distance between consecutive k of `b`: the panel width.
+    ldb: usize,
     c: *mut f32,
     ldc: usize,
     kc: usize,
@@ -323,7 +350,7 @@ impl Tile {
                 let c = self.c.add(i * self.ldc + j);
                 let mut acc = if self.accumulate { *c } else { 0.0 };
                 for p in 0..self.kc {
-                    acc = (*self.a.add(p * MR + i)).mul_add(*self.b.add(p * NR + j), acc);
+                    acc = (*self.a.add(p * MR + i)).mul_add(*self.b.add(p * self.ldb + j), acc);
                 }
                 *c = acc;
             }
@@ -353,14 +380,15 @@ impl Tile {
         let (mut a, mut b) = (self.a, self.b);
         for _ in 0..self.kc {
             let b0 = _mm512_loadu_ps(b);
-            let b1 = _mm512_loadu_ps(b.add(16));
+            // Masked: a 16-column panel (packed for AVX2) has no second half.
+            let b1 = _mm512_maskz_loadu_ps(hi, b.add(16));
             for i in 0..R {
                 let av = _mm512_set1_ps(*a.add(i));
                 acc0[i] = _mm512_fmadd_ps(av, b0, acc0[i]);
                 acc1[i] = _mm512_fmadd_ps(av, b1, acc1[i]);
             }
             a = a.add(MR);
-            b = b.add(NR);
+            b = b.add(self.ldb);
         }
         for i in 0..R {
             _mm512_mask_storeu_ps(self.c.add(i * self.ldc), lo, acc0[i]);
@@ -368,8 +396,8 @@ impl Tile {
         }
     }
 
-    /// AVX2 has 16 vector registers: `R` rows go through in groups of 3 (12 accumulators of
-    /// 8 lanes covering the 32 columns, plus 4 for the panel row).
+    /// AVX2 has 16 vector registers: `R` rows go through in groups of up to 6, each a 6x16
+    /// micro-tile (12 accumulators, 2 panel vectors and a broadcast: 15 registers).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn avx2<const R: usize>(&self) {
@@ -378,51 +406,59 @@ impl Tile {
             match R - i0 {
                 1 => self.avx2_rows::<1>(i0),
                 2 => self.avx2_rows::<2>(i0),
-                _ => self.avx2_rows::<3>(i0),
+                3 => self.avx2_rows::<3>(i0),
+                4 => self.avx2_rows::<4>(i0),
+                5 => self.avx2_rows::<5>(i0),
+                _ => self.avx2_rows::<6>(i0),
             }
-            i0 += 3;
+            i0 += 6;
         }
     }
 
+    /// Rows `i0..i0 + G` against the tile's (at most) 16 columns. A 16-column K block of the
+    /// weights is 16 KiB and stays in Zen 3's 32 KiB L1 next to the streamed rows; the 3x32 tile
+    /// this replaced read a 32 KiB block that filled L1 by itself. On one Zen 3 core this kernel
+    /// runs at 97% of the FMA ceiling on data in L1, and bench-small's GEMMs went from 145-155
+    /// to 160-175 GFLOP/s on two (docs/bench-cpu.md).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn avx2_rows<const G: usize>(&self, i0: usize) {
         use std::arch::x86_64::*;
-        const V: usize = NR / 8;
+        const V: usize = 2;
         // Lanes of output vector v that are real columns (the panel is zero-padded; `c` is not).
-        // Computed where used, not held across the k loop: 12 accumulators, 4 panel vectors and a
-        // broadcast already take 17 of AVX2's 16 registers' worth, and 4 live masks made the
-        // compiler spill accumulators inside the loop.
         let ncols = self.ncols as i32;
         let mask = |v: usize| {
             _mm256_cmpgt_epi32(_mm256_set1_epi32(ncols - 8 * v as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
         };
+        let full = self.ncols == 8 * V;
+        let c = |g: usize, v: usize| self.c.add((i0 + g) * self.ldc + 8 * v);
         let mut acc = [[_mm256_setzero_ps(); V]; G];
         if self.accumulate {
             for (g, row) in acc.iter_mut().enumerate() {
                 for (v, a) in row.iter_mut().enumerate() {
-                    *a = _mm256_maskload_ps(self.c.add((i0 + g) * self.ldc + 8 * v), mask(v));
+                    *a = if full { _mm256_loadu_ps(c(g, v)) } else { _mm256_maskload_ps(c(g, v), mask(v)) };
                 }
             }
         }
         let (mut a, mut b) = (self.a.add(i0), self.b);
         for _ in 0..self.kc {
-            // G broadcasts, then one panel vector at a time: 12 accumulators + 3 + 1 = 16
-            // registers. Holding all 4 panel vectors as well needs 17, and the compiler then
-            // spilled 3 accumulators to the stack on every k step (half the FMA rate on Zen 3).
-            let av: [__m256; G] = std::array::from_fn(|g| _mm256_broadcast_ss(&*a.add(g)));
-            for v in 0..V {
-                let bv = _mm256_loadu_ps(b.add(8 * v));
-                for (row, a) in acc.iter_mut().zip(&av) {
-                    row[v] = _mm256_fmadd_ps(*a, bv, row[v]);
+            let bv: [__m256; V] = std::array::from_fn(|v| _mm256_loadu_ps(b.add(8 * v)));
+            for (g, row) in acc.iter_mut().enumerate() {
+                let av = _mm256_broadcast_ss(&*a.add(g));
+                for (r, b) in row.iter_mut().zip(&bv) {
+                    *r = _mm256_fmadd_ps(av, *b, *r);
                 }
             }
             a = a.add(MR);
-            b = b.add(NR);
+            b = b.add(self.ldb);
         }
         for (g, row) in acc.iter().enumerate() {
             for (v, a) in row.iter().enumerate() {
-                _mm256_maskstore_ps(self.c.add((i0 + g) * self.ldc + 8 * v), mask(v), *a);
+                if full {
+                    _mm256_storeu_ps(c(g, v), *a);
+                } else {
+                    _mm256_maskstore_ps(c(g, v), mask(v), *a);
+                }
             }
         }
     }
@@ -468,9 +504,18 @@ mod tests {
         y
     }
 
+    /// `w` packed in panels of `nr` columns, whatever this CPU's kernel width.
+    fn packed_as(w: &[f32], n: usize, k: usize, nr: usize) -> PackedMatrix {
+        PackedMatrix { n, k, nr, data: Panels::F32(pack_panels(w, n, k, nr)) }
+    }
+
+    /// Shapes with ragged edges in every dimension; the last spans several M, N and K blocks.
+    const SHAPES: [(usize, usize, usize); 7] =
+        [(1, 1, 1), (13, 33, 257), (25, 70, 600), (240, 64, 512), (241, 31, 5), (7, 96, 0), (250, 300, 530)];
+
     #[test]
     fn matches_the_sequential_fma_chain_bit_for_bit_on_ragged_shapes() {
-        for &(m, n, k) in &[(1, 1, 1), (13, 33, 257), (25, 70, 600), (240, 64, 512), (241, 31, 5), (7, 96, 0)] {
+        for &(m, n, k) in &SHAPES {
             let x = random(m * k, 1);
             let w = random(n * k, 2);
             let packed = PackedMatrix::pack(&w, n, k);
@@ -479,10 +524,18 @@ mod tests {
             let r = reference(&x, m, &w, n, k);
             assert!(y.iter().zip(&r).all(|(a, b)| a.to_bits() == b.to_bits()), "shape {m}x{n}x{k}");
             if k > 0 {
-                for isa in supported() {
-                    let mut yp = vec![f32::NAN; m * n];
-                    matmul_with(&x, m, &packed, &mut yp, isa);
-                    assert!(yp.iter().zip(&r).all(|(a, b)| a.to_bits() == b.to_bits()), "{isa:?} {m}x{n}x{k}");
+                // Every kernel on every panel width: AVX2 takes 32-column panels in strips, and
+                // AVX-512 and the portable kernel take 16-column panels whole.
+                for nr in [16, 32] {
+                    let packed = packed_as(&w, n, k, nr);
+                    for isa in supported() {
+                        let mut yp = vec![f32::NAN; m * n];
+                        matmul_with(&x, m, &packed, &mut yp, isa);
+                        assert!(
+                            yp.iter().zip(&r).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{isa:?} nr {nr} {m}x{n}x{k}"
+                        );
+                    }
                 }
             }
         }
@@ -491,13 +544,13 @@ mod tests {
     #[test]
     fn a_bf16_matrix_is_the_fma_chain_over_bf16_rounded_operands_on_every_kernel() {
         use crate::cpu::precision::bf16_bits;
-        for &(m, n, k) in &[(1, 1, 1), (13, 33, 257), (25, 70, 600), (241, 31, 5), (7, 96, 0)] {
+        for &(m, n, k) in &SHAPES {
             // Inputs with low bits set, so that rounding them to bf16 changes them.
             let x: Vec<f32> = random(m * k, 5).iter().map(|v| v * 3.0 + 1e-3).collect();
             let w = random(n * k, 6);
             let w_bits: Vec<u16> = w.iter().map(|&v| bf16_bits(v)).collect();
             let packed = PackedMatrix::pack_bf16(&w_bits, n, k);
-            assert!(packed.is_bf16() && packed.bytes() == n.div_ceil(NR) * k * NR * 2);
+            assert!(packed.is_bf16() && packed.bytes() == n.div_ceil(packed.nr) * k * packed.nr * 2);
             let xr: Vec<f32> = x.iter().map(|&v| round_bf16(v)).collect();
             let wr: Vec<f32> = w_bits.iter().map(|&b| bf16_value(b)).collect();
             let r = reference(&xr, m, &wr, n, k);

@@ -7,6 +7,7 @@ mod attention;
 mod buffers;
 pub mod gemm;
 mod ops;
+mod pages;
 pub mod precision;
 mod simd;
 

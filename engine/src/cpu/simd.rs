@@ -13,6 +13,17 @@ pub enum Isa {
     Portable,
 }
 
+impl Isa {
+    /// Output columns of the GEMM micro-tile: two vectors. AVX2's 6x16 tile keeps a K block's
+    /// strip of the weights (16 KiB) in L1; AVX-512 has the registers for 12x32.
+    pub fn tile_cols(self) -> usize {
+        match self {
+            Isa::Avx2Fma => 16,
+            Isa::Avx512 | Isa::Portable => 32,
+        }
+    }
+}
+
 /// [`Isa`] of this CPU, detected once.
 pub fn isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
