@@ -26,14 +26,26 @@ extern "C" __global__ void embed(const __nv_bfloat16* table, const unsigned int*
     for (int c = threadIdx.x; c < hidden; c += blockDim.x) dst[c] = __bfloat162float(src[c]) * scale;
 }
 
-// out[i, :] = x[rows[i], :] (the last token of each sequence, before the reward head).
-// Launch: grid (n_rows), block 256.
-extern "C" __global__ void gather_rows(const float* x, const int* rows, float* out, int n_rows, int cols) {
+// out[i, :] = x[rows[i], :]: the rows whose scores are read (each sequence's last token), taken
+// after the last block's attention. Launch: grid (n_rows), block 256.
+template <typename T>
+__device__ void gather(const T* x, const int* rows, T* out, int n_rows, int cols) {
     const int i = blockIdx.x;
     if (i >= n_rows) return;
-    const float* src = x + static_cast<size_t>(rows[i]) * static_cast<size_t>(cols);
-    float* dst = out + static_cast<size_t>(i) * static_cast<size_t>(cols);
+    const T* src = x + static_cast<size_t>(rows[i]) * static_cast<size_t>(cols);
+    T* dst = out + static_cast<size_t>(i) * static_cast<size_t>(cols);
     for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = src[c];
+}
+
+// The residual stream (f32).
+extern "C" __global__ void gather_rows(const float* x, const int* rows, float* out, int n_rows, int cols) {
+    gather(x, rows, out, n_rows, cols);
+}
+
+// The attention output (bf16 bits, copied as they are).
+extern "C" __global__ void gather_rows_bf16(const unsigned short* x, const int* rows, unsigned short* out, int n_rows,
+                                            int cols) {
+    gather(x, rows, out, n_rows, cols);
 }
 
 // out = bf16(max(x, 0)^2) (Nemotron's squared ReLU). Launch: grid ceil(n / 256), block 256.

@@ -4,8 +4,11 @@
 //! mlp, all_reduce, residual] x L -> read-row gather -> final norm -> (head hidden layers on the
 //! backend) -> head output layer (f32, on the host)`.
 //!
-//! The final norm is applied after the gather: it works row by row, so normalizing only the rows
-//! that are read gives the same numbers for a fraction of the work.
+//! The gather comes as early as it can: on the last stage, right after the last block's attention
+//! (the only op that mixes rows). The output projection, the MLP and the final norm all work
+//! row by row, so running them on the read rows alone gives the same bits for a fraction of the
+//! work: a reward model reads one row per sequence, and the last block's MLP was 1/L of the
+//! forward's matrix work spent on rows nobody reads.
 
 use std::borrow::Cow;
 use std::ops::Range;
@@ -253,6 +256,17 @@ impl<B: Backend> Model<B> {
     /// first stage embeds the tokens, later stages start from `input`, the residual stream the
     /// previous stage handed on.
     pub fn forward_stage(&self, batch: &PackedBatch, input: Option<B::Tensor>) -> Result<StageOutput<B::Tensor>> {
+        self.run_stage(batch, input, true)
+    }
+
+    /// [`Model::forward_stage`]; `early_gather` gathers the read rows after the last block's
+    /// attention instead of after the block (the same bits, which a test checks).
+    fn run_stage(
+        &self,
+        batch: &PackedBatch,
+        input: Option<B::Tensor>,
+        early_gather: bool,
+    ) -> Result<StageOutput<B::Tensor>> {
         let batch = &*self.computed(batch);
         let b = &self.backend;
         let ctx = b.batch_ctx(batch, &self.inv_freq)?;
@@ -267,6 +281,8 @@ impl<B: Backend> Model<B> {
                 )))
             }
         };
+        // Whether x already holds only the read rows.
+        let mut gathered = false;
         if let Some(first) = self.blocks.first() {
             let mut h = b.norm_for(&x, &first.attn_norm, &first.qkv)?;
             for (l, blk) in self.blocks.iter().enumerate() {
@@ -275,7 +291,12 @@ impl<B: Backend> Model<B> {
                     b.qk_norm(&mut qkv, &blk.layout, qn, kn)?;
                 }
                 b.rope(&mut qkv, &blk.layout, &ctx)?;
-                let attn = b.attention(&qkv, &blk.layout, &ctx)?;
+                let mut attn = b.attention(&qkv, &blk.layout, &ctx)?;
+                if early_gather && self.head.is_some() && l + 1 == self.blocks.len() {
+                    attn = b.gather_rows(&attn, batch.read_rows())?;
+                    x = b.gather_rows(&x, batch.read_rows())?;
+                    gathered = true;
+                }
                 let mut o = b.matmul(&attn, &blk.o)?;
                 self.comm.all_reduce(&mut o)?;
                 if let Some((attn_out, _)) = &blk.branch_norms {
@@ -298,7 +319,7 @@ impl<B: Backend> Model<B> {
         let (Some(final_norm), Some(head)) = (&self.final_norm, &self.head) else {
             return Ok(StageOutput::Hidden(x));
         };
-        let last = b.gather_rows(&x, batch.read_rows())?;
+        let last = if gathered { x } else { b.gather_rows(&x, batch.read_rows())? };
         let mut h = b.final_norm(&last, final_norm)?;
         for layer in &head.hidden {
             h = b.activation(&b.matmul(&h, layer)?, Activation::Relu)?;
@@ -419,6 +440,39 @@ pub fn check_batch(spec: &ModelSpec, batch: &PackedBatch) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::{CpuBackend, Precision};
+
+    fn outputs<B: Backend>(model: &Model<B>, batch: &PackedBatch, early_gather: bool) -> Vec<Vec<u32>> {
+        match model.run_stage(batch, None, early_gather).unwrap() {
+            StageOutput::Outputs(rows) => rows.iter().map(|r| r.iter().map(|v| v.to_bits()).collect()).collect(),
+            StageOutput::Hidden(_) => panic!("a whole model ends in the head"),
+        }
+    }
+
+    #[test]
+    fn gathering_the_read_rows_before_the_last_blocks_projection_and_mlp_changes_no_bit() {
+        let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/golden");
+        // Every kind of last block: Nemotron, SwiGLU with q/k norms (Qwen3), Gemma 2's branch
+        // norms, and a head with a hidden layer (INF-ORM).
+        for (name, precision) in [
+            ("nemotron-v4-gqa", Precision::F32),
+            ("qwen3", Precision::Bf16),
+            ("gemma2", Precision::F32),
+            ("inform-head", Precision::F32),
+        ] {
+            let model = Model::load(&golden.join(name), CpuBackend::new().with_precision(precision)).unwrap();
+            let vocab = model.spec().vocab as u32;
+            let seq = |len: u32, salt: u32| -> Vec<u32> { (0..len).map(|i| (i * 31 + salt * 7) % vocab).collect() };
+            // Sequences of several lengths, a shared prefix with branches, and reads inside an
+            // item (per-turn scores) as well as at its end.
+            let mut batch = PackedBatch::from_sequences(&[seq(5, 1), seq(40, 2), seq(1, 3)]).unwrap();
+            batch.push_group(&seq(30, 4), &[seq(6, 5), seq(9, 6)]).unwrap();
+            batch.read_at(1, 17).unwrap();
+            let early = outputs(&model, &batch, true);
+            assert_eq!(early.len(), batch.len(), "{name}");
+            assert_eq!(early, outputs(&model, &batch, false), "{name} ({precision})");
+        }
+    }
 
     #[test]
     fn gemma_scales_embeddings_by_sqrt_hidden_rounded_to_the_weights_dtype() {

@@ -70,7 +70,18 @@ pub const NORM: Module = Module {
 pub const ELEMENTWISE: Module = Module {
     name: "elementwise",
     source: include_str!("../elementwise.cu"),
-    functions: &["embed", "gather_rows", "relu2", "relu", "swiglu", "geglu", "add_bias", "to_bf16", "rope"],
+    functions: &[
+        "embed",
+        "gather_rows",
+        "gather_rows_bf16",
+        "relu2",
+        "relu",
+        "swiglu",
+        "geglu",
+        "add_bias",
+        "to_bf16",
+        "rope",
+    ],
     required_defines: &[],
     min_sm: 80,
 };

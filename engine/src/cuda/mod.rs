@@ -178,6 +178,7 @@ struct Kernels {
     add_residual: CudaFunction,
     embed: CudaFunction,
     gather_rows: CudaFunction,
+    gather_rows_bf16: CudaFunction,
     relu2: CudaFunction,
     relu: CudaFunction,
     swiglu: CudaFunction,
@@ -310,6 +311,7 @@ impl CudaBackend {
             add_residual: f(&norm, "add_residual")?,
             embed: f(&ew, "embed")?,
             gather_rows: f(&ew, "gather_rows")?,
+            gather_rows_bf16: f(&ew, "gather_rows_bf16")?,
             relu2: f(&ew, "relu2")?,
             relu: f(&ew, "relu")?,
             swiglu: f(&ew, "swiglu")?,
@@ -982,16 +984,34 @@ impl Backend for CudaBackend {
         }
         let idx: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
         let idx = self.to_device(&idx)?;
-        let mut out = self.alloc::<f32>(rows.len() * x.cols)?;
-        if !rows.is_empty() {
-            let (n, c) = (int(rows.len(), "rows")?, int(x.cols, "columns")?);
-            let mut b = self.stream.launch_builder(&self.kernels.gather_rows);
-            b.arg(x.f32("gather")?).arg(&idx).arg(&mut out).arg(&n).arg(&c);
-            // SAFETY: ABI of kernels/elementwise.cu `gather_rows`; indices checked above.
-            unsafe { b.launch(cfg((grid(rows.len(), "rows")?, 1), EW_THREADS, 0)) }
-                .map_err(driver_err("launch gather_rows"))?;
-        }
-        Ok(self.tensor(Data::F32(out), rows.len(), x.cols))
+        let (n, c) = (int(rows.len(), "rows")?, int(x.cols, "columns")?);
+        let launch = cfg((grid(rows.len(), "rows")?, 1), EW_THREADS, 0);
+        // The residual stream is f32; the last block's attention output, gathered before its
+        // output projection, is bf16.
+        let data = match &x.data {
+            Data::F32(src) => {
+                let mut out = self.alloc::<f32>(rows.len() * x.cols)?;
+                if !rows.is_empty() {
+                    let mut b = self.stream.launch_builder(&self.kernels.gather_rows);
+                    b.arg(src).arg(&idx).arg(&mut out).arg(&n).arg(&c);
+                    // SAFETY: ABI of kernels/elementwise.cu `gather_rows`; indices checked above.
+                    unsafe { b.launch(launch) }.map_err(driver_err("launch gather_rows"))?;
+                }
+                Data::F32(out)
+            }
+            Data::Bf16(src) => {
+                let mut out = self.alloc::<u16>(rows.len() * x.cols)?;
+                if !rows.is_empty() {
+                    let mut b = self.stream.launch_builder(&self.kernels.gather_rows_bf16);
+                    b.arg(src).arg(&idx).arg(&mut out).arg(&n).arg(&c);
+                    // SAFETY: ABI of kernels/elementwise.cu `gather_rows_bf16`; indices checked above.
+                    unsafe { b.launch(launch) }.map_err(driver_err("launch gather_rows_bf16"))?;
+                }
+                Data::Bf16(out)
+            }
+            Data::E4m3 { .. } => return Err(EngineError::Backend("gather: e4m3 tensors are not gathered".into())),
+        };
+        Ok(self.tensor(data, rows.len(), x.cols))
     }
 
     fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {

@@ -159,6 +159,17 @@ void check_embed_gather(std::mt19937& rng) {
         for (int c = 0; c < hidden; ++c)
             err = std::max(err, static_cast<double>(fabsf(out[i * hidden + c] - x[which[i] * hidden + c])));
     report("gather_rows rows=4,0,2 cols=300", err, 0.0);
+    // The bf16 gather copies bits: compare them, not values.
+    unsigned short* xb = alloc<unsigned short>(n * hidden);
+    for (int i = 0; i < n * hidden; ++i) xb[i] = static_cast<unsigned short>(i * 2654435761u >> 16);
+    unsigned short* outb = alloc<unsigned short>(which.size() * hidden);
+    emu::launch(dim(3), dim(ARB_ELEMENTWISE_THREADS), nullptr, 0, [&] { gather_rows_bf16(xb, rows, outb, 3, hidden); });
+    int differing = 0;
+    for (int i = 0; i < 3; ++i)
+        for (int c = 0; c < hidden; ++c) differing += outb[i * hidden + c] != xb[which[i] * hidden + c];
+    report("gather_rows_bf16 rows=4,0,2 cols=300", differing, 0.0);
+    free(xb);
+    free(outb);
     free(table);
     free(tokens);
     free(x);
