@@ -7,7 +7,7 @@
 //! makes a sequence's score bit-identical alone or inside any batch, and the AVX-512, AVX2 and
 //! portable kernels bit-identical to each other.
 //!
-//! A bf16 matrix widens each `KC x nr` block of a panel to f32 once per row block and then runs
+//! A bf16 matrix widens each K block of a panel to f32 once per row block and then runs
 //! the same f32 kernels: bf16 products are exact in f32, so the result is the f32 GEMM of the
 //! bf16-rounded operands, bit for bit, on every instruction set.
 
@@ -19,15 +19,36 @@ use super::simd::{isa, Isa};
 
 /// Rows per micro-tile: 2 x 12 accumulators fill 24 of the 32 vector registers.
 pub const MR: usize = 12;
-/// Depth of one K block: the kernel's slice of a panel (16 KiB for AVX2's 16 columns, 32 KiB
-/// for AVX-512's 32) stays in L1 across all row tiles.
-const KC: usize = 256;
-/// Rows per M block: the packed rows of one K block (240 KiB) stay in L2 across panels.
-const MC: usize = 240;
-/// Columns per N block: the M block's outputs in these columns (120 KiB) stay in L2 across all
-/// K blocks instead of coming back from L3 once per K block (+4% on a 2048 x 1024 x 1024 GEMM,
-/// one Zen 3 core).
-const NC: usize = 128;
+
+/// How a multiplication is cut into blocks for the caches; the kernel's own tile is
+/// `MR x Isa::tile_cols`.
+#[derive(Debug, Clone, Copy)]
+struct Blocking {
+    /// Depth of one K block. Every K block after the first loads its outputs back into the
+    /// accumulators before its first FMA.
+    kc: usize,
+    /// Rows per M block: their packed inputs for one K block stay in L2 across panels.
+    mc: usize,
+    /// Columns per N block: the M block's outputs in these columns stay in L2 across K blocks.
+    nc: usize,
+}
+
+impl Blocking {
+    /// Measured per kernel on the machines we have (docs/bench-cpu.md).
+    fn of(isa: Isa) -> Blocking {
+        match isa {
+            // Zen 3, 2 cores, bench-small's four GEMMs side by side: K blocks of 256 with a
+            // 16 KiB weight block in L1 ran at 165-171 GFLOP/s; not blocking K up to 4096 (the
+            // weight strip then streams from L2, and no output is ever loaded back) at 180-186,
+            // of a 205 GFLOP/s FMA ceiling. M and N blocks keep the packed rows (120 x K) and the
+            // outputs (120 x 128) in L2.
+            Isa::Avx2Fma => Blocking { kc: 4096, mc: 120, nc: 128 },
+            // Zen 5 (AVX-512), where the 12x32 kernel reached ~96% of its peak; not re-tuned
+            // without such a machine.
+            Isa::Avx512 | Isa::Portable => Blocking { kc: 256, mc: 240, nc: usize::MAX },
+        }
+    }
+}
 
 /// A weight matrix `[n, k]` (rows are output features) stored as column panels of `nr`
 /// outputs: panel `p` holds `w[p*nr + j][kk]` at `p*k*nr + kk*nr + j`, zero-padded past `n`.
@@ -250,21 +271,22 @@ unsafe fn panels_task(
     panels: std::ops::Range<usize>,
     isa: Isa,
 ) {
+    let Blocking { kc: kc_max, mc, nc } = Blocking::of(isa);
     // A bf16 block widened to f32: reused by every row tile of the row block.
     let mut wide = match w.data {
         Panels::F32(_) => Vec::new(),
-        Panels::Bf16(_) => vec![0.0f32; KC * w.nr],
+        Panels::Bf16(_) => vec![0.0f32; kc_max.min(k) * w.nr],
     };
     let nr = w.nr;
     // Kernels narrower than the panels (AVX2 on a matrix packed for AVX-512) take it in strips.
     let width = isa.tile_cols().min(nr);
-    let chunk = (NC / nr).max(1);
-    for m0 in (0..m).step_by(MC) {
-        let m1 = (m0 + MC).min(m);
+    let chunk = (nc / nr).max(1);
+    for m0 in (0..m).step_by(mc) {
+        let m1 = (m0 + mc).min(m);
         for c0 in panels.clone().step_by(chunk) {
             let chunk = c0..(c0 + chunk).min(panels.end);
-            for k0 in (0..k).step_by(KC) {
-                let kc = KC.min(k - k0);
+            for k0 in (0..k).step_by(kc_max) {
+                let kc = kc_max.min(k - k0);
                 for p in chunk.clone() {
                     let start = p * w.k * nr + k0 * nr;
                     let b = match &w.data {
@@ -509,9 +531,18 @@ mod tests {
         PackedMatrix { n, k, nr, data: Panels::F32(pack_panels(w, n, k, nr)) }
     }
 
-    /// Shapes with ragged edges in every dimension; the last spans several M, N and K blocks.
-    const SHAPES: [(usize, usize, usize); 7] =
-        [(1, 1, 1), (13, 33, 257), (25, 70, 600), (240, 64, 512), (241, 31, 5), (7, 96, 0), (250, 300, 530)];
+    /// Shapes with ragged edges in every dimension; the last two span several M, N and K blocks
+    /// of every kernel's blocking.
+    const SHAPES: [(usize, usize, usize); 8] = [
+        (1, 1, 1),
+        (13, 33, 257),
+        (25, 70, 600),
+        (240, 64, 512),
+        (241, 31, 5),
+        (7, 96, 0),
+        (250, 300, 530),
+        (14, 40, 4300),
+    ];
 
     #[test]
     fn matches_the_sequential_fma_chain_bit_for_bit_on_ragged_shapes() {
