@@ -1,8 +1,9 @@
 //! Causal grouped-query attention over packed sequences on the CPU.
 //!
-//! One task per (segment, query head): a segment sees only its ancestors' tokens and its own, and
+//! One task per (segment, KV head): a segment sees only its ancestors' tokens and its own, and
 //! a task's arithmetic does not depend on how tasks are spread over threads, so scores are
-//! batch-invariant. A segment that continues a shared prefix sees the prefix's keys and then its
+//! batch-invariant. The query heads that share a KV head go through together, as rows of one
+//! product: their keys and values are packed once, and the GEMM gets a taller block. A segment that continues a shared prefix sees the prefix's keys and then its
 //! own, in position order: exactly the keys, in exactly the order, of the same tokens packed as
 //! one unshared sequence, so sharing changes no bit.
 //!
@@ -21,9 +22,9 @@ use super::gemm::{matmul_leading, PackedMatrix};
 use super::simd::{exp, isa, Isa};
 use crate::backend::AttnLayout;
 
-/// Queries per block: bounds the scores' scratch to `QB x keys` and skips most of the masked
-/// upper triangle.
-const QB: usize = 64;
+/// Query rows per block, over the heads of a KV group: bounds the scores' scratch to
+/// `QB x keys` and skips most of the masked upper triangle.
+const QB: usize = 128;
 
 #[derive(Clone, Copy)]
 struct SyncPtr(*mut f32);
@@ -54,13 +55,14 @@ pub fn attention(
     assert_eq!(qkv.len(), tokens * layout.qkv_width());
     assert_eq!(out.len(), tokens * h * d);
     let tasks: Vec<(usize, usize)> =
-        (0..cu_seqlens.len() - 1).flat_map(|s| (0..h).map(move |head| (s, head))).collect();
+        (0..cu_seqlens.len() - 1).flat_map(|s| (0..layout.kv_heads).map(move |kv| (s, kv))).collect();
     let out_ptr = SyncPtr(out.as_mut_ptr());
-    tasks.par_iter().for_each_init(Scratch::default, |scratch, &(s, head)| {
+    tasks.par_iter().for_each_init(Scratch::default, |scratch, &(s, kv)| {
         let range = cu_seqlens[s]..cu_seqlens[s + 1];
         let prefix = ancestors.get(s).map_or(&[][..], Vec::as_slice);
-        // SAFETY: task (s, head) writes only rows `range`, columns of `head`; tasks are disjoint.
-        unsafe { one_head(qkv, layout, prefix, range, head, out_ptr, scratch) }
+        // SAFETY: task (s, kv) writes only rows `range`, columns of the query heads of KV head
+        // `kv`; tasks are disjoint.
+        unsafe { one_group(qkv, layout, prefix, range, kv, out_ptr, scratch) }
     });
 }
 
@@ -94,12 +96,13 @@ fn softmax_body(row: &mut [f32], scale: f32, softcap: Option<f32>) -> f32 {
     row.iter().fold(0.0f32, |sum, &p| sum + p)
 }
 
-unsafe fn one_head(
+/// The query heads of KV head `kv` over the rows `range` of one segment.
+unsafe fn one_group(
     qkv: &[f32],
     l: &AttnLayout,
     prefix: &[Range<usize>],
     range: Range<usize>,
-    head: usize,
+    kv: usize,
     out: SyncPtr,
     scratch: &mut Scratch,
 ) {
@@ -107,38 +110,44 @@ unsafe fn one_head(
         return;
     }
     let (d, w) = (l.head_dim, l.qkv_width());
-    let kv = head / (l.heads / l.kv_heads);
-    let (q_off, k_off, v_off) = (head * d, (l.heads + kv) * d, (l.heads + l.kv_heads + kv) * d);
+    let group = l.heads / l.kv_heads;
+    let heads = kv * group..(kv + 1) * group;
+    let (k_off, v_off) = ((l.heads + kv) * d, (l.heads + l.kv_heads + kv) * d);
     let out_w = l.heads * d;
     // The key rows in position order: the ancestors' spans, then the segment's own rows.
     let rows: Vec<usize> = prefix.iter().cloned().flatten().chain(range.clone()).collect();
     let prefix_len = rows.len() - range.len();
-    let keys = PackedMatrix::pack_with(rows.len(), d, |j, c| qkv[rows[j] * w + k_off + c]);
-    let values = PackedMatrix::pack_with(d, rows.len(), |c, j| qkv[rows[j] * w + v_off + c]);
+    let keys = PackedMatrix::pack_rows_of(rows.len(), d, |j| &qkv[rows[j] * w + k_off..][..d]);
+    let values = PackedMatrix::pack_columns_of(d, rows.len(), |j| &qkv[rows[j] * w + v_off..][..d]);
     let Scratch { queries, scores, sums, acc } = scratch;
-    for b0 in (0..range.len()).step_by(QB) {
-        let b1 = (b0 + QB).min(range.len());
+    // Queries per head in a block; the block's rows are head-major.
+    let qb = (QB / group).max(1);
+    for b0 in (0..range.len()).step_by(qb) {
+        let b1 = (b0 + qb).min(range.len());
         let m = b1 - b0;
         // Keys the block's last query sees.
         let seen = prefix_len + b1;
         queries.clear();
-        for t in range.start + b0..range.start + b1 {
-            queries.extend_from_slice(&qkv[t * w + q_off..][..d]);
+        for head in heads.clone() {
+            for t in range.start + b0..range.start + b1 {
+                queries.extend_from_slice(&qkv[t * w + head * d..][..d]);
+            }
         }
-        scores.resize(m * seen, 0.0);
-        matmul_leading(queries, m, d, &keys, seen, scores);
+        scores.resize(group * m * seen, 0.0);
+        matmul_leading(queries, group * m, d, &keys, seen, scores);
         sums.clear();
-        for (i, row) in scores.chunks_exact_mut(seen).enumerate() {
-            let end = prefix_len + b0 + i + 1;
+        for (r, row) in scores.chunks_exact_mut(seen).enumerate() {
+            let end = prefix_len + b0 + r % m + 1;
             // A sliding window keeps the latest `window` keys.
             let skip = l.window.map_or(0, |w| end.saturating_sub(w));
             row[..skip].fill(0.0);
             row[end..].fill(0.0);
             sums.push(softmax_numerators(&mut row[skip..end], l.scale, l.softcap));
         }
-        acc.resize(m * d, 0.0);
-        matmul_leading(scores, m, seen, &values, d, acc);
-        for (i, (a, sum)) in acc.chunks_exact(d).zip(sums.iter()).enumerate() {
+        acc.resize(group * m * d, 0.0);
+        matmul_leading(scores, group * m, seen, &values, d, acc);
+        for (r, (a, sum)) in acc.chunks_exact(d).zip(sums.iter()).enumerate() {
+            let (head, i) = (heads.start + r / m, r % m);
             let inv = 1.0 / sum;
             let o = std::slice::from_raw_parts_mut(out.0.add((range.start + b0 + i) * out_w + head * d), d);
             for (oi, a) in o.iter_mut().zip(a) {
