@@ -417,6 +417,28 @@ impl CudaBackend {
         Ok(a)
     }
 
+    /// `out[i, :] = src[rows[i], :]` for the `rows` indices in `idx` (checked by the caller),
+    /// with the gather kernel for `T`.
+    fn gather<T: DeviceRepr>(
+        &self,
+        kernel: &CudaFunction,
+        src: &CudaSlice<T>,
+        idx: &CudaSlice<i32>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<CudaSlice<T>> {
+        let mut out = self.alloc::<T>(rows * cols)?;
+        if rows > 0 {
+            let (n, c) = (int(rows, "rows")?, int(cols, "columns")?);
+            let mut b = self.stream.launch_builder(kernel);
+            b.arg(src).arg(idx).arg(&mut out).arg(&n).arg(&c);
+            // SAFETY: ABI of kernels/elementwise.cu's gather_rows and gather_rows_bf16 (the same
+            // but for the element type, which `kernel` matches to T); indices checked.
+            unsafe { b.launch(cfg((grid(rows, "rows")?, 1), EW_THREADS, 0)) }.map_err(driver_err("launch a gather"))?;
+        }
+        Ok(out)
+    }
+
     /// Device memory for `len` elements that the next kernel overwrites entirely. An empty
     /// tensor still gets one element: zero-byte allocations are an error for the driver, and
     /// tensors carry their shape separately.
@@ -984,30 +1006,12 @@ impl Backend for CudaBackend {
         }
         let idx: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
         let idx = self.to_device(&idx)?;
-        let (n, c) = (int(rows.len(), "rows")?, int(x.cols, "columns")?);
-        let launch = cfg((grid(rows.len(), "rows")?, 1), EW_THREADS, 0);
         // The residual stream is f32; the last block's attention output, gathered before its
         // output projection, is bf16.
         let data = match &x.data {
-            Data::F32(src) => {
-                let mut out = self.alloc::<f32>(rows.len() * x.cols)?;
-                if !rows.is_empty() {
-                    let mut b = self.stream.launch_builder(&self.kernels.gather_rows);
-                    b.arg(src).arg(&idx).arg(&mut out).arg(&n).arg(&c);
-                    // SAFETY: ABI of kernels/elementwise.cu `gather_rows`; indices checked above.
-                    unsafe { b.launch(launch) }.map_err(driver_err("launch gather_rows"))?;
-                }
-                Data::F32(out)
-            }
+            Data::F32(src) => Data::F32(self.gather(&self.kernels.gather_rows, src, &idx, rows.len(), x.cols)?),
             Data::Bf16(src) => {
-                let mut out = self.alloc::<u16>(rows.len() * x.cols)?;
-                if !rows.is_empty() {
-                    let mut b = self.stream.launch_builder(&self.kernels.gather_rows_bf16);
-                    b.arg(src).arg(&idx).arg(&mut out).arg(&n).arg(&c);
-                    // SAFETY: ABI of kernels/elementwise.cu `gather_rows_bf16`; indices checked above.
-                    unsafe { b.launch(launch) }.map_err(driver_err("launch gather_rows_bf16"))?;
-                }
-                Data::Bf16(out)
+                Data::Bf16(self.gather(&self.kernels.gather_rows_bf16, src, &idx, rows.len(), x.cols)?)
             }
             Data::E4m3 { .. } => return Err(EngineError::Backend("gather: e4m3 tensors are not gathered".into())),
         };
