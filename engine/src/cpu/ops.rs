@@ -27,8 +27,8 @@ pub fn norm_row(x: &[f32], p: &NormParams, out: &mut [f32]) {
     let n = x.len() as f64;
     match p.kind {
         NormKind::LayerNorm1P => {
-            let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
-            let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+            let mean = sum_f64(x, |v| v) / n;
+            let var = sum_f64(x, |v| (v - mean).powi(2)) / n;
             let rstd = 1.0 / (var + p.eps as f64).sqrt();
             let beta = p.beta.as_deref().unwrap_or(&[]);
             for (i, (o, &v)) in out.iter_mut().zip(x).enumerate() {
@@ -37,13 +37,36 @@ pub fn norm_row(x: &[f32], p: &NormParams, out: &mut [f32]) {
             }
         }
         NormKind::RmsNorm | NormKind::RmsNorm1P => {
-            let ms = x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / n;
+            let ms = sum_f64(x, |v| v.powi(2)) / n;
             let inv = (1.0 / (ms + p.eps as f64).sqrt()) as f32;
             for ((o, &v), &g) in out.iter_mut().zip(x).zip(&p.gamma) {
                 *o = g * (v * inv);
             }
         }
     }
+}
+
+/// Partial sums of a norm's statistics. A single running sum is a chain of dependent f64 adds,
+/// one per 4 cycles: it made add_norm 2.6% of bench-small's forward. Lane `j` sums the elements
+/// `j, j + LANES, ...` and the lanes are then added in order: the sums vectorize, and the order
+/// is still fixed, so a row's statistics depend on nothing but the row.
+const LANES: usize = 8;
+
+/// `sum f(x_i)`, in f64, over [`LANES`] partial sums.
+#[inline(always)]
+fn sum_f64(x: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v as f64);
+        }
+    }
+    for (a, &v) in acc.iter_mut().zip(tail) {
+        *a += f(v as f64);
+    }
+    acc.iter().sum()
 }
 
 /// `out = norm(x)` for every row of width `cols`.
@@ -182,6 +205,32 @@ mod tests {
         let mut out = [0.0; 2];
         norm_row(&[1.0, 3.0], &p, &mut out);
         assert_eq!(out, [-1.0 + 0.5, 3.0]);
+    }
+
+    #[test]
+    fn norm_statistics_count_every_element_of_rows_of_any_length() {
+        // A large mean and a small spread: statistics in f32 would lose the spread entirely.
+        for len in [1usize, 7, 8, 9, 1000, 1027] {
+            let x: Vec<f32> = (0..len).map(|i| 1000.0 + ((i * 37 % 11) as f32 - 5.0) * 1e-2).collect();
+            let n = len as f64;
+            let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+            let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+            let ms = x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / n;
+            let mut out = vec![0.0; len];
+            // gamma as applied (the stored weight plus one).
+            let ln = NormParams { kind: NormKind::LayerNorm1P, eps: 1e-5, gamma: vec![1.0; len], beta: None };
+            norm_row(&x, &ln, &mut out);
+            for (o, &v) in out.iter().zip(&x) {
+                let want = ((v as f64 - mean) / (var + 1e-5).sqrt()) as f32;
+                assert!((o - want).abs() <= 1e-6 * want.abs().max(1.0), "LayerNorm1P, length {len}: {o} vs {want}");
+            }
+            let rms = NormParams { kind: NormKind::RmsNorm, eps: 1e-5, gamma: vec![1.0; len], beta: None };
+            norm_row(&x, &rms, &mut out);
+            for (o, &v) in out.iter().zip(&x) {
+                let want = v as f64 / (ms + 1e-5).sqrt();
+                assert!((*o as f64 - want).abs() <= 1e-6, "RMSNorm, length {len}: {o} vs {want}");
+            }
+        }
     }
 
     #[test]
