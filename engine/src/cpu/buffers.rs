@@ -52,7 +52,7 @@ impl BufferPool {
                 }
                 buf
             }
-            None => super::pages::filled(len, 0.0),
+            None => super::pages::zeroed(len),
         }
     }
 

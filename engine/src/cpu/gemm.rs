@@ -82,7 +82,7 @@ fn pack_panels<T: Copy + Default + Send + Sync>(w: &[T], n: usize, k: usize, nr:
     if k == 0 {
         return Vec::new();
     }
-    let mut data = pages::filled(n.div_ceil(nr) * k * nr, T::default());
+    let mut data = pages::zeroed(n.div_ceil(nr) * k * nr);
     data.par_chunks_mut(k * nr).enumerate().for_each(|(p, panel)| {
         for j in 0..nr.min(n - p * nr) {
             let row = &w[(p * nr + j) * k..][..k];

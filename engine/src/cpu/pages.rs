@@ -3,9 +3,10 @@
 //! A GEMM walks its packed weights, packed inputs and outputs in blocks spread over tens of
 //! megabytes: with 4 KiB pages that is thousands of pages per multiplication, more than the
 //! TLB holds. On a Zen 3 core a 2048 x 1024 x 1024 GEMM ran about 5% faster on 2 MiB pages, and
-//! bench-small's forward about 1% (docs/bench-cpu.md). Most Linux systems give huge pages only to memory that asks for them
-//! (`/sys/kernel/mm/transparent_hugepage/enabled` = `madvise`), so the buffers ask. Elsewhere,
-//! or where the system refuses, they are ordinary memory: the advice never changes contents.
+//! bench-small's forward about 1% (docs/bench-cpu.md). Most Linux systems give huge pages only
+//! to memory that asks for them (`/sys/kernel/mm/transparent_hugepage/enabled` = `madvise`), so
+//! the buffers ask. Elsewhere, or where the system refuses, they are ordinary memory: the advice
+//! never changes contents.
 
 /// Huge page size on x86-64 and most aarch64 Linux systems.
 const HUGE: usize = 2 << 20;
@@ -21,10 +22,13 @@ fn with_capacity<T>(len: usize) -> Vec<T> {
     v
 }
 
-/// A vector of `len` copies of `value`, asking for huge pages before its memory is first touched.
-pub fn filled<T: Clone>(len: usize, value: T) -> Vec<T> {
-    let mut v = with_capacity(len);
-    v.resize(len, value);
+/// A vector of `len` default (zero) values, asking for huge pages before its memory is first
+/// touched. For zero values `vec!` allocates with `calloc`, whose large blocks are fresh pages
+/// that nothing writes until they are used: filling them here would be one more serial pass
+/// over every weight at load.
+pub fn zeroed<T: Clone + Default>(len: usize) -> Vec<T> {
+    let v = vec![T::default(); len];
+    advise(v.as_ptr() as usize, len * std::mem::size_of::<T>());
     v
 }
 
@@ -65,9 +69,9 @@ mod tests {
     #[test]
     fn buffers_hold_what_was_asked_whatever_their_pages() {
         let len = MIN_BYTES / 4 + 12345;
-        let v = filled(len, 1.5f32);
+        let v = zeroed::<f32>(len);
         assert_eq!(v.len(), len);
-        assert!(v.iter().all(|&x| x == 1.5));
+        assert!(v.iter().all(|&x| x == 0.0));
         let mut w = vec![2.0f32; 10];
         resize(&mut w, len, 3.0);
         assert_eq!((w.len(), w[9], w[10], w[len - 1]), (len, 2.0, 3.0, 3.0));
