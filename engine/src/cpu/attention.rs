@@ -3,9 +3,10 @@
 //! One task per (segment, KV head): a segment sees only its ancestors' tokens and its own, and
 //! a task's arithmetic does not depend on how tasks are spread over threads, so scores are
 //! batch-invariant. The query heads that share a KV head go through together, as rows of one
-//! product: their keys and values are packed once, and the GEMM gets a taller block. A segment that continues a shared prefix sees the prefix's keys and then its
-//! own, in position order: exactly the keys, in exactly the order, of the same tokens packed as
-//! one unshared sequence, so sharing changes no bit.
+//! product: their keys and values are packed once, and the GEMM gets a taller block. A segment
+//! that continues a shared prefix sees the prefix's keys and then its own, in position order:
+//! exactly the keys, in exactly the order, of the same tokens packed as one unshared sequence,
+//! so sharing changes no bit.
 //!
 //! Both products run through the GEMM's micro-kernels, a block of queries at a time: scores are
 //! `Q K^T` (one FMA chain over the head's channels per query and key), and the output `P V` (one

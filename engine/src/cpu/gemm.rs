@@ -493,11 +493,11 @@ impl Tile {
         }
     }
 
-    /// Rows `i0..i0 + G` against the tile's (at most) 16 columns. A 16-column K block of the
-    /// weights is 16 KiB and stays in Zen 3's 32 KiB L1 next to the streamed rows; the 3x32 tile
-    /// this replaced read a 32 KiB block that filled L1 by itself. On one Zen 3 core this kernel
-    /// runs at 97% of the FMA ceiling on data in L1, and bench-small's GEMMs went from 145-155
-    /// to 160-175 GFLOP/s on two (docs/bench-cpu.md).
+    /// Rows `i0..i0 + G` against the tile's (at most) 16 columns, read from a 16-column panel as
+    /// one contiguous run (the 3x32 tile this replaced read half of each 128-byte panel row, so
+    /// its weights used half of L1's sets). On one Zen 3 core this kernel runs at 97% of the FMA
+    /// ceiling on data in L1; with `Blocking::of`'s AVX2 blocking the weights stream from L2 and
+    /// bench-small's GEMMs run at 180-186 GFLOP/s on two cores (docs/bench-cpu.md).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn avx2_rows<const G: usize>(&self, i0: usize) {

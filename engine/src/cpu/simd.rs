@@ -14,8 +14,8 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// Output columns of the GEMM micro-tile: two vectors. AVX2's 6x16 tile keeps a K block's
-    /// strip of the weights (16 KiB) in L1; AVX-512 has the registers for 12x32.
+    /// Output columns of the GEMM micro-tile, two vectors, and so the width weights are packed
+    /// in: AVX2's 16 registers hold a 6x16 tile, AVX-512's 32 a 12x32 one.
     pub fn tile_cols(self) -> usize {
         match self {
             Isa::Avx2Fma => 16,
